@@ -1,0 +1,175 @@
+"""What every aggregator shares: the client protocol, the result type, the base class and registry."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor
+
+from florist.errors import ConfigError
+from florist.lora.update import ClientUpdate, LoraFactors
+from florist.lora.validation import client_weights, validate_updates
+
+
+class ClientProtocol(str, Enum):
+    """What a client does with what the server sends it."""
+
+    MERGE_AND_RESTART = "merge_and_restart"  # W0 += B_g A_g, then a fresh LoRA of its own rank
+    CONTINUE_GLOBAL = "continue_global"  # load the global A, B (its own rank's slice) and keep training
+    CONTINUE_PER_CLIENT = "continue_per_client"  # load its own per-client factors and keep training
+    FROZEN_SHARED_A = "frozen_shared_a"  # A is frozen and shared (seeded); load the global B
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """The outcome of one aggregation.
+
+    Attributes
+    ----------
+    method : str
+        Registry name of the aggregator.
+    protocol : ClientProtocol
+        What clients do with the download.
+    global_update : dict[str, LoraFactors]
+        Effective factors (scaling 1.0) of the global update: ``delta W_g = B @ A`` per module.
+    client_ids : tuple[str, ...]
+        Clients aggregated, sorted.
+    weights : dict[str, float]
+        ``p_k`` per client.
+    per_client : dict[str, dict[str, LoraFactors]] | None
+        When clients receive different factors (FlexLoRA; FedIT and FFA with mixed ranks),
+        what each client downloads; ``None`` when every client downloads ``global_update``.
+    energy_kept : dict[str, float] | None
+        Fraction of the exact aggregate's energy that ``global_update`` holds, per module,
+        when the method computes the exact aggregate's spectrum.
+    spectra : dict[str, Tensor] | None
+        Singular values of the exact aggregate ``sum_k p_k delta W_k`` per module, when computed.
+    sends_a : bool
+        False when clients exchange only B (FFA-LoRA): A is neither uploaded nor downloaded.
+    seconds : float
+        Server wall time of the aggregation.
+    """
+
+    method: str
+    protocol: ClientProtocol
+    global_update: dict[str, LoraFactors]
+    client_ids: tuple[str, ...]
+    weights: dict[str, float]
+    per_client: dict[str, dict[str, LoraFactors]] | None = None
+    energy_kept: dict[str, float] | None = None
+    spectra: dict[str, Tensor] | None = None
+    sends_a: bool = True
+    seconds: float = 0.0
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Rank of the global update per module."""
+        return {name: f.rank for name, f in self.global_update.items()}
+
+    def download(self, client_id: str) -> dict[str, LoraFactors]:
+        """The factors ``client_id`` receives."""
+        if self.per_client is None:
+            return self.global_update
+        if client_id not in self.per_client:
+            raise KeyError(f"no download for client {client_id!r}; known: {sorted(self.per_client)}")
+        return self.per_client[client_id]
+
+
+class Aggregator(ABC):
+    """Base class: validation, sorting by client id, weights and timing are done here once."""
+
+    name: ClassVar[str]
+    protocol: ClassVar[ClientProtocol]
+    exact: ClassVar[bool]  # does global_update equal sum_k p_k delta W_k (before any truncation)?
+    dtype: torch.dtype
+
+    def aggregate(self, updates: Sequence[ClientUpdate], *, round: int | None = None) -> AggregationResult:
+        """Validate ``updates``, sort them by client id and aggregate them."""
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ConfigError(f"compute dtype must be float32 or float64, got {self.dtype}")
+        ordered = validate_updates(updates, round=round)
+        weights = client_weights(ordered)
+        start = time.perf_counter()
+        result = self._aggregate(ordered, weights)
+        return _with_meta(result, ordered, weights, time.perf_counter() - start)
+
+    @abstractmethod
+    def _aggregate(self, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
+        """Aggregate validated updates, sorted by client id, with weights ``p_k`` (float64)."""
+
+
+def _with_meta(
+    r: AggregationResult, updates: Sequence[ClientUpdate], weights: Tensor, seconds: float
+) -> AggregationResult:
+    ids = tuple(u.client_id for u in updates)
+    w = dict(zip(ids, weights.tolist(), strict=True))
+    return AggregationResult(
+        method=r.method,
+        protocol=r.protocol,
+        global_update=r.global_update,
+        client_ids=ids,
+        weights=w,
+        per_client=r.per_client,
+        energy_kept=r.energy_kept,
+        spectra=r.spectra,
+        sends_a=r.sends_a,
+        seconds=seconds,
+    )
+
+
+def module_names(updates: Sequence[ClientUpdate]) -> list[str]:
+    """Adapted modules, sorted (validation guarantees every client has the same set)."""
+    return sorted(updates[0].modules)
+
+
+def per_client_slices(
+    updates: Sequence[ClientUpdate], global_update: Mapping[str, LoraFactors]
+) -> dict[str, dict[str, LoraFactors]] | None:
+    """Each client's own-rank slice of a zero-padded global update; None when ranks all agree."""
+    if all(u.ranks == updates[0].ranks for u in updates):
+        return None
+    return {
+        u.client_id: {
+            name: LoraFactors(A=g.A[: u.modules[name].rank], B=g.B[:, : u.modules[name].rank])
+            for name, g in global_update.items()
+        }
+        for u in updates
+    }
+
+
+_REGISTRY: dict[str, type[Aggregator]] = {}
+A = TypeVar("A", bound=type[Aggregator])
+
+
+def register(name: str) -> Callable[[A], A]:
+    """Class decorator: make an aggregator available under ``name``."""
+
+    def wrap(cls: A) -> A:
+        if name in _REGISTRY:
+            raise ValueError(f"aggregator {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available() -> list[str]:
+    """Registered aggregator names."""
+    return sorted(_REGISTRY)
+
+
+def make_aggregator(name: str, **options: Any) -> Aggregator:
+    """Build the aggregator registered as ``name`` with ``options``."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown aggregation method {name!r}; choose one of {available()}")
+    try:
+        return _REGISTRY[name](**options)
+    except TypeError as err:
+        raise ConfigError(f"bad options for method {name!r}: {err}") from err

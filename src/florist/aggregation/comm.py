@@ -1,0 +1,90 @@
+"""Communication accounting: exact bytes each client uploads and downloads, per module.
+
+Uplink is what a client sends (A and B of its own rank; only B for FFA-LoRA). Downlink is what
+the server sends that client (``AggregationResult.download``). Sizes are tensor elements times the
+wire dtype's size; message framing is not counted.
+
+The paper's efficiency metric (FLoRIST, Table 1) is ``1 / sum over adapted matrices of the global
+rank``, reported x 10^-4. For methods whose clients download different ranks, the largest rank a
+client downloads for a module is counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from florist.aggregation.base import AggregationResult
+from florist.errors import ConfigError
+from florist.lora.update import ClientUpdate, LoraFactors
+
+WIRE_DTYPES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def wire_bytes(wire_dtype: str) -> int:
+    """Bytes per element of ``wire_dtype``."""
+    if wire_dtype not in WIRE_DTYPES:
+        raise ConfigError(f"wire dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+    return WIRE_DTYPES[wire_dtype]
+
+
+@dataclass(frozen=True)
+class CommReport:
+    """Bytes per client and module, both directions, for one round."""
+
+    wire_dtype: str
+    uplink: dict[str, dict[str, int]]
+    downlink: dict[str, dict[str, int]]
+
+    @property
+    def uplink_total(self) -> int:
+        return sum(sum(m.values()) for m in self.uplink.values())
+
+    @property
+    def downlink_total(self) -> int:
+        return sum(sum(m.values()) for m in self.downlink.values())
+
+    def per_module(self, direction: str) -> dict[str, int]:
+        """Bytes summed over clients, per module; ``direction`` is "uplink" or "downlink"."""
+        table = self.uplink if direction == "uplink" else self.downlink
+        out: dict[str, int] = {}
+        for modules in table.values():
+            for name, nbytes in modules.items():
+                out[name] = out.get(name, 0) + nbytes
+        return out
+
+
+def _numel(f: LoraFactors, with_a: bool) -> int:
+    return f.B.numel() + (f.A.numel() if with_a else 0)
+
+
+def communication(
+    updates: Sequence[ClientUpdate], result: AggregationResult, wire_dtype: str = "float32"
+) -> CommReport:
+    """Exact bytes of one round of ``result.method`` for the clients in ``updates``."""
+    size = wire_bytes(wire_dtype)
+    up = {
+        u.client_id: {n: _numel(f, result.sends_a) * size for n, f in sorted(u.modules.items())}
+        for u in sorted(updates, key=lambda u: u.client_id)
+    }
+    down = {
+        cid: {n: _numel(f, result.sends_a) * size for n, f in sorted(result.download(cid).items())}
+        for cid in sorted(up)
+    }
+    return CommReport(wire_dtype=wire_dtype, uplink=up, downlink=down)
+
+
+def download_ranks(result: AggregationResult) -> dict[str, int]:
+    """Largest rank any client downloads, per module."""
+    if result.per_client is None:
+        return result.ranks
+    ranks: dict[str, int] = {}
+    for modules in result.per_client.values():
+        for name, f in modules.items():
+            ranks[name] = max(ranks.get(name, 0), f.rank)
+    return ranks
+
+
+def efficiency(result: AggregationResult) -> float:
+    """The paper's communication efficiency, in units of 10^-4: ``1e4 / sum(global ranks)``."""
+    return 1e4 / sum(download_ranks(result).values())

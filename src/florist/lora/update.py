@@ -1,0 +1,82 @@
+"""The one type for a LoRA update.
+
+A LoRA adapter on a linear layer ``W0: (m, n)`` computes ``x -> W0 x + s * B A x`` with
+``A: (r, n)``, ``B: (m, r)`` and scaling ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+``LoraFactors`` keeps the three apart and says so; aggregators only ever see *effective*
+factors, ``(s * B, A)``, so a scaling is never applied twice or forgotten.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """PEFT's scaling rule: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """LoRA factors of one adapted matrix: ``delta W = scaling * B @ A``.
+
+    Attributes
+    ----------
+    A : Tensor
+        ``(r, n)`` down-projection.
+    B : Tensor
+        ``(m, r)`` up-projection.
+    scaling : float
+        Factor applied to ``B @ A`` (PEFT's ``alpha / r``); 1.0 for effective factors.
+    """
+
+    A: Tensor  # (r, n)
+    B: Tensor  # (m, r)
+    scaling: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(m, n)``: the shape of the adapted weight."""
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    def effective(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """``(scaling * B, A)`` in ``dtype``: the factors aggregators work on."""
+        B = self.B.to(dtype) * self.scaling  # (m, r)
+        return B, self.A.to(dtype)  # (r, n)
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Dense ``scaling * B @ A``, ``(m, n)``. For tests and small matrices only."""
+        B, A = self.effective(dtype)
+        return B @ A
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's LoRA update for one round.
+
+    Attributes
+    ----------
+    client_id : str
+        Unique id; clients are sorted by it before stacking, so arrival order never matters.
+    num_examples : float
+        ``n_k``; the aggregation weight is ``p_k = n_k / sum(n)``.
+    modules : Mapping[str, LoraFactors]
+        Adapted module name (``model.layers.0.self_attn.q_proj``) to its factors.
+    """
+
+    client_id: str
+    num_examples: float
+    modules: Mapping[str, LoraFactors] = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: f.rank for name, f in self.modules.items()}

@@ -1,0 +1,110 @@
+"""Checks on client updates before aggregation. Every failure names client, module and value."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+from florist.errors import ConfigError, InvalidUpdate
+from florist.lora.update import ClientUpdate, LoraFactors
+
+
+def validate_updates(
+    updates: Sequence[ClientUpdate], *, round: int | None = None, max_rank: int | None = None
+) -> list[ClientUpdate]:
+    """Validate a round's updates and return them sorted by client id.
+
+    Raises ``ConfigError`` for an empty list and ``InvalidUpdate`` for duplicate ids, a bad
+    example count, differing module sets, inconsistent shapes, a rank above ``max_rank``,
+    or non-finite values.
+    """
+    if not updates:
+        raise ConfigError("no client updates to aggregate: the client list is empty")
+    counts = Counter(u.client_id for u in updates)
+    for cid, count in counts.items():
+        if count > 1:
+            raise InvalidUpdate(cid, f"duplicate client id: it appears {count} times", round=round)
+    ordered = sorted(updates, key=lambda u: u.client_id)
+    reference = ordered[0]
+    for update in ordered:
+        _check_weight(update, round)
+        _check_module_set(update, reference, round)
+        for name, factors in update.modules.items():
+            _check_factors(update.client_id, name, factors, round, max_rank)
+            _check_shape_matches(update, reference, name, round)
+    return ordered
+
+
+def client_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
+    """``p_k = n_k / sum(n)`` in float64, in the order given."""
+    n = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+    return n / n.sum()
+
+
+def _check_weight(update: ClientUpdate, round: int | None) -> None:
+    n = update.num_examples
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+        raise InvalidUpdate(
+            update.client_id, f"num_examples must be a positive finite number, got {n!r}", round=round
+        )
+    if not update.modules:
+        raise InvalidUpdate(update.client_id, "the update has no adapted modules", round=round)
+
+
+def _check_module_set(update: ClientUpdate, reference: ClientUpdate, round: int | None) -> None:
+    have, want = set(update.modules), set(reference.modules)
+    if have == want:
+        return
+    missing, extra = sorted(want - have), sorted(have - want)
+    raise InvalidUpdate(
+        update.client_id,
+        f"module set differs from client {reference.client_id!r}: missing {_short(missing)}, "
+        f"extra {_short(extra)}",
+        round=round,
+    )
+
+
+def _check_factors(cid: str, name: str, f: LoraFactors, round: int | None, max_rank: int | None) -> None:
+    def fail(reason: str) -> InvalidUpdate:
+        return InvalidUpdate(cid, reason, module=name, round=round)
+
+    if f.A.ndim != 2 or f.B.ndim != 2:
+        raise fail(f"lora_A and lora_B must be 2-D, got shapes {tuple(f.A.shape)} and {tuple(f.B.shape)}")
+    if f.B.shape[1] != f.A.shape[0]:
+        raise fail(
+            f"lora_B shape {tuple(f.B.shape)} does not match lora_A shape {tuple(f.A.shape)}: "
+            f"B must be (m, r) and A (r, n) with the same r"
+        )
+    if f.rank < 1:
+        raise fail(f"rank must be at least 1, got {f.rank}")
+    if max_rank is not None and f.rank > max_rank:
+        raise fail(f"rank {f.rank} exceeds the allowed maximum {max_rank}")
+    if not math.isfinite(f.scaling):
+        raise fail(f"scaling must be finite, got {f.scaling!r}")
+    for label, t in (("lora_A", f.A), ("lora_B", f.B)):
+        if not t.is_floating_point():
+            raise fail(f"{label} must be a floating-point tensor, got dtype {t.dtype}")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            nans = int(torch.isnan(t).sum())
+            raise fail(f"{label} has {bad} non-finite values ({nans} NaN, {bad - nans} Inf)")
+
+
+def _check_shape_matches(update: ClientUpdate, reference: ClientUpdate, name: str, round: int | None) -> None:
+    got, want = update.modules[name].shape, reference.modules[name].shape
+    if got != want:
+        raise InvalidUpdate(
+            update.client_id,
+            f"adapted weight shape {got} differs from client {reference.client_id!r}'s {want}",
+            module=name,
+            round=round,
+        )
+
+
+def _short(names: list[str], limit: int = 4) -> str:
+    if len(names) <= limit:
+        return str(names)
+    return f"{names[:limit]} and {len(names) - limit} more"
