@@ -7,16 +7,18 @@ Every policy maps ``{module: singular values}`` (descending) and ``{module: byte
   ``sum(S[:p]^2) >= tau * sum(S^2)`` (the paper's rule), clamped to ``[min_rank, max_rank]``.
 - ``FixedRank(rank)``: the same ``p`` everywhere (capped by the available rank).
 - ``ByteBudget(budget_bytes)``: ranks of all modules chosen jointly so the download fits the
-  budget and the kept energy ``sum_j sum_{i<p_j} S_j[i]^2`` is as large as the greedy
-  "most energy per byte first" rule can make it.
+  budget and the kept energy ``sum_j sum_{i<p_j} S_j[i]^2`` is maximal (a knapsack, see below).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from florist.aggregation.linalg import energy_fraction
@@ -83,11 +85,18 @@ class FixedRank:
 
 @dataclass(frozen=True)
 class ByteBudget:
-    """Download budget per client per round, in bytes, shared by all modules."""
+    """Download budget per client per round, in bytes, shared by all modules.
+
+    Choosing a rank per module to maximise kept energy under a byte budget is a multiple-choice
+    knapsack. It is solved exactly by dynamic programming over a byte grid (the gcd of the
+    per-rank costs; a coarser grid, with costs rounded up, when that would exceed ``max_grid``
+    cells) and by the greedy "most energy per byte first" rule; the better of the two is kept.
+    """
 
     budget_bytes: int
     min_rank: int = 1
     max_rank: int | None = None
+    max_grid: int = 1 << 14
 
     def __post_init__(self) -> None:
         if self.budget_bytes <= 0:
@@ -96,33 +105,68 @@ class ByteBudget:
 
     def choose(self, spectra: Mapping[str, Tensor], bytes_per_rank: Mapping[str, int]) -> dict[str, int]:
         names = sorted(spectra)
-        ranks = {n: min(self.min_rank, spectra[n].numel()) for n in names}
-        floor = sum(ranks[n] * bytes_per_rank[n] for n in names)
-        if floor > self.budget_bytes:
+        floor = {n: min(self.min_rank, spectra[n].numel()) for n in names}
+        floor_bytes = sum(floor[n] * bytes_per_rank[n] for n in names)
+        if floor_bytes > self.budget_bytes:
             raise ConfigError(
-                f"budget of {self.budget_bytes} bytes is below the {floor} bytes needed to keep rank "
+                f"budget of {self.budget_bytes} bytes is below the {floor_bytes} bytes needed to keep rank "
                 f"{self.min_rank} on each of the {len(names)} modules"
             )
-        left = self.budget_bytes - floor
-        closed: set[str] = set()
-        for _, name, i in self._candidates(spectra, bytes_per_rank, ranks):
-            cost = bytes_per_rank[name]
-            if name in closed or i != ranks[name]:
-                continue
-            if cost > left:
-                closed.add(name)  # later values of this module would break the prefix
-                continue
-            ranks[name], left = i + 1, left - cost
-        return ranks
+        gains = {n: self._gains(spectra[n], floor[n]) for n in names}
+        left = self.budget_bytes - floor_bytes
+        extra = max(
+            (_knapsack(gains, bytes_per_rank, left, self.max_grid), _greedy(gains, bytes_per_rank, left)),
+            key=lambda e: _gain(gains, e),
+        )
+        return {n: floor[n] + extra[n] for n in names}
 
-    def _candidates(
-        self, spectra: Mapping[str, Tensor], bytes_per_rank: Mapping[str, int], start: Mapping[str, int]
-    ) -> list[tuple[float, str, int]]:
-        """(energy per byte, module, index) of every value beyond the floor, best first."""
-        items = []
-        for name, S in spectra.items():
-            hi = S.numel() if self.max_rank is None else min(self.max_rank, S.numel())
-            energy = S.double().square().tolist()
-            items += [(energy[i] / bytes_per_rank[name], name, i) for i in range(start[name], hi)]
-        items.sort(key=lambda t: (-t[0], t[1], t[2]))
-        return items
+    def _gains(self, S: Tensor, floor: int) -> list[float]:
+        """Energy of each value a module can add beyond its floor, in order."""
+        hi = S.numel() if self.max_rank is None else min(self.max_rank, S.numel())
+        return S.double().square().tolist()[floor:hi]
+
+
+def _gain(gains: Mapping[str, list[float]], extra: Mapping[str, int]) -> float:
+    return sum(sum(gains[n][: extra[n]]) for n in gains)
+
+
+def _greedy(gains: Mapping[str, list[float]], cost: Mapping[str, int], budget: int) -> dict[str, int]:
+    """Most energy per byte first; a module whose next value does not fit is closed."""
+    items = [(g / cost[n], n, i) for n, gs in gains.items() for i, g in enumerate(gs)]
+    items.sort(key=lambda t: (-t[0], t[1], t[2]))
+    extra = dict.fromkeys(gains, 0)
+    closed: set[str] = set()
+    for _, name, i in items:
+        if name in closed or i != extra[name]:
+            continue
+        if cost[name] > budget:
+            closed.add(name)  # later values of this module would break the prefix
+            continue
+        extra[name], budget = i + 1, budget - cost[name]
+    return extra
+
+
+def _knapsack(
+    gains: Mapping[str, list[float]], cost: Mapping[str, int], budget: int, max_grid: int
+) -> dict[str, int]:
+    """Exact multiple-choice knapsack over a byte grid: how many extra values per module."""
+    unit = math.gcd(*cost.values())
+    if budget // unit > max_grid:
+        unit = -(-budget // max_grid)  # coarser grid; costs rounded up stay feasible
+    cap = budget // unit
+    best = torch.zeros(cap + 1, dtype=torch.float64)  # best[b]: max energy within b grid cells
+    cells = torch.arange(cap + 1)
+    choices = []
+    for name, gs in gains.items():
+        w = -(-cost[name] // unit)
+        T = min(len(gs), cap // w)
+        cum = torch.tensor([0.0, *itertools.accumulate(gs[:T])], dtype=torch.float64)  # (T + 1,)
+        src = cells[None, :] - w * torch.arange(T + 1)[:, None]  # (T + 1, cap + 1)
+        cand = torch.where(src >= 0, best[src.clamp(min=0)] + cum[:, None], -math.inf)
+        best, pick = cand.max(dim=0)  # first maximum: fewest values among ties
+        choices.append((name, w, pick))
+    extra, b = {}, cap
+    for name, w, pick in reversed(choices):
+        extra[name] = int(pick[b])
+        b -= extra[name] * w
+    return extra

@@ -98,7 +98,7 @@ def _check_shape_matches(update: ClientUpdate, reference: ClientUpdate, name: st
     if got != want:
         raise InvalidUpdate(
             update.client_id,
-            f"adapted weight shape {got} differs from client {reference.client_id!r}'s {want}",
+            f"adapted weight shape {got} differs from {want} in client {reference.client_id!r}",
             module=name,
             round=round,
         )

@@ -1,0 +1,102 @@
+"""FLoRA, FedIT, FlexLoRA and FFA-LoRA against dense references, on products."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from florist.aggregation import ClientProtocol, available, make_aggregator
+from florist.errors import ConfigError, InvalidUpdate
+from florist.lora import ClientUpdate, LoraFactors
+from tests.helpers import SHAPES, assert_product_close, best_rank_p, dense_reference, make_updates
+
+
+def test_registry_lists_every_method() -> None:
+    assert available() == ["fedit", "ffa", "flexlora", "flora", "florist"]
+    with pytest.raises(ConfigError, match="unknown aggregation method 'fedavg'"):
+        make_aggregator("fedavg")
+    with pytest.raises(ConfigError, match="bad options for method 'flora'"):
+        make_aggregator("flora", tau=0.9)
+
+
+def test_protocols() -> None:
+    protocols = {name: make_aggregator(name).protocol for name in available()}
+    assert protocols == {
+        "florist": ClientProtocol.MERGE_AND_RESTART,
+        "flora": ClientProtocol.MERGE_AND_RESTART,
+        "fedit": ClientProtocol.CONTINUE_GLOBAL,
+        "flexlora": ClientProtocol.CONTINUE_PER_CLIENT,
+        "ffa": ClientProtocol.FROZEN_SHARED_A,
+    }
+
+
+def test_flora_is_exact_with_stacked_rank(hetero_updates: list[ClientUpdate]) -> None:
+    result = make_aggregator("flora").aggregate(hetero_updates)
+    for name in SHAPES:
+        assert result.ranks[name] == 8 + 4 + 2 + 4
+        assert_product_close(result.global_update[name].delta(), dense_reference(hetero_updates, name))
+
+
+def test_fedit_differs_from_exact_when_clients_differ(hetero_updates: list[ClientUpdate]) -> None:
+    result = make_aggregator("fedit").aggregate(hetero_updates)
+    for name in SHAPES:
+        exact = dense_reference(hetero_updates, name)
+        err = (result.global_update[name].delta(torch.float64) - exact).norm() / exact.norm()
+        assert err > 0.1, f"{name}: FedIT should miss the cross terms, relative error {err:.3g}"
+
+
+def test_fedit_is_exact_when_all_a_are_equal() -> None:
+    updates = make_updates([4, 4, 4], shared_a=True)
+    result = make_aggregator("fedit").aggregate(updates)
+    for name in SHAPES:
+        assert_product_close(result.global_update[name].delta(), dense_reference(updates, name))
+
+
+def test_fedit_zero_pads_mixed_ranks_and_slices_per_client(hetero_updates: list[ClientUpdate]) -> None:
+    result = make_aggregator("fedit").aggregate(hetero_updates)
+    total = sum(u.num_examples for u in hetero_updates)
+    for name in SHAPES:
+        want_A = sum(
+            u.num_examples / total * torch.nn.functional.pad(u.modules[name].A, (0, 0, 0, 8 - u.modules[name].rank))
+            for u in hetero_updates
+        )
+        torch.testing.assert_close(result.global_update[name].A, want_A)
+    assert result.per_client is not None
+    for u in hetero_updates:
+        got = result.download(u.client_id)
+        for name in SHAPES:
+            assert got[name].rank == u.modules[name].rank
+            torch.testing.assert_close(got[name].A, result.global_update[name].A[: u.modules[name].rank])
+
+
+def test_ffa_is_exact_with_mixed_ranks() -> None:
+    updates = make_updates([8, 4, 2, 8], shared_a=True)
+    result = make_aggregator("ffa").aggregate(updates)
+    assert result.sends_a is False
+    for name in SHAPES:
+        assert_product_close(result.global_update[name].delta(), dense_reference(updates, name))
+
+
+def test_ffa_rejects_a_client_whose_a_moved() -> None:
+    updates = make_updates([4, 4], shared_a=True)
+    name = "layers.0.v_proj"
+    moved = dict(updates[1].modules)
+    moved[name] = LoraFactors(A=moved[name].A + 0.1, B=moved[name].B, scaling=moved[name].scaling)
+    updates[1] = ClientUpdate("client-1", updates[1].num_examples, moved)
+    with pytest.raises(InvalidUpdate, match=r"client 'client-1', module 'layers.0.v_proj': lora_A differs"):
+        make_aggregator("ffa").aggregate(updates)
+
+
+def test_flexlora_truncates_to_each_clients_own_rank(hetero_updates: list[ClientUpdate]) -> None:
+    result = make_aggregator("flexlora").aggregate(hetero_updates)
+    assert result.per_client is not None
+    for u in hetero_updates:
+        got = result.download(u.client_id)
+        for name in SHAPES:
+            r = u.modules[name].rank
+            assert got[name].rank == r
+            assert_product_close(got[name].delta(), best_rank_p(dense_reference(hetero_updates, name), r), 1e-4)
+    a, b = result.download("client-0"), result.download("client-2")
+    for name in SHAPES:
+        assert a[name].B.data_ptr() != b[name].B.data_ptr(), "clients must not share one truncation"
+        assert a[name].rank != b[name].rank
