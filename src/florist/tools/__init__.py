@@ -1,0 +1,1 @@
+"""Command implementations behind ``florist aggregate | inspect | demo`` (the CLI only parses arguments)."""

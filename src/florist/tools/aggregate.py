@@ -1,0 +1,187 @@
+"""``florist aggregate``: N PEFT LoRA adapter directories in, one global PEFT adapter out.
+
+    florist aggregate --method florist --tau 0.9 client_a/ client_b/ client_c/ -o global/
+
+Weights ``p_k = n_k / sum(n)`` come from ``--weights``, else from ``num_examples`` in a
+``florist.json`` beside each adapter, else are equal. The output directory (written atomically)
+holds the global adapter, ``per_client/<name>/`` adapters when clients download different
+factors (FlexLoRA; FedIT and FFA-LoRA with mixed ranks), and ``florist_aggregation.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from florist.aggregation import (
+    AggregationResult,
+    ByteBudget,
+    CommReport,
+    EnergyThreshold,
+    FixedRank,
+    RankPolicy,
+    communication,
+    efficiency,
+    make_aggregator,
+    wire_bytes,
+)
+from florist.errors import ConfigError, InvalidUpdate
+from florist.fsutil import atomic_dir, write_json_atomic
+from florist.lora import ClientUpdate
+from florist.lora.peft_io import PeftAdapter, read_adapter, save_adapter_files
+
+log = logging.getLogger(__name__)
+SIDECAR = "florist.json"
+REPORT = "florist_aggregation.json"
+
+
+@dataclass(frozen=True)
+class AggregateOptions:
+    method: str = "florist"
+    tau: float | None = None
+    rank: int | None = None
+    budget_mb: float | None = None
+    min_rank: int = 1
+    max_rank: int | None = None
+    weights: tuple[float, ...] | None = None
+    wire_dtype: str = "float32"
+    dtype: str = "float32"
+    basis: str = "qr"
+    overwrite: bool = False
+
+    def policy(self) -> RankPolicy:
+        chosen = [x is not None for x in (self.tau, self.rank, self.budget_mb)]
+        if sum(chosen) > 1:
+            raise ConfigError("give at most one of --tau, --rank and --budget-mb")
+        if self.rank is not None:
+            return FixedRank(self.rank)
+        if self.budget_mb is not None:
+            budget = int(self.budget_mb * 1_000_000)
+            return ByteBudget(budget, min_rank=self.min_rank, max_rank=self.max_rank)
+        return EnergyThreshold(0.9 if self.tau is None else self.tau, self.min_rank, self.max_rank)
+
+    def aggregator_options(self) -> dict[str, Any]:
+        dtypes = {"float32": torch.float32, "float64": torch.float64}
+        if self.dtype not in dtypes:
+            raise ConfigError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        opts: dict[str, Any] = {"dtype": dtypes[self.dtype]}
+        if self.method == "florist":
+            opts |= {"policy": self.policy(), "basis": self.basis, "wire_bytes": wire_bytes(self.wire_dtype)}
+        elif (self.tau, self.rank, self.budget_mb) != (None, None, None):
+            raise ConfigError(f"--tau, --rank and --budget-mb apply to --method florist, not {self.method!r}")
+        return opts
+
+
+def load_clients(
+    dirs: Sequence[str], weights: Sequence[float] | None
+) -> tuple[list[ClientUpdate], PeftAdapter]:
+    """Read every adapter directory; returns the updates and the first adapter (for base-model info)."""
+    if not dirs:
+        raise ConfigError("no adapter directories given")
+    if weights is not None and len(weights) != len(dirs):
+        raise ConfigError(f"--weights has {len(weights)} values for {len(dirs)} adapter directories")
+    adapters = [read_adapter(d, client=d) for d in dirs]
+    _check_compatible(dirs, adapters)
+    sizes = _sizes(dirs, weights)
+    return [a.to_update(d, s) for d, a, s in zip(dirs, adapters, sizes, strict=True)], adapters[0]
+
+
+def _sizes(dirs: Sequence[str], weights: Sequence[float] | None) -> list[float]:
+    """``n_k`` per client: ``--weights``, else each sidecar's ``num_examples``, else all equal."""
+    if weights is not None:
+        return [float(w) for w in weights]
+    found = [_sidecar_size(Path(d)) for d in dirs]
+    sizes = [s for s in found if s is not None]
+    if len(sizes) < len(dirs):
+        log.info("no --weights and not every client has num_examples in %s: weighting equally", SIDECAR)
+        return [1.0] * len(dirs)
+    return sizes
+
+
+def _sidecar_size(root: Path) -> float | None:
+    path = root / SIDECAR
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("num_examples")
+    return None if value is None else float(value)
+
+
+def _check_compatible(dirs: Sequence[str], adapters: Sequence[PeftAdapter]) -> None:
+    first = adapters[0]
+    for d, a in zip(dirs, adapters, strict=True):
+        if a.fan_in_fan_out != first.fan_in_fan_out:
+            raise InvalidUpdate(d, f"fan_in_fan_out={a.fan_in_fan_out} differs from {dirs[0]!r}")
+        if a.base_model_name_or_path != first.base_model_name_or_path:
+            log.warning(
+                "%s was trained on base model %r, %s on %r: make sure they are the same weights",
+                d,
+                a.base_model_name_or_path,
+                dirs[0],
+                first.base_model_name_or_path,
+            )
+
+
+def run_aggregate(dirs: Sequence[str], out: str, opts: AggregateOptions) -> dict[str, Any]:
+    """Aggregate ``dirs`` into ``out``; returns the report (also written to ``out/{REPORT}``)."""
+    aggregator = make_aggregator(opts.method, **opts.aggregator_options())
+    updates, first = load_clients(dirs, opts.weights)
+    result = aggregator.aggregate(updates)
+    comm = communication(updates, result, opts.wire_dtype)
+    report = build_report(updates, result, comm, opts)
+    base, fan = first.base_model_name_or_path, first.fan_in_fan_out
+    with atomic_dir(out, overwrite=opts.overwrite) as tmp:
+        save_adapter_files(tmp, result.global_update, base_model=base, fan_in_fan_out=fan)
+        if result.per_client is not None:
+            for cid, name in _client_dir_names(result.client_ids).items():
+                (tmp / "per_client" / name).mkdir(parents=True)
+                save_adapter_files(
+                    tmp / "per_client" / name, result.download(cid), base_model=base, fan_in_fan_out=fan
+                )
+        write_json_atomic(tmp / REPORT, report)
+    return report
+
+
+def _client_dir_names(client_ids: Sequence[str]) -> dict[str, str]:
+    names = [Path(c).name or f"client_{i}" for i, c in enumerate(client_ids)]
+    if len(set(names)) < len(names):
+        names = [f"{i:02d}_{n}" for i, n in enumerate(names)]
+    return dict(zip(client_ids, names, strict=True))
+
+
+def build_report(
+    updates: Sequence[ClientUpdate], result: AggregationResult, comm: CommReport, opts: AggregateOptions
+) -> dict[str, Any]:
+    """A JSON-serialisable summary: per-module ranks, energy and bytes, totals, efficiency, time."""
+    by_id = {u.client_id: u for u in updates}
+    modules = {}
+    down = comm.per_module("downlink")
+    up = comm.per_module("uplink")
+    for name, f in result.global_update.items():
+        modules[name] = {
+            "shape": list(f.shape),
+            "client_ranks": [by_id[c].modules[name].rank for c in result.client_ids],
+            "rank": f.rank,
+            "energy_kept": None if result.energy_kept is None else result.energy_kept[name],
+            "uplink_bytes": up[name],
+            "downlink_bytes": down[name],
+        }
+    return {
+        "method": result.method,
+        "protocol": result.protocol.value,
+        "options": {k: v for k, v in vars(opts).items() if k != "overwrite"},
+        "clients": [{"id": c, "weight": result.weights[c]} for c in result.client_ids],
+        "modules": modules,
+        "wire_dtype": comm.wire_dtype,
+        "uplink_bytes": comm.uplink_total,
+        "downlink_bytes": comm.downlink_total,
+        "uplink_bytes_per_client": comm.uplink,
+        "downlink_bytes_per_client": comm.downlink,
+        "efficiency_e-4": efficiency(result),
+        "server_seconds": result.seconds,
+    }

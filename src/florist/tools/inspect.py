@@ -1,0 +1,40 @@
+"""``florist inspect DIR``: ranks, shapes, scaling and the singular value spectrum of each module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from florist.aggregation.linalg import factored_svd
+from florist.aggregation.rank_policy import rank_for_energy
+from florist.lora.peft_io import read_adapter
+
+
+def inspect_adapter(path: str) -> dict[str, Any]:
+    """Per module: shape, rank, scaling, Frobenius norm of scaling*B@A and its singular values."""
+    adapter = read_adapter(path)
+    rows = []
+    for name, f in adapter.modules.items():
+        B, A = f.effective(torch.float64)  # (m, r), (r, n)
+        S = factored_svd(B, A).S
+        rows.append(
+            {
+                "module": name,
+                "shape": list(f.shape),
+                "rank": f.rank,
+                "scaling": f.scaling,
+                "norm": float(S.norm()),
+                "singular_values": S.tolist(),
+                "rank_90": rank_for_energy(S, 0.9),
+                "rank_99": rank_for_energy(S, 0.99),
+            }
+        )
+    nbytes = (Path(path) / "adapter_model.safetensors").stat().st_size
+    return {
+        "path": path,
+        "base_model": adapter.base_model_name_or_path,
+        "modules": rows,
+        "file_bytes": nbytes,
+    }
