@@ -24,7 +24,9 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
     """
     dest = Path(path)
     if dest.exists() and not overwrite:
-        raise ConfigError(f"output {str(dest)!r} already exists; pass --overwrite (overwrite=True) to replace it")
+        raise ConfigError(
+            f"output {str(dest)!r} already exists; pass --overwrite (overwrite=True) to replace it"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; give it a normal directory's mode

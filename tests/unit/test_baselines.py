@@ -57,7 +57,9 @@ def test_fedit_zero_pads_mixed_ranks_and_slices_per_client(hetero_updates: list[
     total = sum(u.num_examples for u in hetero_updates)
     for name in SHAPES:
         want_A = sum(
-            u.num_examples / total * torch.nn.functional.pad(u.modules[name].A, (0, 0, 0, 8 - u.modules[name].rank))
+            u.num_examples
+            / total
+            * torch.nn.functional.pad(u.modules[name].A, (0, 0, 0, 8 - u.modules[name].rank))
             for u in hetero_updates
         )
         torch.testing.assert_close(result.global_update[name].A, want_A)
@@ -95,7 +97,9 @@ def test_flexlora_truncates_to_each_clients_own_rank(hetero_updates: list[Client
         for name in SHAPES:
             r = u.modules[name].rank
             assert got[name].rank == r
-            assert_product_close(got[name].delta(), best_rank_p(dense_reference(hetero_updates, name), r), 1e-4)
+            assert_product_close(
+                got[name].delta(), best_rank_p(dense_reference(hetero_updates, name), r), 1e-4
+            )
     a, b = result.download("client-0"), result.download("client-2")
     for name in SHAPES:
         assert a[name].B.data_ptr() != b[name].B.data_ptr(), "clients must not share one truncation"

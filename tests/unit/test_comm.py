@@ -50,7 +50,11 @@ def _tinyllama_qv(K: int, r: int) -> list[ClientUpdate]:
     g = torch.Generator().manual_seed(0)
     names = [f"model.layers.{i}.self_attn.{p}" for i in range(22) for p in ("q_proj", "v_proj")]
     return [
-        ClientUpdate(f"c{k}", 1.0, {n: LoraFactors(torch.randn(r, 20, generator=g), torch.randn(20, r, generator=g)) for n in names})
+        ClientUpdate(
+            f"c{k}",
+            1.0,
+            {n: LoraFactors(torch.randn(r, 20, generator=g), torch.randn(20, r, generator=g)) for n in names},
+        )
         for k in range(K)
     ]
 

@@ -48,7 +48,11 @@ def test_ranks_differ_between_modules_with_different_spectra() -> None:
 
 def test_min_and_max_rank_bound_the_choice() -> None:
     updates = make_updates([8, 8], seed=2)
-    ranks = make_aggregator("florist", policy=EnergyThreshold(0.3, min_rank=3, max_rank=5)).aggregate(updates).ranks
+    ranks = (
+        make_aggregator("florist", policy=EnergyThreshold(0.3, min_rank=3, max_rank=5))
+        .aggregate(updates)
+        .ranks
+    )
     assert all(3 <= r <= 5 for r in ranks.values())
     assert make_aggregator("florist", policy=EnergyThreshold(1.0, max_rank=2)).aggregate(updates).ranks == {
         name: 2 for name in SHAPES
@@ -91,14 +95,20 @@ def test_float64_on_request_is_tighter() -> None:
     result = make_aggregator("florist", policy=EnergyThreshold(1.0), dtype=torch.float64).aggregate(updates)
     for name in SHAPES:
         assert result.global_update[name].B.dtype == torch.float64
-        assert_product_close(result.global_update[name].delta(torch.float64), dense_reference(updates, name), 1e-11)
+        assert_product_close(
+            result.global_update[name].delta(torch.float64), dense_reference(updates, name), 1e-11
+        )
 
 
 @pytest.mark.parametrize("method", ["florist", "flora", "fedit", "flexlora", "ffa"])
 def test_all_zero_update_gives_zero_and_no_nan(method: str) -> None:
     updates = make_updates([4, 2, 4], shared_a=(method == "ffa"))
     zeroed = [
-        type(u)(u.client_id, u.num_examples, {n: type(f)(f.A, torch.zeros_like(f.B), f.scaling) for n, f in u.modules.items()})
+        type(u)(
+            u.client_id,
+            u.num_examples,
+            {n: type(f)(f.A, torch.zeros_like(f.B), f.scaling) for n, f in u.modules.items()},
+        )
         for u in updates
     ]
     result = make_aggregator(method).aggregate(zeroed)

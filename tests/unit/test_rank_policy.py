@@ -56,7 +56,9 @@ def test_budget_respects_rank_bounds_and_refuses_an_impossible_budget() -> None:
     spectra, cost = _spectra(0)
     ranks = ByteBudget(10**9, min_rank=2, max_rank=5).choose(spectra, cost)
     assert all(2 <= r <= 5 for r in ranks.values())
-    with pytest.raises(ConfigError, match=r"budget of 100 bytes is below the \d+ bytes needed to keep rank 1"):
+    with pytest.raises(
+        ConfigError, match=r"budget of 100 bytes is below the \d+ bytes needed to keep rank 1"
+    ):
         ByteBudget(100).choose(spectra, cost)
 
 

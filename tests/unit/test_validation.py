@@ -64,19 +64,46 @@ def _duplicate(us: list[ClientUpdate]) -> None:
 
 
 CASES = [
-    (_poison(math.nan), r"client 'client-1', module 'layers.0.q_proj': lora_B has 1 non-finite values \(1 NaN, 0 Inf\)"),
-    (_poison(math.inf), r"client 'client-1', module 'layers.0.q_proj': lora_B has 1 non-finite values \(0 NaN, 1 Inf\)"),
-    (_edit_factors(A=torch.randn(3, 16)), r"client 'client-1', module 'layers.0.q_proj': lora_B shape \(24, 4\) does not match lora_A shape \(3, 16\)"),
-    (_edit_factors(A=torch.randn(4, 17)), r"client 'client-1', module 'layers.0.q_proj': adapted weight shape \(24, 17\) differs from \(24, 16\) in client 'client-0'"),
-    (_edit_factors(A=torch.randn(4)), r"client 'client-1', module 'layers.0.q_proj': lora_A and lora_B must be 2-D"),
-    (_edit_factors(scaling=math.nan), r"client 'client-1', module 'layers.0.q_proj': scaling must be finite, got nan"),
-    (_edit_factors(A=torch.ones(4, 16, dtype=torch.int64)), r"lora_A must be a floating-point tensor, got dtype torch.int64"),
+    (
+        _poison(math.nan),
+        r"client 'client-1', module 'layers.0.q_proj': lora_B has 1 non-finite values \(1 NaN, 0 Inf\)",
+    ),
+    (
+        _poison(math.inf),
+        r"client 'client-1', module 'layers.0.q_proj': lora_B has 1 non-finite values \(0 NaN, 1 Inf\)",
+    ),
+    (
+        _edit_factors(A=torch.randn(3, 16)),
+        r"client 'client-1', module 'layers.0.q_proj': lora_B shape \(24, 4\) does not match lora_A shape \(3, 16\)",
+    ),
+    (
+        _edit_factors(A=torch.randn(4, 17)),
+        r"client 'client-1', module 'layers.0.q_proj': adapted weight shape \(24, 17\) differs from \(24, 16\) in client 'client-0'",
+    ),
+    (
+        _edit_factors(A=torch.randn(4)),
+        r"client 'client-1', module 'layers.0.q_proj': lora_A and lora_B must be 2-D",
+    ),
+    (
+        _edit_factors(scaling=math.nan),
+        r"client 'client-1', module 'layers.0.q_proj': scaling must be finite, got nan",
+    ),
+    (
+        _edit_factors(A=torch.ones(4, 16, dtype=torch.int64)),
+        r"lora_A must be a floating-point tensor, got dtype torch.int64",
+    ),
     (_weight(0), r"client 'client-1': num_examples must be a positive finite number, got 0"),
     (_weight(-3.0), r"client 'client-1': num_examples must be a positive finite number, got -3.0"),
     (_weight(math.inf), r"client 'client-1': num_examples must be a positive finite number, got inf"),
     (_weight(math.nan), r"client 'client-1': num_examples must be a positive finite number, got nan"),
-    (_drop_module, r"client 'client-1': module set differs from client 'client-0': missing \['layers.0.q_proj'\], extra \[\]"),
-    (_extra_module, r"client 'client-1': module set differs from client 'client-0': missing \[\], extra \['layers.9.k_proj'\]"),
+    (
+        _drop_module,
+        r"client 'client-1': module set differs from client 'client-0': missing \['layers.0.q_proj'\], extra \[\]",
+    ),
+    (
+        _extra_module,
+        r"client 'client-1': module set differs from client 'client-0': missing \[\], extra \['layers.9.k_proj'\]",
+    ),
     (_duplicate, r"client 'client-1': duplicate client id: it appears 2 times"),
 ]
 
