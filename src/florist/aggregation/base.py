@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, ClassVar, TypeVar
 
@@ -59,8 +59,8 @@ class AggregationResult:
     method: str
     protocol: ClientProtocol
     global_update: dict[str, LoraFactors]
-    client_ids: tuple[str, ...]
-    weights: dict[str, float]
+    client_ids: tuple[str, ...] = ()
+    weights: dict[str, float] = field(default_factory=dict)
     per_client: dict[str, dict[str, LoraFactors]] | None = None
     energy_kept: dict[str, float] | None = None
     spectra: dict[str, Tensor] | None = None
@@ -109,18 +109,7 @@ def _with_meta(
 ) -> AggregationResult:
     ids = tuple(u.client_id for u in updates)
     w = dict(zip(ids, weights.tolist(), strict=True))
-    return AggregationResult(
-        method=r.method,
-        protocol=r.protocol,
-        global_update=r.global_update,
-        client_ids=ids,
-        weights=w,
-        per_client=r.per_client,
-        energy_kept=r.energy_kept,
-        spectra=r.spectra,
-        sends_a=r.sends_a,
-        seconds=seconds,
-    )
+    return replace(r, client_ids=ids, weights=w, seconds=seconds)
 
 
 def module_names(updates: Sequence[ClientUpdate]) -> list[str]:

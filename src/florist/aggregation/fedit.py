@@ -66,7 +66,5 @@ class FedIT(Aggregator):
             method=self.name,
             protocol=self.protocol,
             global_update=global_update,
-            client_ids=(),
-            weights={},
             per_client=per_client_slices(updates, global_update),
         )

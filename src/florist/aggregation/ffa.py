@@ -76,8 +76,6 @@ class FFALoRA(Aggregator):
             method=self.name,
             protocol=self.protocol,
             global_update=global_update,
-            client_ids=(),
-            weights={},
             per_client=per_client_slices(updates, global_update),
             energy_kept={name: 1.0 for name in global_update},
             sends_a=False,

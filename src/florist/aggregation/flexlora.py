@@ -66,8 +66,6 @@ class FlexLoRA(Aggregator):
             method=self.name,
             protocol=self.protocol,
             global_update={name: _factors(svd.truncate(r_max[name])) for name, svd in svds.items()},
-            client_ids=(),
-            weights={},
             per_client=per_client,
             energy_kept={n: float(energy_fraction(s.S)[r_max[n] - 1]) for n, s in svds.items()},
             spectra={n: s.S for n, s in svds.items()},

@@ -46,7 +46,5 @@ class Flora(Aggregator):
             method=self.name,
             protocol=self.protocol,
             global_update=global_update,
-            client_ids=(),
-            weights={},
             energy_kept={name: 1.0 for name in global_update},
         )

@@ -69,8 +69,6 @@ class Florist(Aggregator):
             method=self.name,
             protocol=self.protocol,
             global_update=global_update,
-            client_ids=(),
-            weights={},
             energy_kept={n: float(energy_fraction(s.S)[ranks[n] - 1]) for n, s in svds.items()},
             spectra={n: s.S for n, s in svds.items()},
         )

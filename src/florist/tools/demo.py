@@ -72,7 +72,7 @@ def relative_error(out: Path, exact: dict[str, torch.Tensor]) -> float:
     got = read_adapter(out).modules
     num = sum(float((got[n].delta(torch.float64) - e).square().sum()) for n, e in exact.items())
     den = sum(float(e.square().sum()) for e in exact.values())
-    return (num / den) ** 0.5
+    return float((num / den) ** 0.5)
 
 
 def run_all(dirs: list[str], out: Path) -> list[dict[str, Any]]:

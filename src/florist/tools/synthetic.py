@@ -20,7 +20,7 @@ RELATIVE_NORM = 3e-3
 
 
 def _orthonormal(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=g))
+    q: torch.Tensor = torch.linalg.qr(torch.randn(rows, cols, generator=g)).Q
     return q  # (rows, cols)
 
 
