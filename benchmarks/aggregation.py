@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -63,6 +64,7 @@ CLIENT_SIZES = (1579, 685, 3775, 1830, 2152, 1776, 2531, 607)  # Dolly split ove
 ALPHA_PER_RANK = 2  # lora_alpha = 2 r, so every client's scaling alpha / r is 2
 REPEATS = {"full": 5, "quick": 3}
 MEMORY_WORKERS = 2
+BUSY_LOAD = 0.5  # warn above this 1-minute load average at the start
 SPEEDUP_GOAL = 100.0  # florist at least this much faster than each dense path (7B shapes)
 QR_BOUND_GOAL = 2.0  # florist within this factor of the QR lower bound
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "aggregation.json"
@@ -211,14 +213,13 @@ def prepare_peft(updates: list[ClientUpdate]) -> tuple[nn.Module, list[ClientUpd
 
     kinds = {n.rsplit(".", 1)[1]: f.shape for n, f in updates[0].modules.items()}
     layers = 1 + max(int(n.split(".")[2]) for n in updates[0].modules)
-    model: Any = _tiny_model(kinds, layers)
-    for k, u in enumerate(updates):
-        r = next(iter(u.modules.values())).rank
-        cfg = LoraConfig(r=r, lora_alpha=ALPHA_PER_RANK * r, target_modules=sorted(kinds), lora_dropout=0.0)
-        model = get_peft_model(model, cfg, adapter_name="c0") if k == 0 else model
-        if k > 0:
-            model.add_adapter(f"c{k}", cfg)
-        _set_adapter(model, f"c{k}", u)
+    ranks = [next(iter(u.modules.values())).rank for u in updates]
+    configs = [LoraConfig(r=r, lora_alpha=ALPHA_PER_RANK * r, target_modules=sorted(kinds)) for r in ranks]
+    model: Any = get_peft_model(_tiny_model(kinds, layers), configs[0], adapter_name="c0")
+    for k, cfg in enumerate(configs[1:], start=1):
+        model.add_adapter(f"c{k}", cfg)
+    for k, update in enumerate(updates):
+        _set_adapter(model, f"c{k}", update)
     return model, updates
 
 
@@ -231,13 +232,12 @@ def _set_adapter(model: Any, adapter: str, update: ClientUpdate) -> None:
 
 
 def peft_svd(state: tuple[Any, list[ClientUpdate]]) -> Run:
-    """``add_weighted_adapter(combination_type="svd")`` at the largest client rank (peft's default)."""
+    """``add_weighted_adapter(combination_type="svd")`` with peft's defaults: rank = the largest client
+    rank, ``svd_full_matrices=True``. It forms every client's dense ``delta W_k`` and their sum."""
     model, updates = state
     adapters = [f"c{k}" for k in range(len(updates))]
-    weights, r_max = (
-        client_weights(updates).tolist(),
-        max(u.modules[first_module(updates)].rank for u in updates),
-    )
+    weights = client_weights(updates).tolist()
+    r_max = max(u.modules[first_module(updates)].rank for u in updates)
     start = time.perf_counter()
     model.base_model.add_weighted_adapter(
         adapters, weights, adapter_name="svd", combination_type="svd", svd_rank=r_max
@@ -252,22 +252,19 @@ def _identity(updates: list[ClientUpdate]) -> list[ClientUpdate]:
     return updates
 
 
-FLORIST = {"policy": EnergyThreshold(TAU)}
+def aggregator_path(label: str, method: str, options: dict[str, Any], dense: bool = False) -> PathSpec:
+    return PathSpec(label, dense, _identity, partial(run_aggregator, method, options))
+
+
 PATHS: dict[str, PathSpec] = {
-    "florist_qr": PathSpec(
-        "florist (qr, tau=0.9)", False, _identity, partial(run_aggregator, "florist", FLORIST)
+    "florist_qr": aggregator_path("florist (qr, tau=0.9)", "florist", {"policy": EnergyThreshold(TAU)}),
+    "florist_svd": aggregator_path(
+        "florist (svd basis)", "florist", {"policy": EnergyThreshold(TAU), "basis": "svd"}
     ),
-    "florist_svd": PathSpec(
-        "florist (svd basis)",
-        False,
-        _identity,
-        partial(run_aggregator, "florist", {**FLORIST, "basis": "svd"}),
-    ),
-    "flexlora": PathSpec("flexlora (dense + svd)", True, _identity, partial(run_aggregator, "flexlora", {})),
+    "flexlora": aggregator_path("flexlora (dense + svd)", "flexlora", {}, dense=True),
     "peft_svd": PathSpec("peft add_weighted (svd)", True, prepare_peft, peft_svd),
     "qr_bound": PathSpec("QR lower bound", False, prepare_stacks, qr_bound),
 }
-
 
 # ---------------------------------------------------------------------------------------------- timing
 
@@ -286,7 +283,9 @@ def time_path(path: PathSpec, updates: list[ClientUpdate], repeats: int) -> tupl
     return samples, last
 
 
-def time_scenario(sc: Scenario, updates: list[ClientUpdate], repeats: int) -> tuple[dict[str, Any], dict]:
+def time_scenario(
+    sc: Scenario, updates: list[ClientUpdate], repeats: int
+) -> tuple[dict[str, Any], dict[str, Run]]:
     """Every path on ``sc``: seconds (extrapolated for dense paths), modules timed, samples."""
     rows, runs = {}, {}
     total = len(sc.modules())
@@ -330,7 +329,7 @@ def reset_peak() -> bool:
     return True
 
 
-def peak_worker(sc: Scenario, path_name: str) -> dict[str, float]:
+def peak_worker(sc: Scenario, path_name: str) -> dict[str, Any]:
     """In a fresh process: growth of the peak RSS while ``path_name`` aggregates one largest module.
 
     ``VmHWM`` is read rather than ``ru_maxrss``: Linux keeps ``ru_maxrss`` across exec, so in a
@@ -344,10 +343,10 @@ def peak_worker(sc: Scenario, path_name: str) -> dict[str, float]:
     before = _status_mib("VmHWM")
     path.execute(state)
     after = _status_mib("VmHWM")
-    return {"baseline_mib": before, "peak_extra_mib": after - before, "peak_reset": float(reset)}
+    return {"baseline_mib": before, "peak_extra_mib": after - before, "peak_reset": reset}
 
 
-def measure_peaks(scs: Sequence[Scenario]) -> dict[tuple[str, str], dict[str, float]]:
+def measure_peaks(scs: Sequence[Scenario]) -> dict[tuple[str, str], dict[str, Any]]:
     """``peak_worker`` for every scenario and path, each in its own spawned process."""
     ctx = mp.get_context("spawn")
     jobs = [(sc, p) for sc in scs for p in PATHS]
@@ -359,8 +358,8 @@ def measure_peaks(scs: Sequence[Scenario]) -> dict[tuple[str, str], dict[str, fl
 def analytic(sc: Scenario) -> dict[str, Any]:
     """Sizes of one largest module: both stacks ``(m + n) R`` and the dense ``m n``, float32."""
     m, n = sc.kinds[sc.largest_kind]
-    return {"kind": sc.largest_kind, "shape": [m, n], "R": sc.R, "stacks_bytes": (m + n) * sc.R * 4,
-            "dense_bytes": m * n * 4}  # fmt: skip
+    stacks, dense = (m + n) * sc.R * 4, m * n * 4
+    return {"kind": sc.largest_kind, "shape": [m, n], "R": sc.R, "stacks_bytes": stacks, "dense_bytes": dense}
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -415,7 +414,7 @@ def goals(sc: Scenario, rows: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def add_ratios(rows: dict[str, Any], peaks: dict[str, dict[str, float]]) -> None:
+def add_ratios(rows: dict[str, Any], peaks: dict[str, dict[str, Any]]) -> None:
     florist, bound = rows["florist_qr"]["seconds"], rows["qr_bound"]["seconds"]
     for name, row in rows.items():
         row["over_florist"] = row["seconds"] / florist
@@ -464,7 +463,7 @@ def table(rows: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def footer(result: dict[str, Any]) -> str:
+def footer(result: dict[str, Any], quick: bool) -> str:
     checks = ", ".join(f"{k} {v:.1e}" for k, v in result["correctness"].items())
     marks = [
         f"{k} {g['value']:.2f}x ({g['target']}: {'met' if g['met'] else 'NOT met'})"
@@ -477,6 +476,7 @@ def footer(result: dict[str, Any]) -> str:
         f"of R={result['R']}; "
         f"input validation (not in the times): {result['validation_seconds']:.3f} s\n"
         f"goals: {'; '.join(marks)}"
+        + (" (quick run: shapes reduced, the goals are for the full run)" if quick else "")
     )
 
 
@@ -514,34 +514,45 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def warn_if_busy() -> list[float]:
+    """The load averages at the start; a warning when other work competes for the CPU."""
+    load = list(os.getloadavg())
+    if load[0] > BUSY_LOAD:
+        print(f"warning: 1-minute load average {load[0]:.2f} on {os.cpu_count()} CPUs before the start; "
+              "other work on this machine inflates and scatters the timings", flush=True)  # fmt: skip
+    return load
+
+
+def progress(start: float, message: str) -> None:
+    print(f"[{time.perf_counter() - start:.0f} s] {message}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    start = time.perf_counter()
+    start, load = time.perf_counter(), warn_if_busy()
     torch.set_num_threads(THREADS)
     torch.manual_seed(SEED)
     for path in PATHS.values():
         warm_up(path)
     scs = scenarios(args.quick)
-    repeats = REPEATS["quick" if args.quick else "full"]
-    results = {sc.name: bench_scenario(sc, repeats) for sc in scs}
-    print(
-        f"[{time.perf_counter() - start:.0f} s] peak memory: {len(scs) * len(PATHS)} spawned processes",
-        flush=True,
-    )
+    results = {sc.name: bench_scenario(sc, REPEATS["quick" if args.quick else "full"]) for sc in scs}
+    progress(start, f"peak memory: {len(scs) * len(PATHS)} spawned processes, {MEMORY_WORKERS} at a time")
     peaks = measure_peaks(scs)
-    print(f"[{time.perf_counter() - start:.0f} s] done", flush=True)
+    progress(start, "done")
     for sc in scs:
         add_ratios(results[sc.name]["paths"], {p: peaks[(sc.name, p)] for p in PATHS})
         print(header(sc, results[sc.name]["analytic_one_module"]))
         print(table(results[sc.name]["paths"]))
-        print(footer(results[sc.name]))
+        print(footer(results[sc.name], args.quick))
     total = time.perf_counter() - start
-    write_json_atomic(args.out, report(args, results, total))
+    write_json_atomic(args.out, report(args, results, total, load))
     print(f"\ntotal {total:.1f} s; results written to {args.out}")
     return 0
 
 
-def report(args: argparse.Namespace, results: dict[str, Any], total: float) -> dict[str, Any]:
+def report(
+    args: argparse.Namespace, results: dict[str, Any], total: float, load: list[float]
+) -> dict[str, Any]:
     import peft
 
     return {
@@ -554,6 +565,9 @@ def report(args: argparse.Namespace, results: dict[str, Any], total: float) -> d
         "tau": TAU,
         "repeats_fast_paths": REPEATS["quick" if args.quick else "full"],
         "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": load,
+        "peak_memory_method": "VmHWM growth in a fresh spawned process, one module of the largest shape",
         "scenarios": results,
         "total_seconds": total,
     }

@@ -59,7 +59,7 @@ class Florist(Aggregator):
         for name in module_names(updates):
             B, A = stack_module(updates, weights, name, self.dtype)  # (m, R), (R, n)
             svds[name] = factored_svd(B, A, self.basis)
-        cost = {n: (s.U.shape[0] + s.Vh.shape[1]) * self.wire_bytes for n, s in svds.items()}
+        cost = {n: sum(s.shape) * self.wire_bytes for n, s in svds.items()}
         ranks = self.policy.choose({n: s.S for n, s in svds.items()}, cost)
         global_update = {}
         for name, svd in svds.items():

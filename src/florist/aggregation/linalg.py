@@ -25,15 +25,35 @@ Basis = Literal["qr", "svd"]
 
 @dataclass(frozen=True)
 class ThinSVD:
-    """``U @ diag(S) @ Vh``; ``U: (m, q)``, ``S: (q,)`` descending, ``Vh: (q, n)``."""
+    """``U @ diag(S) @ Vh`` with ``S: (q,)`` descending, kept in factored form.
+
+    The full left singular vectors are ``left @ U`` (``(m, q1) @ (q1, q)``) and the right ones
+    ``Vh @ right.T`` (``(q, q2) @ (q2, n)``); ``left`` / ``right`` are ``None`` when ``U`` / ``Vh``
+    already are the full ones. Only the kept columns are ever multiplied out (``truncate``).
+    """
 
     U: Tensor
     S: Tensor
     Vh: Tensor
+    left: Tensor | None = None
+    right: Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(m, n)`` of the matrix this is the SVD of."""
+        m = self.U.shape[0] if self.left is None else self.left.shape[0]
+        n = self.Vh.shape[1] if self.right is None else self.right.shape[0]
+        return int(m), int(n)
 
     def truncate(self, p: int) -> tuple[Tensor, Tensor]:
         """Best rank-``p`` factors (Eckart–Young): ``(U_p diag(S_p), Vh_p)``, ``(m, p)`` and ``(p, n)``."""
-        return self.U[:, :p] * self.S[:p], self.Vh[:p]
+        B = self.U[:, :p] * self.S[:p]  # (q1 or m, p)
+        A = self.Vh[:p]  # (p, q2 or n)
+        if self.left is not None:
+            B = self.left @ B  # (m, p)
+        if self.right is not None:
+            A = A @ self.right.mT  # (p, n)
+        return B, A
 
 
 def stack_module(
@@ -61,13 +81,13 @@ def factored_svd(B: Tensor, A: Tensor, basis: Basis = "qr") -> ThinSVD:
         core = Rb @ Ra.mT  # (q1, q2):  B @ A == Qb @ core @ Qa.T
     elif basis == "svd":
         Ub, Sb, Vbh = torch.linalg.svd(B, full_matrices=False)  # (m, q1), (q1,), (q1, R)
-        Ua, Sa, Vah = torch.linalg.svd(A, full_matrices=False)  # (R, q2), (q2,), (q2, n)
-        Qb, Qa = Ub, Vah.mT  # (m, q1), (n, q2)
-        core = (Sb[:, None] * Vbh) @ (Ua * Sa)  # (q1, q2)
+        Qa, Sa, Uah = torch.linalg.svd(A.mT, full_matrices=False)  # (n, q2), (q2,), (q2, R): tall is faster
+        Qb = Ub
+        core = (Sb[:, None] * Vbh) @ (Uah.mT * Sa)  # (q1, q2)
     else:
         raise ValueError(f"basis must be 'qr' or 'svd', got {basis!r}")
     Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)  # (q1, q), (q,), (q, q2)
-    return ThinSVD(U=Qb @ Uc, S=S, Vh=Vch @ Qa.mT)  # (m, q), (q,), (q, n)
+    return ThinSVD(U=Uc, S=S, Vh=Vch, left=Qb, right=Qa)
 
 
 def dense_svd(delta: Tensor) -> ThinSVD:

@@ -1,0 +1,48 @@
+"""The aggregation benchmark runs end to end in its quick mode and writes complete results.
+
+Times are only checked to be finite and positive: tests never assert wall-clock speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "aggregation.py"
+SCENARIOS = {"smollm2-135m-attn", "llama7b-qv-r16", "llama7b-qv-hetero"}
+PATHS = {"florist_qr", "florist_svd", "flexlora", "peft_svd", "qr_bound"}
+
+
+def _positive(x: float) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.integration
+def test_quick_benchmark_writes_every_scenario_and_path(tmp_path: Path) -> None:
+    out = tmp_path / "aggregation.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert results["quick"] is True
+    assert set(results["scenarios"]) == SCENARIOS
+    for name, scenario in results["scenarios"].items():
+        assert set(scenario["paths"]) == PATHS, name
+        for path, row in scenario["paths"].items():
+            assert _positive(row["seconds"]), (name, path, row["seconds"])
+            assert all(_positive(t) for t in row["samples"]), (name, path, row["samples"])
+            assert math.isfinite(row["peak_extra_mib"]), (name, path)
+        for check, err in scenario["correctness"].items():
+            assert err < 1e-3, (name, check, err)
+    assert "florist (qr, tau=0.9)" in proc.stdout
