@@ -123,7 +123,7 @@ def comparison_table(rows: list[dict[str, Any]], exact: dict[str, torch.Tensor],
 
 def rank_grid(report: dict[str, Any], label: str) -> Table:
     """Rank chosen per layer (rows) and module (columns)."""
-    table = Table(title=f"ranks chosen per layer and module, {label}")
+    table = Table(title=f"ranks kept, {label}")
     table.add_column("layer", justify="right")
     for t in TARGETS:
         table.add_column(t, justify="right")
