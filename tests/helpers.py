@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from florist.lora import ClientUpdate, LoraFactors
+
+# ../shared/data beside the repository (as CI lays it out), or $FLORIST_SHARED_DATA
+SHARED_DATA = Path(
+    os.environ.get("FLORIST_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 SHAPES = {"layers.0.q_proj": (24, 16), "layers.0.v_proj": (8, 16), "layers.1.q_proj": (24, 16)}
 

@@ -13,8 +13,9 @@ from florist.data.partition import dirichlet_partition, iid_partition
 from florist.data.prompt import prompt
 from florist.data.records import Example
 from florist.errors import ConfigError
+from tests.helpers import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "dolly-8clients"
+SHARED = SHARED_DATA / "dolly-8clients"
 DOLLY = [{"instruction": "Sum 2 and 3.", "context": "", "response": "5", "category": "math"}]
 ALPACA = [{"instruction": "Translate", "input": "chat", "output": "cat"}]
 WIZARD = [{"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}]

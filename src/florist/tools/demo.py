@@ -103,7 +103,7 @@ def comparison_table(rows: list[dict[str, Any]], exact: dict[str, torch.Tensor],
         "download / client",
         "upload, all",
         "efficiency e-4",
-        "rel. error",
+        "rel. error vs exact",
         "server s",
     ):
         table.add_column(col, justify="left" if col == "method" else "right")
