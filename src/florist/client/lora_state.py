@@ -1,0 +1,105 @@
+"""Moving LoRA state between a peft model and florist's ``LoraFactors``.
+
+A peft LoRA layer computes ``x -> W0 x + s * B A x`` with ``s = layer.scaling[adapter]``.
+``extract`` returns ``LoraFactors(A, B, s)``; ``assign`` writes effective factors back as
+``B = B_eff / s`` so ``s * B @ A`` is what the server sent; ``merge_into_base`` adds
+``B_g @ A_g`` to ``W0`` (the FLoRA / FLoRIST protocol) and ``reinit`` starts a fresh LoRA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from florist.errors import ConfigError
+from florist.lora import LoraFactors
+
+ADAPTER = "default"
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_layers(peft_model: Any) -> Iterator[tuple[str, Any]]:
+    """``(module name as in PEFT files, layer)`` for every LoRA layer, sorted by name."""
+    found = []
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and ADAPTER in getattr(module, "lora_A", {}):
+            found.append((name.removeprefix(PEFT_PREFIX), module))
+    yield from sorted(found, key=lambda t: t[0])
+
+
+def extract(peft_model: Any) -> dict[str, LoraFactors]:
+    """Detached copies of every layer's ``(A, B, scaling)``."""
+    return {
+        name: LoraFactors(
+            A=layer.lora_A[ADAPTER].weight.detach().float().clone(),  # (r, n)
+            B=layer.lora_B[ADAPTER].weight.detach().float().clone(),  # (m, r)
+            scaling=float(layer.scaling[ADAPTER]),
+        )
+        for name, layer in lora_layers(peft_model)
+    }
+
+
+def assign(peft_model: Any, factors: Mapping[str, LoraFactors], *, b_only: bool = False) -> None:
+    """Load effective factors (scaling folded into B) into the layers: ``B = B_eff / s``."""
+    layers = dict(lora_layers(peft_model))
+    _check_same_modules(layers, factors)
+    with torch.no_grad():
+        for name, f in factors.items():
+            layer = layers[name]
+            B_eff, A = f.effective()
+            A_w, B_w = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            if B_w.shape != B_eff.shape or (not b_only and A_w.shape != A.shape):
+                raise ConfigError(
+                    f"module {name!r}: cannot load factors B {tuple(B_eff.shape)}, A {tuple(A.shape)} "
+                    f"into a LoRA layer of B {tuple(B_w.shape)}, A {tuple(A_w.shape)}"
+                )
+            B_w.copy_(B_eff / float(layer.scaling[ADAPTER]))
+            if not b_only:
+                A_w.copy_(A)
+
+
+def merge_into_base(peft_model: Any, update: Mapping[str, LoraFactors]) -> None:
+    """``W0 += B_g @ A_g`` for every module, in the base layer's dtype."""
+    layers = dict(lora_layers(peft_model))
+    _check_same_modules(layers, update)
+    with torch.no_grad():
+        for name, f in update.items():
+            W = layers[name].get_base_layer().weight  # (m, n)
+            W.add_(f.delta(torch.float32).to(W.dtype))
+
+
+def reinit(peft_model: Any, seed: int, frozen_a_rank: int | None = None) -> None:
+    """A fresh LoRA: ``A ~ U(-1/sqrt(n), 1/sqrt(n))`` from ``seed`` and the module name, ``B = 0``.
+
+    With ``frozen_a_rank`` (FFA-LoRA), A is the leading rows of a ``(frozen_a_rank, n)`` draw that
+    depends on ``seed`` and the module name only, so every client holds the same A, and A is frozen.
+    """
+    with torch.no_grad():
+        for name, layer in lora_layers(peft_model):
+            A_w = layer.lora_A[ADAPTER].weight  # (r, n)
+            r, n = A_w.shape
+            rows = frozen_a_rank if frozen_a_rank is not None else r
+            if rows < r:
+                raise ConfigError(f"module {name!r}: shared A rank {rows} is below the client's rank {r}")
+            g = torch.Generator().manual_seed(_module_seed(seed, name))
+            bound = 1.0 / math.sqrt(n)
+            A_w.copy_((torch.rand(rows, n, generator=g) * 2 - 1)[:r] * bound)
+            layer.lora_B[ADAPTER].weight.zero_()
+            A_w.requires_grad_(frozen_a_rank is None)
+
+
+def _module_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _check_same_modules(layers: Mapping[str, Any], factors: Mapping[str, LoraFactors]) -> None:
+    missing, extra = sorted(set(layers) - set(factors)), sorted(set(factors) - set(layers))
+    if missing or extra:
+        raise ConfigError(
+            f"update does not match the model's LoRA layers: missing {missing[:3]}, extra {extra[:3]}"
+        )

@@ -1,0 +1,191 @@
+"""Local LoRA training of a causal LM: a plain torch loop over peft's LoRA layers.
+
+    x -> W0 x + (alpha / r) B A x        only A and B train (A frozen for FFA-LoRA)
+
+The loop is deliberately bare (AdamW, optional gradient accumulation, autocast on CUDA) so that
+it runs as fast as a hand-written peft + torch loop (benchmarks/client_throughput.py). On a CUDA GPU
+with bf16 support the forward pass runs under bf16 autocast; elsewhere in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from florist.data.records import Example
+from florist.data.tokenize import IGNORE, Encoded, collate, encode
+from florist.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA adapter a client trains."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora rank must be at least 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("target_modules is empty")
+
+    def peft_config(self) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            use_rslora=self.use_rslora,
+            task_type="CAUSAL_LM",
+        )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One client's local training budget per round."""
+
+    lr: float = 3e-4
+    steps: int | None = 10
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 256
+    train_on_inputs: bool = False
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError(
+                f"give exactly one of steps and epochs, got steps={self.steps}, epochs={self.epochs}"
+            )
+        for name in ("batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+
+    def num_steps(self, num_examples: int) -> int:
+        """Optimizer steps this round."""
+        if self.steps is not None:
+            return self.steps
+        per_step = self.batch_size * self.grad_accum
+        return max(1, math.ceil(float(self.epochs or 0) * num_examples / per_step))
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    loss: float = float("nan")
+    tokens: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class BatchStream:
+    """Endless shuffled batches of encoded examples, deterministic in ``seed``, reshuffled per epoch."""
+
+    def __init__(self, encoded: Sequence[Encoded], batch_size: int, seed: int) -> None:
+        if not encoded:
+            raise ConfigError("no training examples")
+        self.encoded, self.batch_size = encoded, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def next(self) -> list[Encoded]:
+        if len(self.order) < self.batch_size:
+            self.order += torch.randperm(len(self.encoded), generator=self.generator).tolist()
+        batch, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        return [self.encoded[i] for i in batch]
+
+
+def encode_all(examples: Sequence[Example], tokenizer: Any, s: TrainSettings) -> list[Encoded]:
+    """Encode every example; those whose response is cut off entirely by ``max_length`` are dropped."""
+    encoded = [encode(ex, tokenizer, s.max_length, s.train_on_inputs) for ex in examples]
+    kept = [e for e in encoded if any(label != IGNORE for label in e.labels)]
+    if len(kept) < len(encoded):
+        log.warning(
+            "%d of %d examples have no response token within max_length=%d and are skipped",
+            len(encoded) - len(kept),
+            len(encoded),
+            s.max_length,
+        )
+    if encoded and not kept:
+        raise ConfigError(
+            f"no example has a response token within max_length={s.max_length}; raise max_length"
+        )
+    return kept
+
+
+def train(
+    model: Any, encoded: Sequence[Encoded], s: TrainSettings, *, seed: int, pad_id: int, desc: str = "train"
+) -> TrainStats:
+    """Run ``s.num_steps`` optimizer steps on the trainable parameters of ``model``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters (is the LoRA adapter attached?)")
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    stream = BatchStream(encoded, s.batch_size, seed)
+    device = next(model.parameters()).device
+    stats, start = TrainStats(), time.perf_counter()
+    torch.manual_seed(seed)  # dropout masks
+    model.train()
+    bar = tqdm(range(s.num_steps(len(encoded))), desc=desc, leave=False)
+    for _ in bar:
+        loss = _accumulate(model, stream, s, pad_id, device, stats)
+        if s.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stats.steps += 1
+        stats.losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.3f}")
+    model.eval()
+    stats.seconds = time.perf_counter() - start
+    stats.loss = sum(stats.losses) / len(stats.losses)
+    return stats
+
+
+def _accumulate(
+    model: Any, stream: BatchStream, s: TrainSettings, pad_id: int, device: Any, stats: TrainStats
+) -> float:
+    """Forward and backward ``grad_accum`` micro-batches; returns their mean loss."""
+    total = 0.0
+    for _ in range(s.grad_accum):
+        batch = {k: v.to(device) for k, v in collate(stream.next(), pad_id).items()}
+        with _autocast(device):
+            loss = model(**batch).loss / s.grad_accum
+        loss.backward()
+        total += float(loss.detach())
+        stats.tokens += int(batch["attention_mask"].sum())
+    return total
+
+
+def _autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA GPUs that support it (no loss scaling needed); fp32 elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
