@@ -28,6 +28,7 @@ from tqdm import tqdm
 from florist.data.prompt import prompt
 from florist.data.records import Example
 from florist.errors import ConfigError
+from florist.eval.heldout import evaluating
 
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "</s>")
 QUOTES = "\"'` "
@@ -172,15 +173,11 @@ def generate_answers(
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     answers = [""] * len(rows)
-    was_training = model.training
-    model.train(False)
-    try:
+    with evaluating(model):
         for batch in tqdm(batches, desc="exact match", disable=not progress, leave=False):
             texts = _generate_batch(model, tokenizer, [rows[i] for i in batch], max_new_tokens)
             for i, text in zip(batch, texts, strict=True):
                 answers[i] = text
-    finally:
-        model.train(was_training)
     return answers
 
 
