@@ -52,6 +52,8 @@ def test_unknown_skill_and_impossible_sizes_are_named() -> None:
         ConfigError, match="skill 'capital' gave only .* distinct prompts, fewer than the 500"
     ):
         make_skills_dataset(1, 500, seed=0, skills=["capital"])
+    with pytest.raises(ConfigError, match="skill 'capital' has too few prompts left after the test split"):
+        make_skills_dataset(1, 70, seed=0, skills=["capital"])  # the table holds 70 countries
 
 
 def _check(ex: Example) -> bool:
@@ -90,10 +92,14 @@ def test_every_answer_is_correct_by_construction() -> None:
 
 
 def test_number_to_words_against_hand_written_values() -> None:
-    cases = {1: "one", 9: "nine", 10: "ten", 13: "thirteen", 20: "twenty", 40: "forty", 47: "forty-seven"}
-    assert {n: number_to_words(n) for n in [*cases, 99]} == {**cases, 99: "ninety-nine"}
-    with pytest.raises(ValueError, match="covers 1..99, got 100"):
-        number_to_words(100)
+    cases = {
+        1: "one", 9: "nine", 10: "ten", 11: "eleven", 13: "thirteen", 19: "nineteen", 20: "twenty",
+        21: "twenty-one", 40: "forty", 47: "forty-seven", 90: "ninety", 99: "ninety-nine",
+    }  # fmt: skip
+    assert {n: number_to_words(n) for n in cases} == cases
+    for bad in (0, 100):
+        with pytest.raises(ValueError, match=f"covers 1..99, got {bad}"):
+            number_to_words(bad)
 
 
 def test_every_response_is_short() -> None:
@@ -180,6 +186,8 @@ def test_exact_match_with_a_scripted_model() -> None:
     assert result.per_category == {"capital": 1.0, "count": pytest.approx(1 / 3)}
     assert result.accuracy == 0.5 and result.n == 4
     assert model.batch_sizes == [3, 1] and model.training, "batched by 3, training mode given back"
+    with pytest.raises(ConfigError, match="must be >= 1, got 0, 16"):
+        exact_match(model, CharTokenizer(), examples, batch_size=0)
 
 
 def test_left_pad_shapes_and_mask() -> None:
