@@ -30,17 +30,20 @@ class Encoded:
         return len(self.input_ids)
 
 
+def prompt_token_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt, with a bos token in front when the tokenizer asks for one."""
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id:
+        return [tokenizer.bos_token_id, *ids]
+    return ids
+
+
 def encode(ex: Example, tokenizer: Any, max_length: int, train_on_inputs: bool = False) -> Encoded:
     """Token ids and labels of one example (loss on the response tokens only by default)."""
-    p = tokenizer(prompt(ex), add_special_tokens=False)["input_ids"]
+    p = prompt_token_ids(tokenizer, prompt(ex))
     r = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    bos = (
-        [tokenizer.bos_token_id]
-        if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id
-        else []
-    )
-    ids = (bos + p + r)[:max_length]
-    labels = ids[:] if train_on_inputs else [IGNORE] * len(bos + p) + r
+    ids = (p + r)[:max_length]
+    labels = ids[:] if train_on_inputs else [IGNORE] * len(p) + r
     return Encoded(input_ids=ids, labels=labels[:max_length])
 
 

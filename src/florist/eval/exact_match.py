@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from florist.data.prompt import prompt
 from florist.data.records import Example
+from florist.data.tokenize import prompt_token_ids
 from florist.errors import ConfigError
 from florist.eval.heldout import evaluating
 
@@ -114,10 +115,7 @@ def score(examples: Sequence[Example], answers: Sequence[str]) -> EMResult:
 
 def prompt_ids(ex: Example, tokenizer: Any) -> list[int]:
     """Token ids of the prompt exactly as ``florist.data.tokenize.encode`` builds them (bos included)."""
-    ids: list[int] = tokenizer(prompt(ex), add_special_tokens=False)["input_ids"]
-    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id:
-        return [tokenizer.bos_token_id, *ids]
-    return ids
+    return prompt_token_ids(tokenizer, prompt(ex))
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

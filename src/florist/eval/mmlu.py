@@ -33,6 +33,7 @@ from tqdm import tqdm
 from florist.data.loaders import read_rows
 from florist.data.prompt import prompt
 from florist.data.records import Example
+from florist.data.tokenize import prompt_token_ids
 from florist.errors import ConfigError
 from florist.eval.heldout import evaluating, model_device, pad_id
 
@@ -222,10 +223,7 @@ def letter_token_ids(tokenizer: Any) -> list[int]:
 
 def prompt_ids(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a prompt, with a bos token exactly when ``florist.data.tokenize.encode`` adds one."""
-    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id:
-        return [tokenizer.bos_token_id, *ids]
-    return ids
+    return prompt_token_ids(tokenizer, text)
 
 
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
