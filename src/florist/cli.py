@@ -2,7 +2,9 @@
 
 florist aggregate --method florist --tau 0.9 [--budget-mb X] [--weights n1,n2,...] DIR... -o OUT
 florist inspect DIR [--json]
-florist demo
+florist run CONFIG.toml [section.key=value ...]   federated fine-tuning on Flower's simulation runtime
+florist demo [section.key=value ...]              the embedded demo: SmolLM2 + skills set, FLoRIST
+florist compare                                   every aggregator on 8 synthetic SmolLM2-shaped adapters
 """
 
 from __future__ import annotations
@@ -56,9 +58,17 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("demo", help="aggregate 8 client adapters on SmolLM2-135M shapes and verify with peft")
-    p.add_argument("--out", default="runs/demo", help="where the demo writes its adapters")
+def _add_compare(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("compare", help="aggregate 8 client adapters on SmolLM2-135M shapes and verify with peft")
+    p.add_argument("--out", default="runs/compare", help="where the comparison writes its adapters")
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run", help="run a federation (Flower simulation runtime) from a TOML config")
+    p.add_argument("config", help="TOML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. federation.rounds=5")
+    d = sub.add_parser("demo", help="federated FLoRIST on SmolLM2 and the embedded skills set (~10 min on CPU)")
+    d.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_aggregate(sub)
     _add_inspect(sub)
-    _add_demo(sub)
+    _add_run(sub)
+    _add_compare(sub)
     return parser
 
 
@@ -110,10 +121,24 @@ def _inspect(args: argparse.Namespace) -> None:
     console.print(f"{len(info['modules'])} modules, {human_bytes(info['file_bytes'])} on disk")
 
 
-def _demo(args: argparse.Namespace) -> None:
+def _compare(args: argparse.Namespace) -> None:
     from florist.tools.demo import run_demo
 
     run_demo(args.out)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from florist.config import load_config
+    from florist.tools.run import print_summary, run_simulation
+
+    print_summary(run_simulation(load_config(args.config, args.overrides)))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from florist.config import load_config
+    from florist.tools.run import DEMO_CONFIG, print_summary, run_simulation
+
+    print_summary(run_simulation(load_config(DEMO_CONFIG, args.overrides)), demo=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
-    commands = {"aggregate": _aggregate, "inspect": _inspect, "demo": _demo}
+    commands = {"aggregate": _aggregate, "inspect": _inspect, "compare": _compare, "run": _run, "demo": _demo}
     try:
         commands[args.command](args)
     except (FloristError, ConfigError) as err:

@@ -8,8 +8,6 @@ A peft LoRA layer computes ``x -> W0 x + s * B A x`` with ``s = layer.scaling[ad
 
 from __future__ import annotations
 
-import hashlib
-import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -17,6 +15,8 @@ import torch
 
 from florist.errors import ConfigError
 from florist.lora import LoraFactors
+from florist.lora.init import seeded_a
+from florist.lora.update import add_update
 
 ADAPTER = "default"
 PEFT_PREFIX = "base_model.model."
@@ -69,7 +69,7 @@ def merge_into_base(peft_model: Any, update: Mapping[str, LoraFactors]) -> None:
     with torch.no_grad():
         for name, f in update.items():
             W = layers[name].get_base_layer().weight  # (m, n)
-            W.add_(f.delta(torch.float32).to(W.dtype))
+            add_update(W, f)
 
 
 def reinit(peft_model: Any, seed: int, frozen_a_rank: int | None = None) -> None:
@@ -85,16 +85,9 @@ def reinit(peft_model: Any, seed: int, frozen_a_rank: int | None = None) -> None
             rows = frozen_a_rank if frozen_a_rank is not None else r
             if rows < r:
                 raise ConfigError(f"module {name!r}: shared A rank {rows} is below the client's rank {r}")
-            g = torch.Generator().manual_seed(_module_seed(seed, name))
-            bound = 1.0 / math.sqrt(n)
-            A_w.copy_((torch.rand(rows, n, generator=g) * 2 - 1)[:r] * bound)
+            A_w.copy_(seeded_a(seed, name, rows, n)[:r])
             layer.lora_B[ADAPTER].weight.zero_()
             A_w.requires_grad_(frozen_a_rank is None)
-
-
-def _module_seed(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _check_same_modules(layers: Mapping[str, Any], factors: Mapping[str, LoraFactors]) -> None:

@@ -80,3 +80,8 @@ class ClientUpdate:
     @property
     def ranks(self) -> dict[str, int]:
         return {name: f.rank for name, f in self.modules.items()}
+
+
+def add_update(weight: Tensor, factors: LoraFactors) -> None:
+    """``W += scaling * B @ A`` in W's dtype, in place: the one merge clients and server both use."""
+    weight.add_(factors.delta(torch.float32).to(weight.dtype))

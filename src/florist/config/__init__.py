@@ -1,0 +1,26 @@
+"""Run configuration: frozen dataclasses (schema.py) and the TOML + key=value loader (loader.py)."""
+
+from florist.config.loader import load_config, to_toml
+from florist.config.schema import (
+    AggregationConfig,
+    DataConfig,
+    EvalConfig,
+    FederationConfig,
+    LoraConfig,
+    ModelConfig,
+    RunConfig,
+    RunSection,
+)
+
+__all__ = [
+    "AggregationConfig",
+    "DataConfig",
+    "EvalConfig",
+    "FederationConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "RunConfig",
+    "RunSection",
+    "load_config",
+    "to_toml",
+]

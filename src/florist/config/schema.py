@@ -1,0 +1,205 @@
+"""What a federated run is made of: one frozen dataclass per TOML section, validated on construction.
+
+    [model]        which causal LM, its dtype and device
+    [data]         the instruction data, how it is split over clients, the held-out set
+    [lora]         each client's adapter (one rank per client, or one for all)
+    [train]        each client's local budget per round (florist.client.train.TrainSettings)
+    [federation]   rounds, clients, participation
+    [aggregation]  the aggregator from the registry and its rank policy
+    [eval]         server-side evaluation of the global model
+    [run]          where the run directory goes
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from florist.aggregation import available
+from florist.client.train import LoraSettings, TrainSettings
+from florist.errors import ConfigError
+from florist.tools.aggregate import AggregateOptions
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = field(default="smollm2", metadata={"help": "'smollm2' (embedded), a hub id or a local dir"})
+    dtype: str = field(default="float32", metadata={"help": "weight dtype: float32, bfloat16 or float16"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when present), cpu or cuda"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"model.device must be auto, cpu or cuda, got {self.device!r}")
+
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = field(default="skills", metadata={"help": "'skills' (embedded), a file, folder or hub id"})
+    format: str | None = field(default=None, metadata={"help": "dolly, alpaca or wizard; detected if unset"})
+    split: str = field(default="dirichlet", metadata={"help": "presplit (one file per client), iid, dirichlet"})
+    alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration"})
+    label: str = field(default="category", metadata={"help": "label column for the Dirichlet split"})
+    min_partition_size: int = 1
+    test: str | None = field(default=None, metadata={"help": "held-out file; else a fraction of source"})
+    test_fraction: float = 0.05
+    exclude: tuple[str, ...] = field(default=("test.json",), metadata={"help": "files a folder source skips"})
+    max_examples_per_client: int | None = None
+    skills_train: int = field(default=60, metadata={"help": "skills set: train examples per skill"})
+    skills_test: int = field(default=20, metadata={"help": "skills set: test examples per skill"})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.split not in ("presplit", "iid", "dirichlet"):
+            raise ConfigError(f"data.split must be presplit, iid or dirichlet, got {self.split!r}")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.max_examples_per_client is not None and self.max_examples_per_client < 1:
+            raise ConfigError(f"data.max_examples_per_client must be >= 1, got {self.max_examples_per_client}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    ranks: tuple[int, ...] = field(default=(16,), metadata={"help": "one rank per client, or one for all"})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; unset: alpha_ratio * rank"})
+    alpha_ratio: float = 2.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.ranks or any(r < 1 for r in self.ranks):
+            raise ConfigError(f"lora.ranks must be positive integers, got {list(self.ranks)}")
+
+    def rank_of(self, client: int, num_clients: int) -> int:
+        if len(self.ranks) not in (1, num_clients):
+            raise ConfigError(
+                f"lora.ranks has {len(self.ranks)} entries; give one, or one per client ({num_clients})"
+            )
+        return self.ranks[0] if len(self.ranks) == 1 else self.ranks[client]
+
+    def settings(self, client: int, num_clients: int) -> LoraSettings:
+        r = self.rank_of(client, num_clients)
+        alpha = self.alpha if self.alpha is not None else self.alpha_ratio * r
+        return LoraSettings(r, alpha, self.dropout, self.target_modules, self.use_rslora)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_clients: int = 4
+    rounds: int = 3
+    fraction: float = field(default=1.0, metadata={"help": "fraction of clients sampled per round"})
+    min_clients: int = field(default=1, metadata={"help": "fewest clients a round may sample"})
+    participation: tuple[tuple[int, ...], ...] | None = field(
+        default=None, metadata={"help": "explicit client indices per round, e.g. [[0, 1], [1, 2]]"}
+    )
+    seed: int = 0
+    timeout: float = field(default=3600.0, metadata={"help": "seconds to wait for a round's replies"})
+    cpus_per_client: float = field(default=2.0, metadata={"help": "simulation: CPU cores per client"})
+    gpus_per_client: float = field(default=0.0, metadata={"help": "simulation: GPU fraction per client"})
+
+    def __post_init__(self) -> None:
+        if self.num_clients < 1 or self.rounds < 1:
+            raise ConfigError(f"need >= 1 client and round, got {self.num_clients} and {self.rounds}")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"federation.fraction must be in (0, 1], got {self.fraction}")
+        if not 1 <= self.min_clients <= self.num_clients:
+            raise ConfigError(f"federation.min_clients must be in [1, {self.num_clients}], got {self.min_clients}")
+        if self.participation is not None:
+            self._check_participation(self.participation)
+
+    def _check_participation(self, schedule: tuple[tuple[int, ...], ...]) -> None:
+        if len(schedule) != self.rounds:
+            raise ConfigError(f"federation.participation lists {len(schedule)} rounds; rounds = {self.rounds}")
+        for t, ids in enumerate(schedule, 1):
+            bad = [i for i in ids if not 0 <= i < self.num_clients]
+            if not ids or bad or len(set(ids)) != len(ids):
+                raise ConfigError(
+                    f"federation.participation round {t}: {list(ids)} must be distinct client "
+                    f"indices in [0, {self.num_clients})"
+                )
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    method: str = "florist"
+    tau: float | None = field(default=None, metadata={"help": "florist: energy threshold (default 0.9)"})
+    rank: int | None = field(default=None, metadata={"help": "florist: fixed global rank"})
+    budget_mb: float | None = field(default=None, metadata={"help": "florist: download budget per round"})
+    min_rank: int = 1
+    max_rank: int | None = None
+    dtype: str = "float32"
+    basis: str = "qr"
+
+    def __post_init__(self) -> None:
+        if self.method not in available():
+            raise ConfigError(f"aggregation.method must be one of {available()}, got {self.method!r}")
+        self.options().aggregator_options()  # validates tau/rank/budget against the method
+
+    def options(self) -> AggregateOptions:
+        return AggregateOptions(
+            self.method, self.tau, self.rank, self.budget_mb, self.min_rank, self.max_rank,
+            dtype=self.dtype, basis=self.basis,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = field(default=1, metadata={"help": "evaluate the global model every N rounds (0: never)"})
+    before: bool = field(default=True, metadata={"help": "also evaluate the base model before round 1"})
+    exact_match: bool = field(default=True, metadata={"help": "exact match on the held-out set"})
+    heldout_loss: bool = True
+    subset: int | None = field(default=None, metadata={"help": "held-out examples to score (all if unset)"})
+    mmlu: str | None = field(default=None, metadata={"help": "path to an MMLU json (mmlu_1444.json format)"})
+    mmlu_subset: int | None = 200
+    batch_size: int = 16
+    max_new_tokens: int = 12
+    max_length: int = 256
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0, got {self.every}")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
+    name: str | None = field(default=None, metadata={"help": "run directory name; default method-time"})
+    save_client_updates: bool = field(default=False, metadata={"help": "write every client's upload"})
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self) -> None:
+        n = self.federation.num_clients
+        self.lora.rank_of(0, n)  # ranks list length matches the number of clients
+        if self.data.split == "presplit" and self.data.source == "skills":
+            raise ConfigError("data.split = 'presplit' needs a folder source with one file per client")
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)

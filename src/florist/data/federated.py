@@ -1,0 +1,99 @@
+"""Each client's training examples and the server's held-out set, from a ``DataConfig``.
+
+Every node calls ``client_examples`` with its own index and gets the same split as every other
+node would compute for it: the split depends on the config and its seed only.
+
+    source = "skills"            the embedded skills set, split by skill (Dirichlet) or IID
+    source = FOLDER, presplit    one file per client (sorted), e.g. ../shared/data/dolly-8clients
+    source = FILE / FOLDER / hub id, iid or dirichlet over ``label``
+"""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+from pathlib import Path
+
+from florist.config.schema import DataConfig
+from florist.data.loaders import SUFFIXES, load_examples
+from florist.data.partition import dirichlet_partition, iid_partition
+from florist.data.records import Example
+from florist.data.skills import make_skills_dataset
+from florist.errors import ConfigError
+
+
+def client_examples(cfg: DataConfig, client: int, num_clients: int) -> list[Example]:
+    """Training examples of client ``client`` (0-based) out of ``num_clients``."""
+    if not 0 <= client < num_clients:
+        raise ConfigError(f"client index {client} is outside [0, {num_clients})")
+    parts = _partitions(cfg, num_clients)
+    examples = parts[client]
+    cap = cfg.max_examples_per_client
+    if cap is not None and len(examples) > cap:
+        rng = random.Random(f"{cfg.seed}:subsample:{client}")
+        examples = [examples[i] for i in sorted(rng.sample(range(len(examples)), cap))]
+    return list(examples)
+
+
+def test_examples(cfg: DataConfig) -> list[Example]:
+    """The held-out set the server evaluates on."""
+    if cfg.source == "skills":
+        return _skills(cfg)[1]
+    if cfg.test is not None:
+        return load_examples(cfg.test, fmt=cfg.format, split="test")
+    if cfg.split == "presplit":
+        raise ConfigError("data.split = 'presplit' needs data.test, a held-out file")
+    return list(_pooled(cfg)[1])
+
+
+@lru_cache(maxsize=4)
+def _partitions(cfg: DataConfig, num_clients: int) -> tuple[tuple[Example, ...], ...]:
+    if cfg.split == "presplit":
+        return _presplit(cfg, num_clients)
+    train = _skills(cfg)[0] if cfg.source == "skills" else list(_pooled(cfg)[0])
+    if cfg.split == "iid":
+        parts = iid_partition(train, num_clients, cfg.seed, cfg.min_partition_size)
+    else:
+        label = cfg.label
+        parts = dirichlet_partition(
+            train, num_clients, cfg.alpha, lambda ex: _label(ex, label), cfg.seed, cfg.min_partition_size
+        )
+    return tuple(tuple(p) for p in parts)
+
+
+def _label(ex: Example, column: str) -> str:
+    if column != "category":
+        raise ConfigError(f"data.label {column!r}: only 'category' is kept on loaded examples")
+    return ex.category or "none"
+
+
+def _presplit(cfg: DataConfig, num_clients: int) -> tuple[tuple[Example, ...], ...]:
+    folder = Path(cfg.source)
+    if not folder.is_dir():
+        raise ConfigError(f"data.source {cfg.source!r} must be a folder for data.split = 'presplit'")
+    files = sorted(p for p in folder.iterdir() if p.suffix in SUFFIXES and p.name not in cfg.exclude)
+    if len(files) != num_clients:
+        raise ConfigError(
+            f"data.source {cfg.source!r} holds {len(files)} client files "
+            f"({[f.name for f in files][:10]}), but federation.num_clients = {num_clients}"
+        )
+    return tuple(tuple(load_examples(f, fmt=cfg.format)) for f in files)
+
+
+@lru_cache(maxsize=2)
+def _skills(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
+    return make_skills_dataset(cfg.skills_train, cfg.skills_test, cfg.seed)
+
+
+@lru_cache(maxsize=2)
+def _pooled(cfg: DataConfig) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
+    """(train, held-out): the held-out part is a seeded fraction unless data.test names a file."""
+    examples = load_examples(cfg.source, fmt=cfg.format, exclude=cfg.exclude)
+    if cfg.test is not None:
+        return tuple(examples), ()
+    order = list(range(len(examples)))
+    random.Random(f"{cfg.seed}:heldout").shuffle(order)
+    n_test = max(1, round(cfg.test_fraction * len(examples)))
+    held = set(order[:n_test])
+    train = tuple(ex for i, ex in enumerate(examples) if i not in held)
+    return train, tuple(examples[i] for i in sorted(held))

@@ -1,0 +1,103 @@
+"""The Flower ClientApp: local LoRA training on a node, following its aggregator's protocol.
+
+Messages it answers (see server_app.py for the other side):
+    query.hello   -> its client id, index, rank and number of examples
+    train         <- the global updates it is missing; -> its trained LoRA factors and metrics
+    query.sync    <- the global updates it is missing; -> a digest of its merged weights
+
+    flwr run / deployment:   clientapp = "florist.flower.client_app:app"  (config from the run config)
+    florist run:             make_client_app(cfg)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from florist.aggregation.base import ClientProtocol
+from florist.config import RunConfig
+from florist.config.loader import from_run_config
+from florist.data.federated import client_examples
+from florist.flower.codec import encode_upload
+from florist.flower.node import GLOBAL_PREFIX, Node, client_id, get_node, partition_id
+
+log = logging.getLogger(__name__)
+
+
+def downloads(msg: Message) -> dict[int, ArrayRecord]:
+    """The global updates in a message, by round."""
+    found = {}
+    for key, record in msg.content.array_records.items():
+        if key.startswith(GLOBAL_PREFIX):
+            found[int(key.removeprefix(GLOBAL_PREFIX))] = record
+    return dict(sorted(found.items()))
+
+
+def hello(cfg: RunConfig, msg: Message, context: Context) -> Message:
+    n = cfg.federation.num_clients
+    k = partition_id(context, n)
+    info = {
+        "client_id": client_id(k),
+        "index": k,
+        "rank": cfg.lora.rank_of(k, n),
+        "num_examples": len(client_examples(cfg.data, k, n)),
+    }
+    return Message(RecordDict({"client": ConfigRecord(info)}), reply_to=msg)
+
+
+def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
+    node = get_node(cfg, context)
+    node.receive(downloads(msg), context)
+    rnd = int(msg.content.config_records["config"]["round"])  # type: ignore[arg-type]
+    update, stats = node.client.fit(rnd)
+    arrays, meta = encode_upload(update.modules, with_a=node.client.protocol is not ClientProtocol.FROZEN_SHARED_A)
+    metrics = MetricRecord(
+        {
+            "num-examples": update.num_examples,
+            "train_loss": stats.loss,
+            "steps": stats.steps,
+            "tokens": stats.tokens,
+            "train_seconds": stats.seconds,
+        }
+    )
+    content = RecordDict({"lora": arrays, "lora_meta": meta, "metrics": metrics, "client": _identity(node)})
+    return Message(content, reply_to=msg)
+
+
+def sync(cfg: RunConfig, msg: Message, context: Context) -> Message:
+    node = get_node(cfg, context)
+    node.receive(downloads(msg), context)
+    identity = _identity(node)
+    identity["digest"] = node.digest()
+    return Message(RecordDict({"client": identity}), reply_to=msg)
+
+
+def _identity(node: Node) -> ConfigRecord:
+    return ConfigRecord({"client_id": node.client.client_id, "merged": [int(r) for r in node.merged]})
+
+
+def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
+    """A ClientApp for ``cfg``; with None, each message reads the config from the run config."""
+    app = ClientApp()
+
+    def config_of(context: Context) -> RunConfig:
+        return cfg if cfg is not None else from_run_config(context.run_config)
+
+    @app.query("hello")
+    def _hello(msg: Message, context: Context) -> Message:
+        return hello(config_of(context), msg, context)
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(config_of(context), msg, context)
+
+    @app.query("sync")
+    def _sync(msg: Message, context: Context) -> Message:
+        return sync(config_of(context), msg, context)
+
+    return app
+
+
+app = make_client_app()

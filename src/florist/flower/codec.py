@@ -1,0 +1,116 @@
+"""LoRA factors <-> Flower records, and the bytes they put on the wire.
+
+Upload (client -> server), one ``ArrayRecord`` under ``"lora"``:
+    "{module}.lora_A" (r_k, n), "{module}.lora_B" (m, r_k)   raw factors, float32
+    and a ``ConfigRecord`` "lora_meta" with the scaling and, when A is not sent (FFA-LoRA), n.
+Download (server -> client), one ``ArrayRecord`` per global update under ``"global.{round}"``:
+    effective factors (scaling 1.0); B only for FFA-LoRA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from florist.errors import InvalidUpdate
+from florist.lora import LoraFactors
+from florist.lora.init import seeded_a
+
+A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
+
+
+def _array(t: torch.Tensor) -> Array:
+    return Array(t.detach().to(torch.float32).contiguous().cpu().numpy())
+
+
+def _tensor(a: Array) -> torch.Tensor:
+    return torch.from_numpy(np.array(a.numpy(), dtype=np.float32, copy=True))
+
+
+def encode_factors(modules: Mapping[str, LoraFactors], *, with_a: bool = True) -> ArrayRecord:
+    """Factors as an ``ArrayRecord``, sorted by module; A is left out when ``with_a`` is False."""
+    arrays: dict[str, Array] = {}
+    for name, f in sorted(modules.items()):
+        if with_a:
+            arrays[name + A_SUFFIX] = _array(f.A)
+        arrays[name + B_SUFFIX] = _array(f.B)
+    return ArrayRecord(array_dict=arrays)
+
+
+def encode_upload(modules: Mapping[str, LoraFactors], *, with_a: bool = True) -> tuple[ArrayRecord, ConfigRecord]:
+    """A client's raw factors and their scaling (and A's width when A stays home)."""
+    meta: dict[str, float | int] = {}
+    for name, f in sorted(modules.items()):
+        meta[f"scaling.{name}"] = float(f.scaling)
+        if not with_a:
+            meta[f"n.{name}"] = int(f.A.shape[1])
+    return encode_factors(modules, with_a=with_a), ConfigRecord(meta)
+
+
+def decode_factors(record: ArrayRecord, client: str, *, b_only: bool = False) -> dict[str, LoraFactors]:
+    """Inverse of ``encode_factors``; with ``b_only`` A was not sent and is left empty ``(r, 0)``."""
+    out = {}
+    for name, (A, B) in _pairs(record, client).items():
+        if A is None:
+            if not b_only:
+                raise InvalidUpdate(client, "lora_A is missing", module=name)
+            A = torch.zeros(B.shape[1], 0)
+        out[name] = LoraFactors(A=A, B=B)
+    return out
+
+
+def decode_upload(
+    record: ArrayRecord, meta: ConfigRecord, client: str, *, shared_a: tuple[int, int] | None = None
+) -> dict[str, LoraFactors]:
+    """A client's factors; with ``shared_a = (seed, rows)`` A is rebuilt from the seed (FFA-LoRA)."""
+    scaling = {k.removeprefix("scaling."): float(v) for k, v in meta.items() if k.startswith("scaling.")}  # type: ignore[arg-type]
+    pairs = _pairs(record, client)
+    out = {}
+    for name, (A, B) in pairs.items():
+        if name not in scaling:
+            raise InvalidUpdate(client, "no scaling was sent", module=name)
+        if shared_a is not None:
+            A = _rebuilt_a(meta, name, B, client, shared_a)
+        elif A is None:
+            raise InvalidUpdate(client, "lora_A is missing", module=name)
+        out[name] = LoraFactors(A=A, B=B, scaling=scaling[name])
+    return out
+
+
+def _rebuilt_a(
+    meta: ConfigRecord, name: str, B: torch.Tensor, client: str, shared_a: tuple[int, int]
+) -> torch.Tensor:
+    seed, rows = shared_a
+    n = meta.get(f"n.{name}")
+    r = B.shape[1]
+    if not isinstance(n, int) or n < 1 or r > rows:
+        raise InvalidUpdate(client, f"cannot rebuild the shared A (n={n!r}, rank {r}, shared rank {rows})", module=name)
+    return seeded_a(seed, name, rows, n)[:r]  # (r, n)
+
+
+def _pairs(record: ArrayRecord, client: str) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+    As: dict[str, torch.Tensor] = {}
+    Bs: dict[str, torch.Tensor] = {}
+    for key, arr in record.items():
+        if key.endswith(A_SUFFIX):
+            As[key.removesuffix(A_SUFFIX)] = _tensor(arr)
+        elif key.endswith(B_SUFFIX):
+            Bs[key.removesuffix(B_SUFFIX)] = _tensor(arr)
+        else:
+            raise InvalidUpdate(client, f"unexpected array {key!r} in the upload")
+    orphans = sorted(set(As) - set(Bs))
+    if orphans:
+        raise InvalidUpdate(client, "lora_A has no lora_B", module=orphans[0])
+    return {name: (As.get(name), Bs[name]) for name in sorted(Bs)}
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of tensor data in a message (array elements x item size; keys and headers not counted)."""
+    total = 0
+    for record in content.array_records.values():
+        for arr in record.values():
+            total += int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+    return total

@@ -1,0 +1,52 @@
+"""The server's copy of the global model, for evaluation and for checking clients' weights.
+
+MERGE_AND_RESTART (florist, flora):  W = W0 + B_1 A_1 + B_2 A_2 + ...   merged in round order, with
+                                     the same operation clients use, so the weights agree bitwise
+other protocols:                     W = W0 + B_g A_g  of the latest global adapter
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from florist.aggregation.base import AggregationResult, ClientProtocol
+from florist.lora import LoraFactors
+from florist.lora.update import add_update
+
+
+class GlobalModel:
+    """A plain causal LM whose adapted weights follow the aggregated updates."""
+
+    def __init__(self, model: Any, tokenizer: Any, protocol: ClientProtocol) -> None:
+        self.model, self.tokenizer, self.protocol = model, tokenizer, protocol
+        self._base: dict[str, torch.Tensor] = {}  # W0 of adapted modules (non-merge protocols)
+        self.rounds: list[int] = []
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self.model.get_submodule(name).weight  # type: ignore[no-any-return]
+
+    @torch.no_grad()
+    def apply(self, round: int, update: Mapping[str, LoraFactors]) -> None:
+        """Fold round ``round``'s global update into the weights."""
+        for name, f in sorted(update.items()):
+            W = self.weight(name)
+            if self.protocol is not ClientProtocol.MERGE_AND_RESTART:
+                base = self._base.setdefault(name, W.detach().clone())
+                W.copy_(base)
+            add_update(W, f)
+        self.rounds.append(round)
+
+    def apply_result(self, round: int, result: AggregationResult) -> None:
+        self.apply(round, result.global_update)
+
+    def digest(self, names: list[str]) -> str:
+        """sha256 of the named weights in order (a node's ``Node.digest`` over its adapted modules)."""
+        h = hashlib.sha256()
+        for name in names:
+            h.update(name.encode())
+            h.update(self.weight(name).detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()

@@ -1,0 +1,124 @@
+"""What one SuperNode keeps between messages: its client (model, data, LoRA) and the merges it holds.
+
+A node is cached in the process that runs its ClientApp (a Ray actor in simulation), so the model
+is loaded once per node and not every round. Every global update a node receives is also kept in
+its Flower ``Context.state``; a node whose process was restarted (the deployment runtime starts a
+ClientApp process per message) rebuilds the same weights by replaying them in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, Context
+
+from florist.aggregation import make_aggregator
+from florist.aggregation.base import ClientProtocol
+from florist.client.local import LocalClient
+from florist.client.lora_state import lora_layers
+from florist.client.model import load_model
+from florist.config import RunConfig
+from florist.data.federated import client_examples
+from florist.errors import ConfigError
+from florist.flower.codec import decode_factors
+
+log = logging.getLogger(__name__)
+GLOBAL_PREFIX = "global."
+
+
+def client_id(index: int) -> str:
+    return f"client-{index:03d}"
+
+
+def partition_id(context: Context, num_clients: int) -> int:
+    """The node's client index from its node config (``partition-id``, as Flower's simulation sets)."""
+    raw = context.node_config.get("partition-id")
+    if raw is None:
+        raise ConfigError("the SuperNode has no 'partition-id' in its node config (--node-config)")
+    index = int(raw)
+    if not 0 <= index < num_clients:
+        raise ConfigError(f"node partition-id {index} is outside [0, {num_clients}) (federation.num_clients)")
+    return index
+
+
+def protocol_of(cfg: RunConfig) -> ClientProtocol:
+    return make_aggregator(cfg.aggregation.method, **cfg.aggregation.options().aggregator_options()).protocol
+
+
+def configure_threads(cfg: RunConfig) -> None:
+    """Torch threads: FLORIST_THREADS, else the client's CPU share (Ray may have set 1)."""
+    threads = int(os.environ.get("FLORIST_THREADS", 0)) or max(1, int(cfg.federation.cpus_per_client))
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Node:
+    """A node's client and the rounds whose global update is merged into its base weights."""
+
+    index: int
+    client: LocalClient
+    merged: list[int] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, cfg: RunConfig, index: int) -> Node:
+        configure_threads(cfg)
+        n = cfg.federation.num_clients
+        model, tokenizer = load_model(cfg.model.name, cfg.model.torch_dtype())
+        model.to(cfg.model.torch_device())
+        shared_rank = max(cfg.lora.rank_of(k, n) for k in range(n))
+        client = LocalClient(
+            client_id(index), model, tokenizer, client_examples(cfg.data, index, n),
+            cfg.lora.settings(index, n), cfg.train, protocol_of(cfg), cfg.federation.seed, shared_rank,
+        )  # fmt: skip
+        log.info("%s: model loaded, %d examples, rank %d", client.client_id, client.num_examples, shared_rank)
+        return cls(index, client)
+
+    def receive(self, downloads: Mapping[int, ArrayRecord], state: Context) -> None:
+        """Apply global updates: all unmerged ones in round order (merge protocols), else the latest."""
+        if self.client.protocol is ClientProtocol.MERGE_AND_RESTART:
+            for key, record in downloads.items():
+                state.state[f"{GLOBAL_PREFIX}{key}"] = record
+            for rnd, record in stored_globals(state).items():
+                if rnd not in self.merged:
+                    self.client.receive(decode_factors(record, "server"), round=rnd)
+                    self.merged.append(rnd)
+        elif downloads:
+            rnd = max(downloads)
+            b_only = self.client.protocol is ClientProtocol.FROZEN_SHARED_A
+            self.client.receive(decode_factors(downloads[rnd], "server", b_only=b_only), round=rnd)
+
+    def digest(self) -> str:
+        """sha256 of the adapted modules' base weights (equal on every node after the same merges)."""
+        h = hashlib.sha256()
+        for name, layer in lora_layers(self.client.model):
+            h.update(name.encode())
+            h.update(layer.get_base_layer().weight.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+def stored_globals(context: Context) -> dict[int, ArrayRecord]:
+    """Global updates kept in the node's state, by round."""
+    found = {}
+    for key, record in context.state.array_records.items():
+        if key.startswith(GLOBAL_PREFIX):
+            found[int(key.removeprefix(GLOBAL_PREFIX))] = record
+    return dict(sorted(found.items()))
+
+
+_NODES: dict[tuple[int, int], Node] = {}
+
+
+def get_node(cfg: RunConfig, context: Context) -> Node:
+    """The cached node for this run and node id, created (model loaded) on first use."""
+    key = (context.run_id, context.node_id)
+    node = _NODES.get(key)
+    if node is None:
+        for old in [k for k in _NODES if k[0] != context.run_id]:
+            del _NODES[old]  # a new run: free the previous run's models
+        node = _NODES[key] = Node.create(cfg, partition_id(context, cfg.federation.num_clients))
+    return node

@@ -1,0 +1,84 @@
+"""The run directory: everything a run leaves behind, written atomically.
+
+    RUN/config.toml                   the resolved config (re-runnable: florist run RUN/config.toml)
+    RUN/metrics.jsonl                 one JSON line per round (round 0: the base model)
+    RUN/rounds/round-001/adapter/     the global update of round 1, a PEFT adapter dir
+    RUN/rounds/round-001/clients/ID/  each client's upload (run.save_client_updates), with florist.json
+    RUN/adapter/                      the final cumulative adapter: the base model plus it is the result
+    RUN/summary.json                  the figures printed at the end
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from florist.config import RunConfig, to_toml
+from florist.errors import ConfigError
+from florist.fsutil import atomic_dir, write_json_atomic, write_text_atomic
+from florist.lora import ClientUpdate, LoraFactors
+from florist.lora.peft_io import save_adapter_files, write_adapter
+
+
+def default_name(cfg: RunConfig) -> str:
+    return f"{cfg.aggregation.method}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+class RunDir:
+    """Writes one run's outputs under ``path``, refusing to reuse a non-empty directory."""
+
+    def __init__(self, cfg: RunConfig, base_model: str) -> None:
+        self.path = Path(cfg.run.dir) / (cfg.run.name or default_name(cfg))
+        if self.path.exists() and any(self.path.iterdir()):
+            raise ConfigError(f"run directory {str(self.path)!r} exists and is not empty; set run.name")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.base_model = base_model
+        write_text_atomic(self.path / "config.toml", to_toml(cfg))
+        write_json_atomic(self.path / "config.json", cfg.to_dict())
+
+    def round_dir(self, round: int) -> Path:
+        return self.path / "rounds" / f"round-{round:03d}"
+
+    def global_adapter(self, round: int, modules: Mapping[str, LoraFactors]) -> Path:
+        return write_adapter(self.round_dir(round) / "adapter", modules, base_model=self.base_model)
+
+    def client_updates(self, round: int, updates: Sequence[ClientUpdate]) -> None:
+        for u in updates:
+            with atomic_dir(self.round_dir(round) / "clients" / u.client_id) as tmp:
+                save_adapter_files(tmp, u.modules, base_model=self.base_model)
+                write_json_atomic(tmp / "florist.json", {"num_examples": u.num_examples})
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        """One line per call; flushed and synced so a crash loses at most the line being written."""
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def final_adapter(self, modules: Mapping[str, LoraFactors]) -> Path:
+        return write_adapter(self.path / "adapter", modules, base_model=self.base_model, overwrite=True)
+
+    def summary(self, data: Mapping[str, Any]) -> None:
+        write_json_atomic(self.path / "summary.json", data)
+
+
+def cumulative(history: Sequence[Mapping[str, LoraFactors]], merged: bool) -> dict[str, LoraFactors]:
+    """The total update: all rounds' factors side by side (merge protocols), else the last round's.
+
+        B = [B_1 ... B_T]  (m, sum p_t),  A = [A_1; ...; A_T]  (sum p_t, n),  B @ A = sum_t B_t A_t
+    """
+    if not history:
+        raise ConfigError("no round was aggregated; there is no adapter to write")
+    if not merged:
+        return dict(history[-1])
+    out = {}
+    for name in history[-1]:
+        parts = [h[name].effective() for h in history]  # (B_t (m, p_t), A_t (p_t, n))
+        out[name] = LoraFactors(A=torch.cat([A for _, A in parts]), B=torch.cat([B for B, _ in parts], dim=1))
+    return out

@@ -1,0 +1,245 @@
+"""A Flower strategy that runs any aggregator from florist's registry on LoRA uploads.
+
+Per round t: sample clients; send each the global updates it is missing (merge protocols: every
+round's update since it last synced, in order, so a client that skipped rounds catches up exactly;
+other protocols: its share of the latest global adapter); receive LoRA factors; aggregate with
+``florist.aggregation``; account the bytes. The numerical work lives in ``florist.aggregation``;
+this class only moves records.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from florist.aggregation.base import AggregationResult, Aggregator, ClientProtocol
+from florist.client.local import derive_seed
+from florist.config import RunConfig
+from florist.errors import InvalidUpdate
+from florist.flower.codec import decode_upload, encode_factors, payload_bytes
+from florist.flower.node import GLOBAL_PREFIX
+from florist.lora import ClientUpdate, LoraFactors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What a node told the server when the run started (``query.hello``)."""
+
+    node_id: int
+    client_id: str
+    index: int
+    rank: int
+    num_examples: int
+
+
+@dataclass
+class RoundLog:
+    """Bytes and client figures of one round, filled as the round goes."""
+
+    round: int
+    clients: list[str] = field(default_factory=list)
+    bytes_down: int = 0  # the latest global update, sent at the start of this round
+    bytes_catchup: int = 0  # older global updates sent to clients that skipped rounds
+    bytes_up: int = 0
+    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+class FederatedLoRA(Strategy):
+    """Sampling, catch-up, decoding and aggregation of LoRA rounds.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run's configuration (federation and lora sections are read here).
+    aggregator : Aggregator
+        From ``florist.aggregation.make_aggregator``.
+    clients : Sequence[ClientInfo]
+        Every node of the federation.
+    """
+
+    def __init__(self, cfg: RunConfig, aggregator: Aggregator, clients: Sequence[ClientInfo]) -> None:
+        self.cfg, self.aggregator = cfg, aggregator
+        self.clients = sorted(clients, key=lambda c: c.index)
+        self.by_node = {c.node_id: c for c in self.clients}
+        self.history: list[tuple[int, AggregationResult]] = []
+        self.synced = {c.node_id: 0 for c in self.clients}  # last round whose update the node holds
+        self.logs: dict[int, RoundLog] = {}
+        self.last_updates: list[ClientUpdate] = []
+
+    @property
+    def merges(self) -> bool:
+        return self.aggregator.protocol is ClientProtocol.MERGE_AND_RESTART
+
+    @property
+    def sends_a(self) -> bool:
+        return self.aggregator.protocol is not ClientProtocol.FROZEN_SHARED_A
+
+    # ------------------------------------------------------------------ sampling and downloads
+
+    def participants(self, round: int) -> list[ClientInfo]:
+        """Clients of ``round``: the configured schedule, else a seeded sample of ``fraction``."""
+        fed = self.cfg.federation
+        if fed.participation is not None:
+            chosen = set(fed.participation[round - 1])
+            return [c for c in self.clients if c.index in chosen]
+        k = min(len(self.clients), max(fed.min_clients, round_half_up(fed.fraction * len(self.clients))))
+        rng = random.Random(derive_seed(fed.seed, round, "sample"))
+        return sorted(rng.sample(self.clients, k), key=lambda c: c.index)
+
+    def outgoing(self, node_id: int) -> dict[int, ArrayRecord]:
+        """Global updates ``node_id`` is missing, by round."""
+        if not self.history:
+            return {}
+        if self.merges:
+            since = self.synced[node_id]
+            return {t: encode_factors(r.global_update) for t, r in self.history if t > since}
+        t, result = self.history[-1]
+        return {t: encode_factors(download_for(result, self.by_node[node_id]), with_a=self.sends_a)}
+
+    def messages(self, round: int, nodes: Iterable[int], message_type: str, log_: RoundLog) -> list[Message]:
+        """One message per node carrying ``round`` and what it is missing; bytes go to ``log_``."""
+        out = []
+        latest = self.history[-1][0] if self.history else None
+        for node in nodes:
+            content = RecordDict({"config": ConfigRecord({"round": round})})
+            for t, record in self.outgoing(node).items():
+                content[f"{GLOBAL_PREFIX}{t}"] = record
+                size = payload_bytes(RecordDict({"a": record}))
+                if t == latest:
+                    log_.bytes_down += size
+                else:
+                    log_.bytes_catchup += size
+            out.append(Message(content=content, dst_node_id=node, message_type=message_type))
+        return out
+
+    # ------------------------------------------------------------------ Flower Strategy interface
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        log_ = self.logs.setdefault(server_round, RoundLog(server_round))
+        chosen = self.participants(server_round)
+        log_.clients = [c.client_id for c in chosen]
+        log.info("round %d: training on %s", server_round, ", ".join(log_.clients))
+        return self.messages(server_round, [c.node_id for c in chosen], MessageType.TRAIN, log_)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        log_ = self.logs.setdefault(server_round, RoundLog(server_round))
+        updates = [u for u in (self._decode(server_round, m, log_) for m in replies) if u is not None]
+        if not updates:
+            raise RuntimeError(f"round {server_round}: no client returned a usable update ({log_.rejected})")
+        result = self.aggregator.aggregate(updates, round=server_round)
+        self.history.append((server_round, result))
+        self.last_updates = updates
+        if self.merges:
+            for c in self.clients:
+                if c.client_id in result.client_ids:
+                    self.synced[c.node_id] = self._last_before(server_round)
+        loss = weighted_mean(log_.client_metrics, "train_loss")
+        return encode_factors(result.global_update, with_a=self.sends_a), MetricRecord({"train_loss": loss})
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []  # the global model is evaluated on the server (server_app.py)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log.info(
+            "FederatedLoRA: method %s (%s), %d clients, %d rounds",
+            self.aggregator.name, self.aggregator.protocol.value, len(self.clients), self.cfg.federation.rounds,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ replies
+
+    def _last_before(self, round: int) -> int:
+        earlier = [t for t, _ in self.history if t < round]
+        return earlier[-1] if earlier else 0
+
+    def _decode(self, round: int, msg: Message, log_: RoundLog) -> ClientUpdate | None:
+        info = self.by_node.get(msg.metadata.src_node_id)
+        who = info.client_id if info else f"node {msg.metadata.src_node_id}"
+        if msg.has_error():
+            log_.rejected[who] = f"client error: {short_reason(msg.error.reason)}"
+            log.warning("round %d: %s failed: %s", round, who, log_.rejected[who])
+            return None
+        try:
+            update = self._update(msg, who)
+            self._check_merged(round, msg, who)
+        except InvalidUpdate as err:
+            log_.rejected[who] = str(err)
+            log.warning("round %d: %s left out: %s", round, who, err)
+            return None
+        log_.bytes_up += payload_bytes(msg.content)
+        log_.client_metrics[who] = {k: float(v) for k, v in msg.content.metric_records["metrics"].items()}  # type: ignore[arg-type]
+        return update
+
+    def _update(self, msg: Message, who: str) -> ClientUpdate:
+        content = msg.content
+        if "lora" not in content.array_records or "metrics" not in content.metric_records:
+            raise InvalidUpdate(who, "the reply has no 'lora' arrays or no 'metrics'")
+        shared = None if self.sends_a else (self.cfg.federation.seed, max(c.rank for c in self.clients))
+        modules = decode_upload(content.array_records["lora"], content.config_records["lora_meta"], who, shared_a=shared)
+        n = content.metric_records["metrics"].get("num-examples")
+        return ClientUpdate(who, float(n) if isinstance(n, (int, float)) else float("nan"), modules)
+
+    def _check_merged(self, round: int, msg: Message, who: str) -> None:
+        """A merge-protocol client must hold exactly the rounds aggregated before this one."""
+        if not self.merges:
+            return
+        held = [int(x) for x in msg.content.config_records["client"].get("merged", [])]  # type: ignore[union-attr]
+        expected = [t for t, _ in self.history if t < round]
+        if held != expected:
+            raise InvalidUpdate(who, f"holds the merges of rounds {held}, expected {expected}", round=round)
+
+
+def download_for(result: AggregationResult, client: ClientInfo) -> dict[str, LoraFactors]:
+    """The factors ``client`` continues from: its own entry, else the leading ``rank`` of the global."""
+    if result.per_client is not None and client.client_id in result.per_client:
+        return result.per_client[client.client_id]
+    return {name: _leading(f, client.rank) for name, f in result.global_update.items()}
+
+
+def _leading(f: LoraFactors, r: int) -> LoraFactors:
+    """Leading ``r`` components, zero-padded when the global rank is smaller."""
+    B, A = f.effective()  # (m, p), (p, n)
+    if A.shape[0] >= r:
+        return LoraFactors(A=A[:r].clone(), B=B[:, :r].clone())
+    pad = r - A.shape[0]
+    return LoraFactors(
+        A=torch.cat([A, A.new_zeros(pad, A.shape[1])]), B=torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
+    )
+
+
+def short_reason(reason: str | None) -> str:
+    """The client's own exception message out of the Ray traceback Flower wraps around it."""
+    text = reason or "unknown error"
+    marker = "Message: "
+    if marker in text:
+        text = text.rsplit(marker, 1)[1]
+    return text.strip().removesuffix("'>").strip()
+
+
+def weighted_mean(per_client: dict[str, dict[str, float]], key: str) -> float:
+    """Mean of ``key`` over clients weighted by their example counts."""
+    pairs = [(m[key], m.get("num-examples", 1.0)) for m in per_client.values() if key in m]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else float("nan")
+
+
+def round_half_up(x: float) -> int:
+    return int(x + 0.5)
