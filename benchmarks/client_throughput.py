@@ -1,18 +1,26 @@
 """Local training throughput: florist's loop against a bare peft + torch loop, side by side.
 
-    .venv/bin/python benchmarks/client_throughput.py [--steps 6] [--seq 256] [--batch 4] [--out FILE]
+    .venv/bin/python benchmarks/client_throughput.py [--steps 6] [--seq 256] [--batch 4] [--no-round] [--out FILE]
 
 Both train the same LoRA (r=16, alpha=32, q_proj + v_proj) on SmolLM2-135M-Instruct with the same
 fixed batches of ``--seq`` tokens, fp32, 2 threads. Runs alternate (bare, florist, bare, florist)
 after one warm-up step each, so drift on a shared machine hits both alike. Prints tokens/s and the
 ratio (goal: florist >= 0.95 x bare) and writes JSON.
+
+Then one federated round, measured: a 2-client FLoRIST federation on Flower's simulation runtime
+(same LoRA, ``--steps`` steps of batch ``--batch`` on the skills set per client), and the wall time of
+its second round (models already loaded) split into client training, transport and orchestration
+(Flower messages, Ray, encoding: the send-and-receive time less the training), aggregation, and
+server-side evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -93,6 +101,43 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def measure_round(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """Second-round wall time of a 2-client FLoRIST federation, by phase."""
+    from florist.config import load_config
+    from florist.tools.run import run_simulation
+
+    cfg = load_config(
+        None,
+        [
+            "federation.num_clients=2", "federation.rounds=2", "lora.ranks=[16]", "lora.alpha=32.0",
+            f"train.steps={args.steps}", f"train.batch_size={args.batch}", f"train.max_length={args.seq}",
+            "data.skills_train=20", "data.skills_test=4", "data.split='iid'", "eval.every=1", "eval.before=false",
+            f"run.dir={str(run_dir)!r}", "run.name='round'", "run.progress=false",
+        ],
+    )  # fmt: skip
+    summary = run_simulation(cfg)
+    lines = (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    r = json.loads(lines[-1])
+    train_s = r["train_seconds_sum"]
+    phases = {
+        "client training (sum over clients)": train_s,
+        "transport + orchestration": r["train_and_transport_seconds"] - train_s,
+        "aggregation": r["aggregation_seconds"],
+        "server evaluation": r["eval"]["eval_seconds"],
+    }
+    phases["other (run dir writes)"] = r["round_seconds"] - sum(phases.values())
+    return {"round": r["round"], "round_seconds": r["round_seconds"], "phases": phases, "bytes": {
+        "uplink": r["bytes_up"], "downlink": r["bytes_down"]}}  # fmt: skip
+
+
+def print_round(res: dict[str, Any]) -> None:
+    total = res["round_seconds"]
+    print(f"\nround {res['round']} of a 2-client FLoRIST federation: {total:.1f} s wall")
+    print(f"{'phase':<38}{'seconds':>10}{'share':>8}")
+    for name, sec in res["phases"].items():
+        print(f"{name:<38}{sec:>10.2f}{sec / total:>8.1%}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=6)
@@ -100,6 +145,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--no-round", action="store_true", help="skip the federated round")
     args = p.parse_args()
     result = measure(args)
     tps = result["tokens_per_second"]
@@ -112,6 +158,10 @@ def main() -> None:
         print(f"{name:<10}{value:>12.1f}")
     ratio = result["ratio_florist_over_bare"]
     print(f"florist / bare = {ratio:.3f} (goal >= 0.95: {'met' if ratio >= 0.95 else 'NOT met'})")
+    if not args.no_round:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["federated_round"] = measure_round(args, Path(tmp))
+        print_round(result["federated_round"])
     write_json_atomic(args.out, result)
 
 

@@ -1,0 +1,89 @@
+"""Run config: TOML + overrides, types, and errors that name the offending key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from florist.cli import main
+from florist.config import load_config, to_toml
+from florist.config.loader import from_run_config
+from florist.errors import ConfigError
+
+
+def test_toml_then_overrides_then_types(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('[federation]\nrounds = 5\nnum_clients = 3\n[lora]\nranks = [8, 4, 2]\n[aggregation]\ntau = 0.8\n')
+    cfg = load_config(path, ["federation.rounds=2", "train.lr=1e-3", "lora.target_modules=q_proj", "eval.mmlu=none"])
+    assert cfg.federation.rounds == 2 and cfg.federation.num_clients == 3
+    assert cfg.lora.ranks == (8, 4, 2) and cfg.lora.target_modules == ("q_proj",)
+    assert cfg.aggregation.tau == 0.8 and cfg.train.lr == 1e-3 and cfg.eval.mmlu is None
+    assert cfg.lora.settings(1, 3).rank == 4 and cfg.lora.settings(1, 3).alpha == 8.0
+
+
+def test_resolved_toml_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["train.epochs=1.5", "federation.participation=[[0], [1, 2]]", "federation.num_clients=3",
+                             "federation.rounds=2", "lora.ranks=[4]", "train.max_grad_norm=none"])  # fmt: skip
+    assert cfg.train.steps is None and cfg.train.epochs == 1.5
+    path = tmp_path / "resolved.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_flower_run_config_reads_lists_from_strings() -> None:
+    cfg = from_run_config({"federation.num_clients": 2, "lora.ranks": "[16, 4]", "aggregation.method": "flora"})
+    assert cfg.lora.ranks == (16, 4) and cfg.aggregation.method == "flora" and cfg.federation.num_clients == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("federation.roundz=3", r"unknown config key federation\.roundz; federation has: num_clients, rounds"),
+        ("fed.rounds=3", r"unknown config section 'fed'"),
+        ("rounds=3", r"config key 'rounds' must be section\.key"),
+        ("federation.rounds=2.5", r"federation\.rounds must be an integer, got 2\.5"),
+        ("train.train_on_inputs=1", r"train\.train_on_inputs must be true or false"),
+        ("aggregation.method='fedavg'", r"aggregation\.method must be one of .*got 'fedavg'"),
+        ("lora.ranks=[8, 4]", r"lora\.ranks has 2 entries; give one, or one per client \(4\)"),
+        ("lora.ranks=[8, 0, 4, 4]", r"lora\.ranks must be positive integers"),
+        ("federation.participation=[[0], [5], [1]]", r"participation round 2: \[5\] must be distinct client"),
+        ("federation.participation=[[0]]", r"participation lists 1 rounds; rounds = 3"),
+        ("federation.fraction=0", r"federation\.fraction must be in \(0, 1\], got 0"),
+        ("model.dtype='float8'", r"model\.dtype must be one of"),
+        ("data.split='random'", r"data\.split must be presplit, iid or dirichlet, got 'random'"),
+    ],
+)
+def test_bad_values_are_named(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_tau_with_a_method_that_has_no_rank_policy_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"apply to --method florist, not 'fedit'"):
+        load_config(None, ["aggregation.method='fedit'", "aggregation.tau=0.9"])
+
+
+def test_missing_and_broken_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation\nrounds = 3\n")
+    with pytest.raises(ConfigError, match=r"is not valid TOML"):
+        load_config(bad)
+
+
+def test_cli_run_reports_an_unknown_key_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("[federation]\nrounds = 1\n")
+    assert main(["run", str(path), "train.stepz=3"]) == 2
+    assert "unknown config key train.stepz" in capsys.readouterr().err
+
+
+def test_shipped_configs_load() -> None:
+    root = Path(__file__).resolve().parents[2]
+    from florist.tools.run import DEMO_CONFIG
+
+    for path in [*sorted((root / "configs").glob("*.toml")), Path(DEMO_CONFIG)]:
+        cfg = load_config(path)
+        assert cfg.federation.rounds >= 1, path

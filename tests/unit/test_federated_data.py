@@ -1,0 +1,71 @@
+"""Each node computes the same split for itself; pre-split folders; the held-out set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from florist.config import load_config
+from florist.data.federated import client_examples
+from florist.data.federated import test_examples as heldout_examples
+from florist.errors import ConfigError
+from tests.helpers import SHARED_DATA
+
+
+def write_clients(folder: Path, sizes: list[int]) -> None:
+    folder.mkdir()
+    for k, n in enumerate(sizes):
+        rows = [{"instruction": f"q{k}-{i}", "context": "", "response": f"a{i}", "category": "qa"} for i in range(n)]
+        (folder / f"client_{k}.json").write_text(json.dumps(rows))
+    (folder / "test.json").write_text(json.dumps([{"instruction": "t", "input": "", "output": "u"}]))
+
+
+def test_skills_split_is_deterministic_disjoint_and_complete() -> None:
+    cfg = load_config(None, ["data.skills_train=10", "data.skills_test=3", "data.alpha=0.3"])
+    parts = [client_examples(cfg.data, k, 4) for k in range(4)]
+    again = [client_examples(load_config(None, ["data.skills_train=10", "data.skills_test=3", "data.alpha=0.3"]).data, k, 4) for k in range(4)]
+    assert parts == again
+    assert sum(len(p) for p in parts) == 70 and len(heldout_examples(cfg.data)) == 21
+    test_prompts = {(ex.instruction, ex.context) for ex in heldout_examples(cfg.data)}
+    assert not test_prompts & {(ex.instruction, ex.context) for p in parts for ex in p}
+    other = [client_examples(load_config(None, ["data.skills_train=10", "data.seed=1"]).data, k, 4) for k in range(4)]
+    assert other != parts
+
+
+def test_presplit_folder_and_subsample(tmp_path: Path) -> None:
+    write_clients(tmp_path / "sites", [5, 3, 8])
+    base = [f"data.source={str(tmp_path / 'sites')!r}", "data.split='presplit'", "federation.num_clients=3",
+            f"data.test={str(tmp_path / 'sites' / 'test.json')!r}"]  # fmt: skip
+    cfg = load_config(None, base)
+    assert [len(client_examples(cfg.data, k, 3)) for k in range(3)] == [5, 3, 8]
+    assert client_examples(cfg.data, 1, 3)[0].instruction == "q1-0"
+    assert heldout_examples(cfg.data)[0].response == "u"  # the Alpaca-format held-out file
+    capped = load_config(None, [*base, "data.max_examples_per_client=4"])
+    got = client_examples(capped.data, 2, 3)
+    assert len(got) == 4 and got == client_examples(capped.data, 2, 3)
+    with pytest.raises(ConfigError, match=r"holds 3 client files .* but federation.num_clients = 4"):
+        client_examples(load_config(None, [*base[:2], "federation.num_clients=4", "lora.ranks=[4]"]).data, 0, 4)
+
+
+def test_pooled_file_gets_a_seeded_heldout_split(tmp_path: Path) -> None:
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(40)]
+    (tmp_path / "alpaca.json").write_text(json.dumps(rows))
+    cfg = load_config(None, [f"data.source={str(tmp_path / 'alpaca.json')!r}", "data.split='iid'",
+                             "data.test_fraction=0.1", "federation.num_clients=2"])  # fmt: skip
+    held = heldout_examples(cfg.data)
+    train = client_examples(cfg.data, 0, 2) + client_examples(cfg.data, 1, 2)
+    assert len(held) == 4 and len(train) == 36
+    assert not {e.instruction for e in held} & {e.instruction for e in train}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "dolly-8clients").is_dir(), reason=f"{SHARED_DATA}/dolly-8clients is absent")
+def test_the_papers_dolly_clients() -> None:
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "dolly.toml",
+                      [f"data.source={str(SHARED_DATA / 'dolly-8clients')!r}",
+                       f"data.test={str(SHARED_DATA / 'dolly-8clients' / 'test.json')!r}",
+                       "data.max_examples_per_client=none"])  # fmt: skip
+    sizes = [len(client_examples(cfg.data, k, 8)) for k in range(8)]
+    assert sizes == [1579, 685, 3775, 1830, 2152, 1776, 2531, 607]
+    assert len(heldout_examples(cfg.data)) == 80

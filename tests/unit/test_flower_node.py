@@ -1,0 +1,87 @@
+"""A node's catch-up: global updates merged late, or replayed after a restart, give the same weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tests.flower_helpers import save_tiny_model, tiny_run_config
+from flwr.app import Context, RecordDict
+
+from florist.client.model import load_model
+from florist.flower import node as node_mod
+from florist.flower.codec import encode_factors
+from florist.flower.global_model import GlobalModel
+from florist.flower.node import get_node
+from florist.flower.strategy import ClientInfo, download_for
+from florist.lora import LoraFactors
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def context(node_id: int, index: int) -> Context:
+    return Context(run_id=1, node_id=node_id, node_config={"partition-id": index}, state=RecordDict(), run_config={})
+
+
+def global_updates(names: list[str], shapes: dict[str, tuple[int, int]]) -> dict[int, dict[str, LoraFactors]]:
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for t, rank in ((1, 3), (2, 5)):
+        out[t] = {
+            n: LoraFactors(A=torch.randn(rank, shapes[n][1], generator=g), B=0.01 * torch.randn(shapes[n][0], rank, generator=g))
+            for n in names
+        }
+    return out
+
+
+def test_late_and_replayed_merges_give_bitwise_equal_weights(model_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_run_config(model_dir, tmp_path, "node")
+    node_mod._NODES.clear()
+    ctx_a, ctx_b = context(11, 0), context(12, 0)
+    a = get_node(cfg, ctx_a)
+    names = sorted(n for n, _ in node_mod.lora_layers(a.client.model))
+    shapes = {n: tuple(layer.get_base_layer().weight.shape) for n, layer in node_mod.lora_layers(a.client.model)}
+    ups = global_updates(names, shapes)
+    a.receive({1: encode_factors(ups[1])}, ctx_a)  # every round, as it happens
+    a.receive({2: encode_factors(ups[2])}, ctx_a)
+    b = get_node(cfg, ctx_b)
+    b.receive({1: encode_factors(ups[1]), 2: encode_factors(ups[2])}, ctx_b)  # skipped round 2: both at once
+    assert a.merged == b.merged == [1, 2]
+    assert a.digest() == b.digest()
+
+    node_mod._NODES.clear()  # the ClientApp process restarted: the node replays its stored updates
+    c = get_node(cfg, ctx_b)
+    assert c.merged == []
+    c.receive({}, ctx_b)
+    assert c.merged == [1, 2] and c.digest() == a.digest()
+
+    model, tok = load_model(str(model_dir))
+    server = GlobalModel(model, tok, a.client.protocol)
+    base = {n: server.weight(n).detach().clone() for n in names}
+    server.apply(1, ups[1])
+    server.apply(2, ups[2])
+    assert server.digest(names) == a.digest()  # the server's global model is the clients' model
+    for n in names:
+        want = base[n].double() + ups[1][n].delta(torch.float64) + ups[2][n].delta(torch.float64)
+        torch.testing.assert_close(server.weight(n).double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_client_continues_from_its_rank_of_the_global_adapter() -> None:
+    from florist.aggregation import make_aggregator
+    from tests.helpers import make_updates
+
+    updates = make_updates([8, 4])
+    result = make_aggregator("fedit").aggregate(updates)
+    info = ClientInfo(node_id=1, client_id=updates[1].client_id, index=1, rank=4, num_examples=1)
+    got = download_for(result, info)
+    want = result.download(updates[1].client_id)
+    for name in want:
+        torch.testing.assert_close(got[name].delta(), want[name].delta())
+    late = ClientInfo(node_id=2, client_id="late", index=2, rank=2, num_examples=1)  # not in this round
+    for name, f in download_for(result, late).items():
+        assert f.rank == 2
+        torch.testing.assert_close(f.B, result.global_update[name].effective()[0][:, :2])
