@@ -1,6 +1,6 @@
 """Local training throughput: florist's loop against a bare peft + torch loop, side by side.
 
-    .venv/bin/python benchmarks/client_throughput.py [--steps 6] [--seq 256] [--batch 4] [--no-round] [--out FILE]
+    .venv/bin/python benchmarks/client_throughput.py [--steps 6] [--seq 256] [--batch 4] [--no-round]
 
 Both train the same LoRA (r=16, alpha=32, q_proj + v_proj) on SmolLM2-135M-Instruct with the same
 fixed batches of ``--seq`` tokens, fp32, 2 threads. Runs alternate (bare, florist, bare, florist)
@@ -111,7 +111,8 @@ def measure_round(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         [
             "federation.num_clients=2", "federation.rounds=2", "lora.ranks=[16]", "lora.alpha=32.0",
             f"train.steps={args.steps}", f"train.batch_size={args.batch}", f"train.max_length={args.seq}",
-            "data.skills_train=20", "data.skills_test=4", "data.split='iid'", "eval.every=1", "eval.before=false",
+            "data.skills_train=20", "data.skills_test=4", "data.split='iid'",
+            "eval.every=1", "eval.before=false",
             f"run.dir={str(run_dir)!r}", "run.name='round'", "run.progress=false",
         ],
     )  # fmt: skip

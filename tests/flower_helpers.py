@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from florist.config import RunConfig, load_config
 from tests.peft_helpers import tiny_llama
 from tests.tiny_tokenizer import VOCAB_SIZE, tiny_tokenizer
-
-from florist.config import RunConfig, load_config
 
 
 def save_tiny_model(path: Path) -> Path:

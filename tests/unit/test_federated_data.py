@@ -17,7 +17,10 @@ from tests.helpers import SHARED_DATA
 def write_clients(folder: Path, sizes: list[int]) -> None:
     folder.mkdir()
     for k, n in enumerate(sizes):
-        rows = [{"instruction": f"q{k}-{i}", "context": "", "response": f"a{i}", "category": "qa"} for i in range(n)]
+        rows = [
+            {"instruction": f"q{k}-{i}", "context": "", "response": f"a{i}", "category": "qa"}
+            for i in range(n)
+        ]
         (folder / f"client_{k}.json").write_text(json.dumps(rows))
     (folder / "test.json").write_text(json.dumps([{"instruction": "t", "input": "", "output": "u"}]))
 
@@ -25,12 +28,20 @@ def write_clients(folder: Path, sizes: list[int]) -> None:
 def test_skills_split_is_deterministic_disjoint_and_complete() -> None:
     cfg = load_config(None, ["data.skills_train=10", "data.skills_test=3", "data.alpha=0.3"])
     parts = [client_examples(cfg.data, k, 4) for k in range(4)]
-    again = [client_examples(load_config(None, ["data.skills_train=10", "data.skills_test=3", "data.alpha=0.3"]).data, k, 4) for k in range(4)]
+    again = [
+        client_examples(
+            load_config(None, ["data.skills_train=10", "data.skills_test=3", "data.alpha=0.3"]).data, k, 4
+        )
+        for k in range(4)
+    ]
     assert parts == again
     assert sum(len(p) for p in parts) == 70 and len(heldout_examples(cfg.data)) == 21
     test_prompts = {(ex.instruction, ex.context) for ex in heldout_examples(cfg.data)}
     assert not test_prompts & {(ex.instruction, ex.context) for p in parts for ex in p}
-    other = [client_examples(load_config(None, ["data.skills_train=10", "data.seed=1"]).data, k, 4) for k in range(4)]
+    other = [
+        client_examples(load_config(None, ["data.skills_train=10", "data.seed=1"]).data, k, 4)
+        for k in range(4)
+    ]
     assert other != parts
 
 
@@ -46,7 +57,9 @@ def test_presplit_folder_and_subsample(tmp_path: Path) -> None:
     got = client_examples(capped.data, 2, 3)
     assert len(got) == 4 and got == client_examples(capped.data, 2, 3)
     with pytest.raises(ConfigError, match=r"holds 3 client files .* but federation.num_clients = 4"):
-        client_examples(load_config(None, [*base[:2], "federation.num_clients=4", "lora.ranks=[4]"]).data, 0, 4)
+        client_examples(
+            load_config(None, [*base[:2], "federation.num_clients=4", "lora.ranks=[4]"]).data, 0, 4
+        )
 
 
 def test_pooled_file_gets_a_seeded_heldout_split(tmp_path: Path) -> None:
@@ -60,7 +73,9 @@ def test_pooled_file_gets_a_seeded_heldout_split(tmp_path: Path) -> None:
     assert not {e.instruction for e in held} & {e.instruction for e in train}
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "dolly-8clients").is_dir(), reason=f"{SHARED_DATA}/dolly-8clients is absent")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "dolly-8clients").is_dir(), reason=f"{SHARED_DATA}/dolly-8clients is absent"
+)
 def test_the_papers_dolly_clients() -> None:
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "dolly.toml",
                       [f"data.source={str(SHARED_DATA / 'dolly-8clients')!r}",

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.flower_helpers import save_tiny_model, tiny_run_config
 from flwr.app import Context, RecordDict
 
 from florist.client.model import load_model
@@ -16,6 +15,7 @@ from florist.flower.global_model import GlobalModel
 from florist.flower.node import get_node
 from florist.flower.strategy import ClientInfo, download_for
 from florist.lora import LoraFactors
+from tests.flower_helpers import save_tiny_model, tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def context(node_id: int, index: int) -> Context:
-    return Context(run_id=1, node_id=node_id, node_config={"partition-id": index}, state=RecordDict(), run_config={})
+    return Context(
+        run_id=1, node_id=node_id, node_config={"partition-id": index}, state=RecordDict(), run_config={}
+    )
 
 
 def global_updates(names: list[str], shapes: dict[str, tuple[int, int]]) -> dict[int, dict[str, LoraFactors]]:
@@ -32,7 +34,10 @@ def global_updates(names: list[str], shapes: dict[str, tuple[int, int]]) -> dict
     out = {}
     for t, rank in ((1, 3), (2, 5)):
         out[t] = {
-            n: LoraFactors(A=torch.randn(rank, shapes[n][1], generator=g), B=0.01 * torch.randn(shapes[n][0], rank, generator=g))
+            n: LoraFactors(
+                A=torch.randn(rank, shapes[n][1], generator=g),
+                B=0.01 * torch.randn(shapes[n][0], rank, generator=g),
+            )
             for n in names
         }
     return out
@@ -44,7 +49,9 @@ def test_late_and_replayed_merges_give_bitwise_equal_weights(model_dir: Path, tm
     ctx_a, ctx_b = context(11, 0), context(12, 0)
     a = get_node(cfg, ctx_a)
     names = sorted(n for n, _ in node_mod.lora_layers(a.client.model))
-    shapes = {n: tuple(layer.get_base_layer().weight.shape) for n, layer in node_mod.lora_layers(a.client.model)}
+    shapes = {
+        n: tuple(layer.get_base_layer().weight.shape) for n, layer in node_mod.lora_layers(a.client.model)
+    }
     ups = global_updates(names, shapes)
     a.receive({1: encode_factors(ups[1])}, ctx_a)  # every round, as it happens
     a.receive({2: encode_factors(ups[2])}, ctx_a)

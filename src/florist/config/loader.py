@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from florist.config.schema import RunConfig
 from florist.errors import ConfigError
@@ -98,9 +99,9 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     """``value`` converted to the annotated type ``hint`` (lists become tuples), or a ConfigError."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            if type(None) in args:
-                return None
+        unset = value is None or (isinstance(value, str) and value.lower() == "none")
+        if unset and type(None) in args:
+            return None
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:

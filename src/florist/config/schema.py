@@ -1,13 +1,13 @@
 """What a federated run is made of: one frozen dataclass per TOML section, validated on construction.
 
-    [model]        which causal LM, its dtype and device
-    [data]         the instruction data, how it is split over clients, the held-out set
-    [lora]         each client's adapter (one rank per client, or one for all)
-    [train]        each client's local budget per round (florist.client.train.TrainSettings)
-    [federation]   rounds, clients, participation
-    [aggregation]  the aggregator from the registry and its rank policy
-    [eval]         server-side evaluation of the global model
-    [run]          where the run directory goes
+[model]        which causal LM, its dtype and device
+[data]         the instruction data, how it is split over clients, the held-out set
+[lora]         each client's adapter (one rank per client, or one for all)
+[train]        each client's local budget per round (florist.client.train.TrainSettings)
+[federation]   rounds, clients, participation
+[aggregation]  the aggregator from the registry and its rank policy
+[eval]         server-side evaluation of the global model
+[run]          where the run directory goes
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class ModelConfig:
 class DataConfig:
     source: str = field(default="skills", metadata={"help": "'skills' (embedded), a file, folder or hub id"})
     format: str | None = field(default=None, metadata={"help": "dolly, alpaca or wizard; detected if unset"})
-    split: str = field(default="dirichlet", metadata={"help": "presplit (one file per client), iid, dirichlet"})
+    split: str = field(
+        default="dirichlet", metadata={"help": "presplit (one file per client), iid, dirichlet"}
+    )
     alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration"})
     label: str = field(default="category", metadata={"help": "label column for the Dirichlet split"})
     min_partition_size: int = 1
@@ -68,7 +70,9 @@ class DataConfig:
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.max_examples_per_client is not None and self.max_examples_per_client < 1:
-            raise ConfigError(f"data.max_examples_per_client must be >= 1, got {self.max_examples_per_client}")
+            raise ConfigError(
+                f"data.max_examples_per_client must be >= 1, got {self.max_examples_per_client}"
+            )
 
 
 @dataclass(frozen=True)
@@ -117,13 +121,17 @@ class FederationConfig:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"federation.fraction must be in (0, 1], got {self.fraction}")
         if not 1 <= self.min_clients <= self.num_clients:
-            raise ConfigError(f"federation.min_clients must be in [1, {self.num_clients}], got {self.min_clients}")
+            raise ConfigError(
+                f"federation.min_clients must be in [1, {self.num_clients}], got {self.min_clients}"
+            )
         if self.participation is not None:
             self._check_participation(self.participation)
 
     def _check_participation(self, schedule: tuple[tuple[int, ...], ...]) -> None:
         if len(schedule) != self.rounds:
-            raise ConfigError(f"federation.participation lists {len(schedule)} rounds; rounds = {self.rounds}")
+            raise ConfigError(
+                f"federation.participation lists {len(schedule)} rounds; rounds = {self.rounds}"
+            )
         for t, ids in enumerate(schedule, 1):
             bad = [i for i in ids if not 0 <= i < self.num_clients]
             if not ids or bad or len(set(ids)) != len(ids):

@@ -27,7 +27,7 @@ def client_examples(cfg: DataConfig, client: int, num_clients: int) -> list[Exam
     if not 0 <= client < num_clients:
         raise ConfigError(f"client index {client} is outside [0, {num_clients})")
     parts = _partitions(cfg, num_clients)
-    examples = parts[client]
+    examples = list(parts[client])
     cap = cfg.max_examples_per_client
     if cap is not None and len(examples) > cap:
         rng = random.Random(f"{cfg.seed}:subsample:{client}")

@@ -12,6 +12,7 @@ Messages it answers (see server_app.py for the other side):
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -38,7 +39,7 @@ def downloads(msg: Message) -> dict[int, ArrayRecord]:
 def hello(cfg: RunConfig, msg: Message, context: Context) -> Message:
     n = cfg.federation.num_clients
     k = partition_id(context, n)
-    info = {
+    info: dict[str, Any] = {
         "client_id": client_id(k),
         "index": k,
         "rank": cfg.lora.rank_of(k, n),
@@ -52,7 +53,9 @@ def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
     node.receive(downloads(msg), context)
     rnd = int(msg.content.config_records["config"]["round"])  # type: ignore[arg-type]
     update, stats = node.client.fit(rnd)
-    arrays, meta = encode_upload(update.modules, with_a=node.client.protocol is not ClientProtocol.FROZEN_SHARED_A)
+    arrays, meta = encode_upload(
+        update.modules, with_a=node.client.protocol is not ClientProtocol.FROZEN_SHARED_A
+    )
     metrics = MetricRecord(
         {
             "num-examples": update.num_examples,

@@ -10,6 +10,7 @@ Download (server -> client), one ``ArrayRecord`` per global update under ``"glob
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,9 +41,11 @@ def encode_factors(modules: Mapping[str, LoraFactors], *, with_a: bool = True) -
     return ArrayRecord(array_dict=arrays)
 
 
-def encode_upload(modules: Mapping[str, LoraFactors], *, with_a: bool = True) -> tuple[ArrayRecord, ConfigRecord]:
+def encode_upload(
+    modules: Mapping[str, LoraFactors], *, with_a: bool = True
+) -> tuple[ArrayRecord, ConfigRecord]:
     """A client's raw factors and their scaling (and A's width when A stays home)."""
-    meta: dict[str, float | int] = {}
+    meta: dict[str, Any] = {}
     for name, f in sorted(modules.items()):
         meta[f"scaling.{name}"] = float(f.scaling)
         if not with_a:
@@ -87,7 +90,9 @@ def _rebuilt_a(
     n = meta.get(f"n.{name}")
     r = B.shape[1]
     if not isinstance(n, int) or n < 1 or r > rows:
-        raise InvalidUpdate(client, f"cannot rebuild the shared A (n={n!r}, rank {r}, shared rank {rows})", module=name)
+        raise InvalidUpdate(
+            client, f"cannot rebuild the shared A (n={n!r}, rank {r}, shared rank {rows})", module=name
+        )
     return seeded_a(seed, name, rows, n)[:r]  # (r, n)
 
 

@@ -1,11 +1,11 @@
 """The run directory: everything a run leaves behind, written atomically.
 
-    RUN/config.toml                   the resolved config (re-runnable: florist run RUN/config.toml)
-    RUN/metrics.jsonl                 one JSON line per round (round 0: the base model)
-    RUN/rounds/round-001/adapter/     the global update of round 1, a PEFT adapter dir
-    RUN/rounds/round-001/clients/ID/  each client's upload (run.save_client_updates), with florist.json
-    RUN/adapter/                      the final cumulative adapter: the base model plus it is the result
-    RUN/summary.json                  the figures printed at the end
+RUN/config.toml                   the resolved config (re-runnable: florist run RUN/config.toml)
+RUN/metrics.jsonl                 one JSON line per round (round 0: the base model)
+RUN/rounds/round-001/adapter/     the global update of round 1, a PEFT adapter dir
+RUN/rounds/round-001/clients/ID/  each client's upload (run.save_client_updates), with florist.json
+RUN/adapter/                      the final cumulative adapter: the base model plus it is the result
+RUN/summary.json                  the figures printed at the end
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class RunDir:
 def cumulative(history: Sequence[Mapping[str, LoraFactors]], merged: bool) -> dict[str, LoraFactors]:
     """The total update: all rounds' factors side by side (merge protocols), else the last round's.
 
-        B = [B_1 ... B_T]  (m, sum p_t),  A = [A_1; ...; A_T]  (sum p_t, n),  B @ A = sum_t B_t A_t
+    B = [B_1 ... B_T]  (m, sum p_t),  A = [A_1; ...; A_T]  (sum p_t, n),  B @ A = sum_t B_t A_t
     """
     if not history:
         raise ConfigError("no round was aggregated; there is no adapter to write")

@@ -1,7 +1,7 @@
 """The Flower ServerApp: hello, T rounds of train + aggregate + evaluate, a final sync, the run dir.
 
-    flwr run / deployment:   serverapp = "florist.flower.server_app:app"  (config from the run config)
-    florist run:             make_server_app(cfg)
+flwr run / deployment:   serverapp = "florist.flower.server_app:app"  (config from the run config)
+florist run:             make_server_app(cfg)
 """
 
 from __future__ import annotations
@@ -36,13 +36,16 @@ def hello(grid: Grid, cfg: RunConfig) -> list[ClientInfo]:
         if reply.has_error():
             reason = short_reason(reply.error.reason)
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reason}")
-        c = reply.content.config_records["client"]
+        c: dict[str, Any] = dict(reply.content.config_records["client"])
+        node = reply.metadata.src_node_id
         infos.append(
-            ClientInfo(reply.metadata.src_node_id, str(c["client_id"]), int(c["index"]), int(c["rank"]), int(c["num_examples"]))  # type: ignore[arg-type]
+            ClientInfo(node, str(c["client_id"]), int(c["index"]), int(c["rank"]), int(c["num_examples"]))
         )
     indices = sorted(i.index for i in infos)
     if indices != list(range(cfg.federation.num_clients)):
-        raise RuntimeError(f"nodes report client indices {indices}; expected 0..{cfg.federation.num_clients - 1}")
+        raise RuntimeError(
+            f"nodes report client indices {indices}; expected 0..{cfg.federation.num_clients - 1}"
+        )
     return infos
 
 
@@ -60,7 +63,9 @@ class Federation:
 
     def __init__(self, cfg: RunConfig, grid: Grid) -> None:
         self.cfg, self.grid = cfg, grid
-        self.aggregator = make_aggregator(cfg.aggregation.method, **cfg.aggregation.options().aggregator_options())
+        self.aggregator = make_aggregator(
+            cfg.aggregation.method, **cfg.aggregation.options().aggregator_options()
+        )
         self.base = resolve_model(cfg.model.name)
         self.rundir = RunDir(cfg, self.base)
         self.strategy = FederatedLoRA(cfg, self.aggregator, hello(grid, cfg))
@@ -126,13 +131,11 @@ class Federation:
             "base_model": self.base,
             "method": self.aggregator.name,
             "rounds": len(rounds),
-            "eval_before": self.records[0].get("eval") if self.records and self.records[0]["round"] == 0 else None,
+            "eval_before": next((r["eval"] for r in self.records if r["round"] == 0), None),
             "eval_after": next((r["eval"] for r in reversed(rounds) if "eval" in r), None),
-            "bytes_up": sum(r["bytes_up"] for r in rounds),
-            "bytes_down": sum(r["bytes_down"] + r["bytes_catchup"] for r in rounds) + sync["bytes_down"] + sync["bytes_catchup"],
-            "bytes_catchup": sum(r["bytes_catchup"] for r in rounds) + sync["bytes_catchup"],
+            **byte_totals(rounds, sync),
             "sync": sync,
-        }  # fmt: skip
+        }
         self.rundir.summary(summary)
         return summary
 
@@ -145,6 +148,13 @@ def _EMPTY_ARRAYS() -> Any:
     from flwr.app import ArrayRecord
 
     return ArrayRecord()
+
+
+def byte_totals(rounds: list[dict[str, Any]], sync: dict[str, Any]) -> dict[str, int]:
+    """Whole-run bytes: every round plus the final sync; downlink includes catch-up."""
+    catchup = sum(r["bytes_catchup"] for r in rounds) + sync["bytes_catchup"]
+    down = sum(r["bytes_down"] for r in rounds) + sync["bytes_down"] + catchup
+    return {"bytes_up": sum(r["bytes_up"] for r in rounds), "bytes_down": down, "bytes_catchup": catchup}
 
 
 def round_record(log_: RoundLog, result: Any, wall: float) -> dict[str, Any]:

@@ -159,10 +159,14 @@ class FederatedLoRA(Strategy):
         return None
 
     def summary(self) -> None:
+        agg, rounds = self.aggregator, self.cfg.federation.rounds
         log.info(
-            "FederatedLoRA: method %s (%s), %d clients, %d rounds",
-            self.aggregator.name, self.aggregator.protocol.value, len(self.clients), self.cfg.federation.rounds,
-        )  # fmt: skip
+            "FederatedLoRA: %s (%s), %d clients, %d rounds",
+            agg.name,
+            agg.protocol.value,
+            len(self.clients),
+            rounds,
+        )
 
     # ------------------------------------------------------------------ replies
 
@@ -193,7 +197,9 @@ class FederatedLoRA(Strategy):
         if "lora" not in content.array_records or "metrics" not in content.metric_records:
             raise InvalidUpdate(who, "the reply has no 'lora' arrays or no 'metrics'")
         shared = None if self.sends_a else (self.cfg.federation.seed, max(c.rank for c in self.clients))
-        modules = decode_upload(content.array_records["lora"], content.config_records["lora_meta"], who, shared_a=shared)
+        modules = decode_upload(
+            content.array_records["lora"], content.config_records["lora_meta"], who, shared_a=shared
+        )
         n = content.metric_records["metrics"].get("num-examples")
         return ClientUpdate(who, float(n) if isinstance(n, (int, float)) else float("nan"), modules)
 

@@ -38,7 +38,7 @@ def run_simulation(cfg: RunConfig) -> dict[str, Any]:
         server_app=make_server_app(cfg, on_summary=summary.update, on_error=errors.append),
         client_app=make_client_app(cfg),
         num_supernodes=cfg.federation.num_clients,
-        backend_config=backend_config(cfg),  # type: ignore[arg-type]
+        backend_config=backend_config(cfg),
     )
     if errors:
         raise errors[0]
@@ -64,7 +64,9 @@ def print_summary(summary: dict[str, Any], demo: bool = False, console: Any = No
     console.print(bytes_line(summary))
     sync = summary["sync"]
     if sync.get("clients_match_server"):
-        console.print(f"all {len(sync['digests'])} clients hold the server's merged weights (sha256 digests agree)")
+        console.print(
+            f"all {len(sync['digests'])} clients hold the server's merged weights (sha256 digests agree)"
+        )
     console.print(f"run directory: {summary['run_dir']}  (metrics.jsonl, config.toml, rounds/, summary.json)")
     console.print(f"global adapter (PEFT): {summary['adapter']}")
     console.print(load_snippet(summary["base_model"], summary["adapter"]))
@@ -80,12 +82,24 @@ def rounds_table(records: list[dict[str, Any]], method: str) -> Any:
     from florist.tools.tables import human_bytes
 
     table = Table(title=f"{method}: one row per round")
-    for col in ("round", "clients", "train loss", "global rank", "uplink", "downlink", "catch-up", "EM", "held-out loss"):
+    for col in (
+        "round",
+        "clients",
+        "train loss",
+        "global rank",
+        "uplink",
+        "downlink",
+        "catch-up",
+        "EM",
+        "held-out loss",
+    ):
         table.add_column(col, justify="right")
     for r in records:
         ev = r.get("eval", {})
         if r["round"] == 0:
-            table.add_row("0 (base)", "", "", "", "", "", "", _fmt(ev.get("exact_match")), _fmt(ev.get("heldout_loss")))
+            table.add_row(
+                "0 (base)", "", "", "", "", "", "", _fmt(ev.get("exact_match")), _fmt(ev.get("heldout_loss"))
+            )
             continue
         table.add_row(
             str(r["round"]), str(len(r["clients"])), _fmt(r["train_loss"]), str(r["rank_total"]),
@@ -98,8 +112,9 @@ def rounds_table(records: list[dict[str, Any]], method: str) -> Any:
 def bytes_line(summary: dict[str, Any]) -> str:
     from florist.tools.tables import human_bytes
 
+    up, down = human_bytes(summary["bytes_up"]), human_bytes(summary["bytes_down"])
     return (
-        f"bytes sent: uplink {human_bytes(summary['bytes_up'])}, downlink {human_bytes(summary['bytes_down'])} "
+        f"bytes sent: uplink {up}, downlink {down} "
         f"(of which catch-up for skipped rounds {human_bytes(summary['bytes_catchup'])}; "
         f"includes the final sync of every client)"
     )
