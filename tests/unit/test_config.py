@@ -98,3 +98,16 @@ def test_shipped_configs_load() -> None:
     for path in [*sorted((root / "configs").glob("*.toml")), Path(DEMO_CONFIG)]:
         cfg = load_config(path)
         assert cfg.federation.rounds >= 1, path
+
+
+def test_flower_app_declares_every_config_key() -> None:
+    """flwr run accepts --run-config only for declared keys; the app's values must load as a RunConfig."""
+    import tomllib
+
+    from florist.config.loader import flat_defaults
+
+    app = Path(__file__).resolve().parents[2] / "flower-app" / "pyproject.toml"
+    declared = tomllib.loads(app.read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(declared) == set(flat_defaults())
+    cfg = from_run_config(declared)
+    assert cfg.lora.ranks == (16, 12, 8, 4) and cfg.federation.participation is None and cfg.data.format is None

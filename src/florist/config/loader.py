@@ -178,3 +178,15 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
         text = value if isinstance(value, str) else _toml_value(value)
         overrides.append(f"{key}={text}")
     return load_config(str(path) if path else None, overrides)
+
+
+def flat_defaults(cfg: RunConfig | None = None) -> dict[str, Any]:
+    """Every ``section.key`` with a Flower-run-config scalar (lists and None as TOML strings)."""
+    out: dict[str, Any] = {}
+    for section, values in (cfg or RunConfig()).to_dict().items():
+        for key, value in values.items():
+            if value is None:
+                value = "none"
+            scalar = isinstance(value, (bool, int, float, str))
+            out[f"{section}.{key}"] = value if scalar else _toml_value(value)
+    return out
