@@ -33,7 +33,9 @@ def superlink_running() -> bool:
 
 def stop_processes_of(flwr_home: Path) -> list[int]:
     """Stop, by pid, every process whose command line names ``flwr_home``, and their descendants."""
-    roots = [p for p in psutil.process_iter(["cmdline"]) if str(flwr_home) in " ".join(p.info["cmdline"] or [])]
+    roots = [
+        p for p in psutil.process_iter(["cmdline"]) if str(flwr_home) in " ".join(p.info["cmdline"] or [])
+    ]
     procs = {p.pid: p for r in roots for p in [r, *r.children(recursive=True)]}
     for p in procs.values():
         p.terminate()
@@ -48,7 +50,9 @@ def test_flwr_run_local_simulation(tmp_path: Path) -> None:
     model = save_tiny_model(tmp_path / "tiny")
     home = tmp_path / "flwr-home"
     home.mkdir()
-    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n[superlink.local]\naddress = ":local:"\n')
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n[superlink.local]\naddress = ":local:"\n'
+    )
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
     overrides = " ".join(

@@ -110,4 +110,6 @@ def test_flower_app_declares_every_config_key() -> None:
     declared = tomllib.loads(app.read_text())["tool"]["flwr"]["app"]["config"]
     assert set(declared) == set(flat_defaults())
     cfg = from_run_config(declared)
-    assert cfg.lora.ranks == (16, 12, 8, 4) and cfg.federation.participation is None and cfg.data.format is None
+    assert (
+        cfg.lora.ranks == (16, 12, 8, 4) and cfg.federation.participation is None and cfg.data.format is None
+    )
