@@ -92,3 +92,29 @@ def test_a_client_continues_from_its_rank_of_the_global_adapter() -> None:
     for name, f in download_for(result, late).items():
         assert f.rank == 2
         torch.testing.assert_close(f.B, result.global_update[name].effective()[0][:, :2])
+
+
+def test_sampling_is_seeded_and_respects_fraction_and_minimum(tmp_path: Path) -> None:
+    from florist.aggregation import make_aggregator
+    from florist.config import load_config
+    from florist.flower.strategy import FederatedLoRA
+
+    clients = [
+        ClientInfo(node_id=100 + k, client_id=f"client-{k:03d}", index=k, rank=4, num_examples=10)
+        for k in range(8)
+    ]
+
+    def picks(*overrides: str) -> list[list[int]]:
+        cfg = load_config(
+            None, ["federation.num_clients=8", "lora.ranks=[4]", "federation.rounds=4", *overrides]
+        )
+        strategy = FederatedLoRA(cfg, make_aggregator("florist"), clients)
+        return [[c.index for c in strategy.participants(t)] for t in range(1, 5)]
+
+    half = picks("federation.fraction=0.5")
+    assert all(len(p) == 4 and p == sorted(p) for p in half)
+    assert half == picks("federation.fraction=0.5")  # seeded
+    assert len({tuple(p) for p in half}) > 1  # a different sample per round
+    assert picks("federation.fraction=0.5", "federation.seed=1") != half
+    assert all(len(p) == 3 for p in picks("federation.fraction=0.1", "federation.min_clients=3"))
+    assert picks("federation.participation=[[0], [1, 2], [7], [0, 7]]") == [[0], [1, 2], [7], [0, 7]]
