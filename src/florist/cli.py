@@ -5,6 +5,7 @@ florist inspect DIR [--json]
 florist run CONFIG.toml [section.key=value ...]   federated fine-tuning on Flower's simulation runtime
 florist demo [section.key=value ...]              the embedded demo: SmolLM2 + skills set, FLoRIST
 florist compare                                   every aggregator on 8 synthetic SmolLM2-shaped adapters
+florist bench [--out DIR] [section.key=value ...]  the paper's comparison: every method, a table and plots
 """
 
 from __future__ import annotations
@@ -75,6 +76,17 @@ def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     d.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("bench", help="every method on the paper's Dolly federation: table and plots")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the bench config")
+    p.add_argument("--config", default=None, help="base config (default: the packaged paper_cpu.toml)")
+    p.add_argument("--out", default="runs/bench", help="output directory (results.json, table.md, plots)")
+    p.add_argument("--taus", type=_floats, default=None, help="FLoRIST tau sweep, homogeneous ranks")
+    p.add_argument("--hetero-taus", type=_floats, default=None, help="FLoRIST taus, heterogeneous ranks")
+    p.add_argument("--settings", default="homogeneous,heterogeneous", help="rank settings to run")
+    p.add_argument("--e-tolerance", type=float, default=0.01, help="FLoRIST-E: held-out loss slack vs O")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="florist", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -85,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_run(sub)
     _add_compare(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -145,12 +158,40 @@ def _demo(args: argparse.Namespace) -> None:
     print_summary(run_simulation(load_config(DEMO_CONFIG, args.overrides)), demo=True)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from florist.bench.compare import PAPER_CONFIG, Bench, BenchOptions
+
+    opts = BenchOptions(
+        config=args.config or PAPER_CONFIG,
+        overrides=tuple(args.overrides),
+        out=args.out,
+        settings=tuple(s.strip() for s in args.settings.split(",") if s.strip()),
+        e_tolerance=args.e_tolerance,
+    )
+    if args.taus:
+        opts = BenchOptions(**{**opts.__dict__, "taus": args.taus})
+    if args.hetero_taus:
+        opts = BenchOptions(**{**opts.__dict__, "hetero_taus": args.hetero_taus})
+    summary = Bench(opts).run()
+    print((Path(args.out) / "table.md").read_text())
+    print(f"picks: {summary['picks']}; {summary['seconds']:.0f} s; outputs in {args.out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
-    commands = {"aggregate": _aggregate, "inspect": _inspect, "compare": _compare, "run": _run, "demo": _demo}
+    commands = {
+        "aggregate": _aggregate,
+        "inspect": _inspect,
+        "compare": _compare,
+        "run": _run,
+        "demo": _demo,
+        "bench": _bench,
+    }
     try:
         commands[args.command](args)
     except (FloristError, ConfigError) as err:

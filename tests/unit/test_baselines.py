@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from florist.aggregation import ClientProtocol, available, make_aggregator
+from florist.aggregation import ClientProtocol, EnergyThreshold, available, make_aggregator
 from florist.errors import ConfigError, InvalidUpdate
 from florist.lora import ClientUpdate, LoraFactors
 from tests.helpers import SHAPES, assert_product_close, best_rank_p, dense_reference, make_updates
@@ -104,3 +104,21 @@ def test_flexlora_truncates_to_each_clients_own_rank(hetero_updates: list[Client
     for name in SHAPES:
         assert a[name].B.data_ptr() != b[name].B.data_ptr(), "clients must not share one truncation"
         assert a[name].rank != b[name].rank
+
+
+@pytest.mark.parametrize("method", ["florist", "flora", "fedit", "flexlora", "ffa"])
+def test_ranks_above_the_matrix_size(method: str) -> None:
+    """A client rank above min(m, n) (peft allows it): every method aggregates, downloads keep the
+    client's rank, and the exact methods still reproduce sum_k p_k B_k A_k."""
+    shapes = {"layers.0.q_proj": (24, 16), "layers.0.v_proj": (8, 16)}
+    updates = make_updates([32, 4], shapes=shapes, shared_a=method == "ffa")
+    options = {"policy": EnergyThreshold(1.0)} if method == "florist" else {}
+    result = make_aggregator(method, **options).aggregate(updates)
+    for u in updates:
+        for name, f in result.download(u.client_id).items():
+            assert f.rank == u.modules[name].rank or result.per_client is None
+    if method != "fedit":  # flexlora at rank >= min(m, n) keeps everything, so it is exact here too
+        for name in shapes:
+            assert_product_close(
+                result.global_update[name].delta(torch.float64), dense_reference(updates, name)
+            )

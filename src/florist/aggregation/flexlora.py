@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from florist.aggregation.base import AggregationResult, Aggregator, ClientProtocol, module_names, register
-from florist.aggregation.linalg import ThinSVD, dense_svd, energy_fraction
+from florist.aggregation.linalg import ThinSVD, dense_svd, energy_fraction, pad_cols, pad_rows
 from florist.lora.update import ClientUpdate, LoraFactors
 
 
@@ -59,19 +59,26 @@ class FlexLoRA(Aggregator):
         per_client: dict[str, dict[str, LoraFactors]] = {}
         for update in updates:
             per_client[update.client_id] = {
-                name: _factors(svd.truncate(update.modules[name].rank)) for name, svd in svds.items()
+                name: _factors(svd.truncate(update.modules[name].rank), update.modules[name].rank)
+                for name, svd in svds.items()
             }
         r_max = {name: max(u.modules[name].rank for u in updates) for name in svds}
         return AggregationResult(
             method=self.name,
             protocol=self.protocol,
-            global_update={name: _factors(svd.truncate(r_max[name])) for name, svd in svds.items()},
+            global_update={
+                name: _factors(svd.truncate(r_max[name]), r_max[name]) for name, svd in svds.items()
+            },
             per_client=per_client,
-            energy_kept={n: float(energy_fraction(s.S)[r_max[n] - 1]) for n, s in svds.items()},
+            energy_kept={
+                n: float(energy_fraction(s.S)[min(r_max[n], len(s.S)) - 1]) for n, s in svds.items()
+            },
             spectra={n: s.S for n, s in svds.items()},
         )
 
 
-def _factors(BA: tuple[Tensor, Tensor]) -> LoraFactors:
-    B, A = BA
-    return LoraFactors(A=A.clone(), B=B.clone())  # own storage: no client shares another's tensors
+def _factors(BA: tuple[Tensor, Tensor], rank: int) -> LoraFactors:
+    """Own copies (no client shares another's tensors), zero-padded to ``rank`` when the aggregate
+    has fewer singular values than the client's rank (a rank above min(m, n))."""
+    B, A = BA  # (m, p), (p, n) with p <= rank
+    return LoraFactors(A=pad_rows(A, rank), B=pad_cols(B, rank))
