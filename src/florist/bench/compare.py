@@ -39,7 +39,7 @@ class BenchOptions:
     config: str = PAPER_CONFIG
     overrides: tuple[str, ...] = ()
     out: str = "runs/bench"
-    taus: tuple[float, ...] = (1.0, 0.95, 0.9, 0.87, 0.85, 0.8)
+    taus: tuple[float, ...] = (1.0, 0.95, 0.9, 0.87, 0.8)
     hetero_taus: tuple[float, ...] = (1.0, 0.9, 0.8)
     budget_match_tau: float = 0.9
     e_tolerance: float = 0.01
