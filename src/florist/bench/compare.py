@@ -22,7 +22,7 @@ from florist.aggregation import make_aggregator
 from florist.aggregation.base import AggregationResult
 from florist.bench import report
 from florist.bench.simulate import run_variant, shared_round_one
-from florist.bench.variants import Variant, budget, sweep
+from florist.bench.variants import DEFAULT_TAUS, Variant, budget, sweep
 from florist.config import RunConfig, load_config
 from florist.data.federated import test_examples
 from florist.flower.evaluation import Evaluator
@@ -39,7 +39,7 @@ class BenchOptions:
     config: str = PAPER_CONFIG
     overrides: tuple[str, ...] = ()
     out: str = "runs/bench"
-    taus: tuple[float, ...] = (1.0, 0.95, 0.9, 0.87, 0.8)
+    taus: tuple[float, ...] = DEFAULT_TAUS
     hetero_taus: tuple[float, ...] = (1.0, 0.9, 0.8)
     budget_match_tau: float = 0.9
     e_tolerance: float = 0.01

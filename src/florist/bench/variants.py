@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BASELINES = ("fedit", "flora", "flexlora", "ffa")
-DEFAULT_TAUS = (1.0, 0.95, 0.9, 0.87, 0.85, 0.8)
+DEFAULT_TAUS = (1.0, 0.95, 0.9, 0.87, 0.8)
 LABELS = {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA"}
 
 
