@@ -54,7 +54,8 @@ def table_rows(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[
 def markdown_table(rows: Sequence[Mapping[str, Any]], title: str) -> str:
     head = (
         f"### {title}\n\n| method | MMLU micro (%) | held-out loss | efficiency (1e-4) "
-        "| downloaded, all rounds | uploaded | global rank (last round) | rel. error vs exact |\n"
+        "| downloaded (all clients, all rounds) | uploaded (all clients) "
+        "| global rank (last round) | rel. error vs exact |\n"
         "|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
@@ -87,7 +88,7 @@ def plot_accuracy_bytes(rows: Sequence[Mapping[str, Any]], path: Path, title: st
                 textcoords="offset points",
             )
         ax.set_xscale("log")
-        ax.set_xlabel("downloaded per client, all rounds (MB, log scale)")
+        ax.set_xlabel("downloaded by all clients over all rounds (MB, log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
@@ -142,3 +143,24 @@ def plot_spectra(spectra: Mapping[str, Sequence[float]], path: Path, title: str)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def rewrite_tables(out: Path, tolerance: float = 0.01) -> None:
+    """Regenerate table.md's method tables and the accuracy plots from ``out/results.json``.
+
+    The rank heatmap, the spectrum and the layer-wise table need the aggregation results themselves
+    and are left as the bench wrote them.
+    """
+    import json
+
+    from florist.bench.compare import pick_o_e, picks_text
+
+    results = json.loads((out / "results.json").read_text())
+    old = (out / "table.md").read_text()
+    layer = old[old.index("### Rank kept per layer") :] if "### Rank kept per layer" in old else ""
+    parts = []
+    for setting, res in results.items():
+        rows = table_rows(res)
+        parts += [markdown_table(rows, f"{setting} ranks"), picks_text(pick_o_e(rows, tolerance), tolerance)]
+        plot_accuracy_bytes(rows, out / f"accuracy_bytes_{setting}.png", f"{setting} ranks")
+    (out / "table.md").write_text("\n".join([*parts, layer]))
