@@ -22,18 +22,14 @@ from florist.config import RunConfig
 from florist.config.loader import from_run_config
 from florist.data.federated import client_examples
 from florist.flower.codec import encode_upload
-from florist.flower.node import GLOBAL_PREFIX, Node, client_id, get_node, partition_id
+from florist.flower.node import Node, client_id, get_node, globals_by_round, partition_id
 
 log = logging.getLogger(__name__)
 
 
 def downloads(msg: Message) -> dict[int, ArrayRecord]:
     """The global updates in a message, by round."""
-    found = {}
-    for key, record in msg.content.array_records.items():
-        if key.startswith(GLOBAL_PREFIX):
-            found[int(key.removeprefix(GLOBAL_PREFIX))] = record
-    return dict(sorted(found.items()))
+    return globals_by_round(msg.content)
 
 
 def hello(cfg: RunConfig, msg: Message, context: Context) -> Message:

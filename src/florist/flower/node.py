@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, Context, RecordDict
 
 from florist.aggregation import make_aggregator
 from florist.aggregation.base import ClientProtocol
@@ -103,8 +103,13 @@ class Node:
 
 def stored_globals(context: Context) -> dict[int, ArrayRecord]:
     """Global updates kept in the node's state, by round."""
+    return globals_by_round(context.state)
+
+
+def globals_by_round(content: RecordDict) -> dict[int, ArrayRecord]:
+    """The ``global.{round}`` array records of a message or a node state, by round."""
     found = {}
-    for key, record in context.state.array_records.items():
+    for key, record in content.array_records.items():
         if key.startswith(GLOBAL_PREFIX):
             found[int(key.removeprefix(GLOBAL_PREFIX))] = record
     return dict(sorted(found.items()))
