@@ -47,3 +47,7 @@ class InvalidUpdate(FloristError, ValueError):
             where.append(f"module {module!r}")
         prefix = ", ".join(where)
         super().__init__(f"{prefix}: {reason}" if prefix else reason)
+
+
+class QuorumLost(FloristError, RuntimeError):
+    """Too many consecutive rounds without enough usable updates; the run stopped after a checkpoint."""

@@ -108,7 +108,7 @@ def test_sampling_is_seeded_and_respects_fraction_and_minimum(tmp_path: Path) ->
         cfg = load_config(
             None, ["federation.num_clients=8", "lora.ranks=[4]", "federation.rounds=4", *overrides]
         )
-        strategy = FederatedLoRA(cfg, make_aggregator("florist"), clients)
+        strategy = FederatedLoRA(cfg, make_aggregator("florist"), clients, {})
         return [[c.index for c in strategy.participants(t)] for t in range(1, 5)]
 
     half = picks("federation.fraction=0.5")

@@ -7,7 +7,8 @@
 [federation]   rounds, clients, participation
 [aggregation]  the aggregator from the registry and its rank policy
 [eval]         server-side evaluation of the global model
-[run]          where the run directory goes
+[run]          where the run directory goes, checkpoints and resume
+[faults]       injected client failures and delays (reliability drills and tests)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from florist.aggregation import available
+from florist.aggregation.robust import CLIP_MODES
 from florist.client.train import LoraSettings, TrainSettings
 from florist.errors import ConfigError
 from florist.tools.aggregate import AggregateOptions
@@ -112,12 +114,34 @@ class FederationConfig:
     )
     seed: int = 0
     timeout: float = field(default=3600.0, metadata={"help": "seconds to wait for a round's replies"})
+    round_timeout: float | None = field(
+        default=None, metadata={"help": "seconds to wait for training replies; later ones are left out"}
+    )
+    min_replies: int = field(
+        default=1, metadata={"help": "fewest usable updates a round needs; with fewer it is skipped"}
+    )
+    max_skipped_rounds: int = field(
+        default=3, metadata={"help": "consecutive skipped rounds after which the run stops (non-zero exit)"}
+    )
+    max_message_mb: float = field(
+        default=512.0, metadata={"help": "largest message (MB, 1e6 bytes) the server may send or accept"}
+    )
     cpus_per_client: float = field(default=2.0, metadata={"help": "simulation: CPU cores per client"})
     gpus_per_client: float = field(default=0.0, metadata={"help": "simulation: GPU fraction per client"})
 
     def __post_init__(self) -> None:
         if self.num_clients < 1 or self.rounds < 1:
             raise ConfigError(f"need >= 1 client and round, got {self.num_clients} and {self.rounds}")
+        if not 1 <= self.min_replies <= self.num_clients:
+            raise ConfigError(
+                f"federation.min_replies must be in [1, {self.num_clients}], got {self.min_replies}"
+            )
+        if self.max_skipped_rounds < 1:
+            raise ConfigError(f"federation.max_skipped_rounds must be >= 1, got {self.max_skipped_rounds}")
+        for key in ("timeout", "round_timeout", "max_message_mb"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"federation.{key} must be > 0, got {value}")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"federation.fraction must be in (0, 1], got {self.fraction}")
         if not 1 <= self.min_clients <= self.num_clients:
@@ -151,10 +175,20 @@ class AggregationConfig:
     max_rank: int | None = None
     dtype: str = "float32"
     basis: str = "qr"
+    clip: str = field(
+        default="none", metadata={"help": "robust mode: 'none', 'median' or 'fixed' norm clipping per client"}
+    )
+    clip_value: float = field(
+        default=1.0, metadata={"help": "'median': threshold = value x median client norm; 'fixed': the norm"}
+    )
 
     def __post_init__(self) -> None:
         if self.method not in available():
             raise ConfigError(f"aggregation.method must be one of {available()}, got {self.method!r}")
+        if self.clip not in CLIP_MODES:
+            raise ConfigError(f"aggregation.clip must be one of {list(CLIP_MODES)}, got {self.clip!r}")
+        if not self.clip_value > 0:
+            raise ConfigError(f"aggregation.clip_value must be > 0, got {self.clip_value}")
         self.options().aggregator_options()  # validates tau/rank/budget against the method
 
     def options(self) -> AggregateOptions:
@@ -188,6 +222,34 @@ class RunSection:
     name: str | None = field(default=None, metadata={"help": "run directory name; default method-time"})
     save_client_updates: bool = field(default=False, metadata={"help": "write every client's upload"})
     progress: bool = True
+    checkpoint_keep: int = field(default=2, metadata={"help": "server checkpoints kept (latest N rounds)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in run.dir/run.name"})
+    force: bool = field(default=False, metadata={"help": "resume even if the config changed"})
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_keep < 1:
+            raise ConfigError(f"run.checkpoint_keep must be >= 1, got {self.checkpoint_keep}")
+        if self.resume and not self.name:
+            raise ConfigError("run.resume needs run.name: the run directory to continue")
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """Injected failures, seeded: for reliability drills and tests. All off by default."""
+
+    drop_fraction: float = field(
+        default=0.0, metadata={"help": "fraction of all clients that fail each round (seeded)"}
+    )
+    slow_clients: tuple[int, ...] = field(default=(), metadata={"help": "client indices that stall"})
+    slow_rounds: tuple[int, ...] = field(default=(), metadata={"help": "rounds they stall in (empty: all)"})
+    slow_seconds: float = field(default=0.0, metadata={"help": "how long a slow client stalls"})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.drop_fraction < 1:
+            raise ConfigError(f"faults.drop_fraction must be in [0, 1), got {self.drop_fraction}")
+        if self.slow_seconds < 0:
+            raise ConfigError(f"faults.slow_seconds must be >= 0, got {self.slow_seconds}")
 
 
 @dataclass(frozen=True)
@@ -200,6 +262,7 @@ class RunConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunSection = field(default_factory=RunSection)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         n = self.federation.num_clients

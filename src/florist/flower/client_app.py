@@ -22,7 +22,8 @@ from florist.config import RunConfig
 from florist.config.loader import from_run_config
 from florist.data.federated import client_examples
 from florist.flower.codec import encode_upload
-from florist.flower.node import Node, client_id, get_node, globals_by_round, partition_id
+from florist.flower.faults import before_reply
+from florist.flower.node import Node, client_id, get_node, globals_by_round, partition_id, stored_globals
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def hello(cfg: RunConfig, msg: Message, context: Context) -> Message:
         "index": k,
         "rank": cfg.lora.rank_of(k, n),
         "num_examples": len(client_examples(cfg.data, k, n)),
+        "held": [int(t) for t in stored_globals(context)],
     }
     return Message(RecordDict({"client": ConfigRecord(info)}), reply_to=msg)
 
@@ -49,6 +51,7 @@ def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
     node.receive(downloads(msg), context)
     rnd = int(msg.content.config_records["config"]["round"])  # type: ignore[arg-type]
     update, stats = node.client.fit(rnd)
+    before_reply(cfg.faults, rnd, node.index, cfg.federation.num_clients)
     arrays, meta = encode_upload(
         update.modules, with_a=node.client.protocol is not ClientProtocol.FROZEN_SHARED_A
     )

@@ -8,7 +8,7 @@ other protocols:                     W = W0 + B_g A_g  of the latest global adap
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +16,15 @@ import torch
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.lora import LoraFactors
 from florist.lora.update import add_update
+
+
+def adapted_shapes(model: Any, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Weight shape ``(m, n)`` of every linear module LoRA adapts (peft's rule: the name or its suffix)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            out[name] = (int(module.out_features), int(module.in_features))
+    return out
 
 
 class GlobalModel:

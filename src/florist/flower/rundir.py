@@ -6,6 +6,7 @@ RUN/rounds/round-001/adapter/     the global update of round 1, a PEFT adapter d
 RUN/rounds/round-001/clients/ID/  each client's upload (run.save_client_updates), with florist.json
 RUN/adapter/                      the final cumulative adapter: the base model plus it is the result
 RUN/summary.json                  the figures printed at the end
+RUN/checkpoints/round-003.pt      the server's state after round 3 (florist.flower.checkpoint)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,16 +33,40 @@ def default_name(cfg: RunConfig) -> str:
 
 
 class RunDir:
-    """Writes one run's outputs under ``path``, refusing to reuse a non-empty directory."""
+    """Writes one run's outputs under ``path``, refusing to reuse a non-empty directory.
+
+    With ``run.resume`` the directory must hold an earlier run (its config.json); its config files are
+    rewritten only when ``run.force`` accepted a changed config.
+    """
 
     def __init__(self, cfg: RunConfig, base_model: str) -> None:
         self.path = Path(cfg.run.dir) / (cfg.run.name or default_name(cfg))
-        if self.path.exists() and any(self.path.iterdir()):
-            raise ConfigError(f"run directory {str(self.path)!r} exists and is not empty; set run.name")
-        self.path.mkdir(parents=True, exist_ok=True)
         self.base_model = base_model
+        if cfg.run.resume:
+            if not (self.path / "config.json").is_file():
+                raise ConfigError(f"run.resume: {str(self.path)!r} holds no earlier run (no config.json)")
+            if not cfg.run.force:
+                return
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise ConfigError(
+                f"run directory {str(self.path)!r} exists and is not empty; set run.name, "
+                f"or resume it with run.resume=true (florist run ... --resume)"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path / "config.toml", to_toml(cfg))
         write_json_atomic(self.path / "config.json", cfg.to_dict())
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def restore(self, round: int, records: Sequence[Mapping[str, Any]]) -> None:
+        """Back to the state after ``round``: metrics.jsonl holds ``records``; later round dirs go."""
+        text = "".join(json.dumps(r, sort_keys=False) + "\n" for r in records)
+        write_text_atomic(self.path / "metrics.jsonl", text)
+        for d in sorted((self.path / "rounds").glob("round-*")):
+            if int(d.name.removeprefix("round-")) > round:
+                shutil.rmtree(d)
 
     def round_dir(self, round: int) -> Path:
         return self.path / "rounds" / f"round-{round:03d}"

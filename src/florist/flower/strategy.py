@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -20,12 +21,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from florist.aggregation.base import AggregationResult, Aggregator, ClientProtocol
+from florist.aggregation.robust import clip_updates
 from florist.client.local import derive_seed
 from florist.config import RunConfig
 from florist.errors import InvalidUpdate
 from florist.flower.codec import decode_upload, encode_factors, payload_bytes
 from florist.flower.node import GLOBAL_PREFIX
+from florist.flower.size_guard import check_message
 from florist.lora import ClientUpdate, LoraFactors
+from florist.lora.validation import check_update
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ class ClientInfo:
     index: int
     rank: int
     num_examples: int
+    held: tuple[int, ...] = ()  # global rounds already in the node's state (a restarted server)
 
 
 @dataclass
@@ -52,6 +57,9 @@ class RoundLog:
     bytes_up: int = 0
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    timed_out: list[str] = field(default_factory=list)  # sampled clients whose reply came too late
+    skipped: str | None = None  # why the round was skipped (global model unchanged)
+    clip: dict[str, Any] | None = None  # robust mode: threshold, norms, factors per client
 
 
 class FederatedLoRA(Strategy):
@@ -65,16 +73,25 @@ class FederatedLoRA(Strategy):
         From ``florist.aggregation.make_aggregator``.
     clients : Sequence[ClientInfo]
         Every node of the federation.
+    expected : Mapping[str, tuple[int, int]]
+        Every adapted module of the model and its weight shape ``(m, n)``; an upload must match it.
     """
 
-    def __init__(self, cfg: RunConfig, aggregator: Aggregator, clients: Sequence[ClientInfo]) -> None:
-        self.cfg, self.aggregator = cfg, aggregator
+    def __init__(
+        self,
+        cfg: RunConfig,
+        aggregator: Aggregator,
+        clients: Sequence[ClientInfo],
+        expected: Mapping[str, tuple[int, int]],
+    ) -> None:
+        self.cfg, self.aggregator, self.expected = cfg, aggregator, dict(expected)
         self.clients = sorted(clients, key=lambda c: c.index)
         self.by_node = {c.node_id: c for c in self.clients}
         self.history: list[tuple[int, AggregationResult]] = []
         self.synced = {c.node_id: 0 for c in self.clients}  # last round whose update the node holds
         self.logs: dict[int, RoundLog] = {}
         self.last_updates: list[ClientUpdate] = []
+        self.restore_bytes: dict[str, int] = {}
 
     @property
     def merges(self) -> bool:
@@ -119,7 +136,26 @@ class FederatedLoRA(Strategy):
                     log_.bytes_down += size
                 else:
                     log_.bytes_catchup += size
+            check_message(payload_bytes(content), self.cfg.federation.max_message_mb,
+                          f"the round {round} message to {self.by_node[node].client_id}")  # fmt: skip
             out.append(Message(content=content, dst_node_id=node, message_type=message_type))
+        return out
+
+    def restore_messages(self, round: int) -> list[Message]:
+        """After a server restart: each node gets the rounds it held at the checkpoint and lacks now."""
+        if not self.merges:
+            return []
+        out = []
+        for c in self.clients:
+            content = RecordDict({"config": ConfigRecord({"round": round})})
+            for t, result in self.history:
+                if t <= self.synced[c.node_id] and t not in c.held:
+                    content[f"{GLOBAL_PREFIX}{t}"] = encode_factors(result.global_update)
+            self.restore_bytes[c.client_id] = payload_bytes(content)
+            if self.restore_bytes[c.client_id]:
+                out.append(
+                    Message(content=content, dst_node_id=c.node_id, message_type=f"{MessageType.QUERY}.sync")
+                )
         return out
 
     # ------------------------------------------------------------------ Flower Strategy interface
@@ -136,19 +172,68 @@ class FederatedLoRA(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the usable replies; never raises.
+
+        A reply that fails a check leaves its client out of the round (``RoundLog.rejected`` names
+        client, round, module and reason). With fewer than ``federation.min_replies`` usable updates,
+        or if the aggregator fails, the round is skipped: returns ``(None, metrics)`` and the global
+        model stays as it was (``RoundLog.skipped`` says why).
+        """
         log_ = self.logs.setdefault(server_round, RoundLog(server_round))
-        updates = [u for u in (self._decode(server_round, m, log_) for m in replies) if u is not None]
-        if not updates:
-            raise RuntimeError(f"round {server_round}: no client returned a usable update ({log_.rejected})")
-        result = self.aggregator.aggregate(updates, round=server_round)
-        self.history.append((server_round, result))
+        updates = self._usable(server_round, list(replies), log_)
+        need = self.cfg.federation.min_replies
+        if len(updates) < need:
+            return self._skip(log_, f"{len(updates)} usable update(s), {need} required ({_reasons(log_)})")
+        updates = self._clip(updates, log_)
+        try:
+            result = self.aggregator.aggregate(updates, round=server_round)
+        except Exception as err:  # an aggregator failure must not stop the federation
+            return self._skip(log_, f"aggregation failed: {type(err).__name__}: {err}")
+        self._accept(server_round, result, updates)
+        loss = weighted_mean(log_.client_metrics, "train_loss")
+        return encode_factors(result.global_update, with_a=self.sends_a), MetricRecord({"train_loss": loss})
+
+    def _usable(self, round: int, replies: list[Message], log_: RoundLog) -> list[ClientUpdate]:
+        """Decoded, checked updates of the clients sampled this round, at most one per node."""
+        sampled = {c.node_id for c in self.participants(round)}
+        seen: set[int] = set()
+        updates = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if node in seen or node not in sampled:
+                why = "duplicate reply" if node in seen else "reply from a node not sampled this round"
+                self._reject(log_, self._who(node), f"round {round}: {why}: discarded", key_suffix="+dup")
+                continue
+            seen.add(node)
+            update = self._decode(round, msg, log_)
+            if update is not None:
+                updates.append(update)
+        return updates
+
+    def _accept(self, round: int, result: AggregationResult, updates: list[ClientUpdate]) -> None:
+        self.history.append((round, result))
         self.last_updates = updates
         if self.merges:
             for c in self.clients:
                 if c.client_id in result.client_ids:
-                    self.synced[c.node_id] = self._last_before(server_round)
-        loss = weighted_mean(log_.client_metrics, "train_loss")
-        return encode_factors(result.global_update, with_a=self.sends_a), MetricRecord({"train_loss": loss})
+                    self.synced[c.node_id] = self._last_before(round)
+
+    def _skip(self, log_: RoundLog, reason: str) -> tuple[None, MetricRecord]:
+        log_.skipped = reason
+        log.warning("round %d skipped, global model unchanged: %s", log_.round, reason)
+        return None, MetricRecord({"skipped": 1})
+
+    def _clip(self, updates: list[ClientUpdate], log_: RoundLog) -> list[ClientUpdate]:
+        agg = self.cfg.aggregation
+        if agg.clip == "none":
+            return updates
+        clipped, report = clip_updates(updates, agg.clip, agg.clip_value)
+        log_.clip = {"threshold": report.threshold, "norms": report.norms, "factors": report.factors}
+        if report.clipped:
+            log.info(
+                "round %d: clipped %s to norm %.4g", log_.round, ", ".join(report.clipped), report.threshold
+            )
+        return clipped
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -176,21 +261,51 @@ class FederatedLoRA(Strategy):
 
     def _decode(self, round: int, msg: Message, log_: RoundLog) -> ClientUpdate | None:
         info = self.by_node.get(msg.metadata.src_node_id)
-        who = info.client_id if info else f"node {msg.metadata.src_node_id}"
+        who = self._who(msg.metadata.src_node_id)
         if msg.has_error():
-            log_.rejected[who] = f"client error: {short_reason(msg.error.reason)}"
-            log.warning("round %d: %s failed: %s", round, who, log_.rejected[who])
+            self._reject(log_, who, f"round {round}: client error: {short_reason(msg.error.reason)}")
+            return None
+        size = payload_bytes(msg.content)
+        if size > self.cfg.federation.max_message_mb * 1e6:
+            self._reject(
+                log_, who, f"round {round}: reply of {size / 1e6:,.1f} MB above federation.max_message_mb"
+            )
             return None
         try:
             update = self._update(msg, who)
+            self._check(round, msg, update, info)
             self._check_merged(round, msg, who)
         except InvalidUpdate as err:
-            log_.rejected[who] = str(err)
-            log.warning("round %d: %s left out: %s", round, who, err)
+            self._reject(log_, who, str(err))
+            return None
+        except Exception as err:  # a malformed reply must not stop the federation
+            self._reject(log_, who, f"round {round}: unreadable reply: {type(err).__name__}: {err}")
             return None
         log_.bytes_up += payload_bytes(msg.content)
         log_.client_metrics[who] = {k: float(v) for k, v in msg.content.metric_records["metrics"].items()}  # type: ignore[arg-type]
         return update
+
+    def _who(self, node: int) -> str:
+        info = self.by_node.get(node)
+        return info.client_id if info else f"node {node}"
+
+    def _reject(self, log_: RoundLog, who: str, reason: str, key_suffix: str = "") -> None:
+        key = who if who not in log_.rejected else who + key_suffix
+        log_.rejected[key] = reason
+        log.warning("round %d: %s left out: %s", log_.round, who, reason)
+
+    def _check(self, round: int, msg: Message, update: ClientUpdate, info: ClientInfo | None) -> None:
+        if info is None:
+            raise InvalidUpdate(
+                update.client_id, "the reply comes from a node that did not join", round=round
+            )
+        identity = msg.content.config_records.get("client")
+        claimed = identity.get("client_id") if identity is not None else None
+        if claimed != info.client_id:
+            raise InvalidUpdate(info.client_id, f"the reply claims client id {claimed!r}", round=round)
+        check_update(
+            update, self.expected, round=round, max_rank=info.rank, max_examples=float(info.num_examples)
+        )
 
     def _update(self, msg: Message, who: str) -> ClientUpdate:
         content = msg.content
@@ -238,6 +353,12 @@ def short_reason(reason: str | None) -> str:
     if marker in text:
         text = text.rsplit(marker, 1)[1]
     return text.strip().removesuffix("'>").strip()
+
+
+def _reasons(log_: RoundLog) -> str:
+    parts = [f"{who}: {why}" for who, why in log_.rejected.items()]
+    parts += [f"{who}: no reply within the round timeout" for who in log_.timed_out]
+    return "; ".join(parts) or "no replies"
 
 
 def weighted_mean(per_client: dict[str, dict[str, float]], key: str) -> float:

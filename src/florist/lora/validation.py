@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -36,6 +36,46 @@ def validate_updates(
             _check_factors(update.client_id, name, factors, round, max_rank)
             _check_shape_matches(update, reference, name, round)
     return ordered
+
+
+def check_update(
+    update: ClientUpdate,
+    expected: Mapping[str, tuple[int, int]],
+    *,
+    round: int | None = None,
+    max_rank: int | None = None,
+    max_examples: float | None = None,
+) -> None:
+    """One client's update against what the server expects, on its own (no other client needed).
+
+    ``expected`` maps every adapted module to its weight shape ``(m, n)``. Raises ``InvalidUpdate``
+    naming client, round and module for: a bad or inflated example count (above ``max_examples``,
+    the count the client declared when it joined), missing or extra modules, wrong shapes, a rank
+    above ``max_rank``, non-finite values.
+    """
+    _check_weight(update, round)
+    if max_examples is not None and update.num_examples > max_examples:
+        raise InvalidUpdate(
+            update.client_id,
+            f"num_examples {update.num_examples:g} exceeds the {max_examples:g} it declared when it joined",
+            round=round,
+        )
+    missing, extra = sorted(set(expected) - set(update.modules)), sorted(set(update.modules) - set(expected))
+    if missing or extra:
+        raise InvalidUpdate(
+            update.client_id,
+            f"module set differs: missing {_short(missing)}, extra {_short(extra)}",
+            round=round,
+        )
+    for name, factors in sorted(update.modules.items()):
+        _check_factors(update.client_id, name, factors, round, max_rank)
+        if factors.shape != tuple(expected[name]):
+            raise InvalidUpdate(
+                update.client_id,
+                f"adapted weight shape {factors.shape} differs from the model's {tuple(expected[name])}",
+                module=name,
+                round=round,
+            )
 
 
 def client_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:

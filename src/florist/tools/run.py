@@ -32,6 +32,10 @@ def run_simulation(cfg: RunConfig) -> dict[str, Any]:
     from florist.flower.client_app import make_client_app
     from florist.flower.server_app import make_server_app
 
+    if cfg.run.resume:  # refuse a changed config or a missing checkpoint before Ray starts
+        from florist.flower.checkpoint import load_latest
+
+        load_latest(Path(cfg.run.dir) / str(cfg.run.name) / "checkpoints", cfg, cfg.run.force)
     summary: dict[str, Any] = {}
     errors: list[BaseException] = []
     flwr_run_simulation(
@@ -62,6 +66,9 @@ def print_summary(summary: dict[str, Any], demo: bool = False, console: Any = No
         if key in before or key in after:
             console.print(f"{key:>14}: before {_fmt(before.get(key))}  after {_fmt(after.get(key))}")
     console.print(bytes_line(summary))
+    for r in records:
+        if r["round"] > 0 and (r.get("skipped") or r.get("rejected") or r.get("timed_out")):
+            console.print(reliability_line(r))
     sync = summary["sync"]
     if sync.get("clients_match_server"):
         console.print(
@@ -101,12 +108,27 @@ def rounds_table(records: list[dict[str, Any]], method: str) -> Any:
                 "0 (base)", "", "", "", "", "", "", _fmt(ev.get("exact_match")), _fmt(ev.get("heldout_loss"))
             )
             continue
+        if "skipped" in r:
+            table.add_row(str(r["round"]), "skipped", "", "", human_bytes(r["bytes_up"]),
+                          human_bytes(r["bytes_down"]), human_bytes(r["bytes_catchup"]), "", "")  # fmt: skip
+            continue
         table.add_row(
             str(r["round"]), str(len(r["clients"])), _fmt(r["train_loss"]), str(r["rank_total"]),
             human_bytes(r["bytes_up"]), human_bytes(r["bytes_down"]), human_bytes(r["bytes_catchup"]),
             _fmt(ev.get("exact_match")), _fmt(ev.get("heldout_loss")),
         )  # fmt: skip
     return table
+
+
+def reliability_line(r: dict[str, Any]) -> str:
+    """What went wrong in a round: skipped (why), clients left out (why), clients too slow."""
+    parts = [f"round {r['round']}:"]
+    if r.get("skipped"):
+        parts.append(f"skipped ({r['skipped']})")
+    parts += [f"{who} left out ({why})" for who, why in (r.get("rejected") or {}).items()]
+    if r.get("timed_out"):
+        parts.append(f"no reply in time from {', '.join(r['timed_out'])}")
+    return " ".join(parts)
 
 
 def bytes_line(summary: dict[str, Any]) -> str:

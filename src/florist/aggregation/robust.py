@@ -1,0 +1,77 @@
+"""Norm clipping of client updates, computed in factored form (no m x n matrix is formed).
+
+For one module, with effective factors B (m, r) and A (r, n):
+
+    ||B A||_F^2 = trace(A^T B^T B A) = trace((B^T B)(A A^T)) = sum((B^T B) * (A A^T))   # (r, r) each
+
+A client's update norm is the root of the sum over its modules. Clipping scales every B of the
+client by ``min(1, c / norm)``, which scales each product B A and therefore the client's whole
+update, for every method (FedIT's separate averages included). The threshold ``c`` is fixed
+(``clip = "fixed"``) or ``clip_value`` times the median of the round's client norms
+(``clip = "median"``), so one client cannot stretch it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from florist.errors import ConfigError
+from florist.lora.update import ClientUpdate, LoraFactors
+
+CLIP_MODES = ("none", "median", "fixed")
+
+
+def factored_norm_sq(f: LoraFactors) -> float:
+    """``||B A||_F^2`` from the two (r, r) Gram matrices, in float64."""
+    B, A = f.effective(torch.float64)  # (m, r), (r, n)
+    return float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0.0))
+
+
+def update_norm(update: ClientUpdate) -> float:
+    """Frobenius norm of the client's whole update: sqrt(sum over modules of ||B A||_F^2)."""
+    return float(sum(factored_norm_sq(f) for f in update.modules.values()) ** 0.5)
+
+
+@dataclass(frozen=True)
+class ClipReport:
+    """Per-client norms before clipping, the threshold, and the factor each client was scaled by."""
+
+    threshold: float
+    norms: dict[str, float]
+    factors: dict[str, float]
+
+    @property
+    def clipped(self) -> list[str]:
+        return sorted(c for c, s in self.factors.items() if s < 1.0)
+
+
+def clip_threshold(norms: Sequence[float], mode: str, value: float) -> float:
+    """``value`` (fixed) or ``value * median(norms)`` (median)."""
+    if mode not in CLIP_MODES or mode == "none":
+        raise ConfigError(f"clip mode must be 'median' or 'fixed', got {mode!r}")
+    if not value > 0:
+        raise ConfigError(f"clip value must be > 0, got {value}")
+    return value if mode == "fixed" else value * statistics.median(norms)
+
+
+def clip_updates(
+    updates: Sequence[ClientUpdate], mode: str, value: float
+) -> tuple[list[ClientUpdate], ClipReport]:
+    """Scale each update whose norm exceeds the threshold down to it; others are returned as they are."""
+    norms = {u.client_id: update_norm(u) for u in updates}
+    c = clip_threshold(list(norms.values()), mode, value)
+    factors = {cid: (min(1.0, c / n) if n > 0 else 1.0) for cid, n in norms.items()}
+    out = [scale_update(u, factors[u.client_id]) for u in updates]
+    return out, ClipReport(c, norms, factors)
+
+
+def scale_update(update: ClientUpdate, s: float) -> ClientUpdate:
+    """The update times ``s`` (B scaled; A and the scaling untouched)."""
+    if s == 1.0:
+        return update
+    modules = {name: replace(f, B=f.B * s) for name, f in update.modules.items()}
+    return replace(update, modules=modules)

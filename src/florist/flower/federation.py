@@ -1,0 +1,265 @@
+"""One federated run on the server: rounds, skipped rounds, checkpoints, resume, the final sync.
+
+Round t:  sample -> send (each message size-checked) -> collect replies until federation.round_timeout
+          (later ones are left out; a reply that arrives in a later round is logged and discarded)
+          -> strategy.aggregate_train (bad replies left out; fewer than min_replies: round skipped)
+          -> fold into the server's global model -> metrics line -> checkpoint RUN/checkpoints/round-t.pt
+After max_skipped_rounds consecutive skipped rounds the run stops with ``QuorumLost`` (non-zero exit);
+its checkpoint is on disk and ``run.resume = true`` continues from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MessageType
+from flwr.serverapp import Grid
+
+from florist.aggregation import make_aggregator
+from florist.aggregation.comm import efficiency
+from florist.client.model import load_model, resolve_model
+from florist.config import RunConfig
+from florist.data.federated import test_examples
+from florist.errors import QuorumLost
+from florist.flower import checkpoint
+from florist.flower.checkpoint import ServerState
+from florist.flower.evaluation import Evaluator
+from florist.flower.exchange import Exchange
+from florist.flower.global_model import GlobalModel, adapted_shapes
+from florist.flower.handshake import hello
+from florist.flower.rundir import RunDir, cumulative
+from florist.flower.size_guard import check_estimate, estimate
+from florist.flower.strategy import FederatedLoRA, RoundLog, short_reason, weighted_mean
+
+log = logging.getLogger(__name__)
+DRAIN_SECONDS = 60.0  # at the end, wait at most this long (or round_timeout) for replies still owed
+
+
+class Federation:
+    """One run: the strategy, the server's global model, evaluation, checkpoints and the run directory."""
+
+    def __init__(self, cfg: RunConfig, grid: Grid) -> None:
+        self.cfg, self.grid = cfg, grid
+        self.aggregator = make_aggregator(
+            cfg.aggregation.method, **cfg.aggregation.options().aggregator_options()
+        )
+        self.base = resolve_model(cfg.model.name)
+        self.rundir = RunDir(cfg, self.base)
+        resumed = (
+            checkpoint.load_latest(self.rundir.checkpoints, cfg, cfg.run.force) if cfg.run.resume else None
+        )
+        model, tokenizer = load_model(self.base, cfg.model.torch_dtype())
+        self.expected = adapted_shapes(model, cfg.lora.target_modules)
+        self.preflight()
+        self.strategy = FederatedLoRA(cfg, self.aggregator, hello(grid, cfg), self.expected)
+        self.strategy.summary()
+        self.model = GlobalModel(model.to(cfg.model.torch_device()), tokenizer, self.aggregator.protocol)
+        self.evaluator = Evaluator(cfg.eval, test_examples(cfg.data), cfg.data.seed, cfg.run.progress)
+        self.exchange = Exchange(grid)
+        self.state = resumed or ServerState(round=0)
+
+    def preflight(self) -> None:
+        """Refuse a configuration whose messages cannot fit under federation.max_message_mb."""
+        fed, agg, n = self.cfg.federation, self.cfg.aggregation, self.cfg.federation.num_clients
+        ranks = [self.cfg.lora.rank_of(k, n) for k in range(n)]
+        est = estimate(agg.method, self.expected, ranks, agg.rank, agg.budget_mb)
+        warning = check_estimate(est, agg.method, fed.max_message_mb, n)
+        if warning:
+            log.warning(warning)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any]:
+        if self.cfg.run.resume:
+            self.resume()
+        else:
+            if self.evaluator.due(0, self.cfg.federation.rounds):
+                self._record({"round": 0, "eval": self.evaluator(self.model.model, self.model.tokenizer)})
+            self.checkpoint(0)
+        for t in range(self.state.round + 1, self.cfg.federation.rounds + 1):
+            self.round(t)
+        sync = self.sync()
+        self.exchange.drain(min(self._round_timeout(), DRAIN_SECONDS))
+        return self.finish(sync)
+
+    def round(self, t: int) -> None:
+        start = time.perf_counter()
+        msgs = list(self.strategy.configure_train(t, ArrayRecord(), ConfigRecord(), self.grid))
+        replies, missing = self.exchange.send_and_receive(msgs, t, self._round_timeout(), f"round {t}")
+        log_ = self.strategy.logs[t]
+        log_.timed_out = [self.strategy.by_node[n].client_id for n in missing]
+        for who in log_.timed_out:
+            log.warning("round %d: %s left out: no reply within %.0f s", t, who, self._round_timeout())
+        wall = time.perf_counter() - start
+        self.strategy.aggregate_train(t, replies)
+        if log_.skipped is not None:
+            self._skipped(t, log_, start)
+            return
+        self.state.skipped_streak = 0
+        _, result = self.strategy.history[-1]
+        self.model.apply_result(t, result)
+        self.rundir.global_adapter(t, result.global_update)
+        if self.cfg.run.save_client_updates:
+            self.rundir.client_updates(t, self.strategy.last_updates)
+        record = round_record(log_, result, wall)
+        if self.evaluator.due(t, self.cfg.federation.rounds):
+            record["eval"] = self.evaluator(self.model.model, self.model.tokenizer)
+        record["round_seconds"] = time.perf_counter() - start
+        self._record(record)
+        self.checkpoint(t)
+
+    def _skipped(self, t: int, log_: RoundLog, start: float) -> None:
+        self.state.skipped_streak += 1
+        self._record(skipped_record(log_) | {"round_seconds": time.perf_counter() - start})
+        self.checkpoint(t)
+        limit = self.cfg.federation.max_skipped_rounds
+        if self.state.skipped_streak >= limit:
+            raise QuorumLost(
+                f"round {t}: {self.state.skipped_streak} consecutive rounds skipped "
+                f"(federation.max_skipped_rounds = {limit}); last: {log_.skipped}. "
+                f"Checkpoint written; continue with run.resume=true (florist run ... --resume)"
+            )
+
+    def _round_timeout(self) -> float:
+        fed = self.cfg.federation
+        return fed.round_timeout if fed.round_timeout is not None else fed.timeout
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, t: int) -> None:
+        self.state.round = t
+        self.state.history = list(self.strategy.history)
+        self.state.synced = {self.strategy.by_node[n].client_id: r for n, r in self.strategy.synced.items()}
+        checkpoint.save(self.rundir.checkpoints, self.state, self.cfg, self.cfg.run.checkpoint_keep)
+
+    def resume(self) -> None:
+        """Continue after the checkpoint in ``self.state``: history, model, metrics, what clients hold."""
+        self.strategy.history = list(self.state.history)
+        by_client = {c.client_id: c.node_id for c in self.strategy.clients}
+        self.strategy.synced = {by_client[c]: r for c, r in self.state.synced.items()}
+        for t, result in self.state.history:
+            self.model.apply_result(t, result)
+        self.rundir.restore(self.state.round, self.state.records)
+        restore = self.restore_clients()
+        log.info("resumed after round %d; clients restored with %d bytes", self.state.round, restore)
+
+    def restore_clients(self) -> int:
+        """Bring every node back to what it held at the checkpoint (merge protocols; a no-op otherwise)."""
+        msgs = self.strategy.restore_messages(self.state.round + 1)
+        if not msgs:
+            return 0
+        replies, missing = self.exchange.send_and_receive(msgs, 0, self.cfg.federation.timeout, "restore")
+        failed = [short_reason(r.error.reason) for r in replies if r.has_error()]
+        if failed or missing:
+            raise RuntimeError(f"restoring clients failed: {failed or f'no reply from nodes {missing}'}")
+        return sum(self.strategy.restore_bytes.values())
+
+    # ------------------------------------------------------------------ the end
+
+    def sync(self) -> dict[str, Any]:
+        """Send every node what it is missing; check that all hold the same weights as the server."""
+        log_ = RoundLog(self.cfg.federation.rounds + 1)
+        nodes = [c.node_id for c in self.strategy.clients]
+        msgs = self.strategy.messages(log_.round, nodes, f"{MessageType.QUERY}.sync", log_)
+        replies, missing = self.exchange.send_and_receive(
+            msgs, log_.round, self.cfg.federation.timeout, "sync"
+        )
+        digests = {}
+        for reply in replies:
+            info = self.strategy.by_node[reply.metadata.src_node_id]
+            if reply.has_error():
+                log.warning("sync: %s failed: %s", info.client_id, short_reason(reply.error.reason))
+                continue
+            digests[info.client_id] = str(reply.content.config_records["client"]["digest"])
+        names = sorted(self.expected)
+        server = self.model.digest(names)
+        same = (
+            self.strategy.merges and len(digests) == len(nodes) and all(d == server for d in digests.values())
+        )
+        if self.strategy.merges and not same:
+            log.warning(
+                "sync: client weights differ from the server's (or are missing): %s vs %s", digests, server
+            )
+        return {"bytes_down": log_.bytes_down, "bytes_catchup": log_.bytes_catchup, "digests": digests,
+                "server_digest": server, "clients_match_server": same,
+                "no_reply": [self.strategy.by_node[n].client_id for n in missing]}  # fmt: skip
+
+    def finish(self, sync: dict[str, Any]) -> dict[str, Any]:
+        history = [r.global_update for _, r in self.strategy.history]
+        adapter = self.rundir.final_adapter(cumulative(history, self.strategy.merges))
+        rounds = [r for r in self.state.records if r["round"] > 0]
+        late = [
+            {
+                "round": x.round,
+                "client": self.strategy.by_node[x.node_id].client_id,
+                "arrived_in": x.arrived_in,
+            }
+            for x in self.exchange.late
+        ]
+        summary = {
+            "run_dir": str(self.rundir.path),
+            "adapter": str(adapter),
+            "base_model": self.base,
+            "method": self.aggregator.name,
+            "rounds": len([r for r in rounds if "skipped" not in r]),
+            "rounds_skipped": [r["round"] for r in rounds if "skipped" in r],
+            "eval_before": next((r["eval"] for r in self.state.records if r["round"] == 0), None),
+            "eval_after": next((r["eval"] for r in reversed(rounds) if "eval" in r), None),
+            **byte_totals(rounds, sync),
+            "late_replies": late,
+            "sync": sync,
+        }
+        self.rundir.summary(summary)
+        return summary
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.state.records.append(record)
+        self.rundir.append_metrics(record)
+
+
+def byte_totals(rounds: list[dict[str, Any]], sync: dict[str, Any]) -> dict[str, int]:
+    """Whole-run bytes: every round plus the final sync; downlink includes catch-up."""
+    catchup = sum(r["bytes_catchup"] for r in rounds) + sync["bytes_catchup"]
+    down = sum(r["bytes_down"] for r in rounds) + sync["bytes_down"] + catchup
+    return {"bytes_up": sum(r["bytes_up"] for r in rounds), "bytes_down": down, "bytes_catchup": catchup}
+
+
+def skipped_record(log_: RoundLog) -> dict[str, Any]:
+    """The metrics.jsonl line of a skipped round: who was asked, who failed, why."""
+    return {
+        "round": log_.round,
+        "clients": log_.clients,
+        "skipped": log_.skipped,
+        "bytes_up": log_.bytes_up,
+        "bytes_down": log_.bytes_down,
+        "bytes_catchup": log_.bytes_catchup,
+        "rejected": log_.rejected,
+        "timed_out": log_.timed_out,
+    }
+
+
+def round_record(log_: RoundLog, result: Any, wall: float) -> dict[str, Any]:
+    """The metrics.jsonl line of one round (eval added by the caller)."""
+    train_s = [m.get("train_seconds", 0.0) for m in log_.client_metrics.values()]
+    return {
+        "round": log_.round,
+        "clients": log_.clients,
+        "aggregated": list(result.client_ids),
+        "train_loss": weighted_mean(log_.client_metrics, "train_loss"),
+        "bytes_up": log_.bytes_up,
+        "bytes_down": log_.bytes_down,
+        "bytes_catchup": log_.bytes_catchup,
+        "ranks": result.ranks,
+        "rank_total": sum(result.ranks.values()),
+        "efficiency_e-4": efficiency(result),
+        "energy_kept_min": min(result.energy_kept.values()) if result.energy_kept else None,
+        "aggregation_seconds": result.seconds,
+        "train_seconds_sum": sum(train_s),
+        "train_and_transport_seconds": wall,
+        "client_metrics": log_.client_metrics,
+        "rejected": log_.rejected,
+        "timed_out": log_.timed_out,
+        "clip": log_.clip,
+    }
