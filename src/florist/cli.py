@@ -6,6 +6,7 @@ florist run CONFIG.toml [section.key=value ...]   federated fine-tuning on Flowe
 florist demo [section.key=value ...]              the embedded demo: SmolLM2 + skills set, FLoRIST
 florist compare                                   every aggregator on 8 synthetic SmolLM2-shaped adapters
 florist bench [--out DIR] [section.key=value ...]  the paper's comparison: every method, a table and plots
+florist deploy CONFIG.toml --nodes N [section.key=value ...]  the same on a local TLS Flower deployment
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from florist.errors import ConfigError, FloristError
+from florist import deploy
+from florist.errors import ConfigError, FloristError, QuorumLost
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -70,6 +72,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("run", help="run a federation (Flower simulation runtime) from a TOML config")
     p.add_argument("config", help="TOML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. federation.rounds=5")
+    p.add_argument(
+        "--resume", action="store_true", help="continue run.dir/run.name from its latest checkpoint"
+    )
+    p.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
     d = sub.add_parser(
         "demo", help="federated FLoRIST on SmolLM2 and the embedded skills set (~10 min on CPU)"
     )
@@ -98,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_compare(sub)
     _add_bench(sub)
+    deploy.add_parser(sub)
     return parser
 
 
@@ -148,7 +155,8 @@ def _run(args: argparse.Namespace) -> None:
     from florist.config import load_config
     from florist.tools.run import print_summary, run_simulation
 
-    print_summary(run_simulation(load_config(args.config, args.overrides)))
+    flags = ["run.resume=true"] * args.resume + ["run.force=true"] * args.force
+    print_summary(run_simulation(load_config(args.config, [*args.overrides, *flags])))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -191,9 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": _run,
         "demo": _demo,
         "bench": _bench,
+        "deploy": deploy.cli,
     }
     try:
         commands[args.command](args)
+    except QuorumLost as err:
+        print(f"florist {args.command}: stopped: {err}", file=sys.stderr)
+        return 3
     except (FloristError, ConfigError) as err:
         print(f"florist {args.command}: error: {err}", file=sys.stderr)
         return 2

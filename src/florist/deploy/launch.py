@@ -1,0 +1,509 @@
+"""``florist deploy CONFIG.toml --nodes N``: one federation on a TLS + SuperNode-auth Flower deployment.
+
+    florist deploy configs/demo.toml --nodes 4 federation.rounds=2
+
+Everything runs on 127.0.0.1 as separate processes, the way separate sites would run it
+(docs/deployment.md shows the same steps by hand, across machines):
+
+1. WORKDIR/certs: a new CA and the SuperLink's certificate (subjectAltName 127.0.0.1, localhost);
+   WORKDIR/keys: one ECDSA key pair per SuperNode (OpenSSH format, as ``ssh-keygen -t ecdsa``);
+   WORKDIR/flwr-home/config.toml (``FLWR_HOME``): the ``[superlink.florist-deploy]`` connection.
+2. ``flower-superlink`` with TLS and ``--enable-supernode-auth`` on 127.0.0.1:PORT.
+3. ``flwr supernode register keys/node-K.pub florist-deploy`` for every node.
+4. N ``flower-supernode`` processes, node K with ``partition-id=K num-partitions=N``.
+5. ``flwr run flower-app florist-deploy --stream --run-config WORKDIR/run-config.toml``, to its end.
+6. Every process stopped by pid (WORKDIR/pids.json lists them); RUN/summary.json read and printed.
+
+Logs of every process are in WORKDIR/logs. The command exits non-zero when the federation fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO, Any
+
+import tomllib
+
+from florist.config import RunConfig, load_config
+from florist.config.loader import flat_defaults
+from florist.deploy.certs import NodeKey, TlsFiles, make_node_key, make_tls
+from florist.deploy.processes import DeploymentError, LogFollower, Managed, ProcessGroup, tail
+from florist.errors import ConfigError
+
+log = logging.getLogger(__name__)
+HOST = "127.0.0.1"
+DEFAULT_APP = Path(__file__).resolve().parents[3] / "flower-app"
+CONNECTION = "florist-deploy"
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """Where and how a local deployment runs.
+
+    Parameters
+    ----------
+    workdir : Path
+        Certificates, keys, ``FLWR_HOME``, logs and ``pids.json``; created, and must be empty if it exists.
+    nodes : int
+        Number of SuperNodes (the run's ``federation.num_clients``).
+    app : Path
+        The Flower App directory passed to ``flwr run`` (florist's ``flower-app/``).
+    port : int | None
+        The SuperLink's port on 127.0.0.1 (Fleet, Control and Runtime APIs); None: a free port.
+    connection : str
+        Name of the ``[superlink.NAME]`` connection written to ``FLWR_HOME/config.toml``.
+    startup_timeout : float
+        Seconds to wait for the SuperLink to answer and for each ``flwr supernode register``.
+    """
+
+    workdir: Path
+    nodes: int
+    app: Path = DEFAULT_APP
+    port: int | None = None
+    connection: str = CONNECTION
+    startup_timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError(f"--nodes must be at least 1, got {self.nodes}")
+        if self.port is not None and not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        if not (self.app / "pyproject.toml").is_file():
+            raise ConfigError(f"Flower App {str(self.app)!r} has no pyproject.toml; pass the flower-app dir")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The files of one deployment under its work directory."""
+
+    root: Path
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def home(self) -> Path:
+        return self.root / "flwr-home"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "pids.json"
+
+    @property
+    def run_config(self) -> Path:
+        return self.root / "run-config.toml"
+
+
+class Deployment:
+    """A SuperLink with TLS and SuperNode authentication and its SuperNodes, all on 127.0.0.1.
+
+    Use it as a context manager: every process it started, and their descendants, are stopped by
+    pid on exit. ``start`` brings up the SuperLink and ``settings.nodes`` registered SuperNodes;
+    ``run`` runs one federation through them and returns its summary.
+
+    Parameters
+    ----------
+    settings : DeploySettings
+        Work directory, number of nodes, Flower App and port.
+    echo : IO[str] | None
+        Where to copy the ``flwr run --stream`` output while it runs (None: only its log file).
+    """
+
+    def __init__(self, settings: DeploySettings, echo: IO[str] | None = None) -> None:
+        self.settings = settings
+        self.layout = Layout(settings.workdir.resolve())
+        self.echo = echo
+        self.bin_dir = Path(sys.executable).parent  # the venv's bin: flower-superexec is started by name
+        self.group = ProcessGroup(self._env(), pid_file=self.layout.pid_file, cwd=self.layout.root)
+        self._ports: set[int] = set()
+        self.port = settings.port or self._free_port()
+        self._ports.add(self.port)
+        self.tls: TlsFiles | None = None
+        self.nodes: list[Managed] = []
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Certificates and connection, the SuperLink, then every SuperNode with a registered key."""
+        self.prepare()
+        self.start_superlink()
+        for k in range(self.settings.nodes):
+            key = self.new_key(f"node-{k:03d}")
+            self.register(key)
+            self.nodes.append(self.start_supernode(k, key))
+
+    def prepare(self) -> None:
+        """Create the work directory, the CA and SuperLink certificate, and ``FLWR_HOME/config.toml``."""
+        root = self.layout.root
+        if root.exists() and any(root.iterdir()):
+            raise ConfigError(f"deployment work directory {str(root)!r} exists and is not empty")
+        for d in (self.layout.home, self.layout.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        self.tls = make_tls(self.layout.certs)
+        (self.layout.home / "config.toml").write_text(
+            connection_toml(self.settings.connection, self.address, self.tls)
+        )
+
+    def new_key(self, name: str) -> NodeKey:
+        """A fresh SuperNode key pair ``keys/NAME`` and ``keys/NAME.pub``."""
+        return make_node_key(self.layout.keys, name)
+
+    def start_superlink(self) -> Managed:
+        """Start ``flower-superlink`` and wait until its HTTPS health endpoint answers."""
+        tls = self._tls()
+        argv = [
+            self._exe("flower-superlink"),
+            "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+            "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth",
+            "--host", HOST, "--port", str(self.port),
+            "--disable-runtime-dependency-installation",  # offline: florist is already installed
+        ]  # fmt: skip
+        link = self.group.start("superlink", argv, self.layout.logs / "superlink.log")
+        url = f"https://{self.address}/health"
+        self.group.wait_until(
+            lambda: healthy(url, tls.ca_cert), self.settings.startup_timeout, f"the SuperLink to answer {url}"
+        )
+        log.info("SuperLink on %s (pid %d), TLS and SuperNode authentication on", self.address, link.pid)
+        return link
+
+    def register(self, key: NodeKey) -> None:
+        """``flwr supernode register KEY.pub CONNECTION``: the SuperLink will accept this key's node."""
+        name = f"register-{key.private.name}"
+        out = self.layout.logs / f"{name}.log"
+        argv = [self._exe("flwr"), "supernode", "register", str(key.public), self.settings.connection]
+        code = self.group.run(name, argv, out, self.settings.startup_timeout)
+        if code != 0:
+            raise DeploymentError(f"registering {key.public} failed (exit {code}); {out}:\n{tail(out)}")
+        log.info("registered %s", key.public.name)
+
+    def start_supernode(
+        self,
+        index: int,
+        key: NodeKey,
+        *,
+        trust_ca: bool = True,
+        name: str | None = None,
+        service: bool = True,
+    ) -> Managed:
+        """Start a ``flower-supernode`` for client ``index`` that authenticates with ``key``.
+
+        Parameters
+        ----------
+        index : int
+            Its ``partition-id`` (florist's client index).
+        key : NodeKey
+            Its authentication key pair (registered or not: an unregistered node is refused).
+        trust_ca : bool
+            Pass the deployment's CA as ``--root-certificates``; without it the node cannot verify
+            the SuperLink's certificate and is refused.
+        name : str | None
+            Its name in the process group and log file (default ``supernode-INDEX``).
+        service : bool
+            True: the deployment fails if this node exits. False for a node expected to be refused.
+        """
+        name = name or f"supernode-{index:03d}"
+        argv = [
+            self._exe("flower-supernode"), "--superlink", self.address,
+            "--auth-supernode-private-key", str(key.private),
+            "--node-config", f"partition-id={index} num-partitions={self.settings.nodes}",
+            "--host", HOST, "--port", str(self._free_port()),  # its own Runtime API, for its SuperExec
+        ]  # fmt: skip
+        if trust_ca:
+            argv += ["--root-certificates", str(self._tls().ca_cert)]
+        node = self.group.start(name, argv, self.layout.logs / f"{name}.log", service=service)
+        log.info("%s started (pid %d)", name, node.pid)
+        return node
+
+    def run(self, cfg: RunConfig, timeout: float | None = None) -> dict[str, Any]:
+        """Run ``cfg`` with ``flwr run`` through this deployment; the run's summary.
+
+        ``cfg`` must name its run directory (absolute ``run.dir`` and a ``run.name``): the ServerApp
+        writes it from a process of the SuperLink's, and this method reads ``summary.json`` there.
+        Raises ``DeploymentError`` when a SuperLink or SuperNode exits, when ``timeout`` seconds
+        pass, or when the run ends without a summary.
+        """
+        run = run_dir(cfg)
+        if run.exists() and any(run.iterdir()):  # its summary.json would be taken for this run's
+            raise ConfigError(f"run directory {str(run)!r} exists and is not empty; set run.name")
+        summary_path = run / "summary.json"
+        if cfg.federation.num_clients != self.settings.nodes:
+            raise ConfigError(
+                f"federation.num_clients={cfg.federation.num_clients} but the deployment has "
+                f"{self.settings.nodes} SuperNodes"
+            )
+        overrides = run_overrides(cfg, app_config(self.settings.app))
+        self.layout.run_config.write_text(overrides_toml(overrides))
+        flwr = self._start_flwr_run()
+        self._wait_run(flwr, timeout)
+        if not summary_path.is_file():
+            raise DeploymentError(
+                f"the federation ended without writing {summary_path}; last lines of {flwr.log}:\n"
+                f"{tail(flwr.log)}\n(SuperLink log: {self.layout.logs / 'superlink.log'})"
+            )
+        return json.loads(summary_path.read_text())  # type: ignore[no-any-return]
+
+    def stop(self) -> list[int]:
+        """Stop every process started and every descendant recorded, by pid; their pids."""
+        pids = self.group.stop()
+        if pids:
+            log.info("stopped %d processes by pid: %s", len(pids), " ".join(map(str, pids)))
+        return pids
+
+    def _start_flwr_run(self) -> Managed:
+        argv = [
+            self._exe("flwr"), "run", str(self.settings.app.resolve()), self.settings.connection,
+            "--stream", "--run-config", str(self.layout.run_config),
+        ]  # fmt: skip
+        return self.group.start("flwr-run", argv, self.layout.logs / "flwr-run.log", service=False)
+
+    def _wait_run(self, flwr: Managed, timeout: float | None) -> None:
+        """Copy ``flwr run``'s output to ``echo`` until it exits; fail early if a service exits."""
+        follower = LogFollower(flwr.log, self.echo)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while flwr.returncode() is None:
+            follower.pump()
+            self.group.check()
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeploymentError(f"the federation did not finish within {timeout:.0f} s; see {flwr.log}")
+            time.sleep(0.5)
+        follower.pump()
+        if (code := flwr.returncode()) != 0:
+            raise DeploymentError(
+                f"flwr run exited with code {code}; last lines of {flwr.log}:\n{tail(flwr.log)}"
+            )
+
+    def _tls(self) -> TlsFiles:
+        if self.tls is None:
+            raise DeploymentError("no certificates yet: call prepare() (or start()) first")
+        return self.tls
+
+    def _exe(self, name: str) -> str:
+        found = shutil.which(name, path=str(self.bin_dir)) or shutil.which(name)
+        if found is None:
+            raise DeploymentError(f"{name!r} is neither in {self.bin_dir} nor on PATH; install flwr==1.42.0")
+        return found
+
+    def _free_port(self) -> int:
+        """A port on 127.0.0.1 that is free now and not yet handed to another process of this deployment."""
+        while (port := free_port()) in self._ports:
+            pass
+        self._ports.add(port)
+        return port
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["FLWR_HOME"] = str(self.layout.home)
+        env["PATH"] = str(self.bin_dir) + os.pathsep + env.get("PATH", "")
+        env["PYTHONUNBUFFERED"] = "1"  # log lines reach the files as they are written
+        for var in ("NO_PROXY", "no_proxy"):  # the processes talk to each other on loopback only
+            env[var] = ",".join(filter(None, [env.get(var), HOST, "localhost"]))
+        return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def healthy(url: str, ca_cert: Path) -> bool:
+    """True when ``url`` answers 200 over TLS verified against ``ca_cert`` (no proxy)."""
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    )
+    try:
+        with opener.open(url, timeout=2) as reply:
+            return bool(reply.status == 200)
+    except OSError:  # refused, not up yet, TLS failure (URLError and SSLError are OSErrors)
+        return False
+
+
+def connection_toml(name: str, address: str, tls: TlsFiles) -> str:
+    """``FLWR_HOME/config.toml`` with one TLS connection ``[superlink.NAME]``, the default one."""
+    return (
+        f"[superlink]\ndefault = {json.dumps(name)}\n\n"
+        f"[superlink.{name}]\naddress = {json.dumps(address)}\n"
+        f"root-certificates = {json.dumps(str(tls.ca_cert.resolve()))}\n"
+    )
+
+
+def app_config(app: Path) -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` table of the Flower App at ``app``."""
+    path = app / "pyproject.toml"
+    tree = tomllib.loads(path.read_text(encoding="utf-8"))
+    table = tree.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path} has no [tool.flwr.app.config] table")
+    return table
+
+
+def run_overrides(cfg: RunConfig, declared: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``section.key`` values of ``cfg`` that differ from what the Flower App declares.
+
+    Flower accepts run-config overrides only for declared keys, so a key the app does not declare
+    is an error when ``cfg`` sets it to anything but florist's default.
+    """
+    defaults = flat_defaults()
+    out = {}
+    for key, value in flat_defaults(cfg).items():
+        if key in declared:
+            if declared[key] != value:
+                out[key] = value
+        elif value != defaults[key]:
+            raise ConfigError(
+                f"{key}={value!r} cannot be passed to the Flower App: its pyproject.toml does not "
+                "declare the key in [tool.flwr.app.config]"
+            )
+    return out
+
+
+def overrides_toml(overrides: Mapping[str, Any]) -> str:
+    """A TOML file for ``flwr run --run-config FILE``: one quoted ``"section.key" = value`` per line."""
+    return "".join(f"{json.dumps(key)} = {_toml_scalar(value)}\n" for key, value in overrides.items())
+
+
+def _toml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    """RUN, where the ServerApp writes: ``run.dir`` must be absolute and ``run.name`` set."""
+    if not Path(cfg.run.dir).is_absolute():
+        raise ConfigError(f"run.dir must be an absolute path for a deployment, got {cfg.run.dir!r}")
+    if not cfg.run.name:
+        raise ConfigError("run.name must be set for a deployment, so that its run directory is known")
+    return Path(cfg.run.dir) / cfg.run.name
+
+
+def deploy_config(path: str | None, nodes: int, overrides: Sequence[str] = ()) -> RunConfig:
+    """The run's config: ``federation.num_clients`` from ``nodes``, local paths absolute, a run name.
+
+    The apps run in Flower's processes, so ``run.dir`` and every path that exists relative to the
+    current directory (``model.name``, ``data.source``, ``data.test``, ``eval.mmlu``) is made absolute.
+    """
+    cfg = load_config(path, [f"federation.num_clients={nodes}", *overrides])
+    if cfg.federation.num_clients != nodes:
+        raise ConfigError(f"federation.num_clients={cfg.federation.num_clients} contradicts --nodes {nodes}")
+    name = cfg.run.name or f"deploy-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, name=_absolute_if_exists(cfg.model.name)),
+        data=dataclasses.replace(
+            cfg.data, source=_absolute_if_exists(cfg.data.source), test=_absolute_if_exists(cfg.data.test)
+        ),
+        eval=dataclasses.replace(cfg.eval, mmlu=_absolute_if_exists(cfg.eval.mmlu)),
+        run=dataclasses.replace(cfg.run, dir=str(Path(cfg.run.dir).resolve()), name=name),
+    )
+
+
+def _absolute_if_exists(value: str | None) -> Any:
+    if value is not None and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
+def deploy(cfg: RunConfig, settings: DeploySettings, echo: IO[str] | None = None) -> dict[str, Any]:
+    """Start the deployment, run ``cfg`` through it, stop every process; the run's summary."""
+    with Deployment(settings, echo) as deployment:
+        deployment.start()
+        return deployment.run(cfg)
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets ``section.key=value`` overrides follow options: ``CONFIG --nodes 3 federation.rounds=2``."""
+
+    _inner = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._inner:  # parse_known_intermixed_args calls back into this method
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``florist deploy`` on the ``florist`` command's subparsers."""
+    p = sub.add_parser(
+        "deploy", help="a federation on a local TLS + SuperNode-auth Flower deployment (separate processes)"
+    )
+    p.__class__ = _IntermixedParser
+    p.add_argument("config", help="TOML config file (see configs/)")
+    p.add_argument("--nodes", type=int, required=True, help="number of SuperNodes (federation.num_clients)")
+    p.add_argument(
+        "--workdir",
+        help="certificates, keys, FLWR_HOME, logs, pids.json (default: RUN-deployment beside RUN)",
+    )
+    p.add_argument("--port", type=int, help="SuperLink port on 127.0.0.1 (default: a free port)")
+    p.add_argument("--app", default=str(DEFAULT_APP), help="the Flower App directory (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. federation.rounds=5")
+
+
+def cli(args: argparse.Namespace) -> None:
+    """``florist deploy``: prints where the run directory is and the summary; raises if the run failed."""
+    from florist.tools.run import print_summary
+
+    cfg = deploy_config(args.config, args.nodes, args.overrides)
+    workdir = Path(args.workdir) if args.workdir else run_dir(cfg).with_name(f"{cfg.run.name}-deployment")
+    settings = DeploySettings(workdir=workdir, nodes=args.nodes, app=Path(args.app), port=args.port)
+    print(f"run directory: {run_dir(cfg)}\ndeployment files and logs: {workdir.resolve()}", flush=True)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so every process is still stopped
+    try:
+        summary = deploy(cfg, settings, echo=sys.stdout)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print_summary(summary)
+    if summary.get("rounds") != cfg.federation.rounds:
+        raise DeploymentError(
+            f"the federation completed {summary.get('rounds')} of {cfg.federation.rounds} rounds"
+        )
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
