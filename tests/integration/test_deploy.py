@@ -21,16 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from florist.cli import build_parser
 from florist.deploy.certs import make_node_key, make_tls
-from florist.deploy.launch import (
-    DEFAULT_APP,
-    Deployment,
-    DeploySettings,
-    app_config,
-    deploy_config,
-    overrides_toml,
-    run_overrides,
-)
+from florist.deploy.launch import DEFAULT_APP, Deployment, DeploySettings
 from florist.deploy.processes import MARKER, ProcessExited, ProcessGroup, pid_alive
+from florist.deploy.runconfig import app_config, deploy_config, overrides_toml, run_overrides
 from florist.errors import ConfigError
 from tests.flower_helpers import save_tiny_model
 

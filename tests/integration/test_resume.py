@@ -1,7 +1,7 @@
 """Checkpoint and resume: SIGKILL the server mid-run, resume, get bitwise the same run.
 
 Run A goes uninterrupted. Run B is killed (the florist process and every process below it: Ray's
-GCS, raylet and workers) as soon as its round-1 checkpoint exists; its latest checkpoint is then
+GCS, raylet and workers) as soon as its round-2 checkpoint exists; its latest checkpoint is then
 corrupted on purpose, so the resume must fall back to the one before it; ``--resume`` finishes it.
 The final adapter, every round's adapter and metrics.jsonl (less wall-clock fields) must equal A's.
 A changed config is refused without ``--force``.
@@ -89,7 +89,7 @@ def test_sigkill_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     folder = tmp_path / "runs" / "b" / "checkpoints"
     deadline = time.monotonic() + 300
     root, known = psutil.Process(b.pid), {}
-    while not (folder / "round-001.pt.sha256").is_file():
+    while not (folder / "round-002.pt.sha256").is_file():
         assert b.poll() is None and time.monotonic() < deadline, (tmp_path / "b.log").read_text()[-3000:]
         known.update({p.pid: p for p in root.children(recursive=True)})
         time.sleep(0.05)
@@ -127,6 +127,11 @@ def test_sigkill_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (run_a, run_b))
     assert sb["sync"]["server_digest"] == sa["sync"]["server_digest"] and sb["sync"]["clients_match_server"]
     assert sb["bytes_up"] == sa["bytes_up"] and sb["bytes_down"] == sa["bytes_down"]
+    print(
+        f"killed {len(killed)} processes with {[p.name for p in found]} on disk; {latest.name} corrupted; "
+        f"resumed from {found[-2].name}; {len(metrics(run_b))} metrics lines and "
+        f"{sum(1 for _ in run_b.rglob('*.safetensors'))} adapters equal run A's bitwise"
+    )
     alive = [p for p in killed if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not alive
     shutil.rmtree(ray_tmp, ignore_errors=True)

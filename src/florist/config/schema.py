@@ -124,7 +124,7 @@ class FederationConfig:
         default=3, metadata={"help": "consecutive skipped rounds after which the run stops (non-zero exit)"}
     )
     max_message_mb: float = field(
-        default=512.0, metadata={"help": "largest message (MB, 1e6 bytes) the server may send or accept"}
+        default=2000.0, metadata={"help": "largest message (MB, 1e6 bytes) sent or accepted; gRPC: 2 GiB"}
     )
     cpus_per_client: float = field(default=2.0, metadata={"help": "simulation: CPU cores per client"})
     gpus_per_client: float = field(default=0.0, metadata={"help": "simulation: GPU fraction per client"})

@@ -19,32 +19,25 @@ Logs of every process are in WORKDIR/logs. The command exits non-zero when the f
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import datetime as dt
 import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import IO, Any
 
-import tomllib
-
-from florist.config import RunConfig, load_config
-from florist.config.loader import flat_defaults
+from florist.config import RunConfig
 from florist.deploy.certs import NodeKey, TlsFiles, make_node_key, make_tls
 from florist.deploy.processes import DeploymentError, LogFollower, Managed, ProcessGroup, tail
+from florist.deploy.runconfig import app_config, overrides_toml, run_dir, run_overrides
 from florist.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -363,147 +356,3 @@ def connection_toml(name: str, address: str, tls: TlsFiles) -> str:
         f"[superlink.{name}]\naddress = {json.dumps(address)}\n"
         f"root-certificates = {json.dumps(str(tls.ca_cert.resolve()))}\n"
     )
-
-
-def app_config(app: Path) -> dict[str, Any]:
-    """The ``[tool.flwr.app.config]`` table of the Flower App at ``app``."""
-    path = app / "pyproject.toml"
-    tree = tomllib.loads(path.read_text(encoding="utf-8"))
-    table = tree.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path} has no [tool.flwr.app.config] table")
-    return table
-
-
-def run_overrides(cfg: RunConfig, declared: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``section.key`` values of ``cfg`` that differ from what the Flower App declares.
-
-    Flower accepts run-config overrides only for declared keys, so a key the app does not declare
-    is an error when ``cfg`` sets it to anything but florist's default.
-    """
-    defaults = flat_defaults()
-    out = {}
-    for key, value in flat_defaults(cfg).items():
-        if key in declared:
-            if declared[key] != value:
-                out[key] = value
-        elif value != defaults[key]:
-            raise ConfigError(
-                f"{key}={value!r} cannot be passed to the Flower App: its pyproject.toml does not "
-                "declare the key in [tool.flwr.app.config]"
-            )
-    return out
-
-
-def overrides_toml(overrides: Mapping[str, Any]) -> str:
-    """A TOML file for ``flwr run --run-config FILE``: one quoted ``"section.key" = value`` per line."""
-    return "".join(f"{json.dumps(key)} = {_toml_scalar(value)}\n" for key, value in overrides.items())
-
-
-def _toml_scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
-
-
-def run_dir(cfg: RunConfig) -> Path:
-    """RUN, where the ServerApp writes: ``run.dir`` must be absolute and ``run.name`` set."""
-    if not Path(cfg.run.dir).is_absolute():
-        raise ConfigError(f"run.dir must be an absolute path for a deployment, got {cfg.run.dir!r}")
-    if not cfg.run.name:
-        raise ConfigError("run.name must be set for a deployment, so that its run directory is known")
-    return Path(cfg.run.dir) / cfg.run.name
-
-
-def deploy_config(path: str | None, nodes: int, overrides: Sequence[str] = ()) -> RunConfig:
-    """The run's config: ``federation.num_clients`` from ``nodes``, local paths absolute, a run name.
-
-    The apps run in Flower's processes, so ``run.dir`` and every path that exists relative to the
-    current directory (``model.name``, ``data.source``, ``data.test``, ``eval.mmlu``) is made absolute.
-    """
-    cfg = load_config(path, [f"federation.num_clients={nodes}", *overrides])
-    if cfg.federation.num_clients != nodes:
-        raise ConfigError(f"federation.num_clients={cfg.federation.num_clients} contradicts --nodes {nodes}")
-    name = cfg.run.name or f"deploy-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    return dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(cfg.model, name=_absolute_if_exists(cfg.model.name)),
-        data=dataclasses.replace(
-            cfg.data, source=_absolute_if_exists(cfg.data.source), test=_absolute_if_exists(cfg.data.test)
-        ),
-        eval=dataclasses.replace(cfg.eval, mmlu=_absolute_if_exists(cfg.eval.mmlu)),
-        run=dataclasses.replace(cfg.run, dir=str(Path(cfg.run.dir).resolve()), name=name),
-    )
-
-
-def _absolute_if_exists(value: str | None) -> Any:
-    if value is not None and Path(value).exists():
-        return str(Path(value).resolve())
-    return value
-
-
-def deploy(cfg: RunConfig, settings: DeploySettings, echo: IO[str] | None = None) -> dict[str, Any]:
-    """Start the deployment, run ``cfg`` through it, stop every process; the run's summary."""
-    with Deployment(settings, echo) as deployment:
-        deployment.start()
-        return deployment.run(cfg)
-
-
-class _IntermixedParser(argparse.ArgumentParser):
-    """Lets ``section.key=value`` overrides follow options: ``CONFIG --nodes 3 federation.rounds=2``."""
-
-    _inner = False
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        if self._inner:  # parse_known_intermixed_args calls back into this method
-            return super().parse_known_args(args, namespace)
-        self._inner = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inner = False
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``florist deploy`` on the ``florist`` command's subparsers."""
-    p = sub.add_parser(
-        "deploy", help="a federation on a local TLS + SuperNode-auth Flower deployment (separate processes)"
-    )
-    p.__class__ = _IntermixedParser
-    p.add_argument("config", help="TOML config file (see configs/)")
-    p.add_argument("--nodes", type=int, required=True, help="number of SuperNodes (federation.num_clients)")
-    p.add_argument(
-        "--workdir",
-        help="certificates, keys, FLWR_HOME, logs, pids.json (default: RUN-deployment beside RUN)",
-    )
-    p.add_argument("--port", type=int, help="SuperLink port on 127.0.0.1 (default: a free port)")
-    p.add_argument("--app", default=str(DEFAULT_APP), help="the Flower App directory (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. federation.rounds=5")
-
-
-def cli(args: argparse.Namespace) -> None:
-    """``florist deploy``: prints where the run directory is and the summary; raises if the run failed."""
-    from florist.tools.run import print_summary
-
-    cfg = deploy_config(args.config, args.nodes, args.overrides)
-    workdir = Path(args.workdir) if args.workdir else run_dir(cfg).with_name(f"{cfg.run.name}-deployment")
-    settings = DeploySettings(workdir=workdir, nodes=args.nodes, app=Path(args.app), port=args.port)
-    print(f"run directory: {run_dir(cfg)}\ndeployment files and logs: {workdir.resolve()}", flush=True)
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so every process is still stopped
-    try:
-        summary = deploy(cfg, settings, echo=sys.stdout)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print_summary(summary)
-    if summary.get("rounds") != cfg.federation.rounds:
-        raise DeploymentError(
-            f"the federation completed {summary.get('rounds')} of {cfg.federation.rounds} rounds"
-        )
-
-
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)

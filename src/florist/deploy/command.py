@@ -1,0 +1,81 @@
+"""``florist deploy CONFIG.toml --nodes N [--workdir DIR] [--port P] [--app DIR] [section.key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from florist.config import RunConfig
+from florist.deploy.launch import DEFAULT_APP, Deployment, DeploySettings
+from florist.deploy.processes import DeploymentError
+from florist.deploy.runconfig import deploy_config, run_dir
+
+
+def deploy(cfg: RunConfig, settings: DeploySettings, echo: IO[str] | None = None) -> dict[str, Any]:
+    """Start the deployment, run ``cfg`` through it, stop every process; the run's summary."""
+    with Deployment(settings, echo) as deployment:
+        deployment.start()
+        return deployment.run(cfg)
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets ``section.key=value`` overrides follow options: ``CONFIG --nodes 3 federation.rounds=2``."""
+
+    _inner = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._inner:  # parse_known_intermixed_args calls back into this method
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``florist deploy`` on the ``florist`` command's subparsers."""
+    p = sub.add_parser(
+        "deploy", help="a federation on a local TLS + SuperNode-auth Flower deployment (separate processes)"
+    )
+    p.__class__ = _IntermixedParser
+    p.add_argument("config", help="TOML config file (see configs/)")
+    p.add_argument("--nodes", type=int, required=True, help="number of SuperNodes (federation.num_clients)")
+    p.add_argument(
+        "--workdir",
+        help="certificates, keys, FLWR_HOME, logs, pids.json (default: RUN-deployment beside RUN)",
+    )
+    p.add_argument("--port", type=int, help="SuperLink port on 127.0.0.1 (default: a free port)")
+    p.add_argument("--app", default=str(DEFAULT_APP), help="the Flower App directory (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. federation.rounds=5")
+
+
+def cli(args: argparse.Namespace) -> None:
+    """``florist deploy``: prints where the run directory is and the summary; raises if the run failed."""
+    from florist.tools.run import print_summary
+
+    cfg = deploy_config(args.config, args.nodes, args.overrides)
+    workdir = Path(args.workdir) if args.workdir else run_dir(cfg).with_name(f"{cfg.run.name}-deployment")
+    settings = DeploySettings(workdir=workdir, nodes=args.nodes, app=Path(args.app), port=args.port)
+    print(f"run directory: {run_dir(cfg)}\ndeployment files and logs: {workdir.resolve()}", flush=True)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so every process is still stopped
+    try:
+        summary = deploy(cfg, settings, echo=sys.stdout)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print_summary(summary)
+    if summary.get("rounds") != cfg.federation.rounds:
+        raise DeploymentError(
+            f"the federation completed {summary.get('rounds')} of {cfg.federation.rounds} rounds"
+        )
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
