@@ -29,6 +29,8 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
                  "accuracy_bytes_homogeneous.png", "accuracy_bytes_heterogeneous.png"):  # fmt: skip
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
+    base = results["homogeneous"].pop("base model (round 0)")
+    assert [r["round"] for r in base] == [0] and base[0]["eval"]["heldout_loss"] > 0
     homo = results["homogeneous"]
     assert set(homo) == {"FedIT", "FLoRA", "FlexLoRA", "FFA-LoRA", "FLoRIST tau=1.00", "FLoRIST tau=0.80"} | {
         k for k in homo if k.startswith("FLoRIST budget=")
@@ -46,4 +48,6 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
     assert r1["FFA-LoRA"]["bytes_up"] < r1["FedIT"]["bytes_up"]  # FFA-LoRA uploads B only
     assert set(summary["picks"]) == {"homogeneous", "heterogeneous"}
     assert summary["picks"]["homogeneous"]["O"].startswith("FLoRIST tau=")
-    assert "| FLoRA |" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "| FLoRA |" in table
+    assert f"| base model (round 0) | - | {base[0]['eval']['heldout_loss']:.4f} | - | 0 B | 0 B | 0 | - |" in table

@@ -23,6 +23,7 @@ from florist.aggregation.base import AggregationResult
 from florist.bench import report
 from florist.bench.simulate import run_variant, shared_round_one
 from florist.bench.variants import DEFAULT_TAUS, Variant, budget, sweep
+from florist.client.model import load_model
 from florist.config import RunConfig, load_config
 from florist.data.federated import test_examples
 from florist.flower.evaluation import Evaluator
@@ -93,7 +94,10 @@ class Bench:
         variants = sweep(taus=taus)
         mb = matched_budget_mb(cfg, shared, self.opts.budget_match_tau)
         variants.append(budget(mb, f"tau={self.opts.budget_match_tau:.2f} round-1 bytes"))
-        self.results[setting] = {}
+        model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
+        base_eval = last(model.to(cfg.model.torch_device()), tok)  # the same questions as the last round
+        del model
+        self.results[setting] = {report.BASE: [{"round": 0, "eval": base_eval}]}
         for v in variants:
             counter = {"round": 0}
 

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 from florist.tools.tables import human_bytes
 
 LAYER = re.compile(r"layers\.(\d+)\..*\.(\w+_proj)$")
+BASE = "base model (round 0)"  # the model before any fine-tuning: no bytes, no ranks
 
 
 def final(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
@@ -36,6 +37,11 @@ def table_rows(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[
     for name, records in results.items():
         last = final(records)
         ev = last.get("eval", {})
+        if last["round"] == 0:
+            rows.append({"method": name, "mmlu": ev.get("mmlu_micro"), "heldout_loss": ev.get("heldout_loss"),
+                         "efficiency": None, "download_bytes": 0, "upload_bytes": 0, "rank_total": 0,
+                         "rel_error": None})  # fmt: skip
+            continue
         rows.append(
             {
                 "method": name,
@@ -63,9 +69,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], title: str) -> str:
         mmlu = "-" if r["mmlu"] is None else f"{100 * r['mmlu']:.2f}"
         loss = "-" if r["heldout_loss"] is None else f"{r['heldout_loss']:.4f}"
         down, up = human_bytes(r["download_bytes"]), human_bytes(r["upload_bytes"])
+        eff = "-" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
+        err = "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}"
         lines.append(
-            f"| {r['method']} | {mmlu} | {loss} | {r['efficiency']:.2f} | {down} | {up} | "
-            f"{r['rank_total']} | {r['rel_error']:.4f} |"
+            f"| {r['method']} | {mmlu} | {loss} | {eff} | {down} | {up} | {r['rank_total']} | {err} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -78,6 +85,10 @@ def plot_accuracy_bytes(rows: Sequence[Mapping[str, Any]], path: Path, title: st
     ):
         for r in rows:
             if r[key] is None:
+                continue
+            if r["method"] == BASE:  # no bytes: a line, not a point on the log axis
+                ax.axhline(r[key], color="grey", linestyle="--", linewidth=1, label=BASE)
+                ax.legend(fontsize=7)
                 continue
             ax.scatter(r["download_bytes"] / 1e6, r[key], s=30)
             ax.annotate(
