@@ -50,4 +50,7 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
     assert summary["picks"]["homogeneous"]["O"].startswith("FLoRIST tau=")
     table = (out / "table.md").read_text()
     assert "| FLoRA |" in table
-    assert f"| base model (round 0) | - | {base[0]['eval']['heldout_loss']:.4f} | - | 0 B | 0 B | 0 | - |" in table
+    assert (
+        f"| base model (round 0) | - | {base[0]['eval']['heldout_loss']:.4f} | - | 0 B | 0 B | 0 | - |"
+        in table
+    )
