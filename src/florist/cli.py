@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from florist import deploy
+from florist.cli_parsing import IntermixedParser
 from florist.errors import ConfigError, FloristError, QuorumLost
 
 
@@ -76,6 +77,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--resume", action="store_true", help="continue run.dir/run.name from its latest checkpoint"
     )
     p.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
+    p.__class__ = IntermixedParser  # overrides may follow the flags: CONFIG --resume federation.rounds=5
     d = sub.add_parser(
         "demo", help="federated FLoRIST on SmolLM2 and the embedded skills set (~10 min on CPU)"
     )

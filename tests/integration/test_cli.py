@@ -126,3 +126,17 @@ def test_nan_client_is_named_and_existing_output_survives(
     err = capsys.readouterr().err
     assert "site2" in err and "model.layers.1.self_attn.q_proj" in err and "1 NaN" in err
     assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_run_flags_and_overrides_mix_in_any_order(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from florist.cli import build_parser
+
+    args = build_parser().parse_args(["run", "c.toml", "--resume", "a.b=1", "c.d=2", "--force"])
+    assert (args.overrides, args.resume, args.force) == (["a.b=1", "c.d=2"], True, True)
+    # resuming a run that has no checkpoint is refused before any runtime starts, naming the folder
+    assert main(["run", "--resume", str(tmp_path / "none.toml")]) == 2
+    config = tmp_path / "c.toml"
+    config.write_text('[run]\nname = "gone"\n')
+    assert main(["run", str(config), "--resume", f"run.dir={str(tmp_path)!r}"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint in" in err and "gone/checkpoints" in err and "nothing to resume" in err

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from florist.cli_parsing import IntermixedParser
 from florist.config import RunConfig
 from florist.deploy.launch import DEFAULT_APP, Deployment, DeploySettings
 from florist.deploy.processes import DeploymentError
@@ -23,29 +23,12 @@ def deploy(cfg: RunConfig, settings: DeploySettings, echo: IO[str] | None = None
         return deployment.run(cfg)
 
 
-class _IntermixedParser(argparse.ArgumentParser):
-    """Lets ``section.key=value`` overrides follow options: ``CONFIG --nodes 3 federation.rounds=2``."""
-
-    _inner = False
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        if self._inner:  # parse_known_intermixed_args calls back into this method
-            return super().parse_known_args(args, namespace)
-        self._inner = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inner = False
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``florist deploy`` on the ``florist`` command's subparsers."""
     p = sub.add_parser(
         "deploy", help="a federation on a local TLS + SuperNode-auth Flower deployment (separate processes)"
     )
-    p.__class__ = _IntermixedParser
+    p.__class__ = IntermixedParser
     p.add_argument("config", help="TOML config file (see configs/)")
     p.add_argument("--nodes", type=int, required=True, help="number of SuperNodes (federation.num_clients)")
     p.add_argument(
