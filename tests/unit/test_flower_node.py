@@ -118,3 +118,32 @@ def test_sampling_is_seeded_and_respects_fraction_and_minimum(tmp_path: Path) ->
     assert picks("federation.fraction=0.5", "federation.seed=1") != half
     assert all(len(p) == 3 for p in picks("federation.fraction=0.1", "federation.min_clients=3"))
     assert picks("federation.participation=[[0], [1, 2], [7], [0, 7]]") == [[0], [1, 2], [7], [0, 7]]
+
+
+def test_a_site_trains_on_its_own_file_from_its_node_config(model_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from florist.errors import ConfigError
+    from florist.flower.node import node_examples
+
+    rows = [
+        {"instruction": f"Say {w}.", "context": "", "response": w, "category": "open_qa"}
+        for w in ("alpha", "beta", "gamma")
+    ]
+    site = tmp_path / "site-1.json"
+    site.write_text(json.dumps(rows))
+    cfg = tiny_run_config(model_dir, tmp_path, "site")
+    ctx = Context(
+        run_id=2, node_id=21, node_config={"partition-id": 1, "data-path": str(site)}, state=RecordDict(),
+        run_config={},
+    )  # fmt: skip
+    examples = node_examples(cfg, ctx)
+    assert [ex.response for ex in examples] == ["alpha", "beta", "gamma"]
+    assert node_examples(cfg, context(22, 1)) != examples  # without data-path: its share of data.source
+    node_mod._NODES.clear()
+    assert get_node(cfg, ctx).client.num_examples == 3
+    capped = tiny_run_config(model_dir, tmp_path, "site2", "data.max_examples_per_client=2")
+    assert len(node_examples(capped, ctx)) == 2
+    ctx.node_config["data-path"] = str(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="node 1: data-path .*missing.json.* does not exist"):
+        node_examples(cfg, ctx)

@@ -27,7 +27,11 @@ def client_examples(cfg: DataConfig, client: int, num_clients: int) -> list[Exam
     if not 0 <= client < num_clients:
         raise ConfigError(f"client index {client} is outside [0, {num_clients})")
     parts = _partitions(cfg, num_clients)
-    examples = list(parts[client])
+    return subsample(list(parts[client]), cfg, client)
+
+
+def subsample(examples: list[Example], cfg: DataConfig, client: int) -> list[Example]:
+    """At most ``data.max_examples_per_client`` of ``examples``, a seeded sample kept in order."""
     cap = cfg.max_examples_per_client
     if cap is not None and len(examples) > cap:
         rng = random.Random(f"{cfg.seed}:subsample:{client}")

@@ -20,10 +20,17 @@ from flwr.clientapp import ClientApp
 from florist.aggregation.base import ClientProtocol
 from florist.config import RunConfig
 from florist.config.loader import from_run_config
-from florist.data.federated import client_examples
 from florist.flower.codec import encode_upload
 from florist.flower.faults import before_reply
-from florist.flower.node import Node, client_id, get_node, globals_by_round, partition_id, stored_globals
+from florist.flower.node import (
+    Node,
+    client_id,
+    get_node,
+    globals_by_round,
+    node_examples,
+    partition_id,
+    stored_globals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +47,7 @@ def hello(cfg: RunConfig, msg: Message, context: Context) -> Message:
         "client_id": client_id(k),
         "index": k,
         "rank": cfg.lora.rank_of(k, n),
-        "num_examples": len(client_examples(cfg.data, k, n)),
+        "num_examples": len(node_examples(cfg, context)),
         "held": [int(t) for t in stored_globals(context)],
     }
     return Message(RecordDict({"client": ConfigRecord(info)}), reply_to=msg)

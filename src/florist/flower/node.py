@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
@@ -23,7 +24,9 @@ from florist.client.local import LocalClient
 from florist.client.lora_state import lora_layers
 from florist.client.model import load_model
 from florist.config import RunConfig
-from florist.data.federated import client_examples
+from florist.data.federated import client_examples, subsample
+from florist.data.loaders import load_examples
+from florist.data.records import Example
 from florist.errors import ConfigError
 from florist.flower.codec import decode_factors
 
@@ -46,6 +49,23 @@ def partition_id(context: Context, num_clients: int) -> int:
     return index
 
 
+def node_examples(cfg: RunConfig, context: Context) -> list[Example]:
+    """This node's training examples: its own file when its node config names one, else its share.
+
+    A site that keeps its data at home starts its SuperNode with
+    ``--node-config "partition-id=K data-path=/site/train.json"``; ``data.format`` and
+    ``data.max_examples_per_client`` apply as for a shared source, and nothing else leaves the site.
+    """
+    n = cfg.federation.num_clients
+    k = partition_id(context, n)
+    path = context.node_config.get("data-path")
+    if path is None:
+        return client_examples(cfg.data, k, n)
+    if not Path(str(path)).exists():
+        raise ConfigError(f"node {k}: data-path {str(path)!r} (its --node-config) does not exist")
+    return subsample(load_examples(str(path), fmt=cfg.data.format), cfg.data, k)
+
+
 def protocol_of(cfg: RunConfig) -> ClientProtocol:
     return make_aggregator(cfg.aggregation.method, **cfg.aggregation.options().aggregator_options()).protocol
 
@@ -65,14 +85,14 @@ class Node:
     merged: list[int] = field(default_factory=list)
 
     @classmethod
-    def create(cls, cfg: RunConfig, index: int) -> Node:
+    def create(cls, cfg: RunConfig, index: int, examples: list[Example]) -> Node:
         configure_threads(cfg)
         n = cfg.federation.num_clients
         model, tokenizer = load_model(cfg.model.name, cfg.model.torch_dtype())
         model.to(cfg.model.torch_device())
         shared_rank = max(cfg.lora.rank_of(k, n) for k in range(n))
         client = LocalClient(
-            client_id(index), model, tokenizer, client_examples(cfg.data, index, n),
+            client_id(index), model, tokenizer, examples,
             cfg.lora.settings(index, n), cfg.train, protocol_of(cfg), cfg.federation.seed, shared_rank,
         )  # fmt: skip
         log.info("%s: model loaded, %d examples, rank %d", client.client_id, client.num_examples, shared_rank)
@@ -125,5 +145,6 @@ def get_node(cfg: RunConfig, context: Context) -> Node:
     if node is None:
         for old in [k for k in _NODES if k[0] != context.run_id]:
             del _NODES[old]  # a new run: free the previous run's models
-        node = _NODES[key] = Node.create(cfg, partition_id(context, cfg.federation.num_clients))
+        index = partition_id(context, cfg.federation.num_clients)
+        node = _NODES[key] = Node.create(cfg, index, node_examples(cfg, context))
     return node
