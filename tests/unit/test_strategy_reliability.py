@@ -286,3 +286,15 @@ def test_clipping_bounds_a_scaled_client(clip: str, shapes: dict[str, tuple[int,
     clip_log = s.logs[ROUND].clip
     assert clip_log is not None and clip_log["factors"]["client-002"] < 1e-5
     assert clip_log["norms"]["client-002"] == pytest.approx(1e6 * update_norm(ups[2]), rel=1e-6)
+
+
+def test_an_oversize_reply_is_left_out(shapes: dict[str, tuple[int, int]]) -> None:
+    ups = [honest(shapes, k) for k in range(2)]
+    big = replace(ups[1], modules={n: replace(f, A=torch.cat([f.A] * 8), B=torch.cat([f.B] * 8, dim=1))
+                                   for n, f in ups[1].modules.items()})  # fmt: skip
+    limit = 1.5 * sum(RANK * (m + n) * 4 for m, n in shapes.values()) / 1e6  # MB: room for rank 8, not 64
+    s = strategy(shapes, f"federation.max_message_mb={limit}")
+    s.aggregate_train(ROUND, [reply(ups[0]), reply(big)])
+    assert "round 1: the reply would be" in s.logs[ROUND].rejected["client-001"]
+    assert "above federation.max_message_mb" in s.logs[ROUND].rejected["client-001"]
+    assert s.history[-1][1].client_ids == ("client-000",)

@@ -27,7 +27,7 @@ from florist.config import RunConfig
 from florist.errors import InvalidUpdate
 from florist.flower.codec import decode_upload, encode_factors, payload_bytes
 from florist.flower.node import GLOBAL_PREFIX
-from florist.flower.size_guard import check_message
+from florist.flower.size_guard import MessageTooLarge, check_message
 from florist.lora import ClientUpdate, LoraFactors
 from florist.lora.validation import check_update
 
@@ -129,14 +129,16 @@ class FederatedLoRA(Strategy):
         latest = self.history[-1][0] if self.history else None
         for node in nodes:
             content = RecordDict({"config": ConfigRecord({"round": round})})
+            total = 0
             for t, record in self.outgoing(node).items():
                 content[f"{GLOBAL_PREFIX}{t}"] = record
                 size = payload_bytes(RecordDict({"a": record}))
+                total += size
                 if t == latest:
                     log_.bytes_down += size
                 else:
                     log_.bytes_catchup += size
-            check_message(payload_bytes(content), self.cfg.federation.max_message_mb,
+            check_message(total, self.cfg.federation.max_message_mb,
                           f"the round {round} message to {self.by_node[node].client_id}")  # fmt: skip
             out.append(Message(content=content, dst_node_id=node, message_type=message_type))
         return out
@@ -266,22 +268,18 @@ class FederatedLoRA(Strategy):
             self._reject(log_, who, f"round {round}: client error: {short_reason(msg.error.reason)}")
             return None
         size = payload_bytes(msg.content)
-        if size > self.cfg.federation.max_message_mb * 1e6:
-            self._reject(
-                log_, who, f"round {round}: reply of {size / 1e6:,.1f} MB above federation.max_message_mb"
-            )
-            return None
         try:
+            check_message(size, self.cfg.federation.max_message_mb, f"round {round}: the reply")
             update = self._update(msg, who)
             self._check(round, msg, update, info)
             self._check_merged(round, msg, who)
-        except InvalidUpdate as err:
+        except (InvalidUpdate, MessageTooLarge) as err:
             self._reject(log_, who, str(err))
             return None
         except Exception as err:  # a malformed reply must not stop the federation
             self._reject(log_, who, f"round {round}: unreadable reply: {type(err).__name__}: {err}")
             return None
-        log_.bytes_up += payload_bytes(msg.content)
+        log_.bytes_up += size
         log_.client_metrics[who] = {k: float(v) for k, v in msg.content.metric_records["metrics"].items()}  # type: ignore[arg-type]
         return update
 
