@@ -34,10 +34,7 @@ from florist.flower.faults import dropped_clients  # noqa: E402
 from florist.lora.peft_io import read_adapter  # noqa: E402
 from florist.tools.run import run_simulation  # noqa: E402
 
-
-def deviation(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
-    num = sum(float(torch.linalg.norm(got[k] - want[k]) ** 2) for k in want)
-    return (num / sum(float(torch.linalg.norm(want[k]) ** 2) for k in want)) ** 0.5
+deviation = fab.relative_deviation  # sqrt(sum ||got - want||^2 / sum ||want||^2) over modules
 
 
 def dropout(model: Path, tmp: Path) -> dict[str, Any]:
