@@ -318,3 +318,36 @@ def test_truncated_examples_are_nan_and_an_empty_result_is_refused() -> None:
         heldout_loss(model, tok, EXAMPLES[1:2], max_length=long_prompt, progress=False)
     with pytest.raises(ConfigError, match="needs at least one example"):
         heldout_loss(model, tok, [], progress=False)
+
+
+def test_paired_difference_matches_a_hand_computation() -> None:
+    from florist.eval.heldout import loss_result
+    from florist.eval.paired import paired_difference, t_quantile
+
+    n = torch.tensor([3, 1, 4, 2, 5])
+    a = loss_result(torch.tensor([3.0, 1.5, 4.4, 2.0, 5.5], dtype=torch.float64), n)
+    b = loss_result(torch.tensor([2.7, 1.6, 4.0, 2.1, 5.0], dtype=torch.float64), n)
+    d = paired_difference(a, b)
+    diffs = torch.tensor([-0.3, 0.1, -0.4, 0.1, -0.5], dtype=torch.float64)  # summed, per row
+    mean = float(diffs.sum() / n.sum())
+    assert d.mean == pytest.approx(b.loss - a.loss) == pytest.approx(mean)
+    se = float(((diffs - mean * n) ** 2).sum() * 5 / 4) ** 0.5 / 15
+    assert d.se == pytest.approx(se)
+    assert (d.high - d.mean) == pytest.approx(2.7764 * se, rel=2e-3)  # t(4, 0.975) = 2.7764
+    assert d.excludes_zero() == (d.high < 0 or d.low > 0)
+    assert t_quantile(0.975, 79) == pytest.approx(1.9905, abs=1e-3)
+    same = paired_difference(a, a)
+    assert same.mean == same.se == same.low == same.high == 0.0
+
+
+def test_paired_difference_refuses_different_rows() -> None:
+    from florist.eval.heldout import loss_result
+    from florist.eval.paired import paired_difference
+
+    a = loss_result(torch.ones(5, dtype=torch.float64), torch.tensor([1, 1, 1, 1, 1]))
+    b = loss_result(torch.ones(5, dtype=torch.float64), torch.tensor([1, 1, 1, 1, 2]))
+    with pytest.raises(ConfigError, match="same rows"):
+        paired_difference(a, b)
+    three = loss_result(torch.ones(3, dtype=torch.float64), torch.tensor([1, 1, 1]))
+    with pytest.raises(ConfigError, match="at least 4 scored rows"):
+        paired_difference(three, three)

@@ -2,9 +2,11 @@
 
     x -> W0 x + (alpha / r) B A x        only A and B train (A frozen for FFA-LoRA)
 
-The loop is deliberately bare (AdamW, optional gradient accumulation, autocast on CUDA) so that
-it runs as fast as a hand-written peft + torch loop (benchmarks/client_throughput.py). On a CUDA GPU
-with bf16 support the forward pass runs under bf16 autocast; elsewhere in fp32.
+The loop is deliberately bare (AdamW, optional gradient accumulation) so that it runs at least as
+fast as a hand-written peft + torch loop (benchmarks/client_throughput.py); the vocabulary projection
+runs on labelled positions only (``florist.client.lm_loss``). ``precision`` (``florist.precision``)
+picks bf16 autocast on CUDA GPUs and CPUs with native bf16 instructions when ``auto``; LoRA factors
+and the optimizer state stay float32 in either precision.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from florist.client.lm_loss import mean_token_loss
 from florist.data.records import Example
 from florist.data.tokenize import IGNORE, Encoded, collate, encode
 from florist.errors import ConfigError
+from florist.precision import Precision, check_precision, log_choice, resolve
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +76,10 @@ class TrainSettings:
     train_on_inputs: bool = False
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        check_precision("train.precision", self.precision)
         if (self.steps is None) == (self.epochs is None):
             raise ConfigError(
                 f"give exactly one of steps and epochs, got steps={self.steps}, epochs={self.epochs}"
@@ -150,12 +156,14 @@ def train(
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     stream = BatchStream(encoded, s.batch_size, seed)
     device = next(model.parameters()).device
+    precision = resolve(s.precision, device)
+    log_choice("training", precision)
     stats, start = TrainStats(), time.perf_counter()
     torch.manual_seed(seed)  # dropout masks
     model.train()
     bar = tqdm(range(s.num_steps(len(encoded))), desc=desc, leave=False)
     for _ in bar:
-        loss = _accumulate(model, stream, s, pad_id, device, stats)
+        loss = _accumulate(model, stream, s, pad_id, precision, stats)
         if s.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
         opt.step()
@@ -170,22 +178,15 @@ def train(
 
 
 def _accumulate(
-    model: Any, stream: BatchStream, s: TrainSettings, pad_id: int, device: Any, stats: TrainStats
+    model: Any, stream: BatchStream, s: TrainSettings, pad_id: int, precision: Precision, stats: TrainStats
 ) -> float:
     """Forward and backward ``grad_accum`` micro-batches; returns their mean loss."""
-    total = 0.0
+    device, total = next(model.parameters()).device, 0.0
     for _ in range(s.grad_accum):
         batch = {k: v.to(device) for k, v in collate(stream.next(), pad_id).items()}
-        with _autocast(device):
-            loss = model(**batch).loss / s.grad_accum
-        loss.backward()
+        with precision.autocast():
+            loss = mean_token_loss(model, batch) / s.grad_accum
+        loss.backward()  # type: ignore[no-untyped-call]
         total += float(loss.detach())
         stats.tokens += int(batch["attention_mask"].sum())
     return total
-
-
-def _autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA GPUs that support it (no loss scaling needed); fp32 elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)

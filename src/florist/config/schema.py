@@ -22,6 +22,7 @@ from florist.aggregation import available
 from florist.aggregation.robust import CLIP_MODES
 from florist.client.train import LoraSettings, TrainSettings
 from florist.errors import ConfigError
+from florist.precision import check_precision
 from florist.tools.aggregate import AggregateOptions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -210,8 +211,13 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 12
     max_length: int = 256
+    precision: str = field(
+        default="auto",
+        metadata={"help": "auto (bf16 autocast where native), fp32 or bf16"},
+    )
 
     def __post_init__(self) -> None:
+        check_precision("eval.precision", self.precision)
         if self.every < 0:
             raise ConfigError(f"eval.every must be >= 0, got {self.every}")
 

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from florist.client.lm_loss import labelled_logits
 from florist.data.records import Example
-from florist.data.tokenize import IGNORE, collate, encode, length_sorted_batches
+from florist.data.tokenize import collate, encode, length_sorted_batches
 from florist.errors import ConfigError
 
 
@@ -138,26 +139,16 @@ def token_loss_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row sum of next-token cross-entropy over labelled positions, and the count of those positions.
 
-    Only the positions that predict a label are projected onto the vocabulary (``logits_to_keep`` as a
-    boolean mask), which skips the lm_head on prompt and padding tokens.
+    Only the positions that predict a label are projected onto the vocabulary
+    (``florist.client.lm_loss.labelled_logits``), which skips the lm_head on prompt and padding tokens.
     """
     device = model_device(model)
-    labels = batch["labels"]  # (B, T)
-    targets = labels[:, 1:]  # (B, T-1): the token each position predicts
-    keep = torch.zeros_like(labels, dtype=torch.bool)  # (B, T)
-    keep[:, :-1] = targets != IGNORE
-    out = model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        logits_to_keep=keep.to(device),
-    )
-    logits = out.logits.float()  # (K, V), K = keep.sum(), row-major over (B, T)
-    losses = F.cross_entropy(logits, targets[targets != IGNORE].to(device), reduction="none")  # (K,)
+    on_device = {k: v.to(device) for k, v in batch.items()}
+    logits, targets, keep = labelled_logits(model, on_device)  # (K, V), (K,), (B, T)
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")  # (K,)
     row = keep.nonzero()[:, 0].to(device)  # (K,)
-    sums = torch.zeros(labels.shape[0], dtype=torch.float64, device=device).index_add_(
-        0, row, losses.double()
-    )
-    return sums.cpu(), keep.sum(dim=1)
+    sums = torch.zeros(keep.shape[0], dtype=torch.float64, device=device).index_add_(0, row, losses.double())
+    return sums.cpu(), keep.sum(dim=1).cpu()
 
 
 def loss_result(sums: torch.Tensor, counts: torch.Tensor) -> LossResult:

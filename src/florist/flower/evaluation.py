@@ -11,6 +11,8 @@ from typing import Any
 from florist.config import EvalConfig
 from florist.data.records import Example
 from florist.eval import exact_match, heldout_loss, load_mmlu, score_mmlu, subset
+from florist.eval.heldout import model_device
+from florist.precision import log_choice, resolve
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,12 @@ class Evaluator:
         return round % self.cfg.every == 0 or round == last
 
     def __call__(self, model: Any, tokenizer: Any) -> dict[str, float]:
+        precision = resolve(self.cfg.precision, model_device(model))
+        log_choice("evaluation", precision)
+        with precision.autocast():
+            return self._score(model, tokenizer)
+
+    def _score(self, model: Any, tokenizer: Any) -> dict[str, float]:
         start, out = time.perf_counter(), {}
         c = self.cfg
         if c.exact_match and self.test:

@@ -1,0 +1,40 @@
+"""Next-token cross-entropy on the labelled positions only, shared by training and held-out scoring.
+
+    targets   = labels[:, 1:]                                  (B, T-1): the token each position predicts
+    keep      = positions whose target is not IGNORE           (B, T) boolean, last column False
+    logits    = lm_head(hidden[keep])                          (K, V), K = keep.sum()
+    loss_i    = cross_entropy(logits_i, target_i)               (K,)   in float32
+
+The vocabulary projection (49k columns for SmolLM2) and its softmax run on the K labelled positions
+only, not on the prompt and padding: the same loss as transformers' ``labels=`` path, for less work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from florist.data.tokenize import IGNORE
+
+
+def labelled_logits(
+    model: Any, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits (K, V), targets (K,), keep (B, T))`` for the labelled positions of ``batch``.
+
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (each (B, T)) on the model's device.
+    """
+    labels = batch["labels"]  # (B, T)
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = torch.zeros_like(labels, dtype=torch.bool)  # (B, T)
+    keep[:, :-1] = targets != IGNORE
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    return out.logits, targets[targets != IGNORE], keep  # (K, V), (K,), (B, T)
+
+
+def mean_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions of ``batch`` (a scalar)."""
+    logits, targets, _ = labelled_logits(model, batch)
+    return F.cross_entropy(logits.float(), targets)
