@@ -6,6 +6,7 @@ florist run CONFIG.toml [section.key=value ...]   federated fine-tuning on Flowe
 florist demo [section.key=value ...]              the embedded demo: SmolLM2 + skills set, FLoRIST
 florist compare                                   every aggregator on 8 synthetic SmolLM2-shaped adapters
 florist bench [--out DIR] [section.key=value ...]  the paper's comparison: every method, a table and plots
+florist regime [--out DIR] [--batches 4,32] [--examples 32,128,512]  round 1: kept rank vs the training regime
 florist deploy CONFIG.toml --nodes N [section.key=value ...]  the same on a local TLS Flower deployment
 """
 
@@ -95,6 +96,28 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--e-tolerance", type=float, default=0.01, help="FLoRIST-E: held-out loss slack vs O")
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
+def _add_regime(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("regime", help="round-1 study: FLoRIST's kept rank and bytes vs batch, budget, init")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the bench config")
+    p.add_argument("--config", default=None, help="base config (default: the packaged paper_cpu.toml)")
+    p.add_argument("--out", default="runs/regime", help="output directory (results.json, table.md, plot)")
+    p.add_argument("--uploads", default="runs/regime-uploads", help="where the clients' uploads are kept")
+    p.add_argument("--batches", type=_ints, default=(4, 32), help="effective batch sizes")
+    p.add_argument("--examples", type=_ints, default=(32, 128, 512), help="examples per client per round")
+    p.add_argument("--inits", default="per_client,shared", help="lora.init policies")
+    p.add_argument("--taus", type=_floats, default=None, help="FLoRIST taus (default 0.99,0.95,0.9,0.87,0.8)")
+    p.add_argument(
+        "--report-only", action="store_true", help="redraw table.md and the plot from results.json"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="florist", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -106,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_compare(sub)
     _add_bench(sub)
+    _add_regime(sub)
     deploy.add_parser(sub)
     return parser
 
@@ -189,6 +213,19 @@ def _bench(args: argparse.Namespace) -> None:
     print(f"picks: {summary['picks']}; {summary['seconds']:.0f} s; outputs in {args.out}")
 
 
+def _regime(args: argparse.Namespace) -> None:
+    from florist.bench.regime import PAPER_CONFIG, TAUS, RegimeOptions, run, write_report
+
+    opts = RegimeOptions(
+        config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides), out=args.out,
+        uploads=args.uploads, batches=args.batches, examples=args.examples,
+        inits=tuple(i.strip() for i in args.inits.split(",") if i.strip()), taus=args.taus or TAUS,
+    )  # fmt: skip
+    if not args.report_only:
+        run(opts)
+    print(write_report(opts))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -198,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "aggregate": _aggregate,
         "inspect": _inspect,
         "compare": _compare,
+        "regime": _regime,
         "run": _run,
         "demo": _demo,
         "bench": _bench,

@@ -110,16 +110,33 @@ def test_ffa_clients_share_a_frozen_a_and_aggregate_exactly() -> None:
         torch.testing.assert_close(f.delta(), result.download("c1")[name].delta(), rtol=1e-5, atol=1e-7)
 
 
-def test_examples_cut_off_by_max_length_are_skipped_or_refused() -> None:
+def test_long_examples_are_truncated_not_dropped() -> None:
     from florist.client.train import encode_all
+    from florist.data.tokenize import IGNORE, encode
 
-    with pytest.raises(ConfigError, match="no example has a response token within max_length=16"):
-        encode_all(DATA[0], tiny_tokenizer(), TrainSettings(max_length=16))
+    tok = tiny_tokenizer()
+    full = encode(DATA[0][0], tok, 10_000)
+    assert len(full) > 16
+    short = encode_all(DATA[0], tok, TrainSettings(max_length=16))
+    assert len(short) == len(DATA[0])  # every row kept
+    for e in short:
+        assert len(e) == 16
+        labelled = [x for x in e.labels if x != IGNORE]
+        assert labelled and e.input_ids[-len(labelled) :] == labelled  # the response is the tail
+    # the prompt keeps its head (bos, instruction) and its tail (the response cue)
+    e = short[0]
+    n_prompt = e.labels.count(IGNORE)
+    assert e.input_ids[:2] == full.input_ids[:2]
+    prompt_len = full.labels.count(IGNORE)
+    assert e.input_ids[n_prompt - 2 : n_prompt] == full.input_ids[prompt_len - 2 : prompt_len]
+    # inputs trained too (the paper's train_on_inputs): cut at the end
+    e_in = encode(DATA[0][0], tok, 16, train_on_inputs=True)
+    assert e_in.input_ids == full.input_ids[:16] == e_in.labels
 
 
 def test_bad_training_settings_are_named() -> None:
     with pytest.raises(
-        ConfigError, match="give exactly one of steps and epochs, got steps=None, epochs=None"
+        ConfigError, match="give exactly one of train.steps, train.epochs and train.examples, got steps=None"
     ):
         TrainSettings(steps=None)
     with pytest.raises(ConfigError, match="batch_size must be at least 1, got 0"):
@@ -127,3 +144,11 @@ def test_bad_training_settings_are_named() -> None:
     with pytest.raises(ConfigError, match="lora rank must be at least 1, got 0"):
         LoraSettings(rank=0)
     assert TrainSettings(steps=None, epochs=1.5, batch_size=4, grad_accum=2).num_steps(20) == 4
+    # the paper's terms: effective batch 32 (4 x 8), 1/8 epoch or 64 examples per round
+    eighth = TrainSettings(steps=None, epochs=0.125, batch_size=4, grad_accum=8)
+    assert eighth.effective_batch == 32 and eighth.num_steps(1000) == 4 and eighth.examples_per_round(1000) == 128
+    assert TrainSettings(steps=None, examples=64, batch_size=4, grad_accum=8).num_steps(10**6) == 2
+    with pytest.raises(ConfigError, match="exactly one of train.steps, train.epochs and train.examples"):
+        TrainSettings(steps=3, examples=64)
+    with pytest.raises(ConfigError, match="train.examples must be positive, got 0"):
+        TrainSettings(steps=None, examples=0)

@@ -87,6 +87,9 @@ class Aggregator(ABC):
     name: ClassVar[str]
     protocol: ClassVar[ClientProtocol]
     exact: ClassVar[bool]  # does global_update equal sum_k p_k delta W_k (before any truncation)?
+    # does the result depend on each client's factors only through B_k A_k? Then a client may send
+    # any factorisation of its update (uplink thresholding, warm-start corrections)
+    products_only: ClassVar[bool]
     dtype: torch.dtype
 
     def aggregate(self, updates: Sequence[ClientUpdate], *, round: int | None = None) -> AggregationResult:
@@ -152,6 +155,13 @@ def register(name: str) -> Callable[[A], A]:
 def available() -> list[str]:
     """Registered aggregator names."""
     return sorted(_REGISTRY)
+
+
+def aggregator_class(name: str) -> type[Aggregator]:
+    """The class registered as ``name`` (its protocol and properties without building one)."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown aggregation method {name!r}; choose one of {available()}")
+    return _REGISTRY[name]
 
 
 def make_aggregator(name: str, **options: Any) -> Aggregator:

@@ -56,6 +56,7 @@ class FedIT(Aggregator):
 
     protocol = ClientProtocol.CONTINUE_GLOBAL
     exact = False
+    products_only = False
 
     def _aggregate(self, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
         global_update = {}

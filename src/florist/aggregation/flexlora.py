@@ -50,6 +50,7 @@ class FlexLoRA(Aggregator):
 
     protocol = ClientProtocol.CONTINUE_PER_CLIENT
     exact = False
+    products_only = True
 
     def _aggregate(self, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
         svds: dict[str, ThinSVD] = {

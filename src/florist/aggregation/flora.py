@@ -36,6 +36,7 @@ class Flora(Aggregator):
 
     protocol = ClientProtocol.MERGE_AND_RESTART
     exact = True
+    products_only = True
 
     def _aggregate(self, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
         global_update = {}

@@ -53,6 +53,7 @@ class Florist(Aggregator):
 
     protocol = ClientProtocol.MERGE_AND_RESTART
     exact = True
+    products_only = True
 
     def _aggregate(self, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
         svds: dict[str, ThinSVD] = {}

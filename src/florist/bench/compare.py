@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from florist.aggregation import make_aggregator
-from florist.aggregation.base import AggregationResult
+from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.bench import report
 from florist.bench.simulate import run_variant, shared_round_one
 from florist.bench.variants import DEFAULT_TAUS, Variant, budget, sweep
@@ -61,6 +61,19 @@ def variant_config(cfg: RunConfig, v: Variant) -> RunConfig:
     return replace(cfg, aggregation=agg)
 
 
+def round_one_key(cfg: RunConfig, method: str) -> str | None:
+    """Which round-1 uploads ``method`` can share: its clients' init ('shared' or 'per_client').
+
+    Round 1 starts every client from the base model with a fresh LoRA: merge-protocol clients draw A
+    by ``lora.init``, continue-protocol clients from the shared draw (FedAvg). FFA-LoRA trains B
+    only from its own frozen A and shares nothing (None).
+    """
+    protocol = make_aggregator(method).protocol
+    if protocol is ClientProtocol.FROZEN_SHARED_A:
+        return None
+    return cfg.lora.init if protocol is ClientProtocol.MERGE_AND_RESTART else "shared"
+
+
 def matched_budget_mb(cfg: RunConfig, round_one: list[ClientUpdate], tau: float) -> float:
     """Download bytes of FLoRIST at ``tau`` on round 1's shared uploads, in MB (the budget to match)."""
     from florist.aggregation import communication
@@ -88,11 +101,11 @@ class Bench:
         cfg = setting_config(self.opts, setting)
         per_round, last = self.evaluators(cfg)
         rounds = cfg.federation.rounds
-        log.info("%s: training round 1 once for the variants that share it", setting)
-        shared = shared_round_one(cfg)
+        round_one: dict[str, list[ClientUpdate]] = {}
         taus = self.opts.taus if setting == "homogeneous" else self.opts.hetero_taus
         variants = sweep(taus=taus)
-        mb = matched_budget_mb(cfg, shared, self.opts.budget_match_tau)
+        round_one[cfg.lora.init] = shared_round_one(cfg)  # florist's, for the matched budget
+        mb = matched_budget_mb(cfg, round_one[cfg.lora.init], self.opts.budget_match_tau)
         variants.append(budget(mb, f"tau={self.opts.budget_match_tau:.2f} round-1 bytes"))
         model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
         base_eval = last(model.to(cfg.model.torch_device()), tok)  # the same questions as the last round
@@ -110,9 +123,13 @@ class Bench:
                     self.round_one_results[f"{setting}/{name}"] = result
 
             start = time.perf_counter()
-            records = run_variant(
-                variant_config(cfg, v), evaluate, shared if v.shares_round_one else None, keep
-            )
+            key = round_one_key(cfg, v.method)
+            if key and key not in round_one:
+                log.info(
+                    "%s: training round 1 once for the variants that start from the %s init", setting, key
+                )
+                round_one[key] = shared_round_one(replace(cfg, lora=replace(cfg.lora, init=key)))
+            records = run_variant(variant_config(cfg, v), evaluate, round_one.get(key) if key else None, keep)
             log.info("%s / %s done in %.0f s", setting, v.name, time.perf_counter() - start)
             self.results[setting][v.name] = records
             write_json_atomic(self.out / "results.json", self.results)  # progress survives a crash

@@ -1,11 +1,13 @@
 """An in-process federation for comparisons: the same clients, aggregators and evaluation as
 ``florist run``, without the transport, so round 1 can be trained once and shared by every method.
 
-Round 1 starts every client from the base model with a fresh LoRA seeded by (run seed, client,
-round), so its uploads are the same for every method whose clients train both A and B (all but
-FFA-LoRA). After round 1, merge-protocol clients restart their LoRA and continue-protocol clients
-overwrite it with their download, so nothing else of round 1's local state carries over: reusing
-the uploads is exact, not an approximation.
+Round 1 starts every client from the base model with a fresh LoRA whose A is drawn by the init
+policy (``florist.client.local``), so its uploads are the same for every method whose clients train
+both A and B from the same draw: all merge-protocol methods under one ``lora.init``, and the
+continue-protocol methods with them when ``lora.init = "shared"`` (``compare.round_one_key``).
+After round 1, merge-protocol clients restart their LoRA and continue-protocol clients overwrite it
+with their download, so nothing else of round 1's local state carries over: reusing the uploads is
+exact, not an approximation.
 """
 
 from __future__ import annotations

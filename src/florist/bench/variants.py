@@ -28,11 +28,6 @@ class Variant:
             out.append(f"aggregation.budget_mb={self.budget_mb}")
         return out
 
-    @property
-    def shares_round_one(self) -> bool:
-        """Round 1 trains from the base with a fresh LoRA: identical uploads for all but FFA-LoRA."""
-        return self.method != "ffa"
-
 
 def florist(tau: float) -> Variant:
     return Variant(f"FLoRIST tau={tau:.2f}", "florist", tau=tau)

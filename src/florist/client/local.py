@@ -4,25 +4,36 @@ MERGE_AND_RESTART   (florist, flora)  W0 += B_g A_g, then a fresh LoRA of the cl
 CONTINUE_GLOBAL     (fedit)           load its rank's slice of the global A, B; keep training
 CONTINUE_PER_CLIENT (flexlora)        load its own truncation; keep training
 FROZEN_SHARED_A     (ffa)             A frozen and shared (seeded), load the global B
+
+Fresh LoRA (``A`` seeded, ``B = 0``), by ``lora.init``:
+    shared       every client of a round draws A from one seed (run seed, round): a client of rank r_k
+                 takes the leading r_k rows of the largest rank's draw
+    per_client   each client draws its own A from (run seed, client id, round), as the paper's code does
+Continue-protocol clients start round 1 from the shared draw whatever ``lora.init`` says: in FedAvg
+every client of a round starts from the same global adapter, the seeded initial one in round 1.
+
+Protocol options (each off by default):
+    warm start (``lora.warm_start``)   before training, a merge-protocol client moves the leading r_k
+        directions of the last global update it merged out of its base weights and into its LoRA
+        (``florist.aggregation.lowrank.leading_split``): the model is unchanged, its LoRA does not
+        start at B = 0. The server removes that warm part from the upload again (``without_warm_part``).
+        Done at the start of ``fit``, so a node that only syncs keeps the server's weights bitwise.
+    uplink thresholding (``uplink_tau``) the upload is the tau-truncated SVD of ``s B A``
+    wire dtype (``wire``)              the upload as the server will decode it (bf16 / fp16 rounded)
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from florist.aggregation.base import ClientProtocol
-from florist.client.lora_state import assign, extract, merge_into_base, reinit
+from florist.aggregation.lowrank import leading_split, to_wire, truncate_update
+from florist.client.lora_state import assign, assign_leading, extract, merge_into_base, reinit
 from florist.client.train import LoraSettings, TrainSettings, TrainStats, encode_all, train
 from florist.data.records import Example
 from florist.lora import ClientUpdate, LoraFactors
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (client id, round, ...), stable across processes."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+from florist.seeds import derive_seed
 
 
 class LocalClient:
@@ -41,9 +52,13 @@ class LocalClient:
     protocol : ClientProtocol
         What to do with downloads (from the aggregator).
     seed : int
-        Run seed; the FFA-LoRA shared A depends on it only, so it must be the same on every client.
+        Run seed; every shared draw depends on it, so it must be the same on every client.
     shared_a_rank : int | None
-        FFA-LoRA: rank of the shared A draw (the largest client rank).
+        Rank of the shared A draw (the largest client rank); the client's own rank if None.
+    uplink_tau : float | None
+        Send the ``uplink_tau``-energy truncated SVD of the update instead of the factors.
+    wire : str
+        Dtype of the upload on the wire: "float32", "bfloat16" or "float16".
     """
 
     def __init__(
@@ -57,34 +72,55 @@ class LocalClient:
         protocol: ClientProtocol,
         seed: int,
         shared_a_rank: int | None = None,
+        uplink_tau: float | None = None,
+        wire: str = "float32",
     ) -> None:
         from peft import get_peft_model
 
         self.client_id, self.protocol, self.seed = client_id, protocol, seed
-        self.training, self.num_examples = training, len(examples)
+        self.lora, self.training = lora, training
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.encoded = encode_all(examples, tokenizer, training)
+        self.num_examples = len(self.encoded)  # n_k: the examples it trains on
         self.model = get_peft_model(base_model, lora.peft_config())
-        self.frozen_a_rank = (
-            (shared_a_rank or lora.rank) if protocol is ClientProtocol.FROZEN_SHARED_A else None
-        )
+        self.shared_rank = shared_a_rank or lora.rank
+        self.uplink_tau, self.wire = uplink_tau, wire
+        self.pending_warm: Mapping[str, LoraFactors] | None = None
+        self.upload_energy: dict[str, float] = {}
         self._fresh_lora(round=0)
 
+    @property
+    def init(self) -> str:
+        """The init policy in force: continue protocols always start from the shared draw (FedAvg)."""
+        return self.lora.init if self.protocol is ClientProtocol.MERGE_AND_RESTART else "shared"
+
     def _fresh_lora(self, round: int) -> None:
-        seed = self.seed if self.frozen_a_rank is not None else derive_seed(self.seed, self.client_id, round)
-        reinit(self.model, seed, frozen_a_rank=self.frozen_a_rank)
+        """``A`` seeded (``lora.init``), ``B = 0``; FFA-LoRA's A is one frozen draw for the whole run."""
+        if self.protocol is ClientProtocol.FROZEN_SHARED_A:
+            reinit(self.model, self.seed, draw_rank=self.shared_rank, freeze_a=True)
+        elif self.init == "shared":
+            reinit(self.model, derive_seed(self.seed, "shared-init", round), draw_rank=self.shared_rank)
+        else:
+            reinit(self.model, derive_seed(self.seed, self.client_id, round))
 
     def receive(self, download: Mapping[str, LoraFactors], round: int) -> None:
         """Apply what the server sent after ``round`` (before training round ``round + 1``)."""
         if self.protocol is ClientProtocol.MERGE_AND_RESTART:
             merge_into_base(self.model, download)
             self._fresh_lora(round)
+            self.pending_warm = download if self.lora.warm_start else None
         else:
             assign(self.model, download, b_only=self.protocol is ClientProtocol.FROZEN_SHARED_A)
 
-    def fit(self, round: int) -> tuple[ClientUpdate, TrainStats]:
-        """Train locally for one round and return the update to upload."""
+    def fit(
+        self, round: int, on_step: Callable[[TrainStats], None] | None = None
+    ) -> tuple[ClientUpdate, TrainStats]:
+        """Train locally for one round and return the update to upload (``on_step``: see ``train``)."""
+        if self.pending_warm is not None:
+            self._warm_start(self.pending_warm)
+            self.pending_warm = None
         seed = derive_seed(self.seed, self.client_id, round, "train")
+        per_round = self.training.examples_per_round(len(self.encoded))
         stats = train(
             self.model,
             self.encoded,
@@ -92,6 +128,25 @@ class LocalClient:
             seed=seed,
             pad_id=self.pad_id,
             desc=f"{self.client_id} round {round}",
+            data_seed=derive_seed(self.seed, self.client_id, "data"),
+            start=max(0, round - 1) * per_round,
+            on_step=on_step,
         )
-        update = ClientUpdate(self.client_id, float(self.num_examples), extract(self.model))
-        return update, stats
+        return ClientUpdate(self.client_id, float(self.num_examples), self._upload()), stats
+
+    def _warm_start(self, download: Mapping[str, LoraFactors]) -> None:
+        """Move the leading r_k directions of ``download`` from the base weights into the LoRA."""
+        warm = {name: leading_split(f, self.lora.rank) for name, f in download.items()}
+        merge_into_base(self.model, {n: LoraFactors(A=w.A, B=-w.B) for n, w in warm.items()})
+        assign_leading(self.model, warm)
+
+    def _upload(self) -> dict[str, LoraFactors]:
+        """The LoRA as the server will decode it: truncated (``uplink_tau``) and wire-rounded."""
+        modules = extract(self.model)
+        if self.uplink_tau is not None:
+            cut = {name: truncate_update(f, self.uplink_tau) for name, f in modules.items()}
+            modules = {name: f for name, (f, _) in cut.items()}
+            self.upload_energy = {name: kept for name, (_, kept) in cut.items()}
+        if self.wire != "float32":
+            modules = {name: to_wire(f, self.wire) for name, f in modules.items()}
+        return modules

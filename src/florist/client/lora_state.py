@@ -62,6 +62,29 @@ def assign(peft_model: Any, factors: Mapping[str, LoraFactors], *, b_only: bool 
                 A_w.copy_(A)
 
 
+def assign_leading(peft_model: Any, factors: Mapping[str, LoraFactors]) -> None:
+    """Write effective factors of rank ``p <= r`` into the leading rows of A and columns of B.
+
+    The remaining rows and columns keep what they hold (a fresh LoRA: seeded A, zero B), so the
+    layer computes ``s B A = B_eff A_eff`` + nothing from the rest while their B columns are zero.
+    """
+    layers = dict(lora_layers(peft_model))
+    _check_same_modules(layers, factors)
+    with torch.no_grad():
+        for name, f in factors.items():
+            layer = layers[name]
+            A_w, B_w = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight  # (r, n), (m, r)
+            B_eff, A = f.effective()
+            p = A.shape[0]
+            if p > A_w.shape[0] or B_eff.shape[0] != B_w.shape[0] or A.shape[1] != A_w.shape[1]:
+                raise ConfigError(
+                    f"module {name!r}: cannot load rank-{p} factors B {tuple(B_eff.shape)}, "
+                    f"A {tuple(A.shape)} into a LoRA layer of B {tuple(B_w.shape)}, A {tuple(A_w.shape)}"
+                )
+            A_w[:p].copy_(A)
+            B_w[:, :p].copy_(B_eff / float(layer.scaling[ADAPTER]))
+
+
 def merge_into_base(peft_model: Any, update: Mapping[str, LoraFactors]) -> None:
     """``W0 += B_g @ A_g`` for every module, in the base layer's dtype."""
     layers = dict(lora_layers(peft_model))
@@ -72,22 +95,23 @@ def merge_into_base(peft_model: Any, update: Mapping[str, LoraFactors]) -> None:
             add_update(W, f)
 
 
-def reinit(peft_model: Any, seed: int, frozen_a_rank: int | None = None) -> None:
+def reinit(peft_model: Any, seed: int, *, draw_rank: int | None = None, freeze_a: bool = False) -> None:
     """A fresh LoRA: ``A ~ U(-1/sqrt(n), 1/sqrt(n))`` from ``seed`` and the module name, ``B = 0``.
 
-    With ``frozen_a_rank`` (FFA-LoRA), A is the leading rows of a ``(frozen_a_rank, n)`` draw that
-    depends on ``seed`` and the module name only, so every client holds the same A, and A is frozen.
+    A is the leading ``r`` rows of a ``(draw_rank, n)`` draw (``draw_rank`` defaults to the layer's
+    rank ``r``), so clients of different ranks that share a seed and ``draw_rank`` hold nested A's:
+    the shared init and FFA-LoRA's frozen A. ``freeze_a`` (FFA-LoRA) stops A from training.
     """
     with torch.no_grad():
         for name, layer in lora_layers(peft_model):
             A_w = layer.lora_A[ADAPTER].weight  # (r, n)
             r, n = A_w.shape
-            rows = frozen_a_rank if frozen_a_rank is not None else r
+            rows = draw_rank if draw_rank is not None else r
             if rows < r:
                 raise ConfigError(f"module {name!r}: shared A rank {rows} is below the client's rank {r}")
             A_w.copy_(seeded_a(seed, name, rows, n)[:r])
             layer.lora_B[ADAPTER].weight.zero_()
-            A_w.requires_grad_(frozen_a_rank is None)
+            A_w.requires_grad_(not freeze_a)
 
 
 def _check_same_modules(layers: Mapping[str, Any], factors: Mapping[str, LoraFactors]) -> None:

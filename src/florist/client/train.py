@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +26,10 @@ from florist.data.records import Example
 from florist.data.tokenize import IGNORE, Encoded, collate, encode
 from florist.errors import ConfigError
 from florist.precision import Precision, check_precision, log_choice, resolve
+from florist.seeds import derive_seed
 
 log = logging.getLogger(__name__)
+LORA_INITS = ("shared", "per_client")  # see florist.client.local
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,12 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     use_rslora: bool = False
+    init: str = "shared"
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
+        if self.init not in LORA_INITS:
+            raise ConfigError(f"lora init must be one of {list(LORA_INITS)}, got {self.init!r}")
         if self.rank < 1:
             raise ConfigError(f"lora rank must be at least 1, got {self.rank}")
         if not self.alpha > 0:
@@ -65,11 +71,20 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """One client's local training budget per round."""
+    """One client's local training budget per round, in the paper's terms.
+
+    The effective batch is ``batch_size x grad_accum`` examples per optimizer step; the budget per
+    round is exactly one of ``steps`` (optimizer steps), ``epochs`` (passes over the client's data,
+    fractions allowed) or ``examples`` (examples seen). The paper's code: batch 16 x accumulation 8,
+    1 epoch per round; "effective batch 32, 1/8 epoch per round" is ``batch_size = 4, grad_accum = 8,
+    epochs = 0.125``. Data is drawn from one shuffled stream per client that continues across rounds
+    (``BatchStream``), so an epoch split over rounds sees every row once.
+    """
 
     lr: float = 3e-4
     steps: int | None = 10
     epochs: float | None = None
+    examples: int | None = None
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 256
@@ -80,29 +95,43 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         check_precision("train.precision", self.precision)
-        if (self.steps is None) == (self.epochs is None):
+        given = {k: v for k in ("steps", "epochs", "examples") if (v := getattr(self, k)) is not None}
+        if len(given) != 1:
             raise ConfigError(
-                f"give exactly one of steps and epochs, got steps={self.steps}, epochs={self.epochs}"
+                "give exactly one of train.steps, train.epochs and train.examples, got "
+                f"steps={self.steps}, epochs={self.epochs}, examples={self.examples}"
             )
         for name in ("batch_size", "grad_accum", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, value in given.items():
+            if not value > 0:
+                raise ConfigError(f"train.{name} must be positive, got {value}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
 
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
     def num_steps(self, num_examples: int) -> int:
-        """Optimizer steps this round."""
+        """Optimizer steps this round for a client with ``num_examples`` rows."""
         if self.steps is not None:
             return self.steps
-        per_step = self.batch_size * self.grad_accum
-        return max(1, math.ceil(float(self.epochs or 0) * num_examples / per_step))
+        wanted = self.examples if self.examples is not None else float(self.epochs or 0) * num_examples
+        return max(1, math.ceil(wanted / self.effective_batch))
+
+    def examples_per_round(self, num_examples: int) -> int:
+        """Examples drawn per round (steps x effective batch)."""
+        return self.num_steps(num_examples) * self.effective_batch
 
 
 @dataclass
 class TrainStats:
     steps: int = 0
     loss: float = float("nan")
-    tokens: int = 0
+    tokens: int = 0  # every token a forward pass saw (prompt and response)
+    label_tokens: int = 0  # tokens the loss was taken on
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
 
@@ -112,24 +141,37 @@ class TrainStats:
 
 
 class BatchStream:
-    """Endless shuffled batches of encoded examples, deterministic in ``seed``, reshuffled per epoch."""
+    """Shuffled batches of encoded examples from position ``start`` of an endless stream.
 
-    def __init__(self, encoded: Sequence[Encoded], batch_size: int, seed: int) -> None:
+    The stream is epoch after epoch of ``randperm(n)`` seeded by ``(seed, epoch)``, so a client
+    that trains round t from ``start = (t - 1) x examples_per_round`` continues where round t - 1
+    stopped, and a restarted process draws the same batches.
+    """
+
+    def __init__(self, encoded: Sequence[Encoded], batch_size: int, seed: int, start: int = 0) -> None:
         if not encoded:
             raise ConfigError("no training examples")
-        self.encoded, self.batch_size = encoded, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
+        self.encoded, self.batch_size, self.seed = encoded, batch_size, seed
+        self.position = start
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _index(self, i: int) -> int:
+        n = len(self.encoded)
+        epoch = i // n
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+            self._epoch, self._perm = epoch, torch.randperm(n, generator=g)
+        return int(self._perm[i % n])
 
     def next(self) -> list[Encoded]:
-        if len(self.order) < self.batch_size:
-            self.order += torch.randperm(len(self.encoded), generator=self.generator).tolist()
-        batch, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        batch = [self._index(self.position + j) for j in range(self.batch_size)]
+        self.position += self.batch_size
         return [self.encoded[i] for i in batch]
 
 
 def encode_all(examples: Sequence[Example], tokenizer: Any, s: TrainSettings) -> list[Encoded]:
-    """Encode every example; those whose response is cut off entirely by ``max_length`` are dropped."""
+    """Encode every example (long ones truncated, see ``florist.data.tokenize``); one left with no
+    label token (only when ``max_length`` is tiny) is dropped with a warning."""
     encoded = [encode(ex, tokenizer, s.max_length, s.train_on_inputs) for ex in examples]
     kept = [e for e in encoded if any(label != IGNORE for label in e.labels)]
     if len(kept) < len(encoded):
@@ -147,18 +189,32 @@ def encode_all(examples: Sequence[Example], tokenizer: Any, s: TrainSettings) ->
 
 
 def train(
-    model: Any, encoded: Sequence[Encoded], s: TrainSettings, *, seed: int, pad_id: int, desc: str = "train"
+    model: Any,
+    encoded: Sequence[Encoded],
+    s: TrainSettings,
+    *,
+    seed: int,
+    pad_id: int,
+    desc: str = "train",
+    data_seed: int | None = None,
+    start: int = 0,
+    on_step: Callable[[TrainStats], None] | None = None,
 ) -> TrainStats:
-    """Run ``s.num_steps`` optimizer steps on the trainable parameters of ``model``."""
+    """Run ``s.num_steps`` optimizer steps on the trainable parameters of ``model``.
+
+    ``seed`` drives dropout; batches come from ``BatchStream(encoded, ..., data_seed, start)``
+    (``data_seed`` defaults to ``seed``). ``on_step(stats)`` is called after every optimizer step
+    (``stats.steps`` of them so far), e.g. to snapshot the adapter part-way through a round.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters (is the LoRA adapter attached?)")
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    stream = BatchStream(encoded, s.batch_size, seed)
+    stream = BatchStream(encoded, s.batch_size, seed if data_seed is None else data_seed, start)
     device = next(model.parameters()).device
     precision = resolve(s.precision, device)
     log_choice("training", precision)
-    stats, start = TrainStats(), time.perf_counter()
+    stats, began = TrainStats(), time.perf_counter()
     torch.manual_seed(seed)  # dropout masks
     model.train()
     bar = tqdm(range(s.num_steps(len(encoded))), desc=desc, leave=False)
@@ -171,8 +227,10 @@ def train(
         stats.steps += 1
         stats.losses.append(loss)
         bar.set_postfix(loss=f"{loss:.3f}")
+        if on_step is not None:
+            on_step(stats)
     model.eval()
-    stats.seconds = time.perf_counter() - start
+    stats.seconds = time.perf_counter() - began
     stats.loss = sum(stats.losses) / len(stats.losses)
     return stats
 
@@ -189,4 +247,5 @@ def _accumulate(
         loss.backward()  # type: ignore[no-untyped-call]
         total += float(loss.detach())
         stats.tokens += int(batch["attention_mask"].sum())
+        stats.label_tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
     return total

@@ -19,13 +19,15 @@ from typing import Any
 import torch
 
 from florist.aggregation import available
+from florist.aggregation.base import ClientProtocol, aggregator_class
 from florist.aggregation.robust import CLIP_MODES
-from florist.client.train import LoraSettings, TrainSettings
+from florist.client.train import LORA_INITS, LoraSettings, TrainSettings
 from florist.errors import ConfigError
 from florist.precision import check_precision
 from florist.tools.aggregate import AggregateOptions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,20 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     use_rslora: bool = False
+    init: str = field(
+        default="shared",
+        metadata={"help": "fresh LoRA A each round: 'shared' (one draw per round) or 'per_client'"},
+    )
+    warm_start: bool = field(
+        default=False,
+        metadata={"help": "florist/flora: continue from the leading r_k directions of the global update"},
+    )
 
     def __post_init__(self) -> None:
         if not self.ranks or any(r < 1 for r in self.ranks):
             raise ConfigError(f"lora.ranks must be positive integers, got {list(self.ranks)}")
+        if self.init not in LORA_INITS:
+            raise ConfigError(f"lora.init must be one of {list(LORA_INITS)}, got {self.init!r}")
 
     def rank_of(self, client: int, num_clients: int) -> int:
         if len(self.ranks) not in (1, num_clients):
@@ -101,7 +113,9 @@ class LoraConfig:
     def settings(self, client: int, num_clients: int) -> LoraSettings:
         r = self.rank_of(client, num_clients)
         alpha = self.alpha if self.alpha is not None else self.alpha_ratio * r
-        return LoraSettings(r, alpha, self.dropout, self.target_modules, self.use_rslora)
+        return LoraSettings(
+            r, alpha, self.dropout, self.target_modules, self.use_rslora, self.init, self.warm_start
+        )
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,12 @@ class FederationConfig:
     max_message_mb: float = field(
         default=2000.0, metadata={"help": "largest message (MB, 1e6 bytes) sent or accepted; gRPC: 2 GiB"}
     )
+    wire_dtype: str = field(
+        default="float32", metadata={"help": "dtype of the factors in messages: float32, bfloat16, float16"}
+    )
+    uplink_tau: float | None = field(
+        default=None, metadata={"help": "clients send the tau-energy truncated SVD of their update"}
+    )
     cpus_per_client: float = field(default=2.0, metadata={"help": "simulation: CPU cores per client"})
     gpus_per_client: float = field(default=0.0, metadata={"help": "simulation: GPU fraction per client"})
 
@@ -145,6 +165,12 @@ class FederationConfig:
                 raise ConfigError(f"federation.{key} must be > 0, got {value}")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"federation.fraction must be in (0, 1], got {self.fraction}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(
+                f"federation.wire_dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}"
+            )
+        if self.uplink_tau is not None and not 0 < self.uplink_tau <= 1:
+            raise ConfigError(f"federation.uplink_tau must be in (0, 1], got {self.uplink_tau}")
         if not 1 <= self.min_clients <= self.num_clients:
             raise ConfigError(
                 f"federation.min_clients must be in [1, {self.num_clients}], got {self.min_clients}"
@@ -273,8 +299,23 @@ class RunConfig:
     def __post_init__(self) -> None:
         n = self.federation.num_clients
         self.lora.rank_of(0, n)  # ranks list length matches the number of clients
+        self._check_protocol_options()
         if self.data.split == "presplit" and self.data.source == "skills":
             raise ConfigError("data.split = 'presplit' needs a folder source with one file per client")
+
+    def _check_protocol_options(self) -> None:
+        """Warm start and uplink thresholding only fit methods whose math allows them."""
+        cls = aggregator_class(self.aggregation.method)
+        if self.lora.warm_start and cls.protocol is not ClientProtocol.MERGE_AND_RESTART:
+            raise ConfigError(
+                f"lora.warm_start needs a merge-and-restart method (florist, flora); "
+                f"{self.aggregation.method!r} clients continue from their download already"
+            )
+        if self.federation.uplink_tau is not None and not cls.products_only:
+            raise ConfigError(
+                f"federation.uplink_tau needs a method that aggregates products B_k A_k (florist, flora, "
+                f"flexlora); {self.aggregation.method!r} uses the factors themselves"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict

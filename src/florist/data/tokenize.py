@@ -1,10 +1,14 @@
 """Turn examples into token ids and loss labels, and batches into padded tensors.
 
-    input_ids = tokens(prompt(ex)) + tokens(response) + [eos]          truncated to max_length
+    input_ids = tokens(prompt(ex)) + tokens(response) + [eos]          at most max_length
     labels    = -100 on the prompt (unless train_on_inputs), the ids on response and eos
 
 The prompt is tokenised on its own and the response appended, so the boundary never moves with
-the tokenizer's merges across it.
+the tokenizer's merges across it. A row longer than ``max_length`` is truncated, never dropped:
+with ``train_on_inputs`` at its end, as the paper's code does (``cutoff_len``); with labels on the
+response only, the response keeps at least half of ``max_length`` (all of it if it fits) and the
+prompt gives up its middle (usually the context), keeping its head (the instruction) and its tail
+(the "### Response:" cue), so every row still trains on response tokens.
 """
 
 from __future__ import annotations
@@ -42,9 +46,21 @@ def encode(ex: Example, tokenizer: Any, max_length: int, train_on_inputs: bool =
     """Token ids and labels of one example (loss on the response tokens only by default)."""
     p = prompt_token_ids(tokenizer, prompt(ex))
     r = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (p + r)[:max_length]
-    labels = ids[:] if train_on_inputs else [IGNORE] * len(p) + r
-    return Encoded(input_ids=ids, labels=labels[:max_length])
+    if train_on_inputs:
+        ids = (p + r)[:max_length]
+        return Encoded(input_ids=ids, labels=ids[:])
+    p, r = fit(p, r, max_length)
+    return Encoded(input_ids=p + r, labels=[IGNORE] * len(p) + r)
+
+
+def fit(p: list[int], r: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Prompt and response ids cut to ``max_length`` together (see the module docstring)."""
+    if len(p) + len(r) <= max_length:
+        return p, r
+    keep_r = min(len(r), max(max_length - len(p), max_length - max_length // 2))
+    budget = max_length - keep_r  # prompt tokens left
+    head = budget // 2
+    return p[:head] + p[len(p) - (budget - head) :], r[:keep_r]
 
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

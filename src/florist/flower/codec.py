@@ -1,10 +1,14 @@
 """LoRA factors <-> Flower records, and the bytes they put on the wire.
 
 Upload (client -> server), one ``ArrayRecord`` under ``"lora"``:
-    "{module}.lora_A" (r_k, n), "{module}.lora_B" (m, r_k)   raw factors, float32
+    "{module}.lora_A" (r_k, n), "{module}.lora_B" (m, r_k)   raw factors
     and a ``ConfigRecord`` "lora_meta" with the scaling and, when A is not sent (FFA-LoRA), n.
 Download (server -> client), one ``ArrayRecord`` per global update under ``"global.{round}"``:
     effective factors (scaling 1.0); B only for FFA-LoRA.
+
+Arrays travel in the wire dtype (``federation.wire_dtype``): float32, float16, or bfloat16, which
+NumPy lacks and which is sent as its raw 16-bit pattern (a uint16 array) under the dtype name
+"bfloat16". Whatever arrives is decoded to float32; the server aggregates in float32.
 """
 
 from __future__ import annotations
@@ -23,26 +27,53 @@ from florist.lora.init import seeded_a
 A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
 
 
-def _array(t: torch.Tensor) -> Array:
-    return Array(t.detach().to(torch.float32).contiguous().cpu().numpy())
+WIRE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+BF16 = "bfloat16"
+
+
+def _array(t: torch.Tensor, wire: str = "float32") -> Array:
+    """``t`` as an ``Array`` of dtype ``wire``."""
+    if wire not in WIRE_ITEMSIZE:
+        raise ValueError(f"wire dtype must be one of {sorted(WIRE_ITEMSIZE)}, got {wire!r}")
+    t = t.detach().cpu().contiguous()
+    if wire == BF16:
+        bits = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        raw = Array(bits)
+        return Array(dtype=BF16, shape=tuple(t.shape), stype=raw.stype, data=raw.data)
+    return Array(t.to(getattr(torch, wire)).numpy())
 
 
 def _tensor(a: Array) -> torch.Tensor:
-    return torch.from_numpy(np.array(a.numpy(), dtype=np.float32, copy=True))
+    """An arrived ``Array`` as float32; only the wire dtypes are accepted."""
+    if a.dtype not in WIRE_ITEMSIZE:
+        raise ValueError(f"array dtype {a.dtype!r} is not a wire dtype ({sorted(WIRE_ITEMSIZE)})")
+    values = a.numpy()
+    if tuple(values.shape) != tuple(a.shape):
+        raise ValueError(f"array claims shape {tuple(a.shape)} but holds {tuple(values.shape)}")
+    if a.dtype == BF16:
+        if values.dtype != np.uint16:
+            raise ValueError(f"a bfloat16 array must carry uint16 bits, got {values.dtype}")
+        bits = torch.from_numpy(np.ascontiguousarray(values).view(np.int16).copy())
+        return bits.view(torch.bfloat16).float()
+    if str(values.dtype) != a.dtype:
+        raise ValueError(f"array claims dtype {a.dtype} but holds {values.dtype}")
+    return torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
 
 
-def encode_factors(modules: Mapping[str, LoraFactors], *, with_a: bool = True) -> ArrayRecord:
-    """Factors as an ``ArrayRecord``, sorted by module; A is left out when ``with_a`` is False."""
+def encode_factors(
+    modules: Mapping[str, LoraFactors], *, with_a: bool = True, wire: str = "float32"
+) -> ArrayRecord:
+    """Factors as an ``ArrayRecord`` in dtype ``wire``, sorted by module; A left out unless ``with_a``."""
     arrays: dict[str, Array] = {}
     for name, f in sorted(modules.items()):
         if with_a:
-            arrays[name + A_SUFFIX] = _array(f.A)
-        arrays[name + B_SUFFIX] = _array(f.B)
+            arrays[name + A_SUFFIX] = _array(f.A, wire)
+        arrays[name + B_SUFFIX] = _array(f.B, wire)
     return ArrayRecord(array_dict=arrays)
 
 
 def encode_upload(
-    modules: Mapping[str, LoraFactors], *, with_a: bool = True
+    modules: Mapping[str, LoraFactors], *, with_a: bool = True, wire: str = "float32"
 ) -> tuple[ArrayRecord, ConfigRecord]:
     """A client's raw factors and their scaling (and A's width when A stays home)."""
     meta: dict[str, Any] = {}
@@ -50,7 +81,7 @@ def encode_upload(
         meta[f"scaling.{name}"] = float(f.scaling)
         if not with_a:
             meta[f"n.{name}"] = int(f.A.shape[1])
-    return encode_factors(modules, with_a=with_a), ConfigRecord(meta)
+    return encode_factors(modules, with_a=with_a, wire=wire), ConfigRecord(meta)
 
 
 def decode_factors(record: ArrayRecord, client: str, *, b_only: bool = False) -> dict[str, LoraFactors]:
@@ -117,5 +148,6 @@ def payload_bytes(content: RecordDict) -> int:
     total = 0
     for record in content.array_records.values():
         for arr in record.values():
-            total += int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+            size = WIRE_ITEMSIZE.get(arr.dtype) or np.dtype(arr.dtype).itemsize
+            total += int(np.prod(arr.shape, dtype=np.int64)) * size
     return total

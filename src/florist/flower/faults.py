@@ -13,9 +13,9 @@ import logging
 import random
 import time
 
-from florist.client.local import derive_seed
 from florist.config.schema import FaultsConfig
 from florist.errors import FloristError
+from florist.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from flwr.serverapp.strategy import Strategy
 
 from florist.aggregation.base import AggregationResult, Aggregator, ClientProtocol
 from florist.aggregation.robust import clip_updates
-from florist.client.local import derive_seed
 from florist.config import RunConfig
 from florist.errors import InvalidUpdate
 from florist.flower.codec import decode_upload, encode_factors, payload_bytes
@@ -30,6 +29,7 @@ from florist.flower.node import GLOBAL_PREFIX
 from florist.flower.size_guard import MessageTooLarge, check_message
 from florist.lora import ClientUpdate, LoraFactors
 from florist.lora.validation import check_update
+from florist.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 

@@ -8,17 +8,17 @@ the same A and uploads only B; the server rebuilds A from the same seed.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 from torch import Tensor
 
+from florist.seeds import derive_seed
+
 
 def module_seed(seed: int, name: str) -> int:
     """A 63-bit generator seed from the run seed and a module name."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derive_seed(seed, name)
 
 
 def seeded_a(seed: int, name: str, rows: int, n: int) -> Tensor:

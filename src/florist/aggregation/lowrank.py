@@ -1,0 +1,85 @@
+"""Operations on one low-rank update that clients and the server both run (pure tensor code).
+
+Uplink thresholding: a client of rank r sends the tau_up-truncated SVD of its own update, found
+from QRs of its factors and an r x r core (``linalg.factored_svd``), never an m x n matrix:
+
+    s B (m, r) = Q_B R_B,   A^T (n, r) = Q_A R_A,   R_B R_A^T = U_c diag(S) V_c^T     (r x r)
+    B_up = Q_B U_c[:, :q] diag(S_q)   (m, q),      A_up = V_c[:, :q]^T Q_A^T   (q, n)
+
+with q the smallest rank holding tau_up of the energy; ``B_up @ A_up == s B @ A`` at tau_up = 1.
+
+Warm start: the leading r directions of a global update, split evenly between the two factors,
+
+    U_r diag(S_r) V_r^T  ->  B = U_r diag(sqrt(S_r)),  A = diag(sqrt(S_r)) V_r^T
+
+so a client can hold them in its LoRA while its base weights hold the rest (``florist.client``).
+
+Wire rounding: factors cast to a 16-bit wire dtype and back to float32, as a 16-bit message does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from florist.aggregation.linalg import factored_svd
+from florist.aggregation.rank_policy import rank_for_energy
+from florist.errors import ConfigError
+from florist.lora.update import ClientUpdate, LoraFactors
+
+WIRE_TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def truncate_update(f: LoraFactors, tau: float) -> tuple[LoraFactors, float]:
+    """The ``tau``-energy truncation of ``s B A`` as effective factors, and the energy fraction kept."""
+    if not 0.0 < tau <= 1.0:
+        raise ConfigError(f"uplink tau must be in (0, 1], got {tau}")
+    B, A = f.effective(torch.float32)  # (m, r), (r, n)
+    svd = factored_svd(B, A)
+    q = rank_for_energy(svd.S, tau)
+    B_up, A_up = svd.truncate(q)  # (m, q), (q, n)
+    kept = float(svd.S[:q].double().square().sum() / svd.S.double().square().sum().clamp_min(1e-300))
+    return LoraFactors(A=A_up.contiguous(), B=B_up.contiguous()), kept
+
+
+def leading_split(f: LoraFactors, r: int) -> LoraFactors:
+    """The best rank-``min(r, rank)`` part of ``s B A``, as effective factors split by ``sqrt(S)``."""
+    B, A = f.effective(torch.float32)
+    svd = factored_svd(B, A)
+    p = min(r, int(svd.S.numel()))
+    root = svd.S[:p].clamp_min(0).sqrt()  # (p,)
+    U, Vh = _columns(svd.left, svd.U[:, :p]), _rows(svd.Vh[:p], svd.right)  # (m, p), (p, n)
+    return LoraFactors(A=(root[:, None] * Vh).contiguous(), B=(U * root).contiguous())
+
+
+def without_warm_part(update: ClientUpdate, warm: dict[str, LoraFactors]) -> ClientUpdate:
+    """A warm-started client's round delta from its upload: ``s B' A' - B_w A_w`` per module.
+
+    The client's LoRA started this round at its warm part ``B_w A_w`` (``leading_split`` of the
+    global update it merged last) and its base weights hold the rest, so what it trained this
+    round is its upload minus the warm part, in factored form (rank r_k + p):
+
+        [s B' | -B_w] (m, r_k + p)  @  [A'; A_w] (r_k + p, n)  ==  s B' A' - B_w A_w
+    """
+    modules = {}
+    for name, f in update.modules.items():
+        B, A = f.effective(torch.float32)
+        w = warm[name]
+        modules[name] = LoraFactors(A=torch.cat([A, w.A]), B=torch.cat([B, -w.B], dim=1))
+    return ClientUpdate(update.client_id, update.num_examples, modules)
+
+
+def _columns(left: Tensor | None, U: Tensor) -> Tensor:
+    return U if left is None else left @ U
+
+
+def _rows(Vh: Tensor, right: Tensor | None) -> Tensor:
+    return Vh if right is None else Vh @ right.mT
+
+
+def to_wire(f: LoraFactors, wire_dtype: str) -> LoraFactors:
+    """``f`` as it arrives after a trip through ``wire_dtype``: rounded, then float32 again."""
+    if wire_dtype not in WIRE_TORCH:
+        raise ConfigError(f"wire dtype must be one of {sorted(WIRE_TORCH)}, got {wire_dtype!r}")
+    dt = WIRE_TORCH[wire_dtype]
+    return LoraFactors(A=f.A.to(dt).float(), B=f.B.to(dt).float(), scaling=f.scaling)
