@@ -86,14 +86,22 @@ def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("bench", help="every method on the paper's Dolly federation: table and plots")
+    p = sub.add_parser(
+        "bench", help="every method on the paper's Dolly federation: total bytes vs paired loss"
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the bench config")
     p.add_argument("--config", default=None, help="base config (default: the packaged paper_cpu.toml)")
     p.add_argument("--out", default="runs/bench", help="output directory (results.json, table.md, plots)")
-    p.add_argument("--taus", type=_floats, default=None, help="FLoRIST tau sweep, homogeneous ranks")
+    p.add_argument("--cache", default="runs/bench-cache", help="round-1 uploads, reused by a rerun")
+    p.add_argument("--taus", type=_floats, default=None, help="FLoRIST taus, homogeneous ranks")
     p.add_argument("--hetero-taus", type=_floats, default=None, help="FLoRIST taus, heterogeneous ranks")
+    p.add_argument("--option-taus", type=_floats, default=None, help="taus at which the options run")
+    p.add_argument("--options", default="warm,uplink,bf16,all", help="FLoRIST options to run (or none)")
+    p.add_argument("--extra-baselines", default="fedit+bf16", help="baselines with an option (or none)")
+    p.add_argument("--budget-match-tau", type=float, default=None, help="add a byte-budget variant")
     p.add_argument("--settings", default="homogeneous,heterogeneous", help="rank settings to run")
-    p.add_argument("--e-tolerance", type=float, default=0.01, help="FLoRIST-E: held-out loss slack vs O")
+    p.add_argument("--variants", default="", help="run only these variant names (comma-separated)")
+    p.add_argument("--report-only", action="store_true", help="redraw table.md and plots from results.json")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -192,22 +200,30 @@ def _demo(args: argparse.Namespace) -> None:
     print_summary(run_simulation(load_config(DEMO_CONFIG, args.overrides)), demo=True)
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip() and x.strip() != "none")
+
+
 def _bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from florist.bench import report
     from florist.bench.compare import PAPER_CONFIG, Bench, BenchOptions
 
+    if args.report_only:
+        report.rewrite_tables(Path(args.out))
+        print((Path(args.out) / "table.md").read_text())
+        return
+    given = {
+        "taus": args.taus, "hetero_taus": args.hetero_taus, "option_taus": args.option_taus,
+        "hetero_option_taus": args.option_taus,
+    }  # fmt: skip
     opts = BenchOptions(
-        config=args.config or PAPER_CONFIG,
-        overrides=tuple(args.overrides),
-        out=args.out,
-        settings=tuple(s.strip() for s in args.settings.split(",") if s.strip()),
-        e_tolerance=args.e_tolerance,
-    )
-    if args.taus:
-        opts = BenchOptions(**{**opts.__dict__, "taus": args.taus})
-    if args.hetero_taus:
-        opts = BenchOptions(**{**opts.__dict__, "hetero_taus": args.hetero_taus})
+        config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides), out=args.out, cache=args.cache,
+        settings=_names(args.settings), options=_names(args.options),
+        extra_baselines=_names(args.extra_baselines), budget_match_tau=args.budget_match_tau,
+        variants=_names(args.variants), **{k: v for k, v in given.items() if v is not None},
+    )  # fmt: skip
     summary = Bench(opts).run()
     print((Path(args.out) / "table.md").read_text())
     print(f"picks: {summary['picks']}; {summary['seconds']:.0f} s; outputs in {args.out}")

@@ -99,3 +99,40 @@ def test_every_method_runs_and_accounts_its_bytes(model_dir: Path, tmp_path: Pat
         assert rows[2]["bytes_down"] > 0 and rows[1]["bytes_down"] == 0
         assert (run / "adapter" / "adapter_model.safetensors").is_file()
         assert load_config(run / "config.toml") == cfg  # the resolved config repeats the run
+
+
+def test_protocol_options_under_flower_keep_clients_and_server_in_step(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Warm start, uplink thresholding and a bf16 wire together, with a client that skips a round:
+    the run ends with every client holding the server's weights bitwise, uploads travel as bf16 and
+    at most the client's rank, and each round's global update equals the offline aggregate of the
+    round deltas the run saved (the uploads less their warm parts)."""
+    opts = ("lora.warm_start=true", "federation.uplink_tau=0.9", "federation.wire_dtype='bfloat16'")
+    cfg = tiny_run_config(model_dir, tmp_path, "options", "aggregation.method='florist'", "aggregation.tau=1.0",
+                          "federation.rounds=3", "federation.participation=[[0, 1], [0, 2], [0, 1, 2]]", *opts)  # fmt: skip
+    summary = run_simulation(cfg)
+    run = Path(summary["run_dir"])
+    sync = summary["sync"]
+    assert set(sync["digests"].values()) == {sync["server_digest"]}, "a client's merged weights differ"
+    rows = records(run)
+    for r in rows[1:]:
+        round_dir = run / "rounds" / f"round-{r['round']:03d}"
+        deltas = {d.name: read_adapter(d) for d in sorted((round_dir / "clients").iterdir())}
+        warm = r["round"] > 1
+        for cid, adapter in deltas.items():  # saved: the round deltas (upload ranks + warm part when warm)
+            rank = {"client-000": 8, "client-001": 4, "client-002": 2}[cid]
+            assert all(f.rank <= (2 * rank if warm else rank) for f in adapter.modules.values())
+        want = offline(cfg, round_dir)
+        got = adapter_deltas(round_dir / "adapter")
+        for name in want:  # the download is bf16-rounded: within bf16's relative rounding
+            rel = float((got[name] - want[name]).norm() / want[name].norm())
+            assert rel < 2**-6, (r["round"], name, rel)
+    # round 1 (no warm part yet): the saved uploads are what was sent, 2 bytes per element
+    sent = [read_adapter(d) for d in sorted((run / "rounds" / "round-001" / "clients").iterdir())]
+    full = {"client-000": 8, "client-001": 4}
+    assert rows[1]["bytes_up"] == sum(
+        f.A.numel() * 2 + f.B.numel() * 2 for a in sent for f in a.modules.values()
+    )
+    assert rows[1]["bytes_up"] < sum(r * sum(f.A.shape[1] + f.B.shape[0] for f in sent[0].modules.values()) * 2
+                                     for r in full.values())  # fmt: skip  # tau_up = 0.9 cut some rank

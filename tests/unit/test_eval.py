@@ -311,12 +311,16 @@ def test_long_prompts_are_cut_and_still_scored_and_an_empty_result_is_refused() 
 
     tok = _loss_tokenizer()
     model = tiny_llama(seed=5, vocab_size=len(tok))
-    long_prompt = encode(EXAMPLES[1], tok, max_length=1000).labels.count(IGNORE)  # no room left for the response
+    long_prompt = encode(EXAMPLES[1], tok, max_length=1000).labels.count(
+        IGNORE
+    )  # no room left for the response
     result = heldout_loss(model, tok, EXAMPLES[:2], max_length=long_prompt, progress=False)
     assert result.per_example_tokens[1] > 0 and not math.isnan(result.per_example[1])  # its middle gave way
     assert result.n_tokens == sum(result.per_example_tokens)
     none = loss_result(torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([2, 0]))
-    assert math.isnan(none.per_example[1]) and json.loads(json.dumps(none.to_dict()))["per_example"][1] is None
+    assert (
+        math.isnan(none.per_example[1]) and json.loads(json.dumps(none.to_dict()))["per_example"][1] is None
+    )
     with pytest.raises(ConfigError, match="no response token survived truncation"):
         loss_result(torch.zeros(2, dtype=torch.float64), torch.tensor([0, 0]))
     with pytest.raises(ConfigError, match="needs at least one example"):

@@ -21,7 +21,9 @@ DATA = [
 TRAIN = TrainSettings(lr=5e-3, steps=3, batch_size=2, max_length=256)
 
 
-def _clients(method: str, ranks: tuple[int, ...] = (4, 2), seed: int = 0) -> list[LocalClient]:
+def _clients(
+    method: str, ranks: tuple[int, ...] = (4, 2), seed: int = 0, init: str = "shared", warm: bool = False
+) -> list[LocalClient]:
     protocol = make_aggregator(method).protocol
     return [
         LocalClient(
@@ -29,7 +31,14 @@ def _clients(method: str, ranks: tuple[int, ...] = (4, 2), seed: int = 0) -> lis
             tiny_llama(vocab_size=VOCAB_SIZE),
             tiny_tokenizer(),
             DATA[k],
-            LoraSettings(rank=r, alpha=2 * r, dropout=0.0, target_modules=("q_proj", "v_proj")),
+            LoraSettings(
+                rank=r,
+                alpha=2 * r,
+                dropout=0.0,
+                target_modules=("q_proj", "v_proj"),
+                init=init,
+                warm_start=warm,
+            ),
             TRAIN,
             protocol,
             seed=seed,
@@ -146,9 +155,105 @@ def test_bad_training_settings_are_named() -> None:
     assert TrainSettings(steps=None, epochs=1.5, batch_size=4, grad_accum=2).num_steps(20) == 4
     # the paper's terms: effective batch 32 (4 x 8), 1/8 epoch or 64 examples per round
     eighth = TrainSettings(steps=None, epochs=0.125, batch_size=4, grad_accum=8)
-    assert eighth.effective_batch == 32 and eighth.num_steps(1000) == 4 and eighth.examples_per_round(1000) == 128
+    assert (
+        eighth.effective_batch == 32
+        and eighth.num_steps(1000) == 4
+        and eighth.examples_per_round(1000) == 128
+    )
     assert TrainSettings(steps=None, examples=64, batch_size=4, grad_accum=8).num_steps(10**6) == 2
     with pytest.raises(ConfigError, match="exactly one of train.steps, train.epochs and train.examples"):
         TrainSettings(steps=3, examples=64)
     with pytest.raises(ConfigError, match="train.examples must be positive, got 0"):
         TrainSettings(steps=None, examples=0)
+
+
+@pytest.mark.parametrize(("method", "init", "shared"), [
+    ("florist", "shared", True), ("florist", "per_client", False),
+    ("fedit", "per_client", True),  # continue protocols start round 1 from one draw whatever init says
+    ("flexlora", "shared", True),
+])  # fmt: skip
+def test_init_policy_decides_whether_round_one_starts_from_one_draw(
+    method: str, init: str, shared: bool
+) -> None:
+    clients = _clients(method, ranks=(4, 2), init=init)
+    a0, a1 = extract(clients[0].model), extract(clients[1].model)
+    for name in a0:
+        assert torch.equal(a0[name].A[:2], a1[name].A) is shared, name  # rank 2 takes the leading rows
+        assert torch.count_nonzero(a1[name].B) == 0
+    if method == "florist":  # a fresh LoRA each round: the shared draw changes with the round
+        result = make_aggregator(method).aggregate([c.fit(1)[0] for c in clients])
+        for c in clients:
+            c.receive(result.download(c.client_id), round=1)
+        b0, b1 = extract(clients[0].model), extract(clients[1].model)
+        for name in b0:
+            assert torch.equal(b0[name].A[:2], b1[name].A) is shared
+            assert not torch.equal(b0[name].A, a0[name].A)
+
+
+def _effective_weights(client: LocalClient) -> dict[str, torch.Tensor]:
+    """W0 + s B A of every adapted module, float64: the function the client computes."""
+    out = {}
+    for (name, layer), f in zip(lora_layers(client.model), extract(client.model).values(), strict=True):
+        out[name] = layer.get_base_layer().weight.detach().double() + f.delta(torch.float64)
+    return out
+
+
+def test_warm_start_keeps_the_model_and_the_server_recovers_what_the_client_changed() -> None:
+    from florist.aggregation.lowrank import warm_parts, without_warm_part
+
+    clients = _clients("florist", ranks=(4, 2), warm=True)
+    result = make_aggregator("florist", policy=EnergyThreshold(1.0)).aggregate([c.fit(1)[0] for c in clients])
+    for c in clients:
+        c.receive(result.download(c.client_id), round=1)
+        merged = _effective_weights(c)  # base + global, LoRA at B = 0
+        c._warm_start(c.pending_warm)  # what fit does first
+        c.pending_warm = None
+        warm = _effective_weights(c)
+        for name in merged:  # the model is unchanged (to float32 rounding)
+            torch.testing.assert_close(warm[name], merged[name], rtol=0, atol=1e-6)
+        assert all(torch.count_nonzero(f.B) > 0 for f in extract(c.model).values()), "the LoRA starts warm"
+        upload, _ = c.fit(2)
+        changed = _effective_weights(c)
+        delta = without_warm_part(upload, warm_parts(result.global_update, c.lora.rank))
+        for name, f in delta.modules.items():
+            torch.testing.assert_close(
+                f.delta(torch.float64), changed[name] - merged[name], rtol=0, atol=2e-6
+            )
+
+
+def test_after_a_warm_round_the_next_merge_lands_on_the_global_weights_bitwise() -> None:
+    warm, plain = _clients("florist", warm=True), _clients("florist", warm=False)
+    agg = make_aggregator("florist")
+    results = []
+    for t in (1, 2):
+        result = agg.aggregate([c.fit(t)[0] for c in warm])
+        results.append(result)
+        for c in warm:
+            c.receive(result.download(c.client_id), round=t)
+    for t, result in enumerate(results, 1):  # the same global updates, merged without any warm split
+        plain[0].receive(result.download("c0"), round=t)
+    got, want = _base_weights(warm[0]), _base_weights(plain[0])
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_a_client_that_only_syncs_keeps_the_merged_weights_bitwise() -> None:
+    clients = _clients("florist", warm=True)
+    result = make_aggregator("florist").aggregate([c.fit(1)[0] for c in clients])
+    before = _base_weights(clients[0])
+    clients[0].receive(result.download("c0"), round=1)
+    for name, f in result.global_update.items():  # warm start waits for fit: the base is base + global
+        torch.testing.assert_close(
+            _base_weights(clients[0])[name], before[name] + f.delta(), rtol=0, atol=1e-6
+        )
+    assert clients[0].pending_warm is not None
+
+
+def test_the_data_stream_continues_across_rounds() -> None:
+    from florist.client.train import BatchStream
+
+    enc = list(range(10))
+    one = BatchStream(enc, 4, seed=3)  # type: ignore[arg-type]
+    first = [one.next() for _ in range(5)]  # 20 draws: two epochs
+    again = BatchStream(enc, 4, seed=3, start=8)  # type: ignore[arg-type]
+    assert [again.next() for _ in range(3)] == first[2:]
+    assert sorted([*first[0], *first[1], *first[2][:2]]) == enc  # the first 10 draws are one epoch

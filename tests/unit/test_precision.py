@@ -128,3 +128,32 @@ def test_bf16_heldout_loss_is_close_to_fp32() -> None:
         bf = heldout_loss(model, tok, DATA, max_length=256, progress=False)
     assert bf.n_tokens == fp.n_tokens and bf.loss != fp.loss
     assert abs(bf.loss - fp.loss) < 0.01 * fp.loss
+
+
+def test_frozen_weights_cast_is_bitwise_autocast_and_restores_the_weights() -> None:
+    model = tiny_llama(vocab_size=VOCAB_SIZE, tie_word_embeddings=True)
+    ids = torch.randint(3, VOCAB_SIZE, (2, 12))
+    bf16 = prec.Precision("bf16", "cpu", "test")
+    before = {n: p for n, p in model.named_parameters()}
+    with torch.no_grad(), bf16.autocast():
+        ref = model(input_ids=ids).logits
+        with bf16.frozen_weights_cast(model, everything=True):
+            assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+            got = model(input_ids=ids).logits
+    assert torch.equal(got, ref)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tying survives
+    with prec.Precision("fp32", "cpu", "test").frozen_weights_cast(model, everything=True):
+        assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+
+
+def test_frozen_weights_cast_leaves_trainable_lora_alone_and_restores_on_error() -> None:
+    model = _peft()
+    bf16 = prec.Precision("bf16", "cpu", "test")
+    with pytest.raises(RuntimeError, match="boom"), bf16.frozen_weights_cast(model):
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert layer.base_layer.weight.dtype == torch.bfloat16
+        assert layer.lora_A["default"].weight.dtype == torch.float32  # trains: stays float32
+        raise RuntimeError("boom")
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -19,9 +19,13 @@ Wire rounding: factors cast to a 16-bit wire dtype and back to float32, as a 16-
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
+from florist.aggregation.base import AggregationResult
 from florist.aggregation.linalg import factored_svd
 from florist.aggregation.rank_policy import rank_for_energy
 from florist.errors import ConfigError
@@ -52,7 +56,38 @@ def leading_split(f: LoraFactors, r: int) -> LoraFactors:
     return LoraFactors(A=(root[:, None] * Vh).contiguous(), B=(U * root).contiguous())
 
 
-def without_warm_part(update: ClientUpdate, warm: dict[str, LoraFactors]) -> ClientUpdate:
+def prepare_upload(
+    modules: Mapping[str, LoraFactors], uplink_tau: float | None, wire: str
+) -> tuple[dict[str, LoraFactors], dict[str, float]]:
+    """What a client sends: its factors, truncated to ``uplink_tau`` of their energy (if set) and
+    rounded to the wire dtype; with the energy kept per module (1.0 when nothing is cut)."""
+    out, kept = dict(modules), dict.fromkeys(modules, 1.0)
+    if uplink_tau is not None:
+        for name, f in modules.items():
+            out[name], kept[name] = truncate_update(f, uplink_tau)
+    if wire != "float32":
+        out = {name: to_wire(f, wire) for name, f in out.items()}
+    return out, kept
+
+
+def result_to_wire(result: AggregationResult, wire: str) -> AggregationResult:
+    """``result`` with every download rounded to the wire dtype: what clients receive, so the server's
+    model follows the same rounded update and clients and server hold the same weights."""
+    if wire == "float32":
+        return result
+    per_client = None
+    if result.per_client is not None:
+        per_client = {c: {n: to_wire(f, wire) for n, f in m.items()} for c, m in result.per_client.items()}
+    glob = {n: to_wire(f, wire) for n, f in result.global_update.items()}
+    return replace(result, global_update=glob, per_client=per_client)
+
+
+def warm_parts(global_update: Mapping[str, LoraFactors], rank: int) -> dict[str, LoraFactors]:
+    """What a client of ``rank`` warm-starts from after merging ``global_update`` (``leading_split``)."""
+    return {name: leading_split(f, rank) for name, f in global_update.items()}
+
+
+def without_warm_part(update: ClientUpdate, warm: Mapping[str, LoraFactors]) -> ClientUpdate:
     """A warm-started client's round delta from its upload: ``s B' A' - B_w A_w`` per module.
 
     The client's LoRA started this round at its warm part ``B_w A_w`` (``leading_split`` of the

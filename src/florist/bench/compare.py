@@ -1,34 +1,40 @@
-"""``florist bench``: every method on the same clients, data, seeds and local budget, per round.
+"""``florist bench``: every method on the same clients, data, seeds and local budget; total bytes
+against the final held-out loss, paired.
 
-    florist bench [--out docs/results/paper-cpu] [--taus 1.0,0.95,...] [section.key=value ...]
+    florist bench [--out docs/results/headline] [--taus 0.95,0.9,0.8] [--option-taus 0.9] [k=v ...]
 
-Two rank settings: homogeneous (the config's ``lora.ranks``, r = 16, alpha 32 on q_proj, v_proj) and
-heterogeneous (ranks 64, 32, 16, 16, 8, 8, 4, 4 with alpha = 2 r). Round 1 is trained once per
-setting and shared (see simulate.py); FFA-LoRA trains its own. Held-out loss is scored after every
-round, MMLU after the last. FLoRIST-O is the tau with the lowest final held-out loss; FLoRIST-E is
-the tau with the fewest downloaded bytes whose final held-out loss is within ``--e-tolerance`` of O's.
+Two rank settings: homogeneous (the config's ``lora.ranks``) and heterogeneous (ranks 64, 32, 16, 16,
+8, 8, 4, 4 with alpha = 2 r). Round 1 is trained once per setting and init (see simulate.py) and its
+raw uploads cached on disk; FFA-LoRA trains its own. Every variant's global model is scored after the
+last round on the same held-out rows, and compared with FLoRA's row by row (``florist.eval.paired``).
+
+Each variant is written to ``results.json`` as soon as it is done and skipped on a rerun with the same
+``--out``, so a killed bench continues where it stopped (the round-1 uploads come back from the cache).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from florist.aggregation import make_aggregator
+from florist.aggregation import communication, make_aggregator
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.bench import report
-from florist.bench.simulate import run_variant, shared_round_one
+from florist.bench.simulate import client_name, run_variant, shared_round_one
 from florist.bench.variants import DEFAULT_TAUS, Variant, budget, sweep
 from florist.client.model import load_model
 from florist.config import RunConfig, load_config
+from florist.config.loader import build, set_dotted
 from florist.data.federated import test_examples
 from florist.flower.evaluation import Evaluator
-from florist.fsutil import write_json_atomic, write_text_atomic
+from florist.fsutil import atomic_dir, write_json_atomic, write_text_atomic
 from florist.lora import ClientUpdate
+from florist.lora.peft_io import read_adapter, save_adapter_files
 
 log = logging.getLogger(__name__)
 PAPER_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "paper_cpu.toml")
@@ -40,11 +46,17 @@ class BenchOptions:
     config: str = PAPER_CONFIG
     overrides: tuple[str, ...] = ()
     out: str = "runs/bench"
+    cache: str = "runs/bench-cache"
     taus: tuple[float, ...] = DEFAULT_TAUS
-    hetero_taus: tuple[float, ...] = (1.0, 0.9, 0.8)
-    budget_match_tau: float = 0.9
-    e_tolerance: float = 0.01
+    hetero_taus: tuple[float, ...] = (0.9,)
+    option_taus: tuple[float, ...] = (0.9,)
+    hetero_option_taus: tuple[float, ...] = (0.9,)
+    options: tuple[str, ...] = ("warm", "uplink", "bf16", "all")
+    extra_baselines: tuple[str, ...] = ("fedit+bf16",)  # a baseline with an option: "method+option"
+    budget_match_tau: float | None = None
+    e_tolerance: float = 0.005
     settings: tuple[str, ...] = ("homogeneous", "heterogeneous")
+    variants: tuple[str, ...] = field(default=())  # run only these names (all if empty)
 
 
 def setting_config(opts: BenchOptions, setting: str) -> RunConfig:
@@ -57,8 +69,11 @@ def setting_config(opts: BenchOptions, setting: str) -> RunConfig:
 
 
 def variant_config(cfg: RunConfig, v: Variant) -> RunConfig:
-    agg = replace(cfg.aggregation, method=v.method, tau=v.tau, budget_mb=v.budget_mb, rank=None)
-    return replace(cfg, aggregation=agg)
+    """``cfg`` with the variant's keys set (validated like any config)."""
+    tree = cfg.to_dict()
+    for key, value in v.overrides().items():
+        set_dotted(tree, key, value)
+    return build(tree)
 
 
 def round_one_key(cfg: RunConfig, method: str) -> str | None:
@@ -76,11 +91,39 @@ def round_one_key(cfg: RunConfig, method: str) -> str | None:
 
 def matched_budget_mb(cfg: RunConfig, round_one: list[ClientUpdate], tau: float) -> float:
     """Download bytes of FLoRIST at ``tau`` on round 1's shared uploads, in MB (the budget to match)."""
-    from florist.aggregation import communication
-
     agg_cfg = variant_config(cfg, Variant("", "florist", tau=tau)).aggregation
     result = make_aggregator("florist", **agg_cfg.options().aggregator_options()).aggregate(round_one)
     return communication(round_one[:1], result).downlink_total / 1e6
+
+
+class RoundOneCache:
+    """Round 1's raw uploads per (setting, init), trained once and kept as PEFT dirs on disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.memory = root, dict[str, list[ClientUpdate]]()
+
+    def get(self, cfg: RunConfig, setting: str, init: str) -> list[ClientUpdate]:
+        key = f"{setting}/{init}"
+        if key not in self.memory:
+            self.memory[key] = self._load(key, cfg.federation.num_clients) or self._train(cfg, key, init)
+        return self.memory[key]
+
+    def _load(self, key: str, n: int) -> list[ClientUpdate] | None:
+        dirs = [self.root / key / client_name(k) for k in range(n)]
+        if not all((d / "florist.json").is_file() for d in dirs):
+            return None
+        log.info("round 1 (%s): uploads from %s", key, self.root / key)
+        sizes = [json.loads((d / "florist.json").read_text())["num_examples"] for d in dirs]
+        return [read_adapter(d, d.name).to_update(d.name, n) for d, n in zip(dirs, sizes, strict=True)]
+
+    def _train(self, cfg: RunConfig, key: str, init: str) -> list[ClientUpdate]:
+        log.info("round 1 (%s): training once for the variants that share it", key)
+        updates = shared_round_one(replace(cfg, lora=replace(cfg.lora, init=init)))
+        for u in updates:
+            with atomic_dir(self.root / key / u.client_id, overwrite=True) as tmp:
+                save_adapter_files(tmp, u.modules, base_model=cfg.model.name)
+                write_json_atomic(tmp / "florist.json", {"num_examples": u.num_examples})
+        return updates
 
 
 class Bench:
@@ -89,50 +132,54 @@ class Bench:
     def __init__(self, opts: BenchOptions) -> None:
         self.opts, self.out = opts, Path(opts.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        path = self.out / "results.json"
+        self.results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        self.round_one = RoundOneCache(Path(opts.cache))
         self.round_one_results: dict[str, AggregationResult] = {}
 
-    def evaluators(self, cfg: RunConfig) -> tuple[Evaluator, Evaluator]:
-        test = test_examples(cfg.data)
-        per_round = Evaluator(replace(cfg.eval, mmlu=None), test, cfg.data.seed, cfg.run.progress)
-        return per_round, Evaluator(cfg.eval, test, cfg.data.seed, cfg.run.progress)
+    def variants(self, cfg: RunConfig, setting: str) -> list[Variant]:
+        o = self.opts
+        homo = setting == "homogeneous"
+        out = sweep(taus=o.taus if homo else o.hetero_taus, options=o.options,
+                    option_taus=o.option_taus if homo else o.hetero_option_taus)  # fmt: skip
+        from florist.bench.variants import baseline
+
+        out += [baseline(m, [opt]) for m, opt in (b.split("+") for b in o.extra_baselines)]
+        if o.budget_match_tau is not None:
+            mb = matched_budget_mb(cfg, self.round_one.get(cfg, setting, cfg.lora.init), o.budget_match_tau)
+            out.append(budget(mb, f"tau={o.budget_match_tau:.2f} round-1 bytes"))
+        return [v for v in out if not o.variants or v.name in o.variants]
 
     def run_setting(self, setting: str) -> None:
         cfg = setting_config(self.opts, setting)
-        per_round, last = self.evaluators(cfg)
-        rounds = cfg.federation.rounds
-        round_one: dict[str, list[ClientUpdate]] = {}
-        taus = self.opts.taus if setting == "homogeneous" else self.opts.hetero_taus
-        variants = sweep(taus=taus)
-        round_one[cfg.lora.init] = shared_round_one(cfg)  # florist's, for the matched budget
-        mb = matched_budget_mb(cfg, round_one[cfg.lora.init], self.opts.budget_match_tau)
-        variants.append(budget(mb, f"tau={self.opts.budget_match_tau:.2f} round-1 bytes"))
-        model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
-        base_eval = last(model.to(cfg.model.torch_device()), tok)  # the same questions as the last round
-        del model
-        self.results[setting] = {report.BASE: [{"round": 0, "eval": base_eval}]}
-        for v in variants:
-            counter = {"round": 0}
-
-            def evaluate(model: Any, tok: Any, counter: dict[str, int] = counter) -> dict[str, float]:
-                counter["round"] += 1
-                return (last if counter["round"] == rounds else per_round)(model, tok)
+        done = self.results.setdefault(setting, {})
+        evaluator = Evaluator(replace(cfg.eval, mmlu=None, exact_match=False), test_examples(cfg.data),
+                              cfg.data.seed, cfg.run.progress, rows=True)  # fmt: skip
+        if report.BASE not in done:
+            model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
+            done[report.BASE] = [{"round": 0, "eval": evaluator(model.to(cfg.model.torch_device()), tok)}]
+            self.save(cfg)
+        for v in self.variants(cfg, setting):
+            if v.name in done:
+                continue
+            vcfg = variant_config(cfg, v)
+            key = round_one_key(vcfg, v.method)
+            shared = self.round_one.get(vcfg, setting, key) if key else None
 
             def keep(t: int, result: AggregationResult, name: str = v.name) -> None:
                 if t == 1:
                     self.round_one_results[f"{setting}/{name}"] = result
 
             start = time.perf_counter()
-            key = round_one_key(cfg, v.method)
-            if key and key not in round_one:
-                log.info(
-                    "%s: training round 1 once for the variants that start from the %s init", setting, key
-                )
-                round_one[key] = shared_round_one(replace(cfg, lora=replace(cfg.lora, init=key)))
-            records = run_variant(variant_config(cfg, v), evaluate, round_one.get(key) if key else None, keep)
+            records = run_variant(vcfg, evaluator, shared, keep, eval_rounds=[cfg.federation.rounds])
             log.info("%s / %s done in %.0f s", setting, v.name, time.perf_counter() - start)
-            self.results[setting][v.name] = records
-            write_json_atomic(self.out / "results.json", self.results)  # progress survives a crash
+            records[-1]["options"] = {k: val for k, val in v.overrides().items() if val is not None}
+            done[v.name] = records
+            self.save(cfg)
+
+    def save(self, cfg: RunConfig) -> None:
+        self.results["meta"] = regime(cfg)
+        write_json_atomic(self.out / "results.json", self.results)  # progress survives a crash
 
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -144,57 +191,51 @@ class Bench:
         return summary
 
     def write_report(self) -> dict[str, Any]:
-        parts, picks = [], {}
-        for setting, results in self.results.items():
-            rows = report.table_rows(results)
-            picks[setting] = pick_o_e(rows, self.opts.e_tolerance)
-            parts.append(report.markdown_table(rows, f"{setting} ranks"))
-            parts.append(picks_text(picks[setting], self.opts.e_tolerance))
-            report.plot_accuracy_bytes(rows, self.out / f"accuracy_bytes_{setting}.png", f"{setting} ranks")
-        parts.append(self.layer_section())
-        write_text_atomic(self.out / "table.md", "\n".join(parts))
+        text, picks = report.write_all(self.out, self.results, self.opts.e_tolerance)
+        layer = self.layer_section()
+        write_text_atomic(self.out / "table.md", text + layer)
         return {"picks": picks, "out": str(self.out)}
 
     def layer_section(self) -> str:
-        florist_r1 = {
-            k: r for k, r in self.round_one_results.items() if "tau=" in k and k.startswith("homogeneous/")
-        }
+        florist_r1 = {k: r for k, r in self.round_one_results.items()
+                      if "tau=" in k and "+" not in k and k.startswith("homogeneous/")}  # fmt: skip
         if not florist_r1:
             return ""
         report.plot_rank_heatmaps(
             {k.split("/", 1)[1]: r.ranks for k, r in florist_r1.items()}, self.out / "ranks_heatmap.png"
         )
-        exact = next((r for k, r in florist_r1.items() if "tau=1.00" in k), next(iter(florist_r1.values())))
+        exact = next(iter(florist_r1.values()))
         if exact.spectra:
-            names = sorted(exact.spectra)
-            chosen = [names[0], names[1], names[len(names) // 2], names[-2], names[-1]]
-            report.plot_spectra(
-                {n: exact.spectra[n].tolist() for n in chosen},
-                self.out / "spectrum.png",
-                "round 1, homogeneous",
-            )
+            names = report.layer_sorted(exact.spectra)
+            chosen = [
+                names[0],
+                names[1],
+                names[len(names) // 2],
+                names[len(names) // 2 + 1],
+                names[-2],
+                names[-1],
+            ]
+            report.plot_spectra({n: exact.spectra[n].tolist() for n in chosen}, self.out / "spectrum.png",
+                                "round 1, homogeneous ranks: first, middle and last layer")  # fmt: skip
         return layerwise_text(florist_r1)
 
 
-def pick_o_e(rows: Sequence[dict[str, Any]], tolerance: float) -> dict[str, str | None]:
-    taus = [r for r in rows if r["method"].startswith("FLoRIST tau=") and r["heldout_loss"] is not None]
-    if not taus:
-        return {"O": None, "E": None}
-    best = min(taus, key=lambda r: r["heldout_loss"])
-    ok = [r for r in taus if r["heldout_loss"] <= best["heldout_loss"] + tolerance]
-    return {"O": best["method"], "E": min(ok, key=lambda r: r["download_bytes"])["method"]}
-
-
-def picks_text(picks: dict[str, str | None], tolerance: float) -> str:
-    return (
-        f"\nFLoRIST-O (lowest final held-out loss): **{picks['O']}**; FLoRIST-E (fewest downloaded bytes "
-        f"with a final held-out loss within {tolerance} of O's): **{picks['E']}**.\n"
-    )
+def regime(cfg: RunConfig) -> dict[str, Any]:
+    """What every variant of the bench shares, recorded beside the results."""
+    t = cfg.train
+    budget_ = {"steps": t.steps, "epochs": t.epochs, "examples": t.examples}
+    return {
+        "model": cfg.model.name, "data": cfg.data.source, "clients": cfg.federation.num_clients,
+        "rounds": cfg.federation.rounds, "lora_init": cfg.lora.init, "lr": t.lr,
+        "effective_batch": t.effective_batch, "budget_per_round": {k: v for k, v in budget_.items() if v},
+        "max_length": t.max_length, "train_on_inputs": t.train_on_inputs, "train_precision": t.precision,
+        "eval_precision": cfg.eval.precision, "seed": cfg.federation.seed,
+    }  # fmt: skip
 
 
 def layerwise_text(results: dict[str, AggregationResult]) -> str:
     lines = [
-        "### Rank kept per layer (round 1, homogeneous ranks)\n",
+        "\n### Rank kept per layer (round 1, homogeneous ranks)\n",
         "| variant | layers | q_proj mean | v_proj mean | first third | middle third | last third |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from florist.aggregation import communication, make_aggregator
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.rank_policy import EnergyThreshold
-from florist.bench.simulate import relative_error
+from florist.bench.simulate import round_error
 from florist.client.local import LocalClient
 from florist.client.lora_state import extract
 from florist.client.model import load_model
@@ -193,7 +193,7 @@ def analyse(cell: Cell, updates: list[ClientUpdate], scorer: Scorer, base: LossR
             "rank_mean": sum(result.ranks.values()) / len(result.ranks),
             "bytes_up": comm.uplink_total,
             "bytes_down": comm.downlink_total,
-            "rel_error_vs_exact": relative_error(result, updates),
+            "rel_error_vs_exact": round_error(result, updates, None),
             "heldout_loss": losses[name].loss,
             "per_example_loss": losses[name].to_dict()["per_example"],
         }
@@ -213,7 +213,7 @@ def run(opts: RegimeOptions) -> dict[str, Any]:
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"cells": {}}
     cfg = study_config(opts, opts.batches[0], opts.examples[0], opts.inits[0])
     scorer: Scorer | None = None
-    pairs = [(b, i) for b in opts.batches for i in opts.inits]
+    pairs = [(b, i) for i in opts.inits for b in opts.batches]
     for batch, init in tqdm(pairs, desc="regime (batch, init)"):
         cells = [Cell(batch, e, init) for e in sorted(opts.examples)]
         if all(c.key in results["cells"] for c in cells):

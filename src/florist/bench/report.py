@@ -1,9 +1,13 @@
-"""What a comparison leaves behind: the table in the paper's layout and the plots.
+"""What a comparison leaves behind: the table and the plots, all from ``results.json``.
 
-table.md            method, accuracy (MMLU), held-out loss, efficiency, bytes, distance to exact
-accuracy_bytes.png  final held-out loss and MMLU against downloaded bytes, a point per variant
-ranks_heatmap.png   rank kept per layer and module at a few tau (FLoRIST)
-spectrum.png        singular values of the aggregated update for a few layers
+table.md                   per setting: final held-out loss, its paired difference against FLoRA
+                           (95 % interval, clustered by row), total bytes (uplink + downlink, all
+                           clients, all rounds) and its ratio to FLoRA's and FedIT's, the mean round
+                           error against the exact FedAvg (one definition for every method), and the
+                           last round's global rank and efficiency (the same round)
+bytes_loss_<setting>.png   paired loss difference against FLoRA vs total bytes, a point per variant
+ranks_heatmap.png          rank kept per layer and module (round 1), one colour scale for all panels
+spectrum.png               singular values of round 1's exact aggregate: first, middle and last layers
 """
 
 from __future__ import annotations
@@ -18,91 +22,107 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from florist.eval.heldout import LossResult
+from florist.eval.paired import paired_difference
 from florist.tools.tables import human_bytes
 
 LAYER = re.compile(r"layers\.(\d+)\..*\.(\w+_proj)$")
 BASE = "base model (round 0)"  # the model before any fine-tuning: no bytes, no ranks
+REFERENCE = "FLoRA"  # the exact aggregate every paired difference is taken against
+SETTINGS = ("homogeneous", "heterogeneous")
 
 
-def final(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
-    return records[-1]
-
-
-def total_down(records: Sequence[Mapping[str, Any]]) -> int:
-    return int(sum(r["bytes_down"] for r in records))
+def loss_of(ev: Mapping[str, Any]) -> LossResult | None:
+    """The held-out loss of an eval record with rows (``Evaluator(rows=True)``), else None."""
+    if "heldout_rows" not in ev:
+        return None
+    rows = [float("nan") if x is None else float(x) for x in ev["heldout_rows"]]
+    return LossResult(
+        ev["heldout_loss"], ev["perplexity"], sum(ev["heldout_tokens"]), rows, ev["heldout_tokens"]
+    )
 
 
 def table_rows(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    ref = loss_of(results[REFERENCE][-1]["eval"]) if REFERENCE in results else None
+    totals = {name: total_bytes(recs) for name, recs in results.items()}
     rows = []
     for name, records in results.items():
-        last = final(records)
-        ev = last.get("eval", {})
-        if last["round"] == 0:
-            rows.append({"method": name, "mmlu": ev.get("mmlu_micro"), "heldout_loss": ev.get("heldout_loss"),
-                         "efficiency": None, "download_bytes": 0, "upload_bytes": 0, "rank_total": 0,
-                         "rel_error": None})  # fmt: skip
-            continue
-        rows.append(
-            {
-                "method": name,
-                "mmlu": ev.get("mmlu_micro"),
-                "heldout_loss": ev.get("heldout_loss"),
-                "efficiency": sum(r["efficiency_e-4"] for r in records) / len(records),
-                "download_bytes": total_down(records),
-                "upload_bytes": int(sum(r["bytes_up"] for r in records)),
-                "rank_total": last["rank_total"],
-                "rel_error": sum(r["rel_error_vs_exact"] for r in records) / len(records),
-            }
-        )
+        last, loss = records[-1], loss_of(records[-1].get("eval", {}))
+        paired = paired_difference(ref, loss).to_dict() if ref is not None and loss is not None else None
+        trained = [r for r in records if r["round"] > 0]
+        rows.append({
+            "method": name, "heldout_loss": last.get("eval", {}).get("heldout_loss"), "paired": paired,
+            "bytes_up": sum(r["bytes_up"] for r in trained),
+            "bytes_down": sum(r["bytes_down"] for r in trained),
+            "total_bytes": totals[name],
+            "vs_flora": totals[name] / totals[REFERENCE] if totals.get(REFERENCE) else None,
+            "vs_fedit": totals[name] / totals["FedIT"] if totals.get("FedIT") else None,
+            "round_error": sum(r["round_error"] for r in trained) / len(trained) if trained else None,
+            "rank_total": last.get("rank_total"), "efficiency": last.get("efficiency_e-4"),
+        })  # fmt: skip
     return rows
+
+
+def total_bytes(records: Sequence[Mapping[str, Any]]) -> int:
+    return int(sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in records))
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], title: str) -> str:
     head = (
-        f"### {title}\n\n| method | MMLU micro (%) | held-out loss | efficiency (1e-4) "
-        "| downloaded (all clients, all rounds) | uploaded (all clients) "
-        "| global rank (last round) | rel. error vs exact |\n"
-        "|---|---|---|---|---|---|---|---|\n"
+        f"### {title}\n\n| method | held-out loss | vs FLoRA, paired (95 % CI) | total bytes (up + down) "
+        "| uplink | downlink | x FLoRA | x FedIT | round error | rank (last round) "
+        "| efficiency (last round) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
-        mmlu = "-" if r["mmlu"] is None else f"{100 * r['mmlu']:.2f}"
-        loss = "-" if r["heldout_loss"] is None else f"{r['heldout_loss']:.4f}"
-        down, up = human_bytes(r["download_bytes"]), human_bytes(r["upload_bytes"])
-        eff = "-" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
-        err = "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}"
+        p = r["paired"]
+        paired = "-" if p is None else f"{p['mean']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}]"
         lines.append(
-            f"| {r['method']} | {mmlu} | {loss} | {eff} | {down} | {up} | {r['rank_total']} | {err} |"
+            f"| {r['method']} | {_f(r['heldout_loss'], '.4f')} | {paired} | "
+            f"{human_bytes(r['total_bytes'])} | "
+            f"{human_bytes(r['bytes_up'])} | {human_bytes(r['bytes_down'])} | {_f(r['vs_flora'], '.3f')} | "
+            f"{_f(r['vs_fedit'], '.3f')} | {_f(r['round_error'], '.4f')} | {r['rank_total'] or '-'} | "
+            f"{_f(r['efficiency'], '.2f')} |"
         )
     return head + "\n".join(lines) + "\n"
 
 
-def plot_accuracy_bytes(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, label in (
-        (axes[0], "heldout_loss", "held-out loss, last round (lower is better)"),
-        (axes[1], "mmlu", "MMLU micro"),
-    ):
-        for r in rows:
-            if r[key] is None:
-                continue
-            if r["method"] == BASE:  # no bytes: a line, not a point on the log axis
-                ax.axhline(r[key], color="grey", linestyle="--", linewidth=1, label=BASE)
-                ax.legend(fontsize=7)
-                continue
-            ax.scatter(r["download_bytes"] / 1e6, r[key], s=30)
-            ax.annotate(
-                r["method"],
-                (r["download_bytes"] / 1e6, r[key]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
+def goal(rows: Sequence[Mapping[str, Any]], tolerance: float = 0.005, factor: float = 10.0) -> list[str]:
+    """FLoRIST variants within ``tolerance`` nats of FLoRA (paired mean), ``factor`` x fewer total bytes
+    than FLoRA and fewer than FedIT: the headline goal."""
+    return [
+        r["method"] for r in rows
+        if r["method"].startswith("FLoRIST") and r["paired"] is not None and r["paired"]["mean"] <= tolerance
+        and r["vs_flora"] is not None and r["vs_flora"] <= 1 / factor and r["vs_fedit"] is not None
+        and r["vs_fedit"] < 1
+    ]  # fmt: skip
+
+
+def plot_bytes_loss(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Paired difference against FLoRA (with its interval) vs total bytes; a legend, not labels."""
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    markers = "osD^v<>pPX*h"
+    for i, r in enumerate(x for x in rows if x["paired"] is not None):
+        p = r["paired"]
+        if r["method"] == BASE:
+            ax.axhline(
+                p["mean"], color="grey", linestyle="--", linewidth=1, label=f"{BASE}: {p['mean']:+.4f}"
             )
-        ax.set_xscale("log")
-        ax.set_xlabel("downloaded by all clients over all rounds (MB, log scale)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
+            continue
+        ax.errorbar(r["total_bytes"] / 1e6, p["mean"], yerr=[[p["mean"] - p["low"]], [p["high"] - p["mean"]]],
+                    fmt=markers[i % len(markers)], capsize=3, label=r["method"])  # fmt: skip
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("total bytes: uplink + downlink, all clients, all rounds (MB, log scale)")
+    ax.set_ylabel("final held-out loss - FLoRA's, paired (nats; lower is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -120,6 +140,16 @@ def rank_grid(ranks: Mapping[str, int]) -> tuple[list[int], list[str], list[list
     return layers, modules, [[cells.get((layer, mod), 0) for layer in layers] for mod in modules]
 
 
+def layer_sorted(names: Sequence[str] | Mapping[str, Any]) -> list[str]:
+    """Module names in numeric layer order (layer 2 before layer 10), then by name."""
+
+    def key(name: str) -> tuple[int, str]:
+        m = LAYER.search(name)
+        return (int(m.group(1)) if m else -1, name)
+
+    return sorted(names, key=key)
+
+
 def plot_rank_heatmaps(ranks_by_variant: Mapping[str, Mapping[str, int]], path: Path) -> None:
     n = len(ranks_by_variant)
     fig, axes = plt.subplots(n, 1, figsize=(12, 1.2 + 1.1 * n), squeeze=False)
@@ -131,7 +161,7 @@ def plot_rank_heatmaps(ranks_by_variant: Mapping[str, Mapping[str, int]], path: 
         ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=6)
         ax.set_title(name, fontsize=9)
     fig.subplots_adjust(hspace=0.7)
-    fig.colorbar(im, ax=axes[:, 0].tolist(), label="rank kept")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label="rank kept (one scale for all panels)")
     axes[-1, 0].set_xlabel("layer")
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -140,15 +170,11 @@ def plot_rank_heatmaps(ranks_by_variant: Mapping[str, Mapping[str, int]], path: 
 def plot_spectra(spectra: Mapping[str, Sequence[float]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, s in spectra.items():
-        ax.semilogy(
-            range(1, len(s) + 1),
-            s,
-            marker=".",
-            label=name.replace("model.layers.", "L").replace("self_attn.", ""),
-        )
+        label = name.replace("base_model.model.", "").replace("model.layers.", "L").replace("self_attn.", "")
+        ax.semilogy(range(1, len(s) + 1), s, marker=".", label=label)
     ax.set_xlabel("index i")
     ax.set_ylabel("singular value sigma_i of sum_k p_k B_k A_k")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -156,22 +182,42 @@ def plot_spectra(spectra: Mapping[str, Sequence[float]], path: Path, title: str)
     plt.close(fig)
 
 
-def rewrite_tables(out: Path, tolerance: float = 0.01) -> None:
-    """Regenerate table.md's method tables and the accuracy plots from ``out/results.json``.
+def pick_o_e(rows: Sequence[Mapping[str, Any]], tolerance: float) -> dict[str, str | None]:
+    """FLoRIST-O: the plain-tau variant with the lowest final loss; FLoRIST-E: the one with the fewest
+    total bytes whose loss is within ``tolerance`` of O's."""
+    taus = [
+        r for r in rows if re.fullmatch(r"FLoRIST tau=[\d.]+", r["method"]) and r["heldout_loss"] is not None
+    ]
+    if not taus:
+        return {"O": None, "E": None}
+    best = min(taus, key=lambda r: r["heldout_loss"])
+    ok = [r for r in taus if r["heldout_loss"] <= best["heldout_loss"] + tolerance]
+    return {"O": best["method"], "E": min(ok, key=lambda r: r["total_bytes"])["method"]}
 
-    The rank heatmap, the spectrum and the layer-wise table need the aggregation results themselves
-    and are left as the bench wrote them.
-    """
+
+def write_all(out: Path, results: Mapping[str, Any], tolerance: float) -> tuple[str, dict[str, Any]]:
+    """Tables and plots of every setting in ``results``; returns the markdown and the picks."""
+    parts, picks = [], {}
+    for setting in (s for s in SETTINGS if s in results):
+        rows = table_rows(results[setting])
+        met = goal(rows)
+        picks[setting] = pick_o_e(rows, tolerance) | {"goal_met_by": met}
+        parts.append(markdown_table(rows, f"{setting} ranks"))
+        parts.append(
+            f"\nGoal (within 0.005 nats of FLoRA, >= 10x fewer total bytes than FLoRA, fewer than FedIT): "
+            f"{'met by ' + ', '.join(met) if met else 'not met'}.\n"
+        )
+        plot_bytes_loss(rows, out / f"bytes_loss_{setting}.png", f"{setting} ranks")
+    return "\n".join(parts), picks
+
+
+def rewrite_tables(out: Path, tolerance: float = 0.005) -> None:
+    """Regenerate table.md's method tables and the plots from ``out/results.json`` (keeps the layer part)."""
     import json
 
-    from florist.bench.compare import pick_o_e, picks_text
-
     results = json.loads((out / "results.json").read_text())
-    old = (out / "table.md").read_text()
-    layer = old[old.index("### Rank kept per layer") :] if "### Rank kept per layer" in old else ""
-    parts = []
-    for setting, res in results.items():
-        rows = table_rows(res)
-        parts += [markdown_table(rows, f"{setting} ranks"), picks_text(pick_o_e(rows, tolerance), tolerance)]
-        plot_accuracy_bytes(rows, out / f"accuracy_bytes_{setting}.png", f"{setting} ranks")
-    (out / "table.md").write_text("\n".join([*parts, layer]))
+    old = (out / "table.md").read_text() if (out / "table.md").exists() else ""
+    marker = "\n### Rank kept per layer"
+    layer = old[old.index(marker) :] if marker in old else ""
+    text, _ = write_all(out, results, tolerance)
+    (out / "table.md").write_text(text + layer)

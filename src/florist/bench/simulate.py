@@ -14,74 +14,162 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from florist.aggregation import communication, efficiency, make_aggregator
 from florist.aggregation.base import AggregationResult, ClientProtocol
+from florist.aggregation.comm import download_ranks
+from florist.aggregation.lowrank import prepare_upload, result_to_wire, warm_parts, without_warm_part
+from florist.aggregation.robust import clip_updates
 from florist.client.local import LocalClient
 from florist.client.model import load_model
 from florist.config import RunConfig
 from florist.data.federated import client_examples
 from florist.flower.global_model import GlobalModel
-from florist.flower.node import client_id
-from florist.lora import ClientUpdate
+from florist.lora import ClientUpdate, LoraFactors
 
 log = logging.getLogger(__name__)
-Evaluate = Callable[[Any, Any], dict[str, float]]
+Evaluate = Callable[[Any, Any], dict[str, Any]]
+
+
+def client_name(index: int) -> str:
+    return f"client-{index:03d}"
 
 
 def make_clients(cfg: RunConfig, protocol: ClientProtocol) -> list[LocalClient]:
-    n = cfg.federation.num_clients
+    n, fed = cfg.federation.num_clients, cfg.federation
     shared_rank = max(cfg.lora.rank_of(k, n) for k in range(n))
     clients = []
     for k in range(n):
         model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
-        settings = cfg.lora.settings(k, n)
-        examples = client_examples(cfg.data, k, n)
-        model = model.to(cfg.model.torch_device())
-        seed = cfg.federation.seed
         clients.append(
-            LocalClient(client_id(k), model, tok, examples, settings, cfg.train, protocol, seed, shared_rank)
+            LocalClient(
+                client_name(k),
+                model.to(cfg.model.torch_device()),
+                tok,
+                client_examples(cfg.data, k, n),
+                cfg.lora.settings(k, n),
+                cfg.train,
+                protocol,
+                fed.seed,
+                shared_rank,
+                uplink_tau=fed.uplink_tau,
+                wire=fed.wire_dtype,
+            )
         )
     return clients
 
 
-def train_round(clients: Sequence[LocalClient], round: int) -> tuple[list[ClientUpdate], dict[str, float]]:
-    updates, seconds, loss = [], 0.0, 0.0
+def train_round(clients: Sequence[LocalClient], round: int) -> tuple[list[ClientUpdate], dict[str, Any]]:
+    updates, seconds, loss, tokens = [], 0.0, 0.0, {}
     for c in clients:
         update, stats = c.fit(round)
         updates.append(update)
         seconds += stats.seconds
         loss += stats.loss * c.num_examples
-    return updates, {"train_loss": loss / sum(c.num_examples for c in clients), "train_seconds": seconds}
+        tokens[c.client_id] = stats.tokens
+    total = sum(c.num_examples for c in clients)
+    return updates, {"train_loss": loss / total, "train_seconds": seconds, "train_tokens": tokens}
 
 
-def relative_error(result: AggregationResult, updates: Sequence[ClientUpdate]) -> float:
-    """``||dW_g - sum_k p_k dW_k||_F / ||sum_k p_k dW_k||_F`` over all modules (dense, per module)."""
+def dense(factors: Mapping[str, LoraFactors], name: str) -> torch.Tensor:
+    return factors[name].delta(torch.float64)
+
+
+def round_error(
+    result: AggregationResult, deltas: Sequence[ClientUpdate], previous: Mapping[str, LoraFactors] | None
+) -> float:
+    """The round's error, one definition for every method (dense, per module, summed):
+
+        || W_t - sum_k p_k W_k,t ||_F  /  || sum_k p_k W_k,t - W_{t-1} ||_F
+
+    W_t is the global model after the round, W_k,t client k's trained model, W_{t-1} the global model
+    before it. Merge methods (clients train a change of W_{t-1}): ``|| dW_g - sum p_k B_k A_k || /
+    || sum p_k B_k A_k ||``. Continue methods (clients train the adapter G itself, from G_{t-1}):
+    ``|| G_t - sum p_k B_k A_k || / || sum p_k B_k A_k - G_{t-1} ||``, so both measure this round only.
+    """
     num = den = 0.0
     for name, g in result.global_update.items():
-        exact = sum(result.weights[u.client_id] * u.modules[name].delta(torch.float64) for u in updates)
+        exact = sum(result.weights[u.client_id] * dense(u.modules, name) for u in deltas)
         assert isinstance(exact, torch.Tensor)
+        start = dense(previous, name) if previous is not None else torch.zeros_like(exact)
         num += float((g.delta(torch.float64) - exact).square().sum())
-        den += float(exact.square().sum())
+        den += float((exact - start).square().sum())
     return (num / den) ** 0.5 if den else 0.0
 
 
-def round_record(round: int, result: AggregationResult, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
-    comm = communication(updates, result)
+def round_record(
+    round: int, result: AggregationResult, uploads: Sequence[ClientUpdate], deltas: Sequence[ClientUpdate],
+    previous: Mapping[str, LoraFactors] | None, wire: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Bytes as sent (uploads, in the wire dtype), ranks and efficiency of this round, its error."""
+    comm = communication(uploads, result, wire)
+    ranks = download_ranks(result)
     return {
         "round": round,
         "bytes_up": comm.uplink_total,
         "bytes_down": comm.downlink_total,
         "efficiency_e-4": efficiency(result),
         "aggregation_seconds": result.seconds,
-        "ranks": result.ranks,
-        "rank_total": sum(result.ranks.values()),
-        "rel_error_vs_exact": relative_error(result, updates),
+        "ranks": ranks,
+        "rank_total": sum(ranks.values()),
+        "round_error": round_error(result, deltas, previous),
     }
+
+
+class Variant:
+    """One method's run: its clients, aggregator, server model and the state between rounds."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.agg = make_aggregator(cfg.aggregation.method, **cfg.aggregation.options().aggregator_options())
+        self.clients = make_clients(cfg, self.agg.protocol)
+        model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
+        self.server = GlobalModel(model.to(cfg.model.torch_device()), tok, self.agg.protocol)
+        self.latest: AggregationResult | None = None  # the last round's result, as sent
+        self.rank = {c.client_id: c.lora.rank for c in self.clients}
+
+    def uploads(
+        self, t: int, round_one: list[ClientUpdate] | None
+    ) -> tuple[list[ClientUpdate], dict[str, Any]]:
+        if t == 1 and round_one is not None:
+            fed = self.cfg.federation
+            prepared = [replace(u, modules=prepare_upload(u.modules, fed.uplink_tau, fed.wire_dtype)[0])
+                        for u in round_one]  # fmt: skip
+            return prepared, {"train_loss": float("nan"), "train_seconds": 0.0, "shared": 1.0}
+        return train_round(self.clients, t)
+
+    def deltas(self, uploads: list[ClientUpdate]) -> list[ClientUpdate]:
+        """What the clients changed this round (warm start: the upload less its warm part), clipped."""
+        if self.cfg.lora.warm_start and self.latest is not None:
+            g = self.latest.global_update
+            uploads = [without_warm_part(u, warm_parts(g, self.rank[u.client_id])) for u in uploads]
+        agg = self.cfg.aggregation
+        return uploads if agg.clip == "none" else clip_updates(uploads, agg.clip, agg.clip_value)[0]
+
+    def previous_adapter(self) -> Mapping[str, LoraFactors] | None:
+        """G_{t-1} for continue protocols (what their clients started from); None for merge ones."""
+        if self.agg.protocol is ClientProtocol.MERGE_AND_RESTART or self.latest is None:
+            return None
+        return self.latest.global_update
+
+    def round(self, t: int, round_one: list[ClientUpdate] | None) -> tuple[AggregationResult, dict[str, Any]]:
+        start = time.perf_counter()
+        uploads, train = self.uploads(t, round_one)
+        deltas = self.deltas(uploads)
+        result = result_to_wire(self.agg.aggregate(deltas, round=t), self.cfg.federation.wire_dtype)
+        record = round_record(
+            t, result, uploads, deltas, self.previous_adapter(), self.cfg.federation.wire_dtype
+        )
+        for c in self.clients:
+            c.receive(result.download(c.client_id) if result.per_client else result.global_update, round=t)
+        self.server.apply_result(t, result)
+        self.latest = result
+        return result, record | train | {"round_seconds": time.perf_counter() - start}
 
 
 def run_variant(
@@ -89,36 +177,31 @@ def run_variant(
     evaluate: Evaluate,
     round_one: list[ClientUpdate] | None = None,
     on_result: Callable[[int, AggregationResult], None] | None = None,
+    eval_rounds: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """All rounds of one method; ``round_one`` (if given) replaces round 1's local training."""
-    agg = make_aggregator(cfg.aggregation.method, **cfg.aggregation.options().aggregator_options())
-    clients = make_clients(cfg, agg.protocol)
-    model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
-    server = GlobalModel(model.to(cfg.model.torch_device()), tok, agg.protocol)
+    """All rounds of one method; ``round_one`` (raw uploads) replaces round 1's local training.
+
+    ``evaluate(model, tokenizer)`` runs after the rounds in ``eval_rounds`` (default: every round).
+    """
+    variant = Variant(cfg)
+    rounds = cfg.federation.rounds
+    due = set(range(1, rounds + 1) if eval_rounds is None else eval_rounds)
     records = []
-    for t in range(1, cfg.federation.rounds + 1):
-        start = time.perf_counter()
-        if t == 1 and round_one is not None:
-            updates, train = round_one, {"train_loss": float("nan"), "train_seconds": 0.0, "shared": 1.0}
-        else:
-            updates, train = train_round(clients, t)
-        result = agg.aggregate(updates, round=t)
-        for c in clients:
-            c.receive(result.download(c.client_id) if result.per_client else result.global_update, round=t)
-        server.apply_result(t, result)
+    for t in range(1, rounds + 1):
+        result, record = variant.round(t, round_one)
         if on_result is not None:
             on_result(t, result)
-        record = round_record(t, result, updates) | train | {"eval": evaluate(server.model, server.tokenizer)}
-        record["round_seconds"] = time.perf_counter() - start
-        log.info(
-            "%s round %d: %s", cfg.aggregation.method, t, {k: record[k] for k in ("rank_total", "bytes_down")}
-        )
+        if t in due:
+            record["eval"] = evaluate(variant.server.model, variant.server.tokenizer)
+        log.info("%s round %d: %s", cfg.aggregation.method, t,
+                 {k: record[k] for k in ("rank_total", "bytes_up", "bytes_down", "round_error")})  # fmt: skip
         records.append(record)
     return records
 
 
 def shared_round_one(cfg: RunConfig) -> list[ClientUpdate]:
-    """Round 1's uploads from the base model (valid for every variant except FFA-LoRA)."""
-    clients = make_clients(cfg, ClientProtocol.MERGE_AND_RESTART)
+    """Round 1's raw uploads from the base model (no uplink cut, float32), for variants that share it."""
+    fed = replace(cfg.federation, uplink_tau=None, wire_dtype="float32")
+    clients = make_clients(replace(cfg, federation=fed), ClientProtocol.MERGE_AND_RESTART)
     updates, _ = train_round(clients, 1)
     return updates

@@ -1,41 +1,64 @@
-"""The methods a comparison runs: each baseline once, FLoRIST at several tau, and the byte budget.
+"""The methods a comparison runs: the baselines, FLoRIST at several tau, and FLoRIST's protocol options.
 
-A variant is a name plus ``aggregation.*`` overrides for the run config; everything else (data,
-seeds, local budget) is shared, so the methods differ only in how the server aggregates.
+A variant is a name plus config overrides (``aggregation.*``, and for the options ``lora.warm_start``,
+``federation.uplink_tau``, ``federation.wire_dtype``); everything else (data, seeds, local budget,
+init policy) is shared, so the variants differ only in what the protocol does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 BASELINES = ("fedit", "flora", "flexlora", "ffa")
-DEFAULT_TAUS = (1.0, 0.95, 0.9, 0.87, 0.8)
-LABELS = {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA"}
+DEFAULT_TAUS = (0.95, 0.9, 0.8)
+LABELS = {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA", "florist": "FLoRIST"}
+OPTIONS = {  # name -> overrides; "all" combines them
+    "warm": (("lora.warm_start", True),),
+    "uplink": (("federation.uplink_tau", None),),  # None: the variant's own tau
+    "bf16": (("federation.wire_dtype", "bfloat16"),),
+}
 
 
 @dataclass(frozen=True)
 class Variant:
-    name: str  # "FLoRIST tau=0.90"
+    name: str  # "FLoRIST tau=0.90 +warm"
     method: str  # registry name
     tau: float | None = None
     budget_mb: float | None = None
+    options: tuple[tuple[str, Any], ...] = field(default=())
 
-    def overrides(self) -> list[str]:
-        out = [f"aggregation.method={self.method!r}"]
-        if self.tau is not None:
-            out.append(f"aggregation.tau={self.tau}")
-        if self.budget_mb is not None:
-            out.append(f"aggregation.budget_mb={self.budget_mb}")
-        return out
+    def overrides(self) -> dict[str, Any]:
+        """Config keys this variant sets, ``section.key`` -> value."""
+        out: dict[str, Any] = {"aggregation.method": self.method, "aggregation.tau": self.tau,
+                               "aggregation.budget_mb": self.budget_mb, "aggregation.rank": None}  # fmt: skip
+        return out | dict(self.options)
 
 
-def florist(tau: float) -> Variant:
-    return Variant(f"FLoRIST tau={tau:.2f}", "florist", tau=tau)
+def florist(tau: float, options: Sequence[str] = ()) -> Variant:
+    """FLoRIST at ``tau`` with protocol ``options`` (names of ``OPTIONS``, or "all")."""
+    names = list(OPTIONS) if "all" in options else list(options)
+    pairs = [(k, tau if k == "federation.uplink_tau" else v) for n in names for k, v in OPTIONS[n]]
+    label = "".join(f" +{n}" for n in ("all",) if "all" in options) or "".join(f" +{n}" for n in names)
+    return Variant(f"FLoRIST tau={tau:.2f}{label}", "florist", tau=tau, options=tuple(pairs))
 
 
 def budget(mb: float, matched: str) -> Variant:
     return Variant(f"FLoRIST budget={mb:.3f} MB (= {matched})", "florist", budget_mb=mb)
 
 
-def sweep(baselines: tuple[str, ...] = BASELINES, taus: tuple[float, ...] = DEFAULT_TAUS) -> list[Variant]:
-    return [Variant(LABELS[m], m) for m in baselines] + [florist(t) for t in taus]
+def baseline(method: str, options: Sequence[str] = ()) -> Variant:
+    pairs = tuple(kv for n in options for kv in OPTIONS[n])
+    return Variant(LABELS[method] + "".join(f" +{n}" for n in options), method, options=pairs)
+
+
+def sweep(
+    baselines: Sequence[str] = BASELINES,
+    taus: Sequence[float] = DEFAULT_TAUS,
+    option_taus: Sequence[float] = (),
+    options: Sequence[str] = ("warm", "uplink", "bf16", "all"),
+) -> list[Variant]:
+    """Each baseline, FLoRIST at each tau, and at each of ``option_taus`` every option alone and all."""
+    out = [baseline(m) for m in baselines] + [florist(t) for t in taus]
+    return out + [florist(t, [o]) for t in option_taus for o in options]

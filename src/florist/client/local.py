@@ -27,9 +27,19 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
+
 from florist.aggregation.base import ClientProtocol
-from florist.aggregation.lowrank import leading_split, to_wire, truncate_update
-from florist.client.lora_state import assign, assign_leading, extract, merge_into_base, reinit
+from florist.aggregation.lowrank import prepare_upload, warm_parts
+from florist.client.lora_state import (
+    assign,
+    assign_leading,
+    base_weights,
+    extract,
+    merge_into_base,
+    reinit,
+    set_base_weights,
+)
 from florist.client.train import LoraSettings, TrainSettings, TrainStats, encode_all, train
 from florist.data.records import Example
 from florist.lora import ClientUpdate, LoraFactors
@@ -86,6 +96,7 @@ class LocalClient:
         self.shared_rank = shared_a_rank or lora.rank
         self.uplink_tau, self.wire = uplink_tau, wire
         self.pending_warm: Mapping[str, LoraFactors] | None = None
+        self.unsplit: dict[str, torch.Tensor] | None = None  # merged base weights before a warm split
         self.upload_energy: dict[str, float] = {}
         self._fresh_lora(round=0)
 
@@ -106,6 +117,9 @@ class LocalClient:
     def receive(self, download: Mapping[str, LoraFactors], round: int) -> None:
         """Apply what the server sent after ``round`` (before training round ``round + 1``)."""
         if self.protocol is ClientProtocol.MERGE_AND_RESTART:
+            if self.unsplit is not None:  # undo last round's warm split exactly before merging
+                set_base_weights(self.model, self.unsplit)
+                self.unsplit = None
             merge_into_base(self.model, download)
             self._fresh_lora(round)
             self.pending_warm = download if self.lora.warm_start else None
@@ -135,18 +149,17 @@ class LocalClient:
         return ClientUpdate(self.client_id, float(self.num_examples), self._upload()), stats
 
     def _warm_start(self, download: Mapping[str, LoraFactors]) -> None:
-        """Move the leading r_k directions of ``download`` from the base weights into the LoRA."""
-        warm = {name: leading_split(f, self.lora.rank) for name, f in download.items()}
+        """Move the leading r_k directions of ``download`` from the base weights into the LoRA.
+
+        The merged weights are kept aside and put back before the next merge, so the base follows
+        the server's global model bitwise whatever the split rounded.
+        """
+        self.unsplit = base_weights(self.model)
+        warm = warm_parts(download, self.lora.rank)
         merge_into_base(self.model, {n: LoraFactors(A=w.A, B=-w.B) for n, w in warm.items()})
         assign_leading(self.model, warm)
 
     def _upload(self) -> dict[str, LoraFactors]:
         """The LoRA as the server will decode it: truncated (``uplink_tau``) and wire-rounded."""
-        modules = extract(self.model)
-        if self.uplink_tau is not None:
-            cut = {name: truncate_update(f, self.uplink_tau) for name, f in modules.items()}
-            modules = {name: f for name, (f, _) in cut.items()}
-            self.upload_energy = {name: kept for name, (_, kept) in cut.items()}
-        if self.wire != "float32":
-            modules = {name: to_wire(f, self.wire) for name, f in modules.items()}
+        modules, self.upload_energy = prepare_upload(extract(self.model), self.uplink_tau, self.wire)
         return modules

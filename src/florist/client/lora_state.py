@@ -85,6 +85,19 @@ def assign_leading(peft_model: Any, factors: Mapping[str, LoraFactors]) -> None:
             B_w[:, :p].copy_(B_eff / float(layer.scaling[ADAPTER]))
 
 
+def base_weights(peft_model: Any) -> dict[str, torch.Tensor]:
+    """Copies of the base weights ``W0`` of every LoRA layer."""
+    return {name: layer.get_base_layer().weight.detach().clone() for name, layer in lora_layers(peft_model)}
+
+
+def set_base_weights(peft_model: Any, weights: Mapping[str, torch.Tensor]) -> None:
+    """Write ``weights`` (from ``base_weights``) back into the base layers."""
+    layers = dict(lora_layers(peft_model))
+    with torch.no_grad():
+        for name, w in weights.items():
+            layers[name].get_base_layer().weight.copy_(w)
+
+
 def merge_into_base(peft_model: Any, update: Mapping[str, LoraFactors]) -> None:
     """``W0 += B_g @ A_g`` for every module, in the base layer's dtype."""
     layers = dict(lora_layers(peft_model))

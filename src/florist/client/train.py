@@ -218,17 +218,18 @@ def train(
     torch.manual_seed(seed)  # dropout masks
     model.train()
     bar = tqdm(range(s.num_steps(len(encoded))), desc=desc, leave=False)
-    for _ in bar:
-        loss = _accumulate(model, stream, s, pad_id, precision, stats)
-        if s.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        stats.steps += 1
-        stats.losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if on_step is not None:
-            on_step(stats)
+    with precision.frozen_weights_cast(model):
+        for _ in bar:
+            loss = _accumulate(model, stream, s, pad_id, precision, stats)
+            if s.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            stats.steps += 1
+            stats.losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if on_step is not None:
+                on_step(stats)
     model.eval()
     stats.seconds = time.perf_counter() - began
     stats.loss = sum(stats.losses) / len(stats.losses)

@@ -90,8 +90,9 @@ def _build_section(section: str, cls: type, values: Mapping[str, Any]) -> Any:
         if key not in known:
             raise ConfigError(f"unknown config key {section}.{key}; {section} has: {', '.join(known)}")
         kwargs[key] = coerce(value, hints[key], f"{section}.{key}")
-    if section == "train" and kwargs.get("epochs") is not None and "steps" not in kwargs:
-        kwargs["steps"] = None  # epochs given alone replaces the default step count
+    budget_given = kwargs.get("epochs") is not None or kwargs.get("examples") is not None
+    if section == "train" and budget_given and "steps" not in kwargs:
+        kwargs["steps"] = None  # epochs or examples given alone replace the default step count
     return cls(**kwargs)
 
 

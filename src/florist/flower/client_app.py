@@ -60,7 +60,9 @@ def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
     update, stats = node.client.fit(rnd)
     before_reply(cfg.faults, rnd, node.index, cfg.federation.num_clients)
     arrays, meta = encode_upload(
-        update.modules, with_a=node.client.protocol is not ClientProtocol.FROZEN_SHARED_A
+        update.modules,
+        with_a=node.client.protocol is not ClientProtocol.FROZEN_SHARED_A,
+        wire=cfg.federation.wire_dtype,
     )
     metrics = MetricRecord(
         {

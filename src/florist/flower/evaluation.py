@@ -20,8 +20,11 @@ log = logging.getLogger(__name__)
 class Evaluator:
     """Scores a model on a fixed held-out set (and MMLU subset) chosen once from the config."""
 
-    def __init__(self, cfg: EvalConfig, test: Sequence[Example], seed: int, progress: bool = True) -> None:
-        self.cfg, self.progress = cfg, progress
+    def __init__(
+        self, cfg: EvalConfig, test: Sequence[Example], seed: int, progress: bool = True, rows: bool = False
+    ) -> None:
+        """``rows``: also return each held-out row's loss and token count (for paired comparisons)."""
+        self.cfg, self.progress, self.rows = cfg, progress, rows
         self.test = _subset(list(test), cfg.subset, seed)
         self.mmlu = subset(load_mmlu(cfg.mmlu), cfg.mmlu_subset, seed) if cfg.mmlu else []
 
@@ -33,14 +36,14 @@ class Evaluator:
             return False
         return round % self.cfg.every == 0 or round == last
 
-    def __call__(self, model: Any, tokenizer: Any) -> dict[str, float]:
+    def __call__(self, model: Any, tokenizer: Any) -> dict[str, Any]:
         precision = resolve(self.cfg.precision, model_device(model))
         log_choice("evaluation", precision)
-        with precision.autocast():
+        with precision.autocast(), precision.frozen_weights_cast(model, everything=True):
             return self._score(model, tokenizer)
 
-    def _score(self, model: Any, tokenizer: Any) -> dict[str, float]:
-        start, out = time.perf_counter(), {}
+    def _score(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        start, out = time.perf_counter(), dict[str, Any]()
         c = self.cfg
         if c.exact_match and self.test:
             em = exact_match(model, tokenizer, self.test, c.max_new_tokens, c.batch_size, self.progress)
@@ -49,6 +52,11 @@ class Evaluator:
         if c.heldout_loss and self.test:
             loss = heldout_loss(model, tokenizer, self.test, c.max_length, c.batch_size, self.progress)
             out |= {"heldout_loss": loss.loss, "perplexity": loss.perplexity}
+            if self.rows:
+                out |= {
+                    "heldout_rows": loss.to_dict()["per_example"],
+                    "heldout_tokens": loss.per_example_tokens,
+                }
         if self.mmlu:
             res = score_mmlu(model, tokenizer, self.mmlu, max(1, c.batch_size // 2), self.progress)
             out |= {"mmlu_micro": res.micro, "mmlu_macro": res.macro}

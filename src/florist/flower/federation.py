@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType
 from flwr.serverapp import Grid
 
 from florist.aggregation import make_aggregator
-from florist.aggregation.comm import efficiency
+from florist.aggregation.comm import efficiency, wire_bytes
 from florist.client.model import load_model, resolve_model
 from florist.config import RunConfig
 from florist.data.federated import test_examples
@@ -64,7 +64,7 @@ class Federation:
         """Refuse a configuration whose messages cannot fit under federation.max_message_mb."""
         fed, agg, n = self.cfg.federation, self.cfg.aggregation, self.cfg.federation.num_clients
         ranks = [self.cfg.lora.rank_of(k, n) for k in range(n)]
-        est = estimate(agg.method, self.expected, ranks, agg.rank, agg.budget_mb)
+        est = estimate(agg.method, self.expected, ranks, agg.rank, agg.budget_mb, wire_bytes(fed.wire_dtype))
         warning = check_estimate(est, agg.method, fed.max_message_mb, n)
         if warning:
             log.warning(warning)

@@ -91,9 +91,10 @@ class Node:
         model, tokenizer = load_model(cfg.model.name, cfg.model.torch_dtype())
         model.to(cfg.model.torch_device())
         shared_rank = max(cfg.lora.rank_of(k, n) for k in range(n))
+        fed = cfg.federation
         client = LocalClient(
-            client_id(index), model, tokenizer, examples,
-            cfg.lora.settings(index, n), cfg.train, protocol_of(cfg), cfg.federation.seed, shared_rank,
+            client_id(index), model, tokenizer, examples, cfg.lora.settings(index, n), cfg.train,
+            protocol_of(cfg), fed.seed, shared_rank, uplink_tau=fed.uplink_tau, wire=fed.wire_dtype,
         )  # fmt: skip
         log.info("%s: model loaded, %d examples, rank %d", client.client_id, client.num_examples, shared_rank)
         return cls(index, client)

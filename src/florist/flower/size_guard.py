@@ -1,11 +1,11 @@
 """Message sizes, estimated before anything is sent, against ``federation.max_message_mb``.
 
-Per adapted module of shape (m, n), float32 on the wire (4 bytes):
-    upload of client k       (r_k n + m r_k) * 4        (FFA-LoRA: m r_k * 4, B only)
-    download, FLoRA          R (m + n) * 4,  R = sum_k r_k   the whole stack, every client
-    download, FLoRIST        p (m + n) * 4,  p <= min(R, m, n); at tau = 1 p is the full rank
-    download, FedIT/FlexLoRA r_k (m + n) * 4 (each client its own rank)
-    download, FFA-LoRA       m r_k * 4
+Per adapted module of shape (m, n), with b bytes per element on the wire (4: float32, 2: bf16/fp16):
+    upload of client k       (r_k n + m r_k) * b        (FFA-LoRA: m r_k * b, B only)
+    download, FLoRA          R (m + n) * b,  R = sum_k r_k   the whole stack, every client
+    download, FLoRIST        p (m + n) * b,  p <= min(R, m, n); at tau = 1 p is the full rank
+    download, FedIT/FlexLoRA r_k (m + n) * b (each client its own rank)
+    download, FFA-LoRA       m r_k * b
 The estimate for FLoRIST with an energy threshold is its bound (tau = 1): the server then checks
 each actual message before it sends it. The classic failure is FLoRA stacking many clients at 7B
 shapes: 64 clients of rank 64 on q_proj and v_proj of Llama-2-7B make a 8.6 GB download per client.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from florist.errors import ConfigError
 
-BYTES = 4  # float32 on the wire
+BYTES = 4  # float32 on the wire, the default
 MB = 1e6
 
 
@@ -39,6 +39,7 @@ def estimate(
     ranks: Sequence[int],
     fixed_rank: int | None = None,
     budget_mb: float | None = None,
+    bytes_per_element: int = BYTES,
 ) -> SizeEstimate:
     """Largest upload and download of one round for ``method`` with client ``ranks``.
 
@@ -46,7 +47,7 @@ def estimate(
     """
     r_max, R = max(ranks), sum(ranks)
     b_only = method == "ffa"
-    up = sum(r_max * (m if b_only else m + n) for m, n in shapes.values()) * BYTES
+    up = sum(r_max * (m if b_only else m + n) for m, n in shapes.values()) * bytes_per_element
     if method == "flora":
         down = sum(R * (m + n) for m, n in shapes.values())
     elif method == "florist":
@@ -55,7 +56,7 @@ def estimate(
         down = sum(r_max * m for m, _ in shapes.values())
     else:
         down = sum(r_max * (m + n) for m, n in shapes.values())
-    down *= BYTES
+    down *= bytes_per_element
     if method == "florist" and budget_mb is not None:
         down = min(down, int(budget_mb * MB))
     bound = method == "florist" and fixed_rank is None and budget_mb is None

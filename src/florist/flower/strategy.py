@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from florist.aggregation.base import AggregationResult, Aggregator, ClientProtocol
+from florist.aggregation.lowrank import result_to_wire, warm_parts, without_warm_part
 from florist.aggregation.robust import clip_updates
 from florist.config import RunConfig
 from florist.errors import InvalidUpdate
@@ -117,11 +118,13 @@ class FederatedLoRA(Strategy):
         """Global updates ``node_id`` is missing, by round."""
         if not self.history:
             return {}
+        wire = self.cfg.federation.wire_dtype
         if self.merges:
             since = self.synced[node_id]
-            return {t: encode_factors(r.global_update) for t, r in self.history if t > since}
+            return {t: encode_factors(r.global_update, wire=wire) for t, r in self.history if t > since}
         t, result = self.history[-1]
-        return {t: encode_factors(download_for(result, self.by_node[node_id]), with_a=self.sends_a)}
+        download = download_for(result, self.by_node[node_id])
+        return {t: encode_factors(download, with_a=self.sends_a, wire=wire)}
 
     def messages(self, round: int, nodes: Iterable[int], message_type: str, log_: RoundLog) -> list[Message]:
         """One message per node carrying ``round`` and what it is missing; bytes go to ``log_``."""
@@ -152,7 +155,9 @@ class FederatedLoRA(Strategy):
             content = RecordDict({"config": ConfigRecord({"round": round})})
             for t, result in self.history:
                 if t <= self.synced[c.node_id] and t not in c.held:
-                    content[f"{GLOBAL_PREFIX}{t}"] = encode_factors(result.global_update)
+                    content[f"{GLOBAL_PREFIX}{t}"] = encode_factors(
+                        result.global_update, wire=self.cfg.federation.wire_dtype
+                    )
             self.restore_bytes[c.client_id] = payload_bytes(content)
             if self.restore_bytes[c.client_id]:
                 out.append(
@@ -186,9 +191,10 @@ class FederatedLoRA(Strategy):
         need = self.cfg.federation.min_replies
         if len(updates) < need:
             return self._skip(log_, f"{len(updates)} usable update(s), {need} required ({_reasons(log_)})")
-        updates = self._clip(updates, log_)
         try:
+            updates = self._clip(self._round_deltas(updates), log_)
             result = self.aggregator.aggregate(updates, round=server_round)
+            result = result_to_wire(result, self.cfg.federation.wire_dtype)
         except Exception as err:  # an aggregator failure must not stop the federation
             return self._skip(log_, f"aggregation failed: {type(err).__name__}: {err}")
         self._accept(server_round, result, updates)
@@ -219,6 +225,14 @@ class FederatedLoRA(Strategy):
             for c in self.clients:
                 if c.client_id in result.client_ids:
                     self.synced[c.node_id] = self._last_before(round)
+
+    def _round_deltas(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """With warm start, each upload less the warm part its client started from (``lowrank``)."""
+        if not (self.cfg.lora.warm_start and self.history):
+            return updates
+        latest = self.history[-1][1].global_update  # what every client merged last, as it was sent
+        rank = {c.client_id: c.rank for c in self.clients}
+        return [without_warm_part(u, warm_parts(latest, rank[u.client_id])) for u in updates]
 
     def _skip(self, log_: RoundLog, reason: str) -> tuple[None, MetricRecord]:
         log_.skipped = reason
