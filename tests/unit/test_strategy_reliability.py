@@ -298,3 +298,64 @@ def test_an_oversize_reply_is_left_out(shapes: dict[str, tuple[int, int]]) -> No
     assert "round 1: the reply would be" in s.logs[ROUND].rejected["client-001"]
     assert "above federation.max_message_mb" in s.logs[ROUND].rejected["client-001"]
     assert s.history[-1][1].client_ids == ("client-000",)
+
+
+# ------------------------------------------------------------------ protocol options on the server
+
+
+def wire_reply(update: ClientUpdate, wire: str) -> Message:
+    msg = reply(update)
+    msg.content["lora"] = encode_upload(update.modules, wire=wire)[0]
+    return msg
+
+
+def test_bf16_uploads_are_decoded_counted_at_two_bytes_and_the_global_is_sent_rounded(
+    shapes: dict[str, tuple[int, int]],
+) -> None:
+    from florist.aggregation.lowrank import prepare_upload
+
+    s = strategy(shapes, "federation.wire_dtype='bfloat16'")
+    ups = [honest(shapes, k, common=1.0) for k in range(N)]
+    s.aggregate_train(ROUND, [wire_reply(u, "bfloat16") for u in ups])
+    elements = sum(f.A.numel() + f.B.numel() for u in ups for f in u.modules.values())
+    assert s.logs[ROUND].bytes_up == 2 * elements
+    rounded = [replace(u, modules=prepare_upload(u.modules, None, "bfloat16")[0]) for u in ups]
+    got, want = products(s), dense(rounded)
+    for name in want:  # aggregated in float32 from the rounded uploads, then the download rounded
+        assert float((got[name] - want[name]).norm() / want[name].norm()) < 2**-7
+    _, result = s.history[-1]
+    for f in result.global_update.values():  # what the server keeps is exactly what it sends
+        assert torch.equal(f.B, f.B.to(torch.bfloat16).float()) and torch.equal(f.A, f.A.bfloat16().float())
+    arr = next(iter(s.outgoing(100)[ROUND].values()))
+    assert arr.dtype == "bfloat16"
+
+
+def test_a_reply_whose_arrays_lie_about_their_dtype_is_left_out(shapes: dict[str, tuple[int, int]]) -> None:
+    from flwr.app import Array
+
+    s = strategy(shapes)
+    ups = [honest(shapes, k, common=1.0) for k in range(N)]
+    bad = reply(ups[1])
+    arrays = bad.content["lora"]
+    key = next(iter(arrays.keys()))
+    real = arrays[key]
+    arrays[key] = Array(dtype="bfloat16", shape=real.shape, stype=real.stype, data=real.data)  # float32 bits
+    s.aggregate_train(ROUND, [reply(ups[0]), bad, *[reply(u) for u in ups[2:]]])
+    assert "client-001" in s.logs[ROUND].rejected
+    assert "bfloat16 array must carry uint16" in s.logs[ROUND].rejected["client-001"]
+
+
+def test_warm_start_uploads_are_corrected_by_the_warm_part_of_the_last_global(
+    shapes: dict[str, tuple[int, int]],
+) -> None:
+    from florist.aggregation.lowrank import warm_parts, without_warm_part
+
+    s = strategy(shapes, "lora.warm_start=true")
+    first = [honest(shapes, k, common=1.0) for k in range(N)]
+    s.aggregate_train(1, [reply(u) for u in first])
+    g1 = s.history[-1][1].global_update
+    second = [honest(shapes, 10 + k, common=0.5) for k in range(N)]
+    second = [replace(u, client_id=client_id(k), num_examples=10.0 * (k + 1)) for k, u in enumerate(second)]
+    s.aggregate_train(2, [reply(u, merged=(1,)) for u in second])
+    want = dense([without_warm_part(u, warm_parts(g1, RANK)) for u in second])
+    assert_close_products(products(s), want)

@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt
 
 from florist.tools.tables import human_bytes
 
+RANK_TICKS = (100, 200, 500, 1000, 2000, 5000)
+
 
 def florist_names(cell: Mapping[str, Any]) -> list[str]:
     return [m for m in cell["methods"] if m.startswith("FLoRIST")]
@@ -123,6 +125,11 @@ def plot_kept_rank(results: Mapping[str, Any], path: Path, taus: Sequence[str] |
                     label=f"batch {batch}, {init}")  # fmt: skip
         ax.axhline(fedit, color="grey", linewidth=1, linestyle=":", label=f"FedIT ({fedit})")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ticks = sorted({c["examples"] for c in cells.values()})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_yticks(RANK_TICKS, [str(t) for t in RANK_TICKS])
         ax.set_title(tau.removeprefix("FLoRIST "), fontsize=10)
         ax.set_xlabel("examples per client per round")
         ax.grid(alpha=0.3)

@@ -70,6 +70,7 @@ def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
             "train_loss": stats.loss,
             "steps": stats.steps,
             "tokens": stats.tokens,
+            "label_tokens": stats.label_tokens,
             "train_seconds": stats.seconds,
         }
     )

@@ -281,8 +281,8 @@ class FederatedLoRA(Strategy):
         if msg.has_error():
             self._reject(log_, who, f"round {round}: client error: {short_reason(msg.error.reason)}")
             return None
-        size = payload_bytes(msg.content)
         try:
+            size = payload_bytes(msg.content)
             check_message(size, self.cfg.federation.max_message_mb, f"round {round}: the reply")
             update = self._update(msg, who)
             self._check(round, msg, update, info)
