@@ -148,7 +148,8 @@ class Bench:
         if o.budget_match_tau is not None:
             mb = matched_budget_mb(cfg, self.round_one.get(cfg, setting, cfg.lora.init), o.budget_match_tau)
             out.append(budget(mb, f"tau={o.budget_match_tau:.2f} round-1 bytes"))
-        return [v for v in out if not o.variants or v.name in o.variants]
+        chosen = [v for v in out if not o.variants or v.name in o.variants]
+        return sorted(chosen, key=run_order)  # the reference and the goal's candidates first
 
     def run_setting(self, setting: str) -> None:
         cfg = setting_config(self.opts, setting)
@@ -218,6 +219,17 @@ class Bench:
             report.plot_spectra({n: exact.spectra[n].tolist() for n in chosen}, self.out / "spectrum.png",
                                 "round 1, homogeneous ranks: first, middle and last layer")  # fmt: skip
         return layerwise_text(florist_r1)
+
+
+def run_order(v: Variant) -> int:
+    """FLoRA (the reference), FedIT, plain FLoRIST, FLoRIST with every option, single options, the rest."""
+    if v.name == "FLoRA":
+        return 0
+    if v.name == "FedIT":
+        return 1
+    if v.method == "florist":
+        return 2 if not v.options else 3 if v.name.endswith("+all") else 4
+    return 5
 
 
 def regime(cfg: RunConfig) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from florist.flower.handshake import hello
 from florist.flower.rundir import RunDir, cumulative
 from florist.flower.size_guard import check_estimate, estimate
 from florist.flower.strategy import FederatedLoRA, RoundLog, short_reason, weighted_mean
+from florist.precision import resolve
 
 log = logging.getLogger(__name__)
 DRAIN_SECONDS = 60.0  # at the end, wait at most this long (or round_timeout) for replies still owed
@@ -210,9 +211,18 @@ class Federation:
             **byte_totals(rounds, sync),
             "late_replies": late,
             "sync": sync,
+            "precision": self.precision(),
         }
         self.rundir.summary(summary)
         return summary
+
+    def precision(self) -> dict[str, str]:
+        """What ``auto`` meant here (clients on other machines decide for themselves and log it)."""
+        device = self.cfg.model.torch_device()
+        return {
+            "train": resolve(self.cfg.train.precision, device).describe(),
+            "eval": resolve(self.cfg.eval.precision, device).describe(),
+        }
 
     def _record(self, record: dict[str, Any]) -> None:
         self.state.records.append(record)

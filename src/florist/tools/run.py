@@ -66,6 +66,9 @@ def print_summary(summary: dict[str, Any], demo: bool = False, console: Any = No
         if key in before or key in after:
             console.print(f"{key:>14}: before {_fmt(before.get(key))}  after {_fmt(after.get(key))}")
     console.print(bytes_line(summary))
+    if "precision" in summary:
+        p = summary["precision"]
+        console.print(f"precision: training {p['train']}; evaluation {p['eval']}")
     for r in records:
         if r["round"] > 0 and (r.get("skipped") or r.get("rejected") or r.get("timed_out")):
             console.print(reliability_line(r))
