@@ -40,6 +40,7 @@ from florist.data.records import Example
 from florist.data.skills import make_skills_dataset
 from florist.data.tokenize import Encoded
 from florist.eval import exact_match, heldout_loss
+from florist.eval.paired import paired_difference
 from florist.fsutil import write_json_atomic
 from florist.precision import Precision, resolve
 
@@ -163,6 +164,7 @@ def measure_eval(args: argparse.Namespace, base: Any, tokenizer: Any) -> dict[st
     rate = {name: statistics.median(v) for name, v in samples.items()}
     fp, bf = losses["fp32"], losses["bf16"]
     diffs = torch.tensor(bf.per_example) - torch.tensor(fp.per_example)  # (N,) paired, per row
+    diffs = diffs[~diffs.isnan()]
     return {
         "source": source,
         "rows": len(rows),
@@ -172,7 +174,12 @@ def measure_eval(args: argparse.Namespace, base: Any, tokenizer: Any) -> dict[st
             "held-out loss": rate["held-out loss bf16"] / rate["held-out loss fp32"],
             "exact match": rate["exact match bf16"] / rate["exact match fp32"],
         },
-        "heldout_loss": {"fp32": fp.loss, "bf16": bf.loss, "max_row_abs_diff": float(diffs.abs().max())},
+        "heldout_loss": {
+            "fp32": fp.loss,
+            "bf16": bf.loss,
+            "max_row_abs_diff": float(diffs.abs().max()),
+            "paired": paired_difference(fp, bf).to_dict(),
+        },
     }
 
 
@@ -228,14 +235,16 @@ def print_training(res: dict[str, Any], args: argparse.Namespace) -> None:
 def print_eval(res: dict[str, Any]) -> None:
     rate, loss = res["rate"], res["heldout_loss"]
     print(f"\nevaluation on {res['rows']} rows of the {res['source']} (median of alternating runs)")
-    print(f"{'':<26}{'fp32':>10}{'bf16':>10}   bf16 / fp32")
-    for name, unit in (("held-out loss", "tokens/s"), ("exact match", "answers/s")):
+    print(f"{'':<32}{'fp32':>10}{'bf16':>10}   bf16 / fp32")
+    for name, unit in (("held-out loss", "scored tokens/s"), ("exact match", "answers/s")):
         label = f"{name} ({unit})"
         fp, bf = rate[f"{name} fp32"], rate[f"{name} bf16"]
-        print(f"{label:<26}{fp:>10.1f}{bf:>10.1f}   {verdict(res['bf16_over_fp32'][name])}")
+        print(f"{label:<32}{fp:>10.1f}{bf:>10.1f}   {verdict(res['bf16_over_fp32'][name])}")
+    p = loss["paired"]
     print(
-        f"held-out loss: fp32 {loss['fp32']:.5f}, bf16 {loss['bf16']:.5f} "
-        f"(difference {loss['bf16'] - loss['fp32']:+.5f}; largest per-row {loss['max_row_abs_diff']:.4f})"
+        f"held-out loss: fp32 {loss['fp32']:.5f}, bf16 {loss['bf16']:.5f}; bf16 - fp32 paired "
+        f"{p['mean']:+.5f} [{p['low']:+.5f}, {p['high']:+.5f}] "
+        f"(largest per-row {loss['max_row_abs_diff']:.4f})"
     )
 
 
