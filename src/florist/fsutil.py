@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -87,3 +88,15 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, sync: bool 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def safe_name(name: str, what: str) -> str:
+    """``name`` if it is one safe path component (letters, digits, ``._-``, no leading dot, at most
+    128 characters), else ``ConfigError`` naming ``what``: nothing read from a config or a message
+    may climb out of the directory it is joined to."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise ConfigError(f"{what} {name!r:.80} is not a safe file name (letters, digits, '.', '_', '-')")
+    return name

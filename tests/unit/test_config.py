@@ -113,3 +113,13 @@ def test_flower_app_declares_every_config_key() -> None:
     assert (
         cfg.lora.ranks == (16, 12, 8, 4) and cfg.federation.participation is None and cfg.data.format is None
     )
+
+
+def test_budget_override_replaces_the_files_budget(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nexamples = 64\n")
+    assert load_config(path).train.examples == 64
+    cfg = load_config(path, ["train.steps=3"])
+    assert (cfg.train.steps, cfg.train.examples, cfg.train.epochs) == (3, None, None)
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_config(path, ["train.steps=3", "train.epochs=1"])

@@ -27,10 +27,23 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     tree: dict[str, dict[str, Any]] = {}
     if path is not None:
         tree = _read_toml(Path(path))
-    for item in overrides:
-        key, value = parse_override(item)
+    parsed = [parse_override(item) for item in overrides]
+    _drop_replaced_budget(tree, {key for key, _ in parsed})
+    for key, value in parsed:
         set_dotted(tree, key, value)
     return build(tree)
+
+
+BUDGET_KEYS = ("steps", "epochs", "examples")
+
+
+def _drop_replaced_budget(tree: dict[str, Any], overridden: set[str]) -> None:
+    """A local budget is one choice: overriding ``train.steps`` replaces the file's ``train.examples``."""
+    given = {name for name in BUDGET_KEYS if f"train.{name}" in overridden}
+    train = tree.get("train")
+    if given and isinstance(train, dict):
+        for name in set(BUDGET_KEYS) - given:
+            train.pop(name, None)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ NumPy lacks and which is sent as its raw 16-bit pattern (a uint16 array) under t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,9 +98,18 @@ def decode_factors(record: ArrayRecord, client: str, *, b_only: bool = False) ->
 
 
 def decode_upload(
-    record: ArrayRecord, meta: ConfigRecord, client: str, *, shared_a: tuple[int, int] | None = None
+    record: ArrayRecord,
+    meta: ConfigRecord,
+    client: str,
+    *,
+    shared_a: tuple[int, int] | None = None,
+    expected: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, LoraFactors]:
-    """A client's factors; with ``shared_a = (seed, rows)`` A is rebuilt from the seed (FFA-LoRA)."""
+    """A client's factors; with ``shared_a = (seed, rows)`` A is rebuilt from the seed (FFA-LoRA).
+
+    With ``expected`` (module -> weight shape), a rebuilt A is only drawn for a known module whose
+    claimed width and B agree with the model: nothing is allocated from an unchecked claim.
+    """
     scaling = {k.removeprefix("scaling."): float(v) for k, v in meta.items() if k.startswith("scaling.")}  # type: ignore[arg-type]
     pairs = _pairs(record, client)
     out = {}
@@ -107,7 +117,7 @@ def decode_upload(
         if name not in scaling:
             raise InvalidUpdate(client, "no scaling was sent", module=name)
         if shared_a is not None:
-            A = _rebuilt_a(meta, name, B, client, shared_a)
+            A = _rebuilt_a(meta, name, B, client, shared_a, expected)
         elif A is None:
             raise InvalidUpdate(client, "lora_A is missing", module=name)
         out[name] = LoraFactors(A=A, B=B, scaling=scaling[name])
@@ -115,12 +125,22 @@ def decode_upload(
 
 
 def _rebuilt_a(
-    meta: ConfigRecord, name: str, B: torch.Tensor, client: str, shared_a: tuple[int, int]
+    meta: ConfigRecord,
+    name: str,
+    B: torch.Tensor,
+    client: str,
+    shared_a: tuple[int, int],
+    expected: Mapping[str, tuple[int, int]] | None,
 ) -> torch.Tensor:
     seed, rows = shared_a
     n = meta.get(f"n.{name}")
-    r = B.shape[1]
-    if not isinstance(n, int) or n < 1 or r > rows:
+    r = B.shape[1] if B.ndim == 2 else 0
+    if expected is not None and (name not in expected or (B.shape[0], n) != tuple(expected[name])):
+        want = expected.get(name)
+        raise InvalidUpdate(
+            client, f"B {tuple(B.shape)} with n={n!r} does not fit the model's weight {want}", module=name
+        )
+    if not isinstance(n, int) or n < 1 or not 1 <= r <= rows:
         raise InvalidUpdate(
             client, f"cannot rebuild the shared A (n={n!r}, rank {r}, shared rank {rows})", module=name
         )
@@ -144,10 +164,19 @@ def _pairs(record: ArrayRecord, client: str) -> dict[str, tuple[torch.Tensor | N
 
 
 def payload_bytes(content: RecordDict) -> int:
-    """Bytes of tensor data in a message (array elements x item size; keys and headers not counted)."""
+    """Bytes of tensor data in a message (array elements x item size; keys and headers not counted).
+
+    Computed from the arrays' declared shapes and dtypes, with Python integers (no wrap-around); a
+    declaration that does not match the data is caught when the array is decoded (``_tensor``).
+    """
     total = 0
     for record in content.array_records.values():
         for arr in record.values():
             size = WIRE_ITEMSIZE.get(arr.dtype) or np.dtype(arr.dtype).itemsize
-            total += int(np.prod(arr.shape, dtype=np.int64)) * size
+            total += math.prod(int(d) for d in arr.shape) * size
     return total
+
+
+def received_bytes(content: RecordDict) -> int:
+    """Bytes of array data that actually arrived (what the size guard must bound, whatever is declared)."""
+    return sum(len(arr.data) for record in content.array_records.values() for arr in record.values())

@@ -169,11 +169,20 @@ class Federation:
         )
         digests = {}
         for reply in replies:
-            info = self.strategy.by_node[reply.metadata.src_node_id]
+            info = self.strategy.by_node.get(reply.metadata.src_node_id)
+            if info is None:
+                log.warning(
+                    "sync: a reply from node %s, which did not join, is ignored", reply.metadata.src_node_id
+                )
+                continue
             if reply.has_error():
                 log.warning("sync: %s failed: %s", info.client_id, short_reason(reply.error.reason))
                 continue
-            digests[info.client_id] = str(reply.content.config_records["client"]["digest"])
+            digest = sync_digest(reply)
+            if digest is None:
+                log.warning("sync: %s sent no usable digest; its weights count as unchecked", info.client_id)
+                continue
+            digests[info.client_id] = digest
         names = sorted(self.expected)
         server = self.model.digest(names)
         same = (
@@ -227,6 +236,17 @@ class Federation:
     def _record(self, record: dict[str, Any]) -> None:
         self.state.records.append(record)
         self.rundir.append_metrics(record)
+
+
+def sync_digest(reply: Any) -> str | None:
+    """The sha256 hex digest in a sync reply, or None when it is missing or is not one."""
+    try:
+        digest = reply.content.config_records["client"]["digest"]
+    except (KeyError, TypeError, AttributeError):
+        return None
+    if isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return digest
+    return None
 
 
 def byte_totals(rounds: list[dict[str, Any]], sync: dict[str, Any]) -> dict[str, int]:

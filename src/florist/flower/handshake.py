@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -9,32 +10,74 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from florist.config import RunConfig
+from florist.flower.node import client_id
 from florist.flower.strategy import ClientInfo, short_reason
+
+log = logging.getLogger(__name__)
+MAX_EXAMPLES = 10**9  # a site's declared training examples; the weight p_k follows from it
 
 
 def hello(grid: Grid, cfg: RunConfig) -> list[ClientInfo]:
-    """Every node's client id, index, rank, example count and the global rounds it already holds."""
-    nodes = wait_for_nodes(grid, cfg.federation.num_clients, cfg.federation.timeout)
-    msgs = [Message(RecordDict(), dst_node_id=n, message_type=f"{MessageType.QUERY}.hello") for n in nodes]
-    infos = []
-    for reply in grid.send_and_receive(msgs, timeout=cfg.federation.timeout):
+    """Every node's index, rank, example count and the global rounds it already holds.
+
+    A node says which client index it serves (its ``partition-id``); the server checks the claim and
+    names the client itself (``client-NNN`` from the index), so no string a node sends is ever used
+    as an id or a path. A second node claiming a taken index is refused with a log line; a rank other
+    than the config's, or an example count that is not a positive integer, refuses the node too.
+    """
+    n = cfg.federation.num_clients
+    nodes = wait_for_nodes(grid, n, cfg.federation.timeout)
+    msgs = [
+        Message(RecordDict(), dst_node_id=node, message_type=f"{MessageType.QUERY}.hello") for node in nodes
+    ]
+    infos: dict[int, ClientInfo] = {}
+    for reply in sorted(grid.send_and_receive(msgs, timeout=cfg.federation.timeout), key=_src):
         if reply.has_error():
             reason = short_reason(reply.error.reason)
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reason}")
-        infos.append(client_info(reply.metadata.src_node_id, dict(reply.content.config_records["client"])))
-    indices = sorted(i.index for i in infos)
-    if indices != list(range(cfg.federation.num_clients)):
+        try:
+            info = client_info(_src(reply), dict(reply.content.config_records["client"]), cfg)
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("hello: node %d refused: %s", _src(reply), err)
+            continue
+        if info.index in infos:
+            log.warning("hello: node %d refused: client index %d is taken by node %d",
+                        info.node_id, info.index, infos[info.index].node_id)  # fmt: skip
+            continue
+        infos[info.index] = info
+    missing = sorted(set(range(n)) - set(infos))
+    if missing:
         raise RuntimeError(
-            f"nodes report client indices {indices}; expected 0..{cfg.federation.num_clients - 1}"
+            f"no node serves client indices {missing} (of 0..{n - 1}); see the hello log lines"
         )
-    return infos
+    return [infos[k] for k in range(n)]
 
 
-def client_info(node: int, c: dict[str, Any]) -> ClientInfo:
+def _src(reply: Message) -> int:
+    return int(reply.metadata.src_node_id)
+
+
+def client_info(node: int, c: dict[str, Any], cfg: RunConfig) -> ClientInfo:
+    """The checked ``ClientInfo`` of a hello reply; ``ValueError`` names what is wrong."""
+    n = cfg.federation.num_clients
+    index, rank, examples = (_int(c, key) for key in ("index", "rank", "num_examples"))
+    if not 0 <= index < n:
+        raise ValueError(f"client index {index} is outside 0..{n - 1}")
+    if rank != cfg.lora.rank_of(index, n):
+        raise ValueError(
+            f"client {index} declares rank {rank}; the config gives it {cfg.lora.rank_of(index, n)}"
+        )
+    if not 0 < examples <= MAX_EXAMPLES:
+        raise ValueError(f"client {index} declares {examples} examples; expected 1..{MAX_EXAMPLES:,}")
     held = tuple(int(t) for t in c.get("held", []))
-    return ClientInfo(
-        node, str(c["client_id"]), int(c["index"]), int(c["rank"]), int(c["num_examples"]), held
-    )
+    return ClientInfo(node, client_id(index), index, rank, examples, held)
+
+
+def _int(c: dict[str, Any], key: str) -> int:
+    value = c[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, got {value!r:.40}")
+    return value
 
 
 def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:

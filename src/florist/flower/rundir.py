@@ -23,7 +23,7 @@ import torch
 
 from florist.config import RunConfig, to_toml
 from florist.errors import ConfigError
-from florist.fsutil import atomic_dir, write_json_atomic, write_text_atomic
+from florist.fsutil import atomic_dir, safe_name, write_json_atomic, write_text_atomic
 from florist.lora import ClientUpdate, LoraFactors
 from florist.lora.peft_io import save_adapter_files, write_adapter
 
@@ -40,7 +40,7 @@ class RunDir:
     """
 
     def __init__(self, cfg: RunConfig, base_model: str) -> None:
-        self.path = Path(cfg.run.dir) / (cfg.run.name or default_name(cfg))
+        self.path = Path(cfg.run.dir) / safe_name(cfg.run.name or default_name(cfg), "run.name")
         self.base_model = base_model
         if cfg.run.resume:
             if not (self.path / "config.json").is_file():
@@ -76,7 +76,7 @@ class RunDir:
 
     def client_updates(self, round: int, updates: Sequence[ClientUpdate]) -> None:
         for u in updates:
-            with atomic_dir(self.round_dir(round) / "clients" / u.client_id) as tmp:
+            with atomic_dir(self.round_dir(round) / "clients" / safe_name(u.client_id, "client id")) as tmp:
                 save_adapter_files(tmp, u.modules, base_model=self.base_model)
                 write_json_atomic(tmp / "florist.json", {"num_examples": u.num_examples})
 

@@ -10,6 +10,7 @@ this class only moves records.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,10 +23,10 @@ from flwr.serverapp.strategy import Strategy
 
 from florist.aggregation.base import AggregationResult, Aggregator, ClientProtocol
 from florist.aggregation.lowrank import result_to_wire, warm_parts, without_warm_part
-from florist.aggregation.robust import clip_updates
+from florist.aggregation.robust import clip_updates, update_norm
 from florist.config import RunConfig
 from florist.errors import InvalidUpdate
-from florist.flower.codec import decode_upload, encode_factors, payload_bytes
+from florist.flower.codec import decode_upload, encode_factors, payload_bytes, received_bytes
 from florist.flower.node import GLOBAL_PREFIX
 from florist.flower.size_guard import MessageTooLarge, check_message
 from florist.lora import ClientUpdate, LoraFactors
@@ -193,13 +194,36 @@ class FederatedLoRA(Strategy):
             return self._skip(log_, f"{len(updates)} usable update(s), {need} required ({_reasons(log_)})")
         try:
             updates = self._clip(self._round_deltas(updates), log_)
-            result = self.aggregator.aggregate(updates, round=server_round)
-            result = result_to_wire(result, self.cfg.federation.wire_dtype)
+            result, updates = self._aggregate_finite(server_round, updates, log_)
         except Exception as err:  # an aggregator failure must not stop the federation
             return self._skip(log_, f"aggregation failed: {type(err).__name__}: {err}")
+        if result is None:
+            return self._skip(
+                log_, f"no subset of the updates aggregates to finite values ({_reasons(log_)})"
+            )
         self._accept(server_round, result, updates)
         loss = weighted_mean(log_.client_metrics, "train_loss")
         return encode_factors(result.global_update, with_a=self.sends_a), MetricRecord({"train_loss": loss})
+
+    def _aggregate_finite(
+        self, round: int, updates: list[ClientUpdate], log_: RoundLog
+    ) -> tuple[AggregationResult | None, list[ClientUpdate]]:
+        """Aggregate; while the result is not finite (or the aggregator fails), leave out the client
+        with the largest update norm and try again, never going below ``federation.min_replies``."""
+        while len(updates) >= self.cfg.federation.min_replies:
+            try:
+                result = self.aggregator.aggregate(updates, round=round)
+                if all_finite(result):
+                    return result_to_wire(result, self.cfg.federation.wire_dtype), updates
+                why = "the aggregate with it is not finite"
+            except Exception as err:  # e.g. an SVD that does not converge on extreme values
+                why = f"aggregation with it failed ({type(err).__name__}: {err})"
+            if len(updates) == 1:
+                break
+            worst = max(updates, key=lambda u: (update_norm(u), u.client_id))
+            self._reject(log_, worst.client_id, f"round {round}: largest update norm and {why}: left out")
+            updates = [u for u in updates if u.client_id != worst.client_id]
+        return None, updates
 
     def _usable(self, round: int, replies: list[Message], log_: RoundLog) -> list[ClientUpdate]:
         """Decoded, checked updates of the clients sampled this round, at most one per node."""
@@ -283,10 +307,12 @@ class FederatedLoRA(Strategy):
             return None
         try:
             size = payload_bytes(msg.content)
-            check_message(size, self.cfg.federation.max_message_mb, f"round {round}: the reply")
+            limit = self.cfg.federation.max_message_mb
+            check_message(max(size, received_bytes(msg.content)), limit, f"round {round}: the reply")
             update = self._update(msg, who)
             self._check(round, msg, update, info)
             self._check_merged(round, msg, who)
+            metrics = numeric_metrics(msg.content.metric_records["metrics"], who, round)
         except (InvalidUpdate, MessageTooLarge) as err:
             self._reject(log_, who, str(err))
             return None
@@ -294,7 +320,7 @@ class FederatedLoRA(Strategy):
             self._reject(log_, who, f"round {round}: unreadable reply: {type(err).__name__}: {err}")
             return None
         log_.bytes_up += size
-        log_.client_metrics[who] = {k: float(v) for k, v in msg.content.metric_records["metrics"].items()}  # type: ignore[arg-type]
+        log_.client_metrics[who] = metrics
         return update
 
     def _who(self, node: int) -> str:
@@ -325,8 +351,9 @@ class FederatedLoRA(Strategy):
             raise InvalidUpdate(who, "the reply has no 'lora' arrays or no 'metrics'")
         shared = None if self.sends_a else (self.cfg.federation.seed, max(c.rank for c in self.clients))
         modules = decode_upload(
-            content.array_records["lora"], content.config_records["lora_meta"], who, shared_a=shared
-        )
+            content.array_records["lora"], content.config_records["lora_meta"], who, shared_a=shared,
+            expected=self.expected,
+        )  # fmt: skip
         n = content.metric_records["metrics"].get("num-examples")
         return ClientUpdate(who, float(n) if isinstance(n, (int, float)) else float("nan"), modules)
 
@@ -356,6 +383,26 @@ def _leading(f: LoraFactors, r: int) -> LoraFactors:
     return LoraFactors(
         A=torch.cat([A, A.new_zeros(pad, A.shape[1])]), B=torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
     )
+
+
+def all_finite(result: AggregationResult) -> bool:
+    """Every factor of the global update and of every per-client download is finite."""
+    modules = list(result.global_update.values())
+    for per in (result.per_client or {}).values():
+        modules += list(per.values())
+    return all(bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all()) for f in modules)
+
+
+def numeric_metrics(record: Any, who: str, round: int) -> dict[str, float]:
+    """A reply's metrics as finite floats; anything else (a list, a string, NaN) is a bad reply."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidUpdate(
+                who, f"metric {str(key)[:40]!r} must be a finite number, got {value!r:.60}", round=round
+            )
+        out[str(key)] = float(value)
+    return out
 
 
 def short_reason(reason: str | None) -> str:

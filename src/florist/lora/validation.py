@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from florist.errors import ConfigError, InvalidUpdate
 from florist.lora.update import ClientUpdate, LoraFactors
+
+MAX_PRODUCT = 1e30  # float32 overflows at 3.4e38; leave room for sums over clients and ranks
 
 
 def validate_updates(
@@ -131,6 +133,24 @@ def _check_factors(cid: str, name: str, f: LoraFactors, round: int | None, max_r
         if bad:
             nans = int(torch.isnan(t).sum())
             raise fail(f"{label} has {bad} non-finite values ({nans} NaN, {bad - nans} Inf)")
+    _check_magnitude(f, fail)
+
+
+def _check_magnitude(f: LoraFactors, fail: Callable[[str], InvalidUpdate]) -> None:
+    """The effective factors (``s B``, ``A``) and any product of them must stay finite in float32.
+
+    Scaling and tensors are finite on their own yet ``s B`` can overflow (a scaling of 1e300), and
+    so can the aggregators' products of stacks; ``max|s B| max|A| r max(m, n)`` bounds every entry
+    of ``s B A`` and of the cores the aggregators form, and must stay below ``MAX_PRODUCT``.
+    """
+    b_max = float(f.B.abs().max()) * abs(f.scaling) if f.B.numel() else 0.0
+    a_max = float(f.A.abs().max()) if f.A.numel() else 0.0
+    bound = b_max * a_max * f.rank * max(f.shape)
+    if not (math.isfinite(b_max) and b_max < MAX_PRODUCT and math.isfinite(bound) and bound < MAX_PRODUCT):
+        raise fail(
+            f"update magnitude out of range: max|scaling * B| = {b_max:.3g}, max|A| = {a_max:.3g} "
+            f"(their products would exceed {MAX_PRODUCT:.0e} and overflow float32 aggregation)"
+        )
 
 
 def _check_shape_matches(update: ClientUpdate, reference: ClientUpdate, name: str, round: int | None) -> None:
