@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 
@@ -25,9 +26,22 @@ from florist.errors import ConfigError, FloristError, QuorumLost
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in text.split(","))
+        values = tuple(float(x) for x in text.split(","))
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--weights must be comma-separated numbers, got {text!r}") from err
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _add_aggregate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -38,10 +52,10 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("-o", "--out", required=True, help="output directory (PEFT adapter + report)")
     p.add_argument("--method", default="florist", choices=available())
     rank = p.add_mutually_exclusive_group()
-    rank.add_argument("--tau", type=float, help="florist: energy threshold in (0, 1] (default 0.9)")
+    rank.add_argument("--tau", type=_finite, help="florist: energy threshold in (0, 1] (default 0.9)")
     rank.add_argument("--rank", type=int, help="florist: fixed rank for every module")
     rank.add_argument(
-        "--budget-mb", type=float, help="florist: download budget per client, in MB (1e6 bytes)"
+        "--budget-mb", type=_finite, help="florist: download budget per client, in MB (1e6 bytes)"
     )
     p.add_argument("--min-rank", type=int, default=1)
     p.add_argument("--max-rank", type=int)
@@ -263,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"florist {args.command}: stopped: {err}", file=sys.stderr)
         return 3
     except (FloristError, ConfigError) as err:
+        print(f"florist {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # unwritable output, a full disk, a missing file: the message names the path
         print(f"florist {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

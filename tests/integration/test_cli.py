@@ -84,7 +84,10 @@ def test_inspect_prints_spectrum(client_dirs: list[str], capsys) -> None:  # typ
     ("extra", "message"),
     [
         (["--weights", "1,2"], "--weights has 2 values for 3 adapter directories"),
-        (["--weights", "1,0,2"], r"client '.*site1': num_examples must be a positive finite number, got 0.0"),
+        (
+            ["--weights", "1,0,2"],
+            r"--weights: the weight of '.*site1' must be a positive finite number, got 0.0",
+        ),
         (
             ["--method", "fedit", "--tau", "0.5"],
             "--tau, --rank and --budget-mb apply to --method florist, not 'fedit'",
@@ -107,7 +110,7 @@ def test_errors_are_reported_and_nothing_is_written(
 
 def test_duplicate_directory_is_a_duplicate_client(client_dirs: list[str], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["aggregate", client_dirs[0], client_dirs[0], "-o", str(tmp_path / "g")]) == 2
-    assert "duplicate client id: it appears 2 times" in capsys.readouterr().err
+    assert "is the same directory as" in capsys.readouterr().err
 
 
 def test_nan_client_is_named_and_existing_output_survives(
@@ -140,3 +143,13 @@ def test_run_flags_and_overrides_mix_in_any_order(tmp_path: Path, capsys) -> Non
     assert main(["run", str(config), "--resume", f"run.dir={str(tmp_path)!r}"]) == 2
     err = capsys.readouterr().err
     assert "no checkpoint in" in err and "gone/checkpoints" in err and "nothing to resume" in err
+
+
+def test_run_with_an_unknown_model_exits_2_and_leaves_no_run_directory(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[federation]\nnum_clients = 2\n")
+    runs = tmp_path / "runs"
+    args = ["run", str(cfg), "model.name='/no/such/model'", f"run.dir={str(runs)!r}", "run.name='x'"]
+    assert main(args) == 2
+    assert "model.name '/no/such/model' is not a model directory" in capsys.readouterr().err
+    assert not runs.exists()

@@ -78,7 +78,7 @@ CASES = [
     ),
     (
         _edit_factors(A=torch.randn(4, 17)),
-        r"client 'client-1', module 'layers.0.q_proj': adapted weight shape \(24, 17\) differs from \(24, 16\) in client 'client-0'",
+        r"client 'client-1', module 'layers.0.q_proj': adapted weight shape \(24, 17\) differs from the other clients' \(24, 16\)",
     ),
     (
         _edit_factors(A=torch.randn(4)),
@@ -98,11 +98,11 @@ CASES = [
     (_weight(math.nan), r"client 'client-1': num_examples must be a positive finite number, got nan"),
     (
         _drop_module,
-        r"client 'client-1': module set differs from client 'client-0': missing \['layers.0.q_proj'\], extra \[\]",
+        r"client 'client-1': module set differs from the other clients': missing \['layers.0.q_proj'\], extra \[\]",
     ),
     (
         _extra_module,
-        r"client 'client-1': module set differs from client 'client-0': missing \[\], extra \['layers.9.k_proj'\]",
+        r"client 'client-1': module set differs from the other clients': missing \[\], extra \['layers.9.k_proj'\]",
     ),
     (_duplicate, r"client 'client-1': duplicate client id: it appears 2 times"),
 ]
@@ -140,3 +140,25 @@ def test_client_with_no_modules_is_named() -> None:
 def test_float16_compute_dtype_is_refused() -> None:
     with pytest.raises(ConfigError, match="compute dtype must be float32 or float64, got torch.float16"):
         make_aggregator("florist", dtype=torch.float16).aggregate(make_updates([2, 2]))
+
+
+@pytest.mark.parametrize("method", ["florist", "fedit"])
+def test_the_client_that_differs_from_the_majority_is_blamed_not_the_first(method: str) -> None:
+    updates = make_updates([4, 4, 4])
+    f = updates[0].modules[Q]
+    updates[0] = _with_module(updates[0], Q, LoraFactors(torch.randn(4, 17), f.B, f.scaling))
+    with pytest.raises(
+        InvalidUpdate, match=r"client 'client-0', module 'layers.0.q_proj': adapted weight shape \(24, 17\)"
+    ):
+        make_aggregator(method).aggregate(updates)
+    updates = make_updates([4, 4, 4])
+    updates[0] = _with_module(updates[0], Q, None)
+    with pytest.raises(InvalidUpdate, match=r"client 'client-0': module set differs"):
+        make_aggregator(method).aggregate(updates)
+
+
+def test_huge_example_counts_are_weighted_without_overflow() -> None:
+    from florist.lora.validation import client_weights
+
+    updates = [ClientUpdate(u.client_id, 1e308, u.modules) for u in make_updates([4, 4])]
+    assert client_weights(updates).tolist() == [0.5, 0.5]

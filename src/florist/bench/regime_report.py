@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from florist.fsutil import save_figure
 from florist.tools.tables import human_bytes
 
 RANK_TICKS = (100, 200, 500, 1000, 2000, 5000)
@@ -137,5 +138,5 @@ def plot_kept_rank(results: Mapping[str, Any], path: Path, taus: Sequence[str] |
     axes[0, -1].legend(fontsize=7, loc="upper left")
     fig.suptitle("FLoRIST's kept rank in round 1 (lower = fewer download bytes)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

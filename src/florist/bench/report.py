@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 
 from florist.eval.heldout import LossResult
 from florist.eval.paired import paired_difference
+from florist.fsutil import save_figure, write_text_atomic
 from florist.tools.tables import human_bytes
 
 LAYER = re.compile(r"layers\.(\d+)\..*\.(\w+_proj)$")
@@ -128,7 +129,7 @@ def plot_bytes_loss(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -167,7 +168,7 @@ def plot_rank_heatmaps(ranks_by_variant: Mapping[str, Mapping[str, int]], path: 
     fig.subplots_adjust(hspace=0.7)
     fig.colorbar(im, ax=axes[:, 0].tolist(), label="rank kept (one scale for all panels)")
     axes[-1, 0].set_xlabel("layer")
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -182,7 +183,7 @@ def plot_spectra(spectra: Mapping[str, Sequence[float]], path: Path, title: str)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -224,4 +225,4 @@ def rewrite_tables(out: Path, tolerance: float = 0.005) -> None:
     marker = "\n### Rank kept per layer"
     layer = old[old.index(marker) :] if marker in old else ""
     text, _ = write_all(out, results, tolerance)
-    (out / "table.md").write_text(text + layer)
+    write_text_atomic(out / "table.md", text + layer)

@@ -93,6 +93,13 @@ def resolve_model(name_or_path: str | None) -> str:
     """Map ``None`` / ``"smollm2-135m-instruct"`` to the converted cache dir; pass anything else through."""
     if name_or_path in (None, "", SMOLLM2, "smollm2"):
         return str(ensure_smollm2())
+    path = Path(name_or_path)
+    looks_local = path.is_absolute() or name_or_path.startswith(".") or name_or_path.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise ConfigError(
+            f"model.name {name_or_path!r} is not a model directory (nor a hub id such as "
+            f"'meta-llama/Llama-3.2-1B', nor {SMOLLM2!r})"
+        )
     return name_or_path
 
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,16 @@ from florist.tools.aggregate import AggregateOptions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key} must be a positive finite number, got {value}")
+
+
+def _at_least_one(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{key} must be >= 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,9 @@ class DataConfig:
             raise ConfigError(f"data.split must be presplit, iid or dirichlet, got {self.split!r}")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+        _positive("data.alpha", self.alpha)
+        for key in ("min_partition_size", "skills_train", "skills_test"):
+            _at_least_one(f"data.{key}", getattr(self, key))
         if self.max_examples_per_client is not None and self.max_examples_per_client < 1:
             raise ConfigError(
                 f"data.max_examples_per_client must be >= 1, got {self.max_examples_per_client}"
@@ -102,6 +116,11 @@ class LoraConfig:
             raise ConfigError(f"lora.ranks must be positive integers, got {list(self.ranks)}")
         if self.init not in LORA_INITS:
             raise ConfigError(f"lora.init must be one of {list(LORA_INITS)}, got {self.init!r}")
+        if self.alpha is not None:
+            _positive("lora.alpha", self.alpha)
+        _positive("lora.alpha_ratio", self.alpha_ratio)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
     def rank_of(self, client: int, num_clients: int) -> int:
         if len(self.ranks) not in (1, num_clients):
@@ -165,6 +184,9 @@ class FederationConfig:
                 raise ConfigError(f"federation.{key} must be > 0, got {value}")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"federation.fraction must be in (0, 1], got {self.fraction}")
+        _positive("federation.cpus_per_client", self.cpus_per_client)
+        if not (math.isfinite(self.gpus_per_client) and self.gpus_per_client >= 0):
+            raise ConfigError(f"federation.gpus_per_client must be >= 0, got {self.gpus_per_client}")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ConfigError(
                 f"federation.wire_dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}"
@@ -246,6 +268,9 @@ class EvalConfig:
         check_precision("eval.precision", self.precision)
         if self.every < 0:
             raise ConfigError(f"eval.every must be >= 0, got {self.every}")
+        for key in ("batch_size", "max_new_tokens", "max_length", "subset", "mmlu_subset"):
+            if getattr(self, key) is not None:
+                _at_least_one(f"eval.{key}", getattr(self, key))
 
 
 @dataclass(frozen=True)

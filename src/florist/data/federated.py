@@ -72,6 +72,11 @@ def _label(ex: Example, column: str) -> str:
 
 
 def _presplit(cfg: DataConfig, num_clients: int) -> tuple[tuple[Example, ...], ...]:
+    return tuple(tuple(load_examples(f, fmt=cfg.format)) for f in client_files(cfg, num_clients))
+
+
+def client_files(cfg: DataConfig, num_clients: int) -> list[Path]:
+    """The pre-split folder's client files, one per client, or ``ConfigError`` saying what is wrong."""
     folder = Path(cfg.source)
     if not folder.is_dir():
         raise ConfigError(f"data.source {cfg.source!r} must be a folder for data.split = 'presplit'")
@@ -81,7 +86,22 @@ def _presplit(cfg: DataConfig, num_clients: int) -> tuple[tuple[Example, ...], .
             f"data.source {cfg.source!r} holds {len(files)} client files "
             f"({[f.name for f in files][:10]}), but federation.num_clients = {num_clients}"
         )
-    return tuple(tuple(load_examples(f, fmt=cfg.format)) for f in files)
+    return files
+
+
+def preflight(cfg: DataConfig, num_clients: int) -> None:
+    """What the config alone can tell, checked before any process starts (no example is loaded)."""
+    if cfg.split == "presplit":
+        client_files(cfg, num_clients)
+        if cfg.test is None:
+            raise ConfigError("data.split = 'presplit' needs data.test, a held-out file")
+    if (
+        cfg.test is not None
+        and cfg.source != "skills"
+        and Path(cfg.source).exists()
+        and not Path(cfg.test).exists()
+    ):
+        raise ConfigError(f"data.test {cfg.test!r} does not exist")
 
 
 @lru_cache(maxsize=2)

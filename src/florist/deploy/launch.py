@@ -39,6 +39,7 @@ from florist.deploy.certs import NodeKey, TlsFiles, make_node_key, make_tls
 from florist.deploy.processes import DeploymentError, LogFollower, Managed, ProcessGroup, tail
 from florist.deploy.runconfig import app_config, overrides_toml, run_dir, run_overrides
 from florist.errors import ConfigError
+from florist.fsutil import write_text_atomic
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
@@ -169,8 +170,9 @@ class Deployment:
         for d in (self.layout.home, self.layout.logs):
             d.mkdir(parents=True, exist_ok=True)
         self.tls = make_tls(self.layout.certs)
-        (self.layout.home / "config.toml").write_text(
-            connection_toml(self.settings.connection, self.address, self.tls)
+        write_text_atomic(
+            self.layout.home / "config.toml",
+            connection_toml(self.settings.connection, self.address, self.tls),
         )
 
     def new_key(self, name: str) -> NodeKey:
@@ -261,7 +263,7 @@ class Deployment:
                 f"{self.settings.nodes} SuperNodes"
             )
         overrides = run_overrides(cfg, app_config(self.settings.app))
-        self.layout.run_config.write_text(overrides_toml(overrides))
+        write_text_atomic(self.layout.run_config, overrides_toml(overrides))
         flwr = self._start_flwr_run()
         self._wait_run(flwr, timeout)
         if not summary_path.is_file():

@@ -17,7 +17,6 @@ Nothing is ever found or stopped by its name.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 import time
@@ -30,6 +29,7 @@ from typing import IO
 import psutil
 
 from florist.errors import FloristError
+from florist.fsutil import write_text_atomic
 
 MARKER = "FLORIST_DEPLOYMENT"
 TAIL_LINES = 40
@@ -306,6 +306,6 @@ def _command_line(proc: psutil.Process) -> str:
 
 
 def _write_pid_file(path: Path, commands: Mapping[int, str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({str(pid): cmd for pid, cmd in sorted(commands.items())}, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(
+        path, json.dumps({str(pid): cmd for pid, cmd in sorted(commands.items())}, indent=1) + "\n"
+    )

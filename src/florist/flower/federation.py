@@ -58,6 +58,7 @@ class Federation:
         self.strategy.summary()
         self.model = GlobalModel(model.to(cfg.model.torch_device()), tokenizer, self.aggregator.protocol)
         self.evaluator = Evaluator(cfg.eval, test_examples(cfg.data), cfg.data.seed, cfg.run.progress)
+        self.rundir.create()  # only now: a bad model or data source leaves no directory behind
         self.exchange = Exchange(grid)
         self.state = resumed or ServerState(round=0)
 

@@ -40,21 +40,26 @@ class RunDir:
     """
 
     def __init__(self, cfg: RunConfig, base_model: str) -> None:
+        """Checks only: nothing is created until ``create`` (after the model and data have loaded)."""
+        self.cfg = cfg
         self.path = Path(cfg.run.dir) / safe_name(cfg.run.name or default_name(cfg), "run.name")
         self.base_model = base_model
         if cfg.run.resume:
             if not (self.path / "config.json").is_file():
                 raise ConfigError(f"run.resume: {str(self.path)!r} holds no earlier run (no config.json)")
-            if not cfg.run.force:
-                return
         elif self.path.exists() and any(self.path.iterdir()):
             raise ConfigError(
                 f"run directory {str(self.path)!r} exists and is not empty; set run.name, "
                 f"or resume it with run.resume=true (florist run ... --resume)"
             )
+
+    def create(self) -> None:
+        """Make the directory and write the resolved config (a resume keeps its own unless forced)."""
+        if self.cfg.run.resume and not self.cfg.run.force:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path / "config.toml", to_toml(cfg))
-        write_json_atomic(self.path / "config.json", cfg.to_dict())
+        write_text_atomic(self.path / "config.toml", to_toml(self.cfg))
+        write_json_atomic(self.path / "config.json", self.cfg.to_dict())
 
     @property
     def checkpoints(self) -> Path:

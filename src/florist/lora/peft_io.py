@@ -10,6 +10,7 @@ No transformers or peft import here.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from florist.errors import ConfigError, InvalidUpdate
-from florist.fsutil import atomic_dir, write_json_atomic
+from florist.fsutil import atomic_dir, give_normal_mode, write_json_atomic
 from florist.lora.update import ClientUpdate, LoraFactors, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
@@ -49,7 +50,7 @@ def read_adapter(path: str | Path, client: str | None = None) -> PeftAdapter:
     root = Path(path)
     cid = client if client is not None else str(root)
     config = _read_config(root, cid)
-    tensors = load_file(str(root / WEIGHTS_NAME))
+    tensors = _read_tensors(root / WEIGHTS_NAME)
     pairs = _pair_keys(tensors, cid)
     modules = {name: _factors(name, a, b, config, cid) for name, (a, b) in sorted(pairs.items())}
     if not modules:
@@ -60,6 +61,14 @@ def read_adapter(path: str | Path, client: str | None = None) -> PeftAdapter:
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
         config=config,
     )
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors, or ``ConfigError`` naming it (truncated, random, empty, huge header)."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError, OSError, ValueError...
+        raise ConfigError(f"{str(path)!r} is not a readable safetensors file: {err}") from err
 
 
 def _read_config(root: Path, cid: str) -> dict[str, Any]:
@@ -77,11 +86,43 @@ def _read_config(root: Path, cid: str) -> dict[str, Any]:
     if not cfg_path.is_file():
         raise ConfigError(f"{str(root)!r} has no {CONFIG_NAME}")
     try:
-        config: dict[str, Any] = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{str(cfg_path)!r} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"{str(cfg_path)!r} must hold a JSON object, got {type(config).__name__}")
     _check_supported(config, cid)
+    _check_config_values(config, cfg_path)
     return config
+
+
+def _check_config_values(config: Mapping[str, Any], path: Path) -> None:
+    """The keys florist reads have the types PEFT gives them; anything else names key and file."""
+
+    def fail(key: str, want: str) -> ConfigError:
+        return ConfigError(f"{str(path)!r}: {key} must be {want}, got {config[key]!r:.80}")
+
+    if "r" in config and not _is_number(config["r"], integer=True):
+        raise fail("r", "an integer")
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise fail("lora_alpha", "a finite number")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise fail(key, "an object of module pattern -> number")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"{str(path)!r}: {key} pattern {pattern!r} is not a regex: {err}") from err
+            if not _is_number(value, integer=key == "rank_pattern"):
+                raise ConfigError(f"{str(path)!r}: {key}[{pattern!r}] must be a number, got {value!r:.80}")
+
+
+def _is_number(value: Any, integer: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return float(value).is_integer() if integer else math.isfinite(value)
 
 
 def _check_supported(config: Mapping[str, Any], cid: str) -> None:
@@ -178,6 +219,7 @@ def save_adapter_files(
         tensors[f"{PREFIX}{name}.lora_A.weight"] = f.A.detach().to(dtype).contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = f.B.detach().to(dtype).contiguous()
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    give_normal_mode(directory / WEIGHTS_NAME)  # safetensors writes 0600; the JSON beside it is 0644
     write_json_atomic(directory / CONFIG_NAME, adapter_config(modules, base_model, fan_in_fan_out))
 
 

@@ -30,13 +30,13 @@ def validate_updates(
         if count > 1:
             raise InvalidUpdate(cid, f"duplicate client id: it appears {count} times", round=round)
     ordered = sorted(updates, key=lambda u: u.client_id)
-    reference = ordered[0]
+    modules, shapes = _majority(ordered)
     for update in ordered:
         _check_weight(update, round)
-        _check_module_set(update, reference, round)
+        _check_module_set(update, modules, round)
         for name, factors in update.modules.items():
             _check_factors(update.client_id, name, factors, round, max_rank)
-            _check_shape_matches(update, reference, name, round)
+            _check_shape_matches(update, name, shapes[name], round)
     return ordered
 
 
@@ -81,9 +81,34 @@ def check_update(
 
 
 def client_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
-    """``p_k = n_k / sum(n)`` in float64, in the order given."""
+    """``p_k = n_k / sum(n)`` in float64, in the order given (scaled by max(n) first: no overflow)."""
     n = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+    n = n / n.max()
     return n / n.sum()
+
+
+def _majority(updates: Sequence[ClientUpdate]) -> tuple[frozenset[str], dict[str, tuple[int, int]]]:
+    """The module set and per-module shapes most clients agree on (ties: the first in id order).
+
+    A client that differs is blamed, not whichever client happens to sort first.
+    """
+    sets = Counter(frozenset(u.modules) for u in updates)
+    modules = max(sets, key=lambda m: (sets[m], -_first_index(updates, m)))
+    shapes = {}
+    for name in modules:
+        seen = [_shape(u.modules[name]) for u in updates if name in u.modules]
+        counts = Counter(s for s in seen if s is not None)
+        if counts:  # no client has a well-formed pair: _check_factors names each one
+            shapes[name] = max(counts, key=lambda s: (counts[s], -seen.index(s)))
+    return modules, shapes
+
+
+def _shape(f: LoraFactors) -> tuple[int, int] | None:
+    return (f.B.shape[0], f.A.shape[1]) if f.A.ndim == 2 and f.B.ndim == 2 else None
+
+
+def _first_index(updates: Sequence[ClientUpdate], modules: frozenset[str]) -> int:
+    return next(i for i, u in enumerate(updates) if frozenset(u.modules) == modules)
 
 
 def _check_weight(update: ClientUpdate, round: int | None) -> None:
@@ -96,15 +121,14 @@ def _check_weight(update: ClientUpdate, round: int | None) -> None:
         raise InvalidUpdate(update.client_id, "the update has no adapted modules", round=round)
 
 
-def _check_module_set(update: ClientUpdate, reference: ClientUpdate, round: int | None) -> None:
-    have, want = set(update.modules), set(reference.modules)
+def _check_module_set(update: ClientUpdate, want: frozenset[str], round: int | None) -> None:
+    have = set(update.modules)
     if have == want:
         return
     missing, extra = sorted(want - have), sorted(have - want)
     raise InvalidUpdate(
         update.client_id,
-        f"module set differs from client {reference.client_id!r}: missing {_short(missing)}, "
-        f"extra {_short(extra)}",
+        f"module set differs from the other clients': missing {_short(missing)}, extra {_short(extra)}",
         round=round,
     )
 
@@ -153,12 +177,12 @@ def _check_magnitude(f: LoraFactors, fail: Callable[[str], InvalidUpdate]) -> No
         )
 
 
-def _check_shape_matches(update: ClientUpdate, reference: ClientUpdate, name: str, round: int | None) -> None:
-    got, want = update.modules[name].shape, reference.modules[name].shape
+def _check_shape_matches(update: ClientUpdate, name: str, want: tuple[int, int], round: int | None) -> None:
+    got = update.modules[name].shape
     if got != want:
         raise InvalidUpdate(
             update.client_id,
-            f"adapted weight shape {got} differs from {want} in client {reference.client_id!r}",
+            f"adapted weight shape {got} differs from the other clients' {want}",
             module=name,
             round=round,
         )

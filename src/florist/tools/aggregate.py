@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,10 @@ class AggregateOptions:
         if self.rank is not None:
             return FixedRank(self.rank)
         if self.budget_mb is not None:
+            if not (math.isfinite(self.budget_mb) and self.budget_mb > 0):
+                raise ConfigError(
+                    f"budget_mb (--budget-mb, aggregation.budget_mb) must be > 0, got {self.budget_mb!r}"
+                )
             budget = int(self.budget_mb * 1_000_000)
             return ByteBudget(budget, min_rank=self.min_rank, max_rank=self.max_rank)
         return EnergyThreshold(0.9 if self.tau is None else self.tau, self.min_rank, self.max_rank)
@@ -86,10 +91,37 @@ def load_clients(
         raise ConfigError("no adapter directories given")
     if weights is not None and len(weights) != len(dirs):
         raise ConfigError(f"--weights has {len(weights)} values for {len(dirs)} adapter directories")
+    for d, w in zip(dirs, weights or (), strict=False):
+        if not (math.isfinite(w) and w > 0):
+            raise ConfigError(f"--weights: the weight of {d!r} must be a positive finite number, got {w}")
+    _check_distinct(dirs)
     adapters = [read_adapter(d, client=d) for d in dirs]
     _check_compatible(dirs, adapters)
     sizes = _sizes(dirs, weights)
     return [a.to_update(d, s) for d, a, s in zip(dirs, adapters, sizes, strict=True)], adapters[0]
+
+
+def _check_distinct(dirs: Sequence[str]) -> None:
+    """One adapter given twice (``c0 c0/``, a symlink and its target) would count twice."""
+    seen: dict[Path, str] = {}
+    for d in dirs:
+        real = Path(d).resolve()
+        if real in seen:
+            raise ConfigError(f"adapter {d!r} is the same directory as {seen[real]!r}: each client once")
+        seen[real] = d
+
+
+def check_output(out: str, dirs: Sequence[str]) -> None:
+    """``-o`` may neither be an input nor lie inside one (an overwrite would destroy it)."""
+    target = Path(out).resolve()
+    for d in dirs:
+        src = Path(d).resolve()
+        if target == src or src in target.parents:
+            raise ConfigError(
+                f"output {out!r} is, or lies inside, the input adapter {d!r}; choose another -o"
+            )
+        if target in src.parents and Path(out).exists():
+            raise ConfigError(f"output {out!r} holds the input adapter {d!r}; --overwrite would delete it")
 
 
 def _sizes(dirs: Sequence[str], weights: Sequence[float] | None) -> list[float]:
@@ -108,8 +140,23 @@ def _sidecar_size(root: Path) -> float | None:
     path = root / SIDECAR
     if not path.is_file():
         return None
-    value = json.loads(path.read_text()).get("num_examples")
-    return None if value is None else float(value)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{str(path)!r} is not valid JSON: {err}") from err
+    value = data.get("num_examples") if isinstance(data, dict) else None
+    if value is None and not isinstance(data, dict):
+        raise ConfigError(f"{str(path)!r} must hold a JSON object with num_examples")
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{str(path)!r}: num_examples must be a positive finite number, got {value!r:.40}")
+    return float(value)
 
 
 def _check_compatible(dirs: Sequence[str], adapters: Sequence[PeftAdapter]) -> None:
@@ -130,6 +177,7 @@ def _check_compatible(dirs: Sequence[str], adapters: Sequence[PeftAdapter]) -> N
 def run_aggregate(dirs: Sequence[str], out: str, opts: AggregateOptions) -> dict[str, Any]:
     """Aggregate ``dirs`` into ``out``; returns the report (also written to ``out/{REPORT}``)."""
     aggregator = make_aggregator(opts.method, **opts.aggregator_options())
+    check_output(out, dirs)
     updates, first = load_clients(dirs, opts.weights)
     result = aggregator.aggregate(updates)
     comm = communication(updates, result, opts.wire_dtype)

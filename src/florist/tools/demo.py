@@ -19,6 +19,7 @@ import torch
 from rich.table import Table
 from tqdm import tqdm
 
+from florist.fsutil import atomic_dir, write_json_atomic
 from florist.lora import LoraFactors
 from florist.lora.peft_io import read_adapter
 from florist.tools.aggregate import AggregateOptions, run_aggregate
@@ -53,8 +54,9 @@ def write_clients(model: torch.nn.Module, out: Path) -> list[str]:
         peft_model = get_peft_model(copy.deepcopy(model), config)
         _load_factors(peft_model, factors)
         path = out / f"site{k}"
-        peft_model.save_pretrained(str(path))
-        (path / "florist.json").write_text(f'{{"num_examples": {DOLLY_SIZES[k]}}}\n')
+        with atomic_dir(path, overwrite=True) as tmp:
+            peft_model.save_pretrained(str(tmp))
+            write_json_atomic(tmp / "florist.json", {"num_examples": DOLLY_SIZES[k]})
         dirs.append(str(path))
     return dirs
 
