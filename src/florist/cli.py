@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 from collections.abc import Sequence
 
 from florist import deploy
 from florist.cli_parsing import IntermixedParser
+from florist.console import setup_logging
 from florist.errors import ConfigError, FloristError, QuorumLost
 
 
@@ -258,9 +258,7 @@ def _regime(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
-    )
+    setup_logging(args.verbose)
     commands = {
         "aggregate": _aggregate,
         "inspect": _inspect,

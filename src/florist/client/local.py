@@ -24,6 +24,7 @@ Protocol options (each off by default):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -92,7 +93,9 @@ class LocalClient:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.encoded = encode_all(examples, tokenizer, training)
         self.num_examples = len(self.encoded)  # n_k: the examples it trains on
-        self.model = get_peft_model(base_model, lora.peft_config())
+        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.model = get_peft_model(base_model, lora.peft_config())
         self.shared_rank = shared_a_rank or lora.rank
         self.uplink_tau, self.wire = uplink_tau, wire
         self.pending_warm: Mapping[str, LoraFactors] | None = None

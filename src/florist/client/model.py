@@ -106,8 +106,11 @@ def resolve_model(name_or_path: str | None) -> str:
 def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a hub id, a local directory or the embedded SmolLM2 (default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     source = resolve_model(name_or_path)
+    if Path(source).is_dir():  # a local load's per-tensor bar is noise; hub downloads keep theirs
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model.train(False)

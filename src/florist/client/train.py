@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from florist.client.lm_loss import mean_token_loss
+from florist.client.progress import StepBar
 from florist.data.records import Example
 from florist.data.tokenize import IGNORE, Encoded, collate, encode
 from florist.errors import ConfigError
@@ -217,9 +217,10 @@ def train(
     stats, began = TrainStats(), time.perf_counter()
     torch.manual_seed(seed)  # dropout masks
     model.train()
-    bar = tqdm(range(s.num_steps(len(encoded))), desc=desc, leave=False)
+    steps = s.num_steps(len(encoded))
+    bar = StepBar(steps, desc)
     with precision.frozen_weights_cast(model):
-        for _ in bar:
+        for _ in range(steps):
             loss = _accumulate(model, stream, s, pad_id, precision, stats)
             if s.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
@@ -227,9 +228,10 @@ def train(
             opt.zero_grad(set_to_none=True)
             stats.steps += 1
             stats.losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.step(loss)
             if on_step is not None:
                 on_step(stats)
+    bar.close()
     model.eval()
     stats.seconds = time.perf_counter() - began
     stats.loss = sum(stats.losses) / len(stats.losses)

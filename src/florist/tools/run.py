@@ -68,7 +68,9 @@ def print_summary(summary: dict[str, Any], demo: bool = False, console: Any = No
     console.print(bytes_line(summary))
     if "precision" in summary:
         p = summary["precision"]
-        console.print(f"precision: training {p['train']}; evaluation {p['eval']}")
+        same = p["train"] == p["eval"]
+        console.print(f"precision: {p['train']} for training and evaluation" if same
+                      else f"precision: training {p['train']}; evaluation {p['eval']}")  # fmt: skip
     for r in records:
         if r["round"] > 0 and (r.get("skipped") or r.get("rejected") or r.get("timed_out")):
             console.print(reliability_line(r))
