@@ -56,6 +56,7 @@ from florist.aggregation.flexlora import dense_aggregate
 from florist.aggregation.linalg import stack_module
 from florist.fsutil import write_json_atomic
 from florist.lora import ClientUpdate, LoraFactors, client_weights, validate_updates
+from florist.lora.distance import relative_error
 
 THREADS = 2
 SEED = 0
@@ -365,9 +366,7 @@ def analytic(sc: Scenario) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def rel_err(got: Tensor, want: Tensor) -> float:
-    """``||got - want||_F / ||want||_F`` in float64."""
-    return float(torch.linalg.norm(got.double() - want.double()) / torch.linalg.norm(want.double()))
+rel_err = relative_error  # ``||got - want||_F / ||want||_F`` in float64 (florist.lora.distance)
 
 
 def correctness(updates: list[ClientUpdate], runs: dict[str, Run]) -> dict[str, float]:

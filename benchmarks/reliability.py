@@ -30,11 +30,12 @@ from tests.integration.test_reliability import records, survivors_dense  # noqa:
 from tests.unit import test_strategy_reliability as fab  # noqa: E402
 
 from florist.errors import QuorumLost  # noqa: E402
-from florist.flower.faults import dropped_clients  # noqa: E402
+from florist.lora.distance import relative_error  # noqa: E402
 from florist.lora.peft_io import read_adapter  # noqa: E402
+from florist.server.faults import dropped_clients  # noqa: E402
 from florist.tools.run import run_simulation  # noqa: E402
 
-deviation = fab.relative_deviation  # sqrt(sum ||got - want||^2 / sum ||want||^2) over modules
+deviation = relative_error  # sqrt(sum ||got - want||^2 / sum ||want||^2) over modules
 
 
 def dropout(model: Path, tmp: Path) -> dict[str, Any]:
@@ -187,7 +188,7 @@ def clipping() -> list[dict[str, Any]]:
 def size_guard() -> dict[str, Any]:
     from tests.unit.test_exchange_and_sizes import llama_7b_shapes
 
-    from florist.flower.size_guard import MessageTooLarge, check_estimate, estimate
+    from florist.server.size_guard import MessageTooLarge, check_estimate, estimate
 
     try:
         check_estimate(estimate("flora", llama_7b_shapes(), [64] * 64), "flora", 512.0, 64)

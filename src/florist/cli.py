@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _aggregate(args: argparse.Namespace) -> None:
-    from florist.tools.aggregate import AggregateOptions, run_aggregate
+    from florist.config.aggregate_options import AggregateOptions
+    from florist.tools.aggregate import run_aggregate
     from florist.tools.tables import print_aggregation
 
     opts = AggregateOptions(

@@ -63,3 +63,30 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
     again = Bench(opts)
     again.run_setting("homogeneous")
     assert again.results["homogeneous"] == json.loads((out / "results.json").read_text())["homogeneous"]
+
+
+def test_aggregation_clip_applies_in_the_bench_as_in_the_strategy(tmp_path: Path) -> None:
+    """The bench and the Flower strategy share one round function (``server.round``): robust mode
+    clips the bench's uploads too, with the same threshold and factors the strategy would log."""
+    from florist.aggregation import make_aggregator
+    from florist.bench.simulate import run_variant
+    from florist.config import load_config
+    from florist.server.round import aggregate_round
+
+    model = save_tiny_model(tmp_path / "tiny")
+    base = [f"model.name={str(model)!r}", "data.skills_train=6", "data.skills_test=2", "eval.mmlu=none",
+            "federation.num_clients=3", "federation.rounds=1", "train.steps=1", "train.batch_size=2",
+            "lora.ranks=[4]", "aggregation.tau=1.0"]  # fmt: skip
+    kept: dict[str, object] = {}
+    clipped = load_config(None, [*base, "aggregation.clip='fixed'", "aggregation.clip_value=1e-6"])
+    records = run_variant(clipped, lambda m, t: {}, on_result=lambda t, r: kept.update(result=r))
+    factors = records[0]["clip"]["factors"]
+    assert records[0]["clip"]["threshold"] == 1e-6 and all(0 < f < 1 for f in factors.values())
+    result = kept["result"]
+    norm = sum(float(f.delta().square().sum()) for f in result.global_update.values()) ** 0.5  # type: ignore[attr-defined]
+    assert norm <= 1e-6 * 1.0001  # a weighted mean of updates of norm <= 1e-6
+    plain = run_variant(load_config(None, base), lambda m, t: {})
+    assert "clip" not in plain[0]
+    cfg = load_config(None, [*base, "aggregation.clip='fixed'", "aggregation.clip_value=1e-6"])
+    agg = make_aggregator("florist", **cfg.aggregation.options().aggregator_options())
+    assert aggregate_round(cfg, agg, 1, [], None, {}).result is None  # nothing to aggregate: no result

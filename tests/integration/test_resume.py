@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from florist.config import to_toml
-from florist.flower.checkpoint import checkpoints
+from florist.server.checkpoint import checkpoints
 from tests.flower_helpers import save_tiny_model, tiny_run_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

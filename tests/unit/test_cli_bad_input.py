@@ -236,7 +236,7 @@ def test_a_missing_model_directory_is_named() -> None:
 
 
 def test_the_run_directory_is_created_only_when_asked(tmp_path: Path) -> None:
-    from florist.flower.rundir import RunDir
+    from florist.server.rundir import RunDir
 
     cfg = load_config(None, [f"run.dir={str(tmp_path / 'runs')!r}", "run.name='r'"])
     rundir = RunDir(cfg, "base")

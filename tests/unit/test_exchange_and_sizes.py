@@ -12,8 +12,8 @@ from flwr.app import Message, Metadata, RecordDict
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from florist.flower.exchange import Exchange
-from florist.flower.global_model import adapted_shapes
-from florist.flower.size_guard import MessageTooLarge, check_estimate, check_message, estimate
+from florist.server.global_model import adapted_shapes
+from florist.server.size_guard import MessageTooLarge, check_estimate, check_message, estimate
 
 
 class ScriptedGrid:

@@ -11,10 +11,10 @@ from flwr.app import Context, RecordDict
 from florist.client.model import load_model
 from florist.flower import node as node_mod
 from florist.flower.codec import encode_factors
-from florist.flower.global_model import GlobalModel
 from florist.flower.node import get_node
-from florist.flower.strategy import ClientInfo, download_for
+from florist.flower.strategy import ClientInfo
 from florist.lora import LoraFactors
+from florist.server.global_model import GlobalModel
 from tests.flower_helpers import save_tiny_model, tiny_run_config
 
 
@@ -84,12 +84,12 @@ def test_a_client_continues_from_its_rank_of_the_global_adapter() -> None:
     updates = make_updates([8, 4])
     result = make_aggregator("fedit").aggregate(updates)
     info = ClientInfo(node_id=1, client_id=updates[1].client_id, index=1, rank=4, num_examples=1)
-    got = download_for(result, info)
+    got = result.continue_from(info.client_id, info.rank)
     want = result.download(updates[1].client_id)
     for name in want:
         torch.testing.assert_close(got[name].delta(), want[name].delta())
     late = ClientInfo(node_id=2, client_id="late", index=2, rank=2, num_examples=1)  # not in this round
-    for name, f in download_for(result, late).items():
+    for name, f in result.continue_from(late.client_id, late.rank).items():
         assert f.rank == 2
         torch.testing.assert_close(f.B, result.global_update[name].effective()[0][:, :2])
 

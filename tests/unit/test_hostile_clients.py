@@ -22,9 +22,9 @@ from florist.errors import ConfigError
 from florist.flower.codec import encode_upload
 from florist.flower.federation import sync_digest
 from florist.flower.handshake import client_info, hello
-from florist.flower.rundir import RunDir
 from florist.fsutil import safe_name
 from florist.lora import ClientUpdate, LoraFactors
+from florist.server.rundir import RunDir
 from tests.unit.test_strategy_reliability import (
     RANK,
     ROUND,
@@ -41,7 +41,7 @@ from tests.unit.test_strategy_reliability import (
 
 @pytest.fixture(scope="module")
 def shapes() -> dict[str, tuple[int, int]]:
-    from florist.flower.global_model import adapted_shapes
+    from florist.server.global_model import adapted_shapes
     from tests.peft_helpers import tiny_llama
 
     return adapted_shapes(tiny_llama(0), ("q_proj", "v_proj"))

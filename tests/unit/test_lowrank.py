@@ -115,3 +115,13 @@ def test_a_bf16_global_update_is_within_rounding_of_the_float32_one() -> None:
         ref = exact[name].delta(torch.float64)
         rel = float((wire[name].delta(torch.float64) - ref).norm() / ref.norm())
         assert rel < 2**-7, (name, rel)
+
+
+def test_relative_error_is_one_definition_over_modules() -> None:
+    from florist.lora.distance import relative_error
+
+    want = {"a": torch.ones(2, 2), "b": torch.zeros(3)}
+    got = {"a": torch.ones(2, 2) * 1.5, "b": torch.ones(3)}
+    assert relative_error(got, want) == pytest.approx(((4 * 0.25 + 3) / 4) ** 0.5)
+    assert relative_error(torch.ones(3), torch.ones(3)) == 0.0
+    assert relative_error({"z": torch.zeros(2)}, {"z": torch.zeros(2)}) == 0.0

@@ -18,10 +18,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, Metric
 from florist.aggregation import make_aggregator
 from florist.config import RunConfig, load_config
 from florist.flower.codec import encode_upload
-from florist.flower.global_model import adapted_shapes
 from florist.flower.node import client_id
 from florist.flower.strategy import ClientInfo, FederatedLoRA
 from florist.lora import ClientUpdate, LoraFactors
+from florist.lora.distance import relative_error
+from florist.server.global_model import adapted_shapes
 from tests.peft_helpers import tiny_llama
 
 N, HALF, ROUND = 5, 4, 1
@@ -249,10 +250,7 @@ def test_renormalised_weights_over_survivors(shapes: dict[str, tuple[int, int]])
 # ------------------------------------------------------------------ robust mode
 
 
-def relative_deviation(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
-    num = sum(float(torch.linalg.norm(got[k] - want[k]) ** 2) for k in want)
-    den = sum(float(torch.linalg.norm(want[k]) ** 2) for k in want)
-    return (num / den) ** 0.5
+relative_deviation = relative_error  # florist.lora.distance
 
 
 def run_round(s: FederatedLoRA, updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:

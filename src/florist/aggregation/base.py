@@ -80,6 +80,31 @@ class AggregationResult:
             raise KeyError(f"no download for client {client_id!r}; known: {sorted(self.per_client)}")
         return self.per_client[client_id]
 
+    def continue_from(self, client_id: str, rank: int) -> dict[str, LoraFactors]:
+        """What a continue-protocol client of ``rank`` starts its next round from: its own entry,
+        else the leading ``rank`` components of the global update (zero-padded if it has fewer)."""
+        if self.per_client is not None and client_id in self.per_client:
+            return self.per_client[client_id]
+        return {name: _leading(f, rank) for name, f in self.global_update.items()}
+
+    def is_finite(self) -> bool:
+        """Every factor of the global update and of every per-client download is finite."""
+        modules = list(self.global_update.values())
+        for per in (self.per_client or {}).values():
+            modules += list(per.values())
+        return all(bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all()) for f in modules)
+
+
+def _leading(f: LoraFactors, r: int) -> LoraFactors:
+    """Leading ``r`` components of ``f`` (effective factors), zero-padded when it has fewer."""
+    B, A = f.effective()  # (m, p), (p, n)
+    if A.shape[0] >= r:
+        return LoraFactors(A=A[:r].clone(), B=B[:, :r].clone())
+    pad = r - A.shape[0]
+    return LoraFactors(
+        A=torch.cat([A, A.new_zeros(pad, A.shape[1])]), B=torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
+    )
+
 
 class Aggregator(ABC):
     """Base class: validation, sorting by client id, weights and timing are done here once."""

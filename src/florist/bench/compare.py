@@ -31,10 +31,10 @@ from florist.client.model import load_model
 from florist.config import RunConfig, load_config
 from florist.config.loader import build, set_dotted
 from florist.data.federated import test_examples
-from florist.flower.evaluation import Evaluator
 from florist.fsutil import atomic_dir, write_json_atomic, write_text_atomic
 from florist.lora import ClientUpdate
 from florist.lora.peft_io import read_adapter, save_adapter_files
+from florist.server.evaluation import Evaluator
 
 log = logging.getLogger(__name__)
 PAPER_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "paper_cpu.toml")

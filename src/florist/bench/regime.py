@@ -45,11 +45,11 @@ from florist.config import RunConfig, load_config
 from florist.data.federated import client_examples, test_examples
 from florist.eval.heldout import LossResult, heldout_loss
 from florist.eval.paired import paired_difference
-from florist.flower.global_model import GlobalModel
 from florist.fsutil import atomic_dir, write_json_atomic
 from florist.lora import ClientUpdate
 from florist.lora.peft_io import read_adapter, save_adapter_files
 from florist.precision import resolve
+from florist.server.global_model import GlobalModel
 
 log = logging.getLogger(__name__)
 PAPER_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "paper_cpu.toml")

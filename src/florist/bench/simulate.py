@@ -23,14 +23,14 @@ import torch
 from florist.aggregation import communication, efficiency, make_aggregator
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.comm import download_ranks
-from florist.aggregation.lowrank import prepare_upload, result_to_wire, warm_parts, without_warm_part
-from florist.aggregation.robust import clip_updates
+from florist.aggregation.lowrank import prepare_upload
 from florist.client.local import LocalClient
 from florist.client.model import load_model
 from florist.config import RunConfig
 from florist.data.federated import client_examples
-from florist.flower.global_model import GlobalModel
 from florist.lora import ClientUpdate, LoraFactors
+from florist.server.global_model import GlobalModel
+from florist.server.round import aggregate_round
 
 log = logging.getLogger(__name__)
 Evaluate = Callable[[Any, Any], dict[str, Any]]
@@ -143,14 +143,6 @@ class Variant:
             return prepared, {"train_loss": float("nan"), "train_seconds": 0.0, "shared": 1.0}
         return train_round(self.clients, t)
 
-    def deltas(self, uploads: list[ClientUpdate]) -> list[ClientUpdate]:
-        """What the clients changed this round (warm start: the upload less its warm part), clipped."""
-        if self.cfg.lora.warm_start and self.latest is not None:
-            g = self.latest.global_update
-            uploads = [without_warm_part(u, warm_parts(g, self.rank[u.client_id])) for u in uploads]
-        agg = self.cfg.aggregation
-        return uploads if agg.clip == "none" else clip_updates(uploads, agg.clip, agg.clip_value)[0]
-
     def previous_adapter(self) -> Mapping[str, LoraFactors] | None:
         """G_{t-1} for continue protocols (what their clients started from); None for merge ones."""
         if self.agg.protocol is ClientProtocol.MERGE_AND_RESTART or self.latest is None:
@@ -160,11 +152,15 @@ class Variant:
     def round(self, t: int, round_one: list[ClientUpdate] | None) -> tuple[AggregationResult, dict[str, Any]]:
         start = time.perf_counter()
         uploads, train = self.uploads(t, round_one)
-        deltas = self.deltas(uploads)
-        result = result_to_wire(self.agg.aggregate(deltas, round=t), self.cfg.federation.wire_dtype)
+        outcome = aggregate_round(self.cfg, self.agg, t, uploads, self.latest, self.rank)
+        if outcome.result is None or outcome.dropped:  # the bench's clients are honest: say so loudly
+            raise RuntimeError(f"round {t}: {outcome.dropped or 'no finite aggregate'}")
+        result, deltas = outcome.result, outcome.updates
         record = round_record(
             t, result, uploads, deltas, self.previous_adapter(), self.cfg.federation.wire_dtype
         )
+        if outcome.clip is not None:
+            record["clip"] = {"threshold": outcome.clip.threshold, "factors": outcome.clip.factors}
         for c in self.clients:
             c.receive(result.download(c.client_id) if result.per_client else result.global_update, round=t)
         self.server.apply_result(t, result)

@@ -12,7 +12,6 @@ and the optimizer state stay float32 in either precision.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,108 +21,15 @@ import torch
 
 from florist.client.lm_loss import mean_token_loss
 from florist.client.progress import StepBar
+from florist.config.training import LORA_INITS, LoraSettings, TrainSettings
 from florist.data.records import Example
 from florist.data.tokenize import IGNORE, Encoded, collate, encode
 from florist.errors import ConfigError
-from florist.precision import Precision, check_precision, log_choice, resolve
+from florist.precision import Precision, log_choice, resolve
 from florist.seeds import derive_seed
 
 log = logging.getLogger(__name__)
-LORA_INITS = ("shared", "per_client")  # see florist.client.local
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """The LoRA adapter a client trains."""
-
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    use_rslora: bool = False
-    init: str = "shared"
-    warm_start: bool = False
-
-    def __post_init__(self) -> None:
-        if self.init not in LORA_INITS:
-            raise ConfigError(f"lora init must be one of {list(LORA_INITS)}, got {self.init!r}")
-        if self.rank < 1:
-            raise ConfigError(f"lora rank must be at least 1, got {self.rank}")
-        if not self.alpha > 0:
-            raise ConfigError(f"lora alpha must be positive, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ConfigError("target_modules is empty")
-
-    def peft_config(self) -> Any:
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
-            lora_dropout=self.dropout,
-            target_modules=list(self.target_modules),
-            use_rslora=self.use_rslora,
-            task_type="CAUSAL_LM",
-        )
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """One client's local training budget per round, in the paper's terms.
-
-    The effective batch is ``batch_size x grad_accum`` examples per optimizer step; the budget per
-    round is exactly one of ``steps`` (optimizer steps), ``epochs`` (passes over the client's data,
-    fractions allowed) or ``examples`` (examples seen). The paper's code: batch 16 x accumulation 8,
-    1 epoch per round; "effective batch 32, 1/8 epoch per round" is ``batch_size = 4, grad_accum = 8,
-    epochs = 0.125``. Data is drawn from one shuffled stream per client that continues across rounds
-    (``BatchStream``), so an epoch split over rounds sees every row once.
-    """
-
-    lr: float = 3e-4
-    steps: int | None = 10
-    epochs: float | None = None
-    examples: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 256
-    train_on_inputs: bool = False
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    precision: str = "auto"
-
-    def __post_init__(self) -> None:
-        check_precision("train.precision", self.precision)
-        given = {k: v for k in ("steps", "epochs", "examples") if (v := getattr(self, k)) is not None}
-        if len(given) != 1:
-            raise ConfigError(
-                "give exactly one of train.steps, train.epochs and train.examples, got "
-                f"steps={self.steps}, epochs={self.epochs}, examples={self.examples}"
-            )
-        for name in ("batch_size", "grad_accum", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name, value in given.items():
-            if not value > 0:
-                raise ConfigError(f"train.{name} must be positive, got {value}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-
-    @property
-    def effective_batch(self) -> int:
-        return self.batch_size * self.grad_accum
-
-    def num_steps(self, num_examples: int) -> int:
-        """Optimizer steps this round for a client with ``num_examples`` rows."""
-        if self.steps is not None:
-            return self.steps
-        wanted = self.examples if self.examples is not None else float(self.epochs or 0) * num_examples
-        return max(1, math.ceil(wanted / self.effective_batch))
-
-    def examples_per_round(self, num_examples: int) -> int:
-        """Examples drawn per round (steps x effective batch)."""
-        return self.num_steps(num_examples) * self.effective_batch
+__all__ = ["LORA_INITS", "LoraSettings", "TrainSettings", "TrainStats", "encode_all", "train"]
 
 
 @dataclass

@@ -22,10 +22,10 @@ import torch
 from florist.aggregation import available
 from florist.aggregation.base import ClientProtocol, aggregator_class
 from florist.aggregation.robust import CLIP_MODES
-from florist.client.train import LORA_INITS, LoraSettings, TrainSettings
+from florist.config.aggregate_options import AggregateOptions
+from florist.config.training import LORA_INITS, LoraSettings, TrainSettings
 from florist.errors import ConfigError
 from florist.precision import check_precision
-from florist.tools.aggregate import AggregateOptions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WIRE_DTYPES = ("float32", "bfloat16", "float16")

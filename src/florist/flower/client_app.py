@@ -21,7 +21,6 @@ from florist.aggregation.base import ClientProtocol
 from florist.config import RunConfig
 from florist.config.loader import from_run_config
 from florist.flower.codec import encode_upload
-from florist.flower.faults import before_reply
 from florist.flower.node import (
     Node,
     client_id,
@@ -31,6 +30,7 @@ from florist.flower.node import (
     partition_id,
     stored_globals,
 )
+from florist.server.faults import before_reply
 
 log = logging.getLogger(__name__)
 

@@ -23,16 +23,16 @@ from florist.client.model import load_model, resolve_model
 from florist.config import RunConfig
 from florist.data.federated import test_examples
 from florist.errors import QuorumLost
-from florist.flower import checkpoint
-from florist.flower.checkpoint import ServerState
-from florist.flower.evaluation import Evaluator
 from florist.flower.exchange import Exchange
-from florist.flower.global_model import GlobalModel, adapted_shapes
 from florist.flower.handshake import hello
-from florist.flower.rundir import RunDir, cumulative
-from florist.flower.size_guard import check_estimate, estimate
 from florist.flower.strategy import FederatedLoRA, RoundLog, short_reason, weighted_mean
 from florist.precision import resolve
+from florist.server import checkpoint
+from florist.server.checkpoint import ServerState
+from florist.server.evaluation import Evaluator
+from florist.server.global_model import GlobalModel, adapted_shapes
+from florist.server.rundir import RunDir, cumulative
+from florist.server.size_guard import check_estimate, estimate
 
 log = logging.getLogger(__name__)
 DRAIN_SECONDS = 60.0  # at the end, wait at most this long (or round_timeout) for replies still owed

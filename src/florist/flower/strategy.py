@@ -16,22 +16,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from florist.aggregation.base import AggregationResult, Aggregator, ClientProtocol
-from florist.aggregation.lowrank import result_to_wire, warm_parts, without_warm_part
-from florist.aggregation.robust import clip_updates, update_norm
 from florist.config import RunConfig
 from florist.errors import InvalidUpdate
 from florist.flower.codec import decode_upload, encode_factors, payload_bytes, received_bytes
 from florist.flower.node import GLOBAL_PREFIX
-from florist.flower.size_guard import MessageTooLarge, check_message
-from florist.lora import ClientUpdate, LoraFactors
+from florist.lora import ClientUpdate
 from florist.lora.validation import check_update
 from florist.seeds import derive_seed
+from florist.server.round import aggregate_round
+from florist.server.size_guard import MessageTooLarge, check_message
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +122,8 @@ class FederatedLoRA(Strategy):
             since = self.synced[node_id]
             return {t: encode_factors(r.global_update, wire=wire) for t, r in self.history if t > since}
         t, result = self.history[-1]
-        download = download_for(result, self.by_node[node_id])
+        client = self.by_node[node_id]
+        download = result.continue_from(client.client_id, client.rank)
         return {t: encode_factors(download, with_a=self.sends_a, wire=wire)}
 
     def messages(self, round: int, nodes: Iterable[int], message_type: str, log_: RoundLog) -> list[Message]:
@@ -192,11 +191,18 @@ class FederatedLoRA(Strategy):
         need = self.cfg.federation.min_replies
         if len(updates) < need:
             return self._skip(log_, f"{len(updates)} usable update(s), {need} required ({_reasons(log_)})")
+        previous = self.history[-1][1] if self.history else None
+        ranks = {c.client_id: c.rank for c in self.clients}
         try:
-            updates = self._clip(self._round_deltas(updates), log_)
-            result, updates = self._aggregate_finite(server_round, updates, log_)
+            outcome = aggregate_round(self.cfg, self.aggregator, server_round, updates, previous, ranks)
         except Exception as err:  # an aggregator failure must not stop the federation
             return self._skip(log_, f"aggregation failed: {type(err).__name__}: {err}")
+        for who, why in outcome.dropped.items():
+            self._reject(log_, who, why)
+        if outcome.clip is not None:
+            r = outcome.clip
+            log_.clip = {"threshold": r.threshold, "norms": r.norms, "factors": r.factors}
+        result, updates = outcome.result, outcome.updates
         if result is None:
             return self._skip(
                 log_, f"no subset of the updates aggregates to finite values ({_reasons(log_)})"
@@ -204,26 +210,6 @@ class FederatedLoRA(Strategy):
         self._accept(server_round, result, updates)
         loss = weighted_mean(log_.client_metrics, "train_loss")
         return encode_factors(result.global_update, with_a=self.sends_a), MetricRecord({"train_loss": loss})
-
-    def _aggregate_finite(
-        self, round: int, updates: list[ClientUpdate], log_: RoundLog
-    ) -> tuple[AggregationResult | None, list[ClientUpdate]]:
-        """Aggregate; while the result is not finite (or the aggregator fails), leave out the client
-        with the largest update norm and try again, never going below ``federation.min_replies``."""
-        while len(updates) >= self.cfg.federation.min_replies:
-            try:
-                result = self.aggregator.aggregate(updates, round=round)
-                if all_finite(result):
-                    return result_to_wire(result, self.cfg.federation.wire_dtype), updates
-                why = "the aggregate with it is not finite"
-            except Exception as err:  # e.g. an SVD that does not converge on extreme values
-                why = f"aggregation with it failed ({type(err).__name__}: {err})"
-            if len(updates) == 1:
-                break
-            worst = max(updates, key=lambda u: (update_norm(u), u.client_id))
-            self._reject(log_, worst.client_id, f"round {round}: largest update norm and {why}: left out")
-            updates = [u for u in updates if u.client_id != worst.client_id]
-        return None, updates
 
     def _usable(self, round: int, replies: list[Message], log_: RoundLog) -> list[ClientUpdate]:
         """Decoded, checked updates of the clients sampled this round, at most one per node."""
@@ -250,30 +236,10 @@ class FederatedLoRA(Strategy):
                 if c.client_id in result.client_ids:
                     self.synced[c.node_id] = self._last_before(round)
 
-    def _round_deltas(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
-        """With warm start, each upload less the warm part its client started from (``lowrank``)."""
-        if not (self.cfg.lora.warm_start and self.history):
-            return updates
-        latest = self.history[-1][1].global_update  # what every client merged last, as it was sent
-        rank = {c.client_id: c.rank for c in self.clients}
-        return [without_warm_part(u, warm_parts(latest, rank[u.client_id])) for u in updates]
-
     def _skip(self, log_: RoundLog, reason: str) -> tuple[None, MetricRecord]:
         log_.skipped = reason
         log.warning("round %d skipped, global model unchanged: %s", log_.round, reason)
         return None, MetricRecord({"skipped": 1})
-
-    def _clip(self, updates: list[ClientUpdate], log_: RoundLog) -> list[ClientUpdate]:
-        agg = self.cfg.aggregation
-        if agg.clip == "none":
-            return updates
-        clipped, report = clip_updates(updates, agg.clip, agg.clip_value)
-        log_.clip = {"threshold": report.threshold, "norms": report.norms, "factors": report.factors}
-        if report.clipped:
-            log.info(
-                "round %d: clipped %s to norm %.4g", log_.round, ", ".join(report.clipped), report.threshold
-            )
-        return clipped
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -365,32 +331,6 @@ class FederatedLoRA(Strategy):
         expected = [t for t, _ in self.history if t < round]
         if held != expected:
             raise InvalidUpdate(who, f"holds the merges of rounds {held}, expected {expected}", round=round)
-
-
-def download_for(result: AggregationResult, client: ClientInfo) -> dict[str, LoraFactors]:
-    """The factors ``client`` continues from: its own entry, else the leading ``rank`` of the global."""
-    if result.per_client is not None and client.client_id in result.per_client:
-        return result.per_client[client.client_id]
-    return {name: _leading(f, client.rank) for name, f in result.global_update.items()}
-
-
-def _leading(f: LoraFactors, r: int) -> LoraFactors:
-    """Leading ``r`` components, zero-padded when the global rank is smaller."""
-    B, A = f.effective()  # (m, p), (p, n)
-    if A.shape[0] >= r:
-        return LoraFactors(A=A[:r].clone(), B=B[:, :r].clone())
-    pad = r - A.shape[0]
-    return LoraFactors(
-        A=torch.cat([A, A.new_zeros(pad, A.shape[1])]), B=torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
-    )
-
-
-def all_finite(result: AggregationResult) -> bool:
-    """Every factor of the global update and of every per-client download is finite."""
-    modules = list(result.global_update.values())
-    for per in (result.per_client or {}).values():
-        modules += list(per.values())
-    return all(bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all()) for f in modules)
 
 
 def numeric_metrics(record: Any, who: str, round: int) -> dict[str, float]:

@@ -19,10 +19,11 @@ import torch
 from rich.table import Table
 from tqdm import tqdm
 
+from florist.config.aggregate_options import AggregateOptions
 from florist.fsutil import atomic_dir, write_json_atomic
-from florist.lora import LoraFactors
+from florist.lora import LoraFactors, distance
 from florist.lora.peft_io import read_adapter
-from florist.tools.aggregate import AggregateOptions, run_aggregate
+from florist.tools.aggregate import run_aggregate
 from florist.tools.synthetic import synthetic_clients
 from florist.tools.tables import human_bytes, make_console
 
@@ -72,9 +73,7 @@ def _load_factors(peft_model: Any, factors: dict[str, LoraFactors]) -> None:
 def relative_error(out: Path, exact: dict[str, torch.Tensor]) -> float:
     """``||delta W_method - delta W_exact||_F / ||delta W_exact||_F`` over all modules, from the files."""
     got = read_adapter(out).modules
-    num = sum(float((got[n].delta(torch.float64) - e).square().sum()) for n, e in exact.items())
-    den = sum(float(e.square().sum()) for e in exact.values())
-    return float((num / den) ** 0.5)
+    return distance.relative_error({n: got[n].delta(torch.float64) for n in exact}, exact)
 
 
 def run_all(dirs: list[str], out: Path) -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ def run_simulation(cfg: RunConfig) -> dict[str, Any]:
     from florist.flower.server_app import make_server_app
 
     if cfg.run.resume:  # refuse a changed config or a missing checkpoint before Ray starts
-        from florist.flower.checkpoint import load_latest
+        from florist.server.checkpoint import load_latest
 
         load_latest(Path(cfg.run.dir) / str(cfg.run.name) / "checkpoints", cfg, cfg.run.force)
     summary: dict[str, Any] = {}

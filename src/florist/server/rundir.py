@@ -6,7 +6,7 @@ RUN/rounds/round-001/adapter/     the global update of round 1, a PEFT adapter d
 RUN/rounds/round-001/clients/ID/  each client's upload (run.save_client_updates), with florist.json
 RUN/adapter/                      the final cumulative adapter: the base model plus it is the result
 RUN/summary.json                  the figures printed at the end
-RUN/checkpoints/round-003.pt      the server's state after round 3 (florist.flower.checkpoint)
+RUN/checkpoints/round-003.pt      the server's state after round 3 (florist.server.checkpoint)
 """
 
 from __future__ import annotations

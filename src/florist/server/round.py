@@ -1,0 +1,102 @@
+"""One server round, the same for every runtime: the Flower strategy and the in-process bench call it.
+
+    uploads -> deltas (warm start: less the warm part) -> clip -> aggregate -> finite? -> wire dtype
+
+A result that is not finite (or an aggregator that fails) leaves out the client with the largest
+update norm and aggregates again, never going below ``federation.min_replies``; the caller gets the
+left-out clients with their reasons. No transport here: updates arrive decoded and checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from florist.aggregation.base import AggregationResult, Aggregator
+from florist.aggregation.lowrank import result_to_wire, warm_parts, without_warm_part
+from florist.aggregation.robust import ClipReport, clip_updates, update_norm
+from florist.config import RunConfig
+from florist.lora import ClientUpdate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundOutcome:
+    """What a round produced: the result as sent (None when no subset aggregates to finite values),
+    the updates it aggregated (after warm correction and clipping), who was left out and why."""
+
+    result: AggregationResult | None
+    updates: list[ClientUpdate]
+    dropped: dict[str, str] = field(default_factory=dict)
+    clip: ClipReport | None = None
+
+
+def aggregate_round(
+    cfg: RunConfig,
+    aggregator: Aggregator,
+    round: int,
+    uploads: Sequence[ClientUpdate],
+    previous: AggregationResult | None,
+    ranks: Mapping[str, int],
+) -> RoundOutcome:
+    """Round ``round`` from the clients' ``uploads``; ``previous`` is the last result sent (or None).
+
+    ``ranks`` maps client id to its LoRA rank (the warm part a warm-started client began from).
+    """
+    deltas = round_deltas(cfg, uploads, previous, ranks)
+    clipped, report = clip(cfg, deltas, round)
+    outcome = aggregate_finite(aggregator, round, clipped, cfg.federation.min_replies)
+    outcome.clip = report
+    if outcome.result is not None:
+        outcome.result = result_to_wire(outcome.result, cfg.federation.wire_dtype)
+    return outcome
+
+
+def round_deltas(
+    cfg: RunConfig,
+    uploads: Sequence[ClientUpdate],
+    previous: AggregationResult | None,
+    ranks: Mapping[str, int],
+) -> list[ClientUpdate]:
+    """What the clients changed this round: with warm start, each upload less its warm part."""
+    if not (cfg.lora.warm_start and previous is not None):
+        return list(uploads)
+    g = previous.global_update  # what every client merged last, as it was sent
+    return [without_warm_part(u, warm_parts(g, ranks[u.client_id])) for u in uploads]
+
+
+def clip(
+    cfg: RunConfig, updates: list[ClientUpdate], round: int
+) -> tuple[list[ClientUpdate], ClipReport | None]:
+    """Robust mode (``aggregation.clip``): norms clipped to the threshold; unchanged when off."""
+    agg = cfg.aggregation
+    if agg.clip == "none":
+        return updates, None
+    clipped, report = clip_updates(updates, agg.clip, agg.clip_value)
+    if report.clipped:
+        log.info("round %d: clipped %s to norm %.4g", round, ", ".join(report.clipped), report.threshold)
+    return clipped, report
+
+
+def aggregate_finite(
+    aggregator: Aggregator, round: int, updates: list[ClientUpdate], min_replies: int
+) -> RoundOutcome:
+    """Aggregate; while the result is not finite or the aggregator fails, leave out the client with
+    the largest update norm and try again, never going below ``min_replies`` updates."""
+    dropped: dict[str, str] = {}
+    while len(updates) >= min_replies:
+        try:
+            result = aggregator.aggregate(updates, round=round)
+            if result.is_finite():
+                return RoundOutcome(result, updates, dropped)
+            why = "the aggregate with it is not finite"
+        except Exception as err:  # e.g. an SVD that does not converge on extreme values
+            why = f"aggregation with it failed ({type(err).__name__}: {err})"
+        if len(updates) == 1:
+            break
+        worst = max(updates, key=lambda u: (update_norm(u), u.client_id))
+        dropped[worst.client_id] = f"round {round}: largest update norm and {why}: left out"
+        updates = [u for u in updates if u.client_id != worst.client_id]
+    return RoundOutcome(None, updates, dropped)
