@@ -186,7 +186,7 @@ def measure_eval(args: argparse.Namespace, base: Any, tokenizer: Any) -> dict[st
 def measure_round(args: argparse.Namespace, run_dir: Path, prec: str) -> dict[str, Any]:
     """Second-round wall time of a 2-client FLoRIST federation, by phase."""
     from florist.config import load_config
-    from florist.tools.run import run_simulation
+    from florist.flower.simulation import run_simulation
 
     cfg = load_config(
         None,

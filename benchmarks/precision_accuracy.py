@@ -31,14 +31,13 @@ from typing import Any
 import torch
 
 from florist.bench.simulate import run_variant
-from florist.config import RunConfig, load_config
+from florist.config import DEMO_CONFIG, RunConfig, load_config
 from florist.data.federated import test_examples
 from florist.eval import exact_match
 from florist.eval.heldout import LossResult, heldout_loss
 from florist.eval.paired import paired_difference
 from florist.fsutil import write_json_atomic
 from florist.precision import Precision, resolve
-from florist.tools.run import DEMO_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "precision_accuracy.json"

@@ -157,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _aggregate(args: argparse.Namespace) -> None:
+    from florist.commands.aggregate import run_aggregate
     from florist.config.aggregate_options import AggregateOptions
-    from florist.tools.aggregate import run_aggregate
-    from florist.tools.tables import print_aggregation
+    from florist.tables import print_aggregation
 
     opts = AggregateOptions(
         method=args.method,
@@ -182,8 +182,8 @@ def _aggregate(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from florist.tools.inspect import inspect_adapter
-    from florist.tools.tables import human_bytes, inspect_table, make_console
+    from florist.commands.inspect import inspect_adapter
+    from florist.tables import human_bytes, inspect_table, make_console
 
     info = inspect_adapter(args.dir)
     if args.json:
@@ -195,24 +195,21 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from florist.tools.demo import run_demo
+    from florist.commands.compare import run_compare
 
-    run_demo(args.out)
+    run_compare(args.out)
 
 
 def _run(args: argparse.Namespace) -> None:
-    from florist.config import load_config
-    from florist.tools.run import print_summary, run_simulation
+    from florist.commands.run import run
 
-    flags = ["run.resume=true"] * args.resume + ["run.force=true"] * args.force
-    print_summary(run_simulation(load_config(args.config, [*args.overrides, *flags])))
+    run(args.config, args.overrides, resume=args.resume, force=args.force)
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from florist.config import load_config
-    from florist.tools.run import DEMO_CONFIG, print_summary, run_simulation
+    from florist.commands.run import demo
 
-    print_summary(run_simulation(load_config(DEMO_CONFIG, args.overrides)), demo=True)
+    demo(args.overrides)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -223,7 +220,8 @@ def _bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from florist.bench import report
-    from florist.bench.compare import PAPER_CONFIG, Bench, BenchOptions
+    from florist.bench.compare import Bench, BenchOptions
+    from florist.config import PAPER_CONFIG
 
     if args.report_only:
         report.rewrite_tables(Path(args.out))
@@ -245,7 +243,8 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _regime(args: argparse.Namespace) -> None:
-    from florist.bench.regime import PAPER_CONFIG, TAUS, RegimeOptions, run, write_report
+    from florist.bench.regime import TAUS, RegimeOptions, run, write_report
+    from florist.config import PAPER_CONFIG
 
     opts = RegimeOptions(
         config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides), out=args.out,

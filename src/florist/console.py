@@ -38,11 +38,15 @@ class _QuietFlower(logging.Filter):
 
 def setup_logging(verbose: bool = False) -> None:
     """Configure the root logger once for a CLI command (see the module docstring)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=FORMAT, force=True)
+    root = logging.getLogger()
+    if root.handlers:  # a host program (or pytest) configured logging already: leave its handlers be
+        return
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=FORMAT)
     if verbose:
         return
-    for handler in logging.getLogger().handlers:
+    for handler in root.handlers:
         handler.addFilter(_OursOrWarnings())
-    logging.getLogger("flwr").addFilter(_QuietFlower())
+    if not any(isinstance(f, _QuietFlower) for f in logging.getLogger("flwr").filters):
+        logging.getLogger("flwr").addFilter(_QuietFlower())
     # Ray's own tip asks for this to silence its FutureWarning; CPU-only clients lose nothing by it.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

@@ -15,8 +15,8 @@ import torch
 
 from florist.aggregation import make_aggregator
 from florist.config import RunConfig, load_config
+from florist.flower.simulation import run_simulation
 from florist.lora.peft_io import read_adapter
-from florist.tools.run import run_simulation
 from tests.flower_helpers import save_tiny_model, tiny_run_config
 from tests.helpers import assert_product_close
 

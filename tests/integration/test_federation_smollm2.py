@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from florist.config import load_config
+from florist.flower.simulation import run_simulation
 from florist.lora.peft_io import read_adapter
-from florist.tools.run import run_simulation
 
 pytestmark = [
     pytest.mark.smollm2,

@@ -198,7 +198,7 @@ def test_run_with_a_bad_value_exits_2(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_weights_in_python_api_are_checked() -> None:
-    from florist.tools.aggregate import load_clients
+    from florist.commands.aggregate import load_clients
 
     with pytest.raises(ConfigError, match="the weight of 'b' must be a positive finite number, got nan"):
         load_clients(["a", "b"], [1.0, float("nan")])

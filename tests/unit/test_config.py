@@ -93,7 +93,7 @@ def test_cli_run_reports_an_unknown_key_and_exits_2(
 
 def test_shipped_configs_load() -> None:
     root = Path(__file__).resolve().parents[2]
-    from florist.tools.run import DEMO_CONFIG
+    from florist.config import DEMO_CONFIG
 
     for path in [*sorted((root / "configs").glob("*.toml")), Path(DEMO_CONFIG)]:
         cfg = load_config(path)

@@ -1,41 +1,49 @@
 """The console: florist's lines at INFO, other libraries' from WARNING up, Flower's deprecation notice
-for the in-process simulation dropped, everything back with --verbose."""
+for the in-process simulation dropped, everything back with --verbose; a host's logging left alone."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from florist.console import setup_logging
 
 
-@pytest.fixture
-def records() -> Iterator[list[logging.LogRecord]]:
+@contextmanager
+def fresh_root() -> Iterator[list[logging.LogRecord]]:
+    """A root logger with no handlers, as in a fresh ``florist`` process; everything is put back after."""
+    root, flwr = logging.getLogger(), logging.getLogger("flwr")
+    saved, level, filters = root.handlers[:], root.level, flwr.filters[:]
+    root.handlers.clear()
     seen: list[logging.LogRecord] = []
-    yield seen
-    logging.getLogger("flwr").filters.clear()
-    logging.basicConfig(force=True)
+    try:
+        yield seen
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+        flwr.filters[:] = filters
 
 
-def _emit(verbose: bool, seen: list[logging.LogRecord]) -> list[str]:
-    setup_logging(verbose)
-    root = logging.getLogger().handlers[0]
-    root.emit = seen.append  # type: ignore[method-assign]
-    logging.getLogger("florist.flower.strategy").info("ours")
-    logging.getLogger("alembic.runtime").info("setup plugin alembic.autogenerate.schemas")
-    logging.getLogger("ray").warning("a real warning")
-    logging.getLogger("ray").debug("ray chatter")
+def _emit(verbose: bool) -> list[str]:
+    with fresh_root() as seen:
+        setup_logging(verbose)
+        logging.getLogger().handlers[0].emit = seen.append  # type: ignore[method-assign]
+        logging.getLogger("florist.flower.strategy").info("ours")
+        logging.getLogger("alembic.runtime").info("setup plugin alembic.autogenerate.schemas")
+        logging.getLogger("ray").warning("a real warning")
+        logging.getLogger("ray").debug("ray chatter")
     return [r.getMessage() for r in seen]
 
 
-def test_default_console_shows_ours_and_warnings_only(records: list[logging.LogRecord]) -> None:
-    assert _emit(False, records) == ["ours", "a real warning"]
+def test_default_console_shows_ours_and_warnings_only() -> None:
+    assert _emit(False) == ["ours", "a real warning"]
 
 
-def test_verbose_shows_everything(records: list[logging.LogRecord]) -> None:
-    assert _emit(True, records) == [
+def test_verbose_shows_everything() -> None:
+    assert _emit(True) == [
         "ours",
         "setup plugin alembic.autogenerate.schemas",
         "a real warning",
@@ -43,22 +51,27 @@ def test_verbose_shows_everything(records: list[logging.LogRecord]) -> None:
     ]
 
 
-def test_flowers_deprecation_of_run_simulation_is_dropped_and_other_warnings_kept(
-    records: list[logging.LogRecord],
-) -> None:
+def test_a_host_programs_logging_is_left_alone(caplog: pytest.LogCaptureFixture) -> None:
+    before = logging.getLogger().handlers[:]
     setup_logging(False)
+    assert logging.getLogger().handlers == before  # pytest's caplog handler still there
+    logging.getLogger("florist.x").warning("kept")
+    assert "kept" in caplog.text
+
+
+def test_flowers_deprecation_of_run_simulation_is_dropped_and_other_warnings_kept() -> None:
     flwr = logging.getLogger("flwr")
     kept: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda r: kept.append(r.getMessage())  # type: ignore[method-assign]
-    flwr.addHandler(handler)
-    try:
+    with fresh_root():
+        setup_logging(False)
+        flwr.addHandler(handler)
         flwr.warning(
             "DEPRECATED FEATURE: %s\n\n  removed later", "The `run_simulation` function is deprecated"
         )
         flwr.warning("DEPRECATED FEATURE: %s", "something else")
         flwr.debug("Registered 2 nodes")
-    finally:
         flwr.removeHandler(handler)
     assert kept == ["DEPRECATED FEATURE: something else"]
 

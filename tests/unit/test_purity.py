@@ -58,6 +58,11 @@ def test_server_imports_no_flower_and_config_no_client_data_or_commands() -> Non
     assert not [m for m in imports["config"] if any(m == b or m.startswith(b + ".") for b in banned)]
 
 
+def test_only_the_cli_imports_the_commands() -> None:
+    users = sorted(p for p, targets in _package_graph().items() if "commands" in targets)
+    assert users == ["cli"], users
+
+
 def test_no_import_cycles_between_packages() -> None:
     graph = _package_graph()
     state: dict[str, int] = {}

@@ -7,7 +7,7 @@ import torch
 
 from florist.aggregation import EnergyThreshold, make_aggregator
 from florist.lora import ClientUpdate
-from florist.tools.synthetic import RELATIVE_NORM, synthetic_clients
+from florist.lora.synthetic import RELATIVE_NORM, synthetic_clients
 
 
 def _weights() -> dict[str, torch.Tensor]:

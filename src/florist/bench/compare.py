@@ -28,7 +28,7 @@ from florist.bench import report
 from florist.bench.simulate import client_name, run_variant, shared_round_one
 from florist.bench.variants import DEFAULT_TAUS, Variant, budget, sweep
 from florist.client.model import load_model
-from florist.config import RunConfig, load_config
+from florist.config import PAPER_CONFIG, RunConfig, load_config
 from florist.config.loader import build, set_dotted
 from florist.data.federated import test_examples
 from florist.fsutil import atomic_dir, write_json_atomic, write_text_atomic
@@ -37,7 +37,6 @@ from florist.lora.peft_io import read_adapter, save_adapter_files
 from florist.server.evaluation import Evaluator
 
 log = logging.getLogger(__name__)
-PAPER_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "paper_cpu.toml")
 HETERO = (64, 32, 16, 16, 8, 8, 4, 4)
 
 

@@ -41,7 +41,7 @@ from florist.client.local import LocalClient
 from florist.client.lora_state import extract
 from florist.client.model import load_model
 from florist.client.train import TrainStats
-from florist.config import RunConfig, load_config
+from florist.config import PAPER_CONFIG, RunConfig, load_config
 from florist.data.federated import client_examples, test_examples
 from florist.eval.heldout import LossResult, heldout_loss
 from florist.eval.paired import paired_difference
@@ -52,7 +52,6 @@ from florist.precision import resolve
 from florist.server.global_model import GlobalModel
 
 log = logging.getLogger(__name__)
-PAPER_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "paper_cpu.toml")
 TAUS = (0.99, 0.95, 0.9, 0.87, 0.8)
 MICRO_BATCH = 4  # examples per forward pass; the effective batch is reached by accumulation
 

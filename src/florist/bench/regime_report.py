@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from florist.fsutil import save_figure
-from florist.tools.tables import human_bytes
+from florist.tables import human_bytes
 
 RANK_TICKS = (100, 200, 500, 1000, 2000, 5000)
 

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt
 from florist.eval.heldout import LossResult
 from florist.eval.paired import paired_difference
 from florist.fsutil import save_figure, write_text_atomic
-from florist.tools.tables import human_bytes
+from florist.tables import human_bytes
 
 LAYER = re.compile(r"layers\.(\d+)\..*\.(\w+_proj)$")
 BASE = "base model (round 0)"  # the model before any fine-tuning: no bytes, no ranks

@@ -1,6 +1,7 @@
 """Run configuration: frozen dataclasses (schema.py) and the TOML + key=value loader (loader.py)."""
 
 from florist.config.loader import load_config, to_toml
+from florist.config.packaged import DEMO_CONFIG, PAPER_CONFIG
 from florist.config.schema import (
     AggregationConfig,
     DataConfig,
@@ -13,6 +14,8 @@ from florist.config.schema import (
 )
 
 __all__ = [
+    "DEMO_CONFIG",
+    "PAPER_CONFIG",
     "AggregationConfig",
     "DataConfig",
     "EvalConfig",

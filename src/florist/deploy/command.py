@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def cli(args: argparse.Namespace) -> None:
     """``florist deploy``: prints where the run directory is and the summary; raises if the run failed."""
-    from florist.tools.run import print_summary
+    from florist.tables import print_summary
 
     cfg = deploy_config(args.config, args.nodes, args.overrides)
     preflight(cfg.data, cfg.federation.num_clients)  # before the SuperLink and SuperNodes start

@@ -1,4 +1,4 @@
-"""``florist demo`` (what ``make demo`` runs until the federated runtime lands).
+"""``florist compare``: every aggregator on eight synthetic SmolLM2-shaped adapters, checked with peft.
 
 Eight client adapters on SmolLM2-135M-Instruct (all attention modules, heterogeneous ranks
 64, 32, 16, 16, 8, 8, 4, 4, weights from the sizes of the paper's Dolly 8-client split) are
@@ -19,13 +19,13 @@ import torch
 from rich.table import Table
 from tqdm import tqdm
 
+from florist.commands.aggregate import run_aggregate
 from florist.config.aggregate_options import AggregateOptions
 from florist.fsutil import atomic_dir, write_json_atomic
 from florist.lora import LoraFactors, distance
 from florist.lora.peft_io import read_adapter
-from florist.tools.aggregate import run_aggregate
-from florist.tools.synthetic import synthetic_clients
-from florist.tools.tables import human_bytes, make_console
+from florist.lora.synthetic import synthetic_clients
+from florist.tables import human_bytes, make_console
 
 log = logging.getLogger(__name__)
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4]
@@ -147,7 +147,7 @@ def verify_with_peft(model: torch.nn.Module, adapter: Path) -> float:
     )
 
 
-def run_demo(out_dir: str) -> None:
+def run_compare(out_dir: str) -> None:
     from florist.client.model import ensure_smollm2, load_model
 
     out = Path(out_dir)

@@ -1,63 +1,104 @@
-"""``florist run CONFIG.toml [section.key=value ...]``: a federation on Flower's simulation runtime.
-
-The ServerApp runs in this process; each client node runs the ClientApp in a Ray actor that keeps
-its model loaded across rounds. The same apps run under ``flwr run`` and on a deployment (README).
-"""
+"""What the CLI prints: the aggregation report, one adapter's inspection, a run's rounds and summary."""
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from florist.config import RunConfig
-
-log = logging.getLogger(__name__)
-
-
-def backend_config(cfg: RunConfig) -> dict[str, Any]:
-    """Ray resources: each client gets ``cpus_per_client`` cores (at most all of them) and its GPU share."""
-    cores = os.cpu_count() or 1
-    cpus = min(float(cores), cfg.federation.cpus_per_client)
-    resources: dict[str, Any] = {"num_cpus": cpus, "num_gpus": cfg.federation.gpus_per_client}
-    return {"client_resources": resources, "init_args": {"num_cpus": cores, "log_to_driver": True}}
+from rich.console import Console
+from rich.table import Table
 
 
-def run_simulation(cfg: RunConfig) -> dict[str, Any]:
-    """Run ``cfg`` to the end; returns the summary that RUN/summary.json also holds."""
-    from flwr.simulation import run_simulation as flwr_run_simulation
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
 
-    from florist.flower.client_app import make_client_app
-    from florist.flower.server_app import make_server_app
 
-    if cfg.run.resume:  # refuse a changed config or a missing checkpoint before Ray starts
-        from florist.server.checkpoint import load_latest
+def _ranks(ranks: list[int]) -> str:
+    return str(ranks[0]) if len(set(ranks)) == 1 else ",".join(map(str, ranks))
 
-        load_latest(Path(cfg.run.dir) / str(cfg.run.name) / "checkpoints", cfg, cfg.run.force)
-    summary: dict[str, Any] = {}
-    errors: list[BaseException] = []
-    flwr_run_simulation(
-        server_app=make_server_app(cfg, on_summary=summary.update, on_error=errors.append),
-        client_app=make_client_app(cfg),
-        num_supernodes=cfg.federation.num_clients,
-        backend_config=backend_config(cfg),
+
+def aggregation_table(report: dict[str, Any]) -> Table:
+    """One row per module: client ranks, global rank, energy kept, bytes; totals in the footer."""
+    k = len(report["clients"])
+    table = Table(title=f"{report['method']}: {k} clients, wire {report['wire_dtype']}", show_footer=True)
+    table.add_column("module", footer="total", no_wrap=True)
+    table.add_column("shape")
+    table.add_column("client ranks")
+    table.add_column("rank", justify="right", footer=str(sum(m["rank"] for m in report["modules"].values())))
+    table.add_column("energy kept", justify="right")
+    table.add_column("uplink", justify="right", footer=human_bytes(report["uplink_bytes"]))
+    table.add_column("downlink", justify="right", footer=human_bytes(report["downlink_bytes"]))
+    for name, m in report["modules"].items():
+        energy = "-" if m["energy_kept"] is None else f"{m['energy_kept']:.4f}"
+        shape = "x".join(map(str, m["shape"]))
+        table.add_row(
+            name,
+            shape,
+            _ranks(m["client_ranks"]),
+            str(m["rank"]),
+            energy,
+            human_bytes(m["uplink_bytes"]),
+            human_bytes(m["downlink_bytes"]),
+        )
+    return table
+
+
+def make_console() -> Console:
+    """A console wide enough for full module names, also when output goes to a file or pipe."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def print_aggregation(report: dict[str, Any], out: str, console: Console | None = None) -> None:
+    console = console or make_console()
+    console.print(aggregation_table(report))
+    weights = ", ".join(f"{c['id']}={c['weight']:.3f}" for c in report["clients"])
+    console.print(f"weights p_k: {weights}")
+    console.print(
+        f"uplink {human_bytes(report['uplink_bytes'])}, downlink {human_bytes(report['downlink_bytes'])} "
+        f"(all clients, one round); efficiency {report['efficiency_e-4']:.2f} x 1e-4; "
+        f"server time {report['server_seconds']:.3f} s"
     )
-    if errors:
-        raise errors[0]
-    if not summary:
-        raise RuntimeError("the federation stopped before it finished; the log above says why")
-    return summary
+    console.print(
+        f"global adapter written to {out} (load with peft.PeftModel.from_pretrained(base, {out!r}))"
+    )
 
 
-DEMO_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "demo.toml")
+def inspect_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for col in (
+        "module",
+        "shape",
+        "rank",
+        "scaling",
+        "|dW|_F",
+        "top singular values",
+        "rank@90%",
+        "rank@99%",
+    ):
+        left = col in ("module", "top singular values")
+        table.add_column(col, justify="left" if left else "right", no_wrap=col != "top singular values")
+    for r in rows:
+        table.add_row(
+            r["module"],
+            "x".join(map(str, r["shape"])),
+            str(r["rank"]),
+            f"{r['scaling']:.4g}",
+            f"{r['norm']:.4g}",
+            " ".join(f"{s:.3g}" for s in r["singular_values"][:4]),
+            str(r["rank_90"]),
+            str(r["rank_99"]),
+        )
+    return table
 
 
 def print_summary(summary: dict[str, Any], demo: bool = False, console: Any = None) -> None:
     """Per-round table, before/after, bytes, and where the adapter is and how to load it."""
-    from florist.tools.tables import make_console
-
     console = console or make_console()
     records = read_metrics(Path(summary["run_dir"]) / "metrics.jsonl")
     console.print(rounds_table(records, summary["method"]))
@@ -90,8 +131,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def rounds_table(records: list[dict[str, Any]], method: str) -> Any:
     from rich.table import Table
-
-    from florist.tools.tables import human_bytes
 
     table = Table(title=f"{method}: one row per round")
     for col in (
@@ -137,8 +176,6 @@ def reliability_line(r: dict[str, Any]) -> str:
 
 
 def bytes_line(summary: dict[str, Any]) -> str:
-    from florist.tools.tables import human_bytes
-
     up, down = human_bytes(summary["bytes_up"]), human_bytes(summary["bytes_down"])
     return (
         f"bytes sent: uplink {up}, downlink {down} "

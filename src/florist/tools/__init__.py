@@ -1,1 +1,0 @@
-"""Command implementations behind ``florist aggregate | inspect | demo`` (the CLI only parses arguments)."""
