@@ -68,7 +68,6 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
 def test_aggregation_clip_applies_in_the_bench_as_in_the_strategy(tmp_path: Path) -> None:
     """The bench and the Flower strategy share one round function (``server.round``): robust mode
     clips the bench's uploads too, with the same threshold and factors the strategy would log."""
-    from florist.aggregation import make_aggregator
     from florist.bench.simulate import run_variant
     from florist.config import load_config
     from florist.server.round import aggregate_round
@@ -88,5 +87,5 @@ def test_aggregation_clip_applies_in_the_bench_as_in_the_strategy(tmp_path: Path
     plain = run_variant(load_config(None, base), lambda m, t: {})
     assert "clip" not in plain[0]
     cfg = load_config(None, [*base, "aggregation.clip='fixed'", "aggregation.clip_value=1e-6"])
-    agg = make_aggregator("florist", **cfg.aggregation.options().aggregator_options())
+    agg = cfg.aggregation.build()
     assert aggregate_round(cfg, agg, 1, [], None, {}).result is None  # nothing to aggregate: no result

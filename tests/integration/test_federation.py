@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from florist.aggregation import make_aggregator
 from florist.config import RunConfig, load_config
 from florist.flower.simulation import run_simulation
 from florist.lora.peft_io import read_adapter
@@ -40,7 +39,7 @@ def offline(cfg: RunConfig, round_dir: Path) -> dict[str, torch.Tensor]:
     for d in clients:
         n = json.loads((d / "florist.json").read_text())["num_examples"]
         updates.append(read_adapter(d).to_update(d.name, n))
-    agg = make_aggregator(cfg.aggregation.method, **cfg.aggregation.options().aggregator_options())
+    agg = cfg.aggregation.build()
     result = agg.aggregate(updates)
     return {name: f.delta(torch.float64) for name, f in result.global_update.items()}
 

@@ -215,14 +215,13 @@ def _scaled(u: ClientUpdate, scaling: float) -> ClientUpdate:
 def test_a_huge_scaling_is_refused_and_the_global_stays_finite(
     method: str, scaling: float, shapes: dict[str, tuple[int, int]]
 ) -> None:
-    from florist.aggregation import make_aggregator
     from florist.flower.strategy import FederatedLoRA
     from tests.unit.test_strategy_reliability import clients
 
     cfg = load_config(
         None, [f"federation.num_clients={N}", f"lora.ranks=[{RANK}]", f"aggregation.method={method!r}"]
     )
-    agg = make_aggregator(method, **cfg.aggregation.options().aggregator_options())
+    agg = cfg.aggregation.build()
     s = FederatedLoRA(cfg, agg, clients(), shapes)
     ups = [honest(shapes, k, common=1.0) for k in range(N)]
     replies = [reply(u) for u in ups[:2]] + [reply(_scaled(ups[2], scaling))] + [reply(u) for u in ups[3:]]

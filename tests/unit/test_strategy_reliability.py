@@ -15,7 +15,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from florist.aggregation import make_aggregator
 from florist.config import RunConfig, load_config
 from florist.flower.codec import encode_upload
 from florist.flower.node import client_id
@@ -45,7 +44,7 @@ def clients(n: int = N) -> list[ClientInfo]:
 
 def strategy(shapes: dict[str, tuple[int, int]], *overrides: str, n: int = N) -> FederatedLoRA:
     cfg = config(*overrides, n=n)
-    agg = make_aggregator("florist", **cfg.aggregation.options().aggregator_options())
+    agg = cfg.aggregation.build()
     return FederatedLoRA(cfg, agg, clients(n), shapes)
 
 

@@ -91,7 +91,7 @@ def round_one_key(cfg: RunConfig, method: str) -> str | None:
 def matched_budget_mb(cfg: RunConfig, round_one: list[ClientUpdate], tau: float) -> float:
     """Download bytes of FLoRIST at ``tau`` on round 1's shared uploads, in MB (the budget to match)."""
     agg_cfg = variant_config(cfg, Variant("", "florist", tau=tau)).aggregation
-    result = make_aggregator("florist", **agg_cfg.options().aggregator_options()).aggregate(round_one)
+    result = agg_cfg.build().aggregate(round_one)
     return communication(round_one[:1], result).downlink_total / 1e6
 
 

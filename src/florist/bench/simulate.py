@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from florist.aggregation import communication, efficiency, make_aggregator
+from florist.aggregation import communication, efficiency
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.comm import download_ranks
 from florist.aggregation.lowrank import prepare_upload
@@ -126,7 +126,7 @@ class Variant:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.agg = make_aggregator(cfg.aggregation.method, **cfg.aggregation.options().aggregator_options())
+        self.agg = cfg.aggregation.build()
         self.clients = make_clients(cfg, self.agg.protocol)
         model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
         self.server = GlobalModel(model.to(cfg.model.torch_device()), tok, self.agg.protocol)

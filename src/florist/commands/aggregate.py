@@ -22,7 +22,6 @@ from florist.aggregation import (
     CommReport,
     communication,
     efficiency,
-    make_aggregator,
 )
 from florist.config.aggregate_options import AggregateOptions
 from florist.errors import ConfigError, InvalidUpdate
@@ -128,7 +127,7 @@ def _check_compatible(dirs: Sequence[str], adapters: Sequence[PeftAdapter]) -> N
 
 def run_aggregate(dirs: Sequence[str], out: str, opts: AggregateOptions) -> dict[str, Any]:
     """Aggregate ``dirs`` into ``out``; returns the report (also written to ``out/{REPORT}``)."""
-    aggregator = make_aggregator(opts.method, **opts.aggregator_options())
+    aggregator = opts.build()
     check_output(out, dirs)
     updates, first = load_clients(dirs, opts.weights)
     result = aggregator.aggregate(updates)

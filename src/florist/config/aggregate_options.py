@@ -12,7 +12,15 @@ from typing import Any
 
 import torch
 
-from florist.aggregation import ByteBudget, EnergyThreshold, FixedRank, RankPolicy, wire_bytes
+from florist.aggregation import (
+    ByteBudget,
+    EnergyThreshold,
+    FixedRank,
+    RankPolicy,
+    make_aggregator,
+    wire_bytes,
+)
+from florist.aggregation.base import Aggregator
 from florist.errors import ConfigError
 
 
@@ -44,6 +52,10 @@ class AggregateOptions:
             budget = int(self.budget_mb * 1_000_000)
             return ByteBudget(budget, min_rank=self.min_rank, max_rank=self.max_rank)
         return EnergyThreshold(0.9 if self.tau is None else self.tau, self.min_rank, self.max_rank)
+
+    def build(self) -> Aggregator:
+        """The aggregator these options describe (the one place one is made from options)."""
+        return make_aggregator(self.method, **self.aggregator_options())
 
     def aggregator_options(self) -> dict[str, Any]:
         dtypes = {"float32": torch.float32, "float64": torch.float64}

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from florist.aggregation import available
-from florist.aggregation.base import ClientProtocol, aggregator_class
+from florist.aggregation.base import Aggregator, ClientProtocol, aggregator_class
 from florist.aggregation.robust import CLIP_MODES
 from florist.config.aggregate_options import AggregateOptions
 from florist.config.training import LORA_INITS, LoraSettings, TrainSettings
@@ -239,6 +239,10 @@ class AggregationConfig:
         if not self.clip_value > 0:
             raise ConfigError(f"aggregation.clip_value must be > 0, got {self.clip_value}")
         self.options().aggregator_options()  # validates tau/rank/budget against the method
+
+    def build(self) -> Aggregator:
+        """The aggregator this section describes: the one place a run, the bench or a test makes it."""
+        return self.options().build()
 
     def options(self) -> AggregateOptions:
         return AggregateOptions(

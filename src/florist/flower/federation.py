@@ -17,7 +17,6 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, MessageType
 from flwr.serverapp import Grid
 
-from florist.aggregation import make_aggregator
 from florist.aggregation.comm import efficiency, wire_bytes
 from florist.client.model import load_model, resolve_model
 from florist.config import RunConfig
@@ -43,9 +42,7 @@ class Federation:
 
     def __init__(self, cfg: RunConfig, grid: Grid) -> None:
         self.cfg, self.grid = cfg, grid
-        self.aggregator = make_aggregator(
-            cfg.aggregation.method, **cfg.aggregation.options().aggregator_options()
-        )
+        self.aggregator = cfg.aggregation.build()
         self.base = resolve_model(cfg.model.name)
         self.rundir = RunDir(cfg, self.base)
         resumed = (

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 
-from florist.aggregation import make_aggregator
 from florist.aggregation.base import ClientProtocol
 from florist.client.local import LocalClient
 from florist.client.lora_state import lora_layers
@@ -67,7 +66,7 @@ def node_examples(cfg: RunConfig, context: Context) -> list[Example]:
 
 
 def protocol_of(cfg: RunConfig) -> ClientProtocol:
-    return make_aggregator(cfg.aggregation.method, **cfg.aggregation.options().aggregator_options()).protocol
+    return cfg.aggregation.build().protocol
 
 
 def configure_threads(cfg: RunConfig) -> None:
