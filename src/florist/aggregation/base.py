@@ -115,7 +115,25 @@ class Aggregator(ABC):
     # does the result depend on each client's factors only through B_k A_k? Then a client may send
     # any factorisation of its update (uplink thresholding, warm-start corrections)
     products_only: ClassVar[bool]
+    label: ClassVar[str]  # how reports name it ("FLoRIST", "FedIT", ...)
+    rank_policy: ClassVar[bool] = False  # does it take a rank policy (tau, fixed rank, byte budget)?
     dtype: torch.dtype
+
+    @classmethod
+    def download_rank(cls, ranks: Sequence[int], m: int, n: int, fixed_rank: int | None = None) -> int:
+        """Largest rank one client downloads for an (m, n) module when clients have ``ranks``: an
+        upper bound where the data decides (``download_is_bound``). Default: the largest client rank."""
+        return max(ranks)
+
+    @classmethod
+    def download_is_bound(cls, fixed_rank: int | None = None, budget_mb: float | None = None) -> bool:
+        """True when ``download_rank`` is only an upper bound (the kept rank depends on the data)."""
+        return False
+
+    @classmethod
+    def sends_a(cls) -> bool:
+        """Do uploads and downloads carry A (False when A is frozen and shared by seed)?"""
+        return cls.protocol is not ClientProtocol.FROZEN_SHARED_A
 
     def aggregate(self, updates: Sequence[ClientUpdate], *, round: int | None = None) -> AggregationResult:
         """Validate ``updates``, sort them by client id and aggregate them."""

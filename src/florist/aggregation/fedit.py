@@ -57,6 +57,7 @@ class FedIT(Aggregator):
     protocol = ClientProtocol.CONTINUE_GLOBAL
     exact = False
     products_only = False
+    label = "FedIT"
 
     def _aggregate(self, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
         global_update = {}

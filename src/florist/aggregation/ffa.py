@@ -65,6 +65,7 @@ class FFALoRA(Aggregator):
     protocol = ClientProtocol.FROZEN_SHARED_A
     exact = True
     products_only = False
+    label = "FFA-LoRA"
 
     def _aggregate(self, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
         global_update = {}

@@ -51,6 +51,7 @@ class FlexLoRA(Aggregator):
     protocol = ClientProtocol.CONTINUE_PER_CLIENT
     exact = False
     products_only = True
+    label = "FlexLoRA"
 
     def _aggregate(self, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
         svds: dict[str, ThinSVD] = {

@@ -37,6 +37,11 @@ class Flora(Aggregator):
     protocol = ClientProtocol.MERGE_AND_RESTART
     exact = True
     products_only = True
+    label = "FLoRA"
+
+    @classmethod
+    def download_rank(cls, ranks: Sequence[int], m: int, n: int, fixed_rank: int | None = None) -> int:
+        return sum(ranks)  # the whole stack
 
     def _aggregate(self, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
         global_update = {}

@@ -54,6 +54,16 @@ class Florist(Aggregator):
     protocol = ClientProtocol.MERGE_AND_RESTART
     exact = True
     products_only = True
+    label = "FLoRIST"
+    rank_policy = True
+
+    @classmethod
+    def download_rank(cls, ranks: Sequence[int], m: int, n: int, fixed_rank: int | None = None) -> int:
+        return min(fixed_rank or sum(ranks), sum(ranks), m, n)  # tau = 1 at worst
+
+    @classmethod
+    def download_is_bound(cls, fixed_rank: int | None = None, budget_mb: float | None = None) -> bool:
+        return fixed_rank is None and budget_mb is None
 
     def _aggregate(self, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
         svds: dict[str, ThinSVD] = {}

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from florist.aggregation.base import aggregator_class
+
 BASELINES = ("fedit", "flora", "flexlora", "ffa")
 DEFAULT_TAUS = (0.95, 0.9, 0.8)
-LABELS = {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "ffa": "FFA-LoRA", "florist": "FLoRIST"}
 OPTIONS = {  # name -> overrides; "all" combines them
     "warm": (("lora.warm_start", True),),
     "uplink": (("federation.uplink_tau", None),),  # None: the variant's own tau
@@ -50,7 +51,8 @@ def budget(mb: float, matched: str) -> Variant:
 
 def baseline(method: str, options: Sequence[str] = ()) -> Variant:
     pairs = tuple(kv for n in options for kv in OPTIONS[n])
-    return Variant(LABELS[method] + "".join(f" +{n}" for n in options), method, options=pairs)
+    label = aggregator_class(method).label
+    return Variant(label + "".join(f" +{n}" for n in options), method, options=pairs)
 
 
 def sweep(

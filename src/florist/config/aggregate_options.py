@@ -20,7 +20,7 @@ from florist.aggregation import (
     make_aggregator,
     wire_bytes,
 )
-from florist.aggregation.base import Aggregator
+from florist.aggregation.base import Aggregator, aggregator_class
 from florist.errors import ConfigError
 
 
@@ -62,7 +62,7 @@ class AggregateOptions:
         if self.dtype not in dtypes:
             raise ConfigError(f"--dtype must be float32 or float64, got {self.dtype!r}")
         opts: dict[str, Any] = {"dtype": dtypes[self.dtype]}
-        if self.method == "florist":
+        if aggregator_class(self.method).rank_policy:
             opts |= {"policy": self.policy(), "basis": self.basis, "wire_bytes": wire_bytes(self.wire_dtype)}
         elif (self.tau, self.rank, self.budget_mb) != (None, None, None):
             raise ConfigError(f"--tau, --rank and --budget-mb apply to --method florist, not {self.method!r}")

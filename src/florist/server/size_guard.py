@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from florist.aggregation.base import aggregator_class
 from florist.errors import ConfigError
 
 BYTES = 4  # float32 on the wire, the default
@@ -45,21 +46,16 @@ def estimate(
 
     ``fixed_rank`` and ``budget_mb`` are FLoRIST's other rank policies (aggregation.rank, .budget_mb).
     """
-    r_max, R = max(ranks), sum(ranks)
-    b_only = method == "ffa"
-    up = sum(r_max * (m if b_only else m + n) for m, n in shapes.values()) * bytes_per_element
-    if method == "flora":
-        down = sum(R * (m + n) for m, n in shapes.values())
-    elif method == "florist":
-        down = sum(min(fixed_rank or R, R, m, n) * (m + n) for m, n in shapes.values())
-    elif b_only:
-        down = sum(r_max * m for m, _ in shapes.values())
-    else:
-        down = sum(r_max * (m + n) for m, n in shapes.values())
+    cls = aggregator_class(method)
+    r_max, full = max(ranks), cls.sends_a()
+    up = sum(r_max * ((m + n) if full else m) for m, n in shapes.values()) * bytes_per_element
+    down = sum(
+        cls.download_rank(ranks, m, n, fixed_rank) * ((m + n) if full else m) for m, n in shapes.values()
+    )
     down *= bytes_per_element
-    if method == "florist" and budget_mb is not None:
+    if cls.rank_policy and budget_mb is not None:
         down = min(down, int(budget_mb * MB))
-    bound = method == "florist" and fixed_rank is None and budget_mb is None
+    bound = cls.download_is_bound(fixed_rank, budget_mb)
     return SizeEstimate(up, down, bound)
 
 
