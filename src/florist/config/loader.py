@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import tomllib
 
 from florist.config.schema import RunConfig
@@ -156,17 +157,14 @@ def _scalar(value: Any, hint: Any, where: str) -> Any:
 
 
 def to_toml(cfg: RunConfig) -> str:
-    """The resolved config as TOML; an unset (None) value is written as the string "none"."""
-    lines: list[str] = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
+    """The resolved config as TOML (tomli_w); an unset (None) value is written as the string "none"."""
+    tree = {section: {k: "none" if v is None else v for k, v in values.items()}
+            for section, values in cfg.to_dict().items()}  # fmt: skip
+    return tomli_w.dumps(tree)
 
 
 def _toml_value(value: Any) -> str:
+    """One value as inline TOML, for Flower's flat run config, whose values are one-line strings."""
     if value is None:
         return '"none"'
     if isinstance(value, bool):

@@ -34,6 +34,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+import tomli_w
+
 from florist.config import RunConfig
 from florist.deploy.certs import NodeKey, TlsFiles, make_node_key, make_tls
 from florist.deploy.processes import DeploymentError, LogFollower, Managed, ProcessGroup, tail
@@ -353,8 +355,5 @@ def healthy(url: str, ca_cert: Path) -> bool:
 
 def connection_toml(name: str, address: str, tls: TlsFiles) -> str:
     """``FLWR_HOME/config.toml`` with one TLS connection ``[superlink.NAME]``, the default one."""
-    return (
-        f"[superlink]\ndefault = {json.dumps(name)}\n\n"
-        f"[superlink.{name}]\naddress = {json.dumps(address)}\n"
-        f"root-certificates = {json.dumps(str(tls.ca_cert.resolve()))}\n"
-    )
+    connection = {"address": address, "root-certificates": str(tls.ca_cert.resolve())}
+    return tomli_w.dumps({"superlink": {"default": name, name: connection}})

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import tomllib
 
 from florist.config import RunConfig, load_config
@@ -48,16 +48,10 @@ def run_overrides(cfg: RunConfig, declared: Mapping[str, Any]) -> dict[str, Any]
 
 
 def overrides_toml(overrides: Mapping[str, Any]) -> str:
-    """A TOML file for ``flwr run --run-config FILE``: one quoted ``"section.key" = value`` per line."""
-    return "".join(f"{json.dumps(key)} = {_toml_scalar(value)}\n" for key, value in overrides.items())
-
-
-def _toml_scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
+    """A TOML file for ``flwr run --run-config FILE``: one quoted ``"section.key" = value`` per key."""
+    return tomli_w.dumps(
+        {key: v if isinstance(v, (bool, int, float)) else str(v) for key, v in overrides.items()}
+    )
 
 
 def run_dir(cfg: RunConfig) -> Path:
