@@ -15,17 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from florist.aggregation.base import AggregationResult
-from florist.errors import ConfigError
+from florist.dtypes import itemsize
 from florist.lora.update import ClientUpdate, LoraFactors
-
-WIRE_DTYPES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def wire_bytes(wire_dtype: str) -> int:
-    """Bytes per element of ``wire_dtype``."""
-    if wire_dtype not in WIRE_DTYPES:
-        raise ConfigError(f"wire dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
-    return WIRE_DTYPES[wire_dtype]
+    """Bytes per element of ``wire_dtype`` (float64 allowed: ``florist aggregate --wire-dtype``)."""
+    return itemsize(wire_dtype)
 
 
 @dataclass(frozen=True)

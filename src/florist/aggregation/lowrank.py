@@ -28,10 +28,9 @@ from torch import Tensor
 from florist.aggregation.base import AggregationResult
 from florist.aggregation.linalg import factored_svd
 from florist.aggregation.rank_policy import rank_for_energy
+from florist.dtypes import WIRE, torch_dtype
 from florist.errors import ConfigError
 from florist.lora.update import ClientUpdate, LoraFactors
-
-WIRE_TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def truncate_update(f: LoraFactors, tau: float) -> tuple[LoraFactors, float]:
@@ -114,7 +113,5 @@ def _rows(Vh: Tensor, right: Tensor | None) -> Tensor:
 
 def to_wire(f: LoraFactors, wire_dtype: str) -> LoraFactors:
     """``f`` as it arrives after a trip through ``wire_dtype``: rounded, then float32 again."""
-    if wire_dtype not in WIRE_TORCH:
-        raise ConfigError(f"wire dtype must be one of {sorted(WIRE_TORCH)}, got {wire_dtype!r}")
-    dt = WIRE_TORCH[wire_dtype]
+    dt = torch_dtype(wire_dtype, "wire dtype", WIRE)
     return LoraFactors(A=f.A.to(dt).float(), B=f.B.to(dt).float(), scaling=f.scaling)

@@ -10,8 +10,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from florist.aggregation import (
     ByteBudget,
     EnergyThreshold,
@@ -21,6 +19,7 @@ from florist.aggregation import (
     wire_bytes,
 )
 from florist.aggregation.base import Aggregator, aggregator_class
+from florist.dtypes import COMPUTE, torch_dtype
 from florist.errors import ConfigError
 
 
@@ -58,10 +57,7 @@ class AggregateOptions:
         return make_aggregator(self.method, **self.aggregator_options())
 
     def aggregator_options(self) -> dict[str, Any]:
-        dtypes = {"float32": torch.float32, "float64": torch.float64}
-        if self.dtype not in dtypes:
-            raise ConfigError(f"--dtype must be float32 or float64, got {self.dtype!r}")
-        opts: dict[str, Any] = {"dtype": dtypes[self.dtype]}
+        opts: dict[str, Any] = {"dtype": torch_dtype(self.dtype, "--dtype (aggregation.dtype)", COMPUTE)}
         if aggregator_class(self.method).rank_policy:
             opts |= {"policy": self.policy(), "basis": self.basis, "wire_bytes": wire_bytes(self.wire_dtype)}
         elif (self.tau, self.rank, self.budget_mb) != (None, None, None):

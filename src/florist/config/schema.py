@@ -24,11 +24,9 @@ from florist.aggregation.base import Aggregator, ClientProtocol, aggregator_clas
 from florist.aggregation.robust import CLIP_MODES
 from florist.config.aggregate_options import AggregateOptions
 from florist.config.training import LORA_INITS, LoraSettings, TrainSettings
+from florist.dtypes import MODEL, WIRE, torch_dtype
 from florist.errors import ConfigError
 from florist.precision import check_precision
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-WIRE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _positive(key: str, value: float) -> None:
@@ -48,13 +46,12 @@ class ModelConfig:
     device: str = field(default="auto", metadata={"help": "auto (cuda when present), cpu or cuda"})
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        torch_dtype(self.dtype, "model.dtype", MODEL)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"model.device must be auto, cpu or cuda, got {self.device!r}")
 
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return torch_dtype(self.dtype, "model.dtype", MODEL)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -187,10 +184,8 @@ class FederationConfig:
         _positive("federation.cpus_per_client", self.cpus_per_client)
         if not (math.isfinite(self.gpus_per_client) and self.gpus_per_client >= 0):
             raise ConfigError(f"federation.gpus_per_client must be >= 0, got {self.gpus_per_client}")
-        if self.wire_dtype not in WIRE_DTYPES:
-            raise ConfigError(
-                f"federation.wire_dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}"
-            )
+        if self.wire_dtype not in WIRE:
+            raise ConfigError(f"federation.wire_dtype must be one of {list(WIRE)}, got {self.wire_dtype!r}")
         if self.uplink_tau is not None and not 0 < self.uplink_tau <= 1:
             raise ConfigError(f"federation.uplink_tau must be in (0, 1], got {self.uplink_tau}")
         if not 1 <= self.min_clients <= self.num_clients:

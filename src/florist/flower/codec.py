@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from florist.dtypes import WIRE, itemsize
 from florist.errors import InvalidUpdate
 from florist.lora import LoraFactors
 from florist.lora.init import seeded_a
@@ -28,14 +29,13 @@ from florist.lora.init import seeded_a
 A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
 
 
-WIRE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 BF16 = "bfloat16"
 
 
 def _array(t: torch.Tensor, wire: str = "float32") -> Array:
     """``t`` as an ``Array`` of dtype ``wire``."""
-    if wire not in WIRE_ITEMSIZE:
-        raise ValueError(f"wire dtype must be one of {sorted(WIRE_ITEMSIZE)}, got {wire!r}")
+    if wire not in WIRE:
+        raise ValueError(f"wire dtype must be one of {sorted(WIRE)}, got {wire!r}")
     t = t.detach().cpu().contiguous()
     if wire == BF16:
         bits = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
@@ -46,8 +46,8 @@ def _array(t: torch.Tensor, wire: str = "float32") -> Array:
 
 def _tensor(a: Array) -> torch.Tensor:
     """An arrived ``Array`` as float32; only the wire dtypes are accepted."""
-    if a.dtype not in WIRE_ITEMSIZE:
-        raise ValueError(f"array dtype {a.dtype!r} is not a wire dtype ({sorted(WIRE_ITEMSIZE)})")
+    if a.dtype not in WIRE:
+        raise ValueError(f"array dtype {a.dtype!r} is not a wire dtype ({sorted(WIRE)})")
     values = a.numpy()
     if tuple(values.shape) != tuple(a.shape):
         raise ValueError(f"array claims shape {tuple(a.shape)} but holds {tuple(values.shape)}")
@@ -172,7 +172,7 @@ def payload_bytes(content: RecordDict) -> int:
     total = 0
     for record in content.array_records.values():
         for arr in record.values():
-            size = WIRE_ITEMSIZE.get(arr.dtype) or np.dtype(arr.dtype).itemsize
+            size = itemsize(arr.dtype) if arr.dtype in WIRE else np.dtype(arr.dtype).itemsize
             total += math.prod(int(d) for d in arr.shape) * size
     return total
 
