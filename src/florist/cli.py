@@ -86,7 +86,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 def _add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("run", help="run a federation (Flower simulation runtime) from a TOML config")
-    p.add_argument("config", help="TOML config file (see configs/)")
+    p.add_argument("config", help="TOML config file, or a packaged one by name (demo, dolly, ...)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. federation.rounds=5")
     p.add_argument(
         "--resume", action="store_true", help="continue run.dir/run.name from its latest checkpoint"

@@ -123,3 +123,10 @@ def test_budget_override_replaces_the_files_budget(tmp_path: Path) -> None:
     assert (cfg.train.steps, cfg.train.examples, cfg.train.epochs) == (3, None, None)
     with pytest.raises(ConfigError, match="exactly one"):
         load_config(path, ["train.steps=3", "train.epochs=1"])
+
+
+def test_a_packaged_config_loads_by_name_and_a_missing_one_is_named(tmp_path: Path) -> None:
+    assert load_config("dolly").federation.num_clients == 8
+    assert load_config("configs/dolly.toml") == load_config("dolly")  # the old path still works
+    with pytest.raises(ConfigError, match=r"config file 'nope.toml' does not exist .*packaged: \[.*'demo'"):
+        load_config("nope.toml")

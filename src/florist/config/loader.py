@@ -1,6 +1,7 @@
 """One loader for run configs: a TOML file, then ``section.key=value`` overrides, then validation.
 
-    cfg = load_config("configs/demo.toml", ["federation.rounds=5", "aggregation.tau=0.8"])
+    cfg = load_config("configs/dolly.toml", ["federation.rounds=5", "aggregation.tau=0.8"])
+    cfg = load_config("dolly")   # a packaged config by name (src/florist/configs/)
 
 Values in overrides are TOML values (``5``, ``0.8``, ``[16, 8]``, ``"q_proj"``); a bare word that is
 not valid TOML is taken as a string. An unknown section or key is an error that names it.
@@ -19,6 +20,7 @@ from typing import Any
 import tomli_w
 import tomllib
 
+from florist.config.packaged import PACKAGED
 from florist.config.schema import RunConfig
 from florist.errors import ConfigError
 
@@ -47,9 +49,22 @@ def _drop_replaced_budget(tree: dict[str, Any], overridden: set[str]) -> None:
             train.pop(name, None)
 
 
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` if it is a file, else the packaged config of that name (``dolly``, ``dolly.toml``,
+    ``configs/dolly.toml``: ``src/florist/configs/``, so ``florist run dolly`` works anywhere)."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    name = given.name if given.suffix == ".toml" else f"{given.name}.toml"
+    packaged = PACKAGED / name
+    if packaged.is_file():
+        return packaged
+    known = sorted(p.stem for p in PACKAGED.glob("*.toml"))
+    raise ConfigError(f"config file {str(path)!r} does not exist (nor a packaged config; packaged: {known})")
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    path = resolve_config_path(path)
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:

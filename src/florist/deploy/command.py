@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "deploy", help="a federation on a local TLS + SuperNode-auth Flower deployment (separate processes)"
     )
     p.__class__ = IntermixedParser
-    p.add_argument("config", help="TOML config file (see configs/)")
+    p.add_argument("config", help="TOML config file, or a packaged one by name (demo, dolly, ...)")
     p.add_argument("--nodes", type=int, required=True, help="number of SuperNodes (federation.num_clients)")
     p.add_argument(
         "--workdir",

@@ -1,6 +1,6 @@
 """``florist deploy CONFIG.toml --nodes N``: one federation on a TLS + SuperNode-auth Flower deployment.
 
-    florist deploy configs/demo.toml --nodes 4 federation.rounds=2
+    florist deploy demo --nodes 4 federation.rounds=2
 
 Everything runs on 127.0.0.1 as separate processes, the way separate sites would run it
 (docs/deployment.md shows the same steps by hand, across machines):
