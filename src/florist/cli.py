@@ -2,6 +2,7 @@
 
 florist aggregate --method florist --tau 0.9 [--budget-mb X] [--weights n1,n2,...] DIR... -o OUT
 florist inspect DIR [--json]
+florist export RUN_OR_ADAPTER (--merge [--base MODEL] | --max-rank R [--tau T]) -o OUT
 florist run CONFIG.toml [section.key=value ...]   federated fine-tuning on Flower's simulation runtime
 florist demo [section.key=value ...]              the embedded demo: SmolLM2 + skills set, FLoRIST
 florist compare                                   every aggregator on 8 synthetic SmolLM2-shaped adapters
@@ -77,6 +78,23 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "export", help="a run's adapter merged into its base model, or re-compressed under a rank cap"
+    )
+    p.add_argument(
+        "source", metavar="RUN_OR_ADAPTER", help="a run directory (its adapter/) or a PEFT adapter dir"
+    )
+    p.add_argument("-o", "--out", required=True, help="output directory")
+    p.add_argument("--merge", action="store_true", help="save base + adapter as one transformers model")
+    p.add_argument("--base", help="--merge: the base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--max-rank", type=int, help="re-compress every module to at most this rank")
+    p.add_argument(
+        "--tau", type=_finite, help="re-compress to the smallest rank holding this energy fraction"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
 def _add_compare(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "compare", help="aggregate 8 client adapters on SmolLM2-135M shapes and verify with peft"
@@ -148,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_aggregate(sub)
     _add_inspect(sub)
+    _add_export(sub)
     _add_run(sub)
     _add_compare(sub)
     _add_bench(sub)
@@ -192,6 +211,20 @@ def _inspect(args: argparse.Namespace) -> None:
     console = make_console()
     console.print(inspect_table(info["modules"], f"{args.dir} (base model {info['base_model']})"))
     console.print(f"{len(info['modules'])} modules, {human_bytes(info['file_bytes'])} on disk")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from florist.commands.export import export_capped, export_merged, print_report
+
+    if args.merge and (args.max_rank is not None or args.tau is not None):
+        raise ConfigError(
+            "--merge writes the adapter as it is; re-compress with --max-rank/--tau in a separate export"
+        )
+    if args.merge:
+        summary = export_merged(args.source, args.out, args.base, args.overwrite)
+        print(f"merged {summary['modules']} modules into {summary['base_model']}: {args.out}")
+        return
+    print_report(export_capped(args.source, args.out, args.max_rank, args.tau, args.overwrite))
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -262,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "aggregate": _aggregate,
         "inspect": _inspect,
+        "export": _export,
         "compare": _compare,
         "regime": _regime,
         "run": _run,

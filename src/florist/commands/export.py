@@ -1,0 +1,115 @@
+"""``florist export RUN_OR_ADAPTER -o OUT``: the result of a run, in a form a serving stack takes.
+
+    florist export runs/florist-20261130-101500 --merge -o merged/          # base + adapter, one model
+    florist export runs/florist-20261130-101500 --max-rank 16 -o capped/    # a PEFT adapter of rank <= 16
+    florist export runs/.../adapter --tau 0.99 --max-rank 64 -o capped/     # and at most 99 % energy kept
+
+``--merge`` writes a standard transformers model directory (safetensors, config, tokenizer) with
+``W0 + scaling * B @ A`` in every adapted weight (peft's own merge). ``--max-rank``/``--tau``
+re-compress the cumulative adapter per module with the factored SVD (no m x n matrix is formed):
+the best rank-``p`` approximation of ``scaling * B @ A`` (Eckart-Young), ``p = min(max_rank, the
+smallest rank holding tau of the energy)``, written as a PEFT adapter with ``export_report.json``
+(rank and energy kept per module). LoRA servers cap adapter ranks (vLLM's ``max_lora_rank``); a
+FLoRIST run's cumulative adapter sums every round's rank, so this is how it gets under the cap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from florist.aggregation.linalg import factored_svd
+from florist.aggregation.rank_policy import rank_for_energy
+from florist.errors import ConfigError
+from florist.fsutil import atomic_dir, write_json_atomic
+from florist.lora import LoraFactors
+from florist.lora.peft_io import read_adapter, save_adapter_files
+from florist.lora.validation import validate_updates
+
+log = logging.getLogger(__name__)
+REPORT = "export_report.json"
+
+
+def adapter_dir(source: str | Path) -> Path:
+    """A run directory's final adapter (``RUN/adapter``), or ``source`` itself if it is an adapter."""
+    root = Path(source)
+    if (root / "adapter" / "adapter_config.json").is_file():
+        return root / "adapter"
+    if (root / "adapter_config.json").is_file():
+        return root
+    raise ConfigError(
+        f"{str(source)!r} is neither a run directory (with adapter/) nor a PEFT adapter directory"
+    )
+
+
+def compress(f: LoraFactors, max_rank: int | None, tau: float | None) -> tuple[LoraFactors, float]:
+    """Best rank-p factors of ``scaling * B @ A`` and the energy fraction they keep (float64 SVD)."""
+    B, A = f.effective(torch.float64)  # (m, r), (r, n)
+    svd = factored_svd(B, A)
+    p = int(svd.S.numel()) if tau is None else rank_for_energy(svd.S, tau)
+    p = max(1, min(p, max_rank or p))
+    B_p, A_p = svd.truncate(p)  # (m, p), (p, n)
+    energy = svd.S.square()
+    kept = float(energy[:p].sum() / energy.sum()) if float(energy.sum()) > 0 else 1.0
+    return LoraFactors(A=A_p.float().contiguous(), B=B_p.float().contiguous()), kept
+
+
+def export_capped(
+    source: str, out: str, max_rank: int | None, tau: float | None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Write the re-compressed adapter of ``source`` to ``out``; returns (and writes) the report."""
+    if max_rank is None and tau is None:
+        raise ConfigError("give --max-rank and/or --tau to re-compress (or --merge to merge)")
+    if max_rank is not None and max_rank < 1:
+        raise ConfigError(f"--max-rank must be >= 1, got {max_rank}")
+    if tau is not None and not 0 < tau <= 1:
+        raise ConfigError(f"--tau must be in (0, 1], got {tau}")
+    src = adapter_dir(source)
+    adapter = read_adapter(src)
+    validate_updates([adapter.to_update(str(src), 1.0)])
+    modules, report = {}, {}
+    for name, f in adapter.modules.items():
+        modules[name], kept = compress(f, max_rank, tau)
+        report[name] = {"rank_before": f.rank, "rank": modules[name].rank, "energy_kept": kept}
+    summary = {"source": str(src), "max_rank": max_rank, "tau": tau, "modules": report,
+               "min_energy_kept": min(r["energy_kept"] for r in report.values())}  # fmt: skip
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_adapter_files(tmp, modules, base_model=adapter.base_model_name_or_path,
+                           fan_in_fan_out=adapter.fan_in_fan_out)  # fmt: skip
+        write_json_atomic(tmp / REPORT, summary)
+    return summary
+
+
+def export_merged(source: str, out: str, base: str | None, overwrite: bool = False) -> dict[str, Any]:
+    """Merge the adapter of ``source`` into ``base`` (default: the adapter's own base model) and save it."""
+    from peft import PeftModel
+
+    from florist.client.model import load_model
+
+    src = adapter_dir(source)
+    adapter = read_adapter(src)
+    validate_updates([adapter.to_update(str(src), 1.0)])
+    base = base or adapter.base_model_name_or_path
+    if not base:
+        raise ConfigError(f"{str(src)!r} names no base model: give --base")
+    model, tokenizer = load_model(base)
+    merged = PeftModel.from_pretrained(model, str(src)).merge_and_unload()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        write_json_atomic(tmp / REPORT, {"source": str(src), "base_model": base, "merged": True})
+    return {"source": str(src), "base_model": base, "out": out, "modules": len(adapter.modules)}
+
+
+def print_report(summary: dict[str, Any]) -> None:
+    if "modules" in summary and isinstance(summary["modules"], dict):
+        ranks = [m["rank"] for m in summary["modules"].values()]
+        before = [m["rank_before"] for m in summary["modules"].values()]
+        print(f"{len(ranks)} modules: rank {min(before)}-{max(before)} -> {min(ranks)}-{max(ranks)}; "
+              f"energy kept >= {summary['min_energy_kept']:.4f} (per module: {REPORT})")  # fmt: skip
+    else:
+        print(json.dumps(summary, indent=2))
