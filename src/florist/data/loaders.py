@@ -1,8 +1,11 @@
-"""Load instruction data from a local JSON / JSON Lines file or folder, or a Hugging Face hub data set.
+"""Load instruction data from local files, a local ``datasets`` folder, or a Hugging Face hub data set.
 
-load_examples("../shared/data/dolly-8clients/client_0.json")          # one file
-load_examples("../shared/data/dolly-8clients", exclude=("test.json",)) # every *.json / *.jsonl
-load_examples("databricks/databricks-dolly-15k")                       # hub id (needs network)
+load_examples("../shared/data/dolly-8clients/client_0.json")          # one JSON / JSON Lines / Parquet file
+load_examples("../shared/data/dolly-8clients", exclude=("test.json",)) # every *.json / *.jsonl / *.parquet
+load_examples("my_dolly_copy")                                         # a datasets.save_to_disk folder
+load_examples("databricks/databricks-dolly-15k")                       # hub id (needs the network)
+
+The last two need the ``datasets`` package (the ``hub`` extra, which ``make`` installs).
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from typing import Any
 from florist.data.records import Example, detect_format, to_example
 from florist.errors import ConfigError
 
-SUFFIXES = (".json", ".jsonl")
+SUFFIXES = (".json", ".jsonl", ".parquet")
+SAVED = ("dataset_info.json", "dataset_dict.json")  # what datasets.save_to_disk leaves in a folder
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON array file or a JSON Lines file."""
+    """Rows of a JSON array file, a JSON Lines file or a Parquet file."""
+    if path.suffix == ".parquet":
+        return _parquet_rows(path)
     text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
     try:
@@ -41,10 +47,12 @@ def load_examples(
     path = Path(source)
     if path.is_file():
         return _from_rows(read_rows(path), fmt, str(path))
+    if path.is_dir() and any((path / name).is_file() for name in SAVED):
+        return _from_saved(path, fmt, split)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.name not in exclude)
         if not files:
-            raise ConfigError(f"folder {str(path)!r} has no .json or .jsonl files")
+            raise ConfigError(f"folder {str(path)!r} has no .json, .jsonl or .parquet files")
         return [ex for f in files for ex in _from_rows(read_rows(f), fmt, str(f))]
     if _looks_like_hub_id(str(source)):
         return _from_hub(str(source), fmt, split)
@@ -63,13 +71,49 @@ def _looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/"))
 
 
-def _from_hub(repo_id: str, fmt: str | None, split: str) -> list[Example]:
+def _datasets() -> Any:
     try:
-        from datasets import load_dataset
-    except ImportError as err:  # datasets is not (yet) in florist's pinned stack: see the README
+        import datasets
+    except ImportError as err:  # the hub extra is not installed
         raise ConfigError(
-            f"data.source {repo_id!r} is read as a Hugging Face hub id, which needs the `datasets` "
-            "package (pip install datasets); a local file or folder needs nothing more"
+            "hub ids and save_to_disk folders need the `datasets` package: "
+            "pip install 'florist[hub]' (make installs it)"
         ) from err
-    rows = [dict(r) for r in load_dataset(repo_id, split=split)]
-    return _from_rows(rows, fmt, repo_id)
+    return datasets
+
+
+def _from_hub(repo_id: str, fmt: str | None, split: str) -> list[Example]:
+    datasets = _datasets()
+    try:
+        data = datasets.load_dataset(repo_id, split=split)
+    except (ConnectionError, OSError) as err:
+        raise ConfigError(
+            f"data.source {repo_id!r} is read as a Hugging Face hub id and the hub could not be reached "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); on a machine with access, "
+            "datasets.load_dataset(...).save_to_disk(DIR) and point data.source at DIR"
+        ) from err
+    except ValueError as err:  # e.g. an unknown split
+        raise ConfigError(f"hub data set {repo_id!r}: {err}") from err
+    return _from_rows([dict(r) for r in data], fmt, repo_id)
+
+
+def _from_saved(path: Path, fmt: str | None, split: str) -> list[Example]:
+    """A folder written by ``Dataset.save_to_disk`` (or a ``DatasetDict``'s: ``split`` picks one)."""
+    data = _datasets().load_from_disk(str(path))
+    if hasattr(data, "keys"):  # a DatasetDict
+        if split not in data:
+            raise ConfigError(f"{str(path)!r} holds splits {sorted(data.keys())}, not {split!r}")
+        data = data[split]
+    return _from_rows([dict(r) for r in data], fmt, str(path))
+
+
+def _parquet_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ConfigError(f"{str(path)!r}: Parquet files need pyarrow (pip install 'florist[hub]')") from err
+    try:
+        rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow's own errors for a truncated or foreign file
+        raise ConfigError(f"{str(path)!r} is not a readable Parquet file: {err}") from err
+    return rows
