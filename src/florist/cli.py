@@ -3,6 +3,7 @@
 florist aggregate --method florist --tau 0.9 [--budget-mb X] [--weights n1,n2,...] DIR... -o OUT
 florist inspect DIR [--json]
 florist export RUN_OR_ADAPTER (--merge [--base MODEL] | --max-rank R [--tau T]) -o OUT
+florist report RUN                                 the run's curves as PNGs in RUN/report/
 florist run CONFIG.toml [section.key=value ...]   federated fine-tuning on Flower's simulation runtime
 florist demo [section.key=value ...]              the embedded demo: SmolLM2 + skills set, FLoRIST
 florist compare                                   every aggregator on 8 synthetic SmolLM2-shaped adapters
@@ -95,6 +96,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "report", help="a run's curves (loss vs round and vs bytes, ranks) as PNGs in RUN/report/"
+    )
+    p.add_argument("run", metavar="RUN", help="a run directory (with metrics.jsonl)")
+
+
 def _add_compare(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "compare", help="aggregate 8 client adapters on SmolLM2-135M shapes and verify with peft"
@@ -167,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_aggregate(sub)
     _add_inspect(sub)
     _add_export(sub)
+    _add_report(sub)
     _add_run(sub)
     _add_compare(sub)
     _add_bench(sub)
@@ -225,6 +234,13 @@ def _export(args: argparse.Namespace) -> None:
         print(f"merged {summary['modules']} modules into {summary['base_model']}: {args.out}")
         return
     print_report(export_capped(args.source, args.out, args.max_rank, args.tau, args.overwrite))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from florist.commands.report import write_report
+
+    for path in write_report(args.run):
+        print(path)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -296,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "aggregate": _aggregate,
         "inspect": _inspect,
         "export": _export,
+        "report": _report,
         "compare": _compare,
         "regime": _regime,
         "run": _run,

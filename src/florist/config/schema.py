@@ -277,6 +277,9 @@ class RunSection:
     dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
     name: str | None = field(default=None, metadata={"help": "run directory name; default method-time"})
     save_client_updates: bool = field(default=False, metadata={"help": "write every client's upload"})
+    tensorboard: bool = field(
+        default=False, metadata={"help": "also write RUN/tensorboard/ (needs tensorboard)"}
+    )
     progress: bool = True
     checkpoint_keep: int = field(default=2, metadata={"help": "server checkpoints kept (latest N rounds)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in run.dir/run.name"})

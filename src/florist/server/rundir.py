@@ -42,6 +42,7 @@ class RunDir:
     def __init__(self, cfg: RunConfig, base_model: str) -> None:
         """Checks only: nothing is created until ``create`` (after the model and data have loaded)."""
         self.cfg = cfg
+        self.tracker: Any = None  # the TensorBoard writer (run.tensorboard), made on first use
         self.path = Path(cfg.run.dir) / safe_name(cfg.run.name or default_name(cfg), "run.name")
         self.base_model = base_model
         if cfg.run.resume:
@@ -91,6 +92,12 @@ class RunDir:
             f.write(json.dumps(record, sort_keys=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.cfg.run.tensorboard:
+            if self.tracker is None:
+                from florist.server.tracking import TensorBoard
+
+                self.tracker = TensorBoard(self.path / "tensorboard")
+            self.tracker.record(record)
 
     def final_adapter(self, modules: Mapping[str, LoraFactors]) -> Path:
         return write_adapter(self.path / "adapter", modules, base_model=self.base_model, overwrite=True)
