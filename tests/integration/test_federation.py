@@ -73,7 +73,7 @@ def test_merge_methods_match_offline_aggregation_and_clients_catch_up(
 
 
 def test_every_method_runs_and_accounts_its_bytes(model_dir: Path, tmp_path: Path) -> None:
-    for method in ("florist", "flora", "fedit", "flexlora", "ffa"):
+    for method in ("florist", "flora", "fedit", "flexlora", "ffa", "rblora"):
         cfg = tiny_run_config(model_dir, tmp_path, method, f"aggregation.method={method!r}")
         summary = run_simulation(cfg)
         run = Path(summary["run_dir"])

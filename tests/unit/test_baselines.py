@@ -12,7 +12,7 @@ from tests.helpers import SHAPES, assert_product_close, best_rank_p, dense_refer
 
 
 def test_registry_lists_every_method() -> None:
-    assert available() == ["fedit", "ffa", "flexlora", "flora", "florist"]
+    assert available() == ["fedit", "ffa", "flexlora", "flora", "florist", "rblora"]
     with pytest.raises(ConfigError, match="unknown aggregation method 'fedavg'"):
         make_aggregator("fedavg")
     with pytest.raises(ConfigError, match="bad options for method 'flora'"):
@@ -27,6 +27,7 @@ def test_protocols() -> None:
         "fedit": ClientProtocol.CONTINUE_GLOBAL,
         "flexlora": ClientProtocol.CONTINUE_PER_CLIENT,
         "ffa": ClientProtocol.FROZEN_SHARED_A,
+        "rblora": ClientProtocol.CONTINUE_GLOBAL,
     }
 
 
@@ -106,7 +107,7 @@ def test_flexlora_truncates_to_each_clients_own_rank(hetero_updates: list[Client
         assert a[name].rank != b[name].rank
 
 
-@pytest.mark.parametrize("method", ["florist", "flora", "fedit", "flexlora", "ffa"])
+@pytest.mark.parametrize("method", ["florist", "flora", "fedit", "flexlora", "ffa", "rblora"])
 def test_ranks_above_the_matrix_size(method: str) -> None:
     """A client rank above min(m, n) (peft allows it): every method aggregates, downloads keep the
     client's rank, and the exact methods still reproduce sum_k p_k B_k A_k."""
@@ -117,8 +118,55 @@ def test_ranks_above_the_matrix_size(method: str) -> None:
     for u in updates:
         for name, f in result.download(u.client_id).items():
             assert f.rank == u.modules[name].rank or result.per_client is None
-    if method != "fedit":  # flexlora at rank >= min(m, n) keeps everything, so it is exact here too
+    if method not in (
+        "fedit",
+        "rblora",
+    ):  # flexlora at rank >= min(m, n) keeps everything, so it is exact here too
         for name in shapes:
             assert_product_close(
                 result.global_update[name].delta(torch.float64), dense_reference(updates, name)
             )
+
+
+PAPER_RANKS = [64, 32, 16, 16, 8, 8, 4, 4]  # the paper's heterogeneous setting
+
+
+def test_rblora_weights_each_slot_by_the_clients_that_have_it() -> None:
+    """Dense float64 reference: slot j averages only the clients with r_k > j, weights n_k renormalised."""
+    shapes = {"layers.0.q_proj": (80, 72), "layers.0.v_proj": (24, 72)}
+    updates = make_updates(PAPER_RANKS, shapes=shapes, sizes=[100.0 * (k + 1) for k in range(8)])
+    result = make_aggregator("rblora", dtype=torch.float64).aggregate(updates)
+    n = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
+    for name, (m, cols) in shapes.items():
+        want = torch.zeros(m, cols, dtype=torch.float64)
+        for j in range(max(PAPER_RANKS)):
+            have = [k for k, u in enumerate(updates) if u.modules[name].rank > j]
+            w = n[have] / n[have].sum()
+            b = sum(
+                wk * updates[k].modules[name].effective(torch.float64)[0][:, j]
+                for k, wk in zip(have, w, strict=True)
+            )
+            a = sum(
+                wk * updates[k].modules[name].effective(torch.float64)[1][j]
+                for k, wk in zip(have, w, strict=True)
+            )
+            want += torch.outer(b, a)  # type: ignore[arg-type]
+        assert_product_close(result.global_update[name].delta(torch.float64), want)
+    assert result.download(updates[7].client_id)[name].rank == 4  # its own slice
+
+
+def test_rblora_is_fedit_with_equal_ranks_and_upweights_high_slots_otherwise() -> None:
+    same = make_updates([8, 8, 8])
+    a = make_aggregator("rblora", dtype=torch.float64).aggregate(same)
+    b = make_aggregator("fedit", dtype=torch.float64).aggregate(same)
+    for name in a.global_update:
+        assert_product_close(
+            a.global_update[name].delta(torch.float64), b.global_update[name].delta(torch.float64)
+        )
+    mixed = make_updates(PAPER_RANKS)
+    rb = make_aggregator("rblora", dtype=torch.float64).aggregate(mixed)
+    fedit = make_aggregator("fedit", dtype=torch.float64).aggregate(mixed)
+    name = next(iter(rb.global_update))
+    ratio = rb.global_update[name].B[:, 40].norm() / fedit.global_update[name].B[:, 40].norm()
+    p_top = mixed[0].num_examples / sum(u.num_examples for u in mixed)  # only client 0 has slot 40
+    assert float(ratio) == pytest.approx(1 / p_top, rel=1e-9)
