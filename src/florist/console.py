@@ -24,7 +24,8 @@ class _OursOrWarnings(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "flwr" or record.name.startswith("flwr."):
             return False
-        return record.name.startswith("florist") or record.levelno >= logging.WARNING
+        ours = record.name == "florist" or record.name.startswith("florist.")
+        return ours or record.levelno >= logging.WARNING
 
 
 class _QuietFlower(logging.Filter):
