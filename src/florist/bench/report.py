@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 
 from florist.eval.heldout import LossResult
 from florist.eval.paired import paired_difference
@@ -123,6 +124,9 @@ def plot_bytes_loss(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -
         )
         ax.axhline(0.005, color="green", linestyle="--", linewidth=1, label="goal: <= FLoRA's loss + 0.005")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 20, 50, 100, 200 ...
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overprint each other
     ax.set_xlabel("total bytes: uplink + downlink, all clients, all rounds (MB, log scale)")
     ax.set_ylabel("final held-out loss - FLoRA's, paired (nats; lower is better)")
     ax.set_title(title)

@@ -84,9 +84,11 @@ def plot_ranks(records: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(max(5, 1.0 * len(rows) + 3), max(4, 0.12 * len(modules) + 1.5)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(rows)), [str(r["round"]) for r in rows])
-    step = max(1, len(modules) // 24)
+    step = max(1, len(modules) // 64)  # every module up to 64 rows, so no kind of module goes unlabelled
     ticks = list(range(0, len(modules), step))
-    ax.set_yticks(ticks, [modules[i].replace("model.layers.", "L") for i in ticks], fontsize=7)
+    ax.set_yticks(
+        ticks, [modules[i].replace("model.layers.", "L") for i in ticks], fontsize=5 if len(ticks) > 40 else 7
+    )
     ax.set_xlabel("round")
     fig.colorbar(image, ax=ax, label="global rank")
     ax.set_title(title)
