@@ -91,3 +91,13 @@ def test_export_refuses_what_it_cannot_do(
     assert "is neither a run directory" in capsys.readouterr().err
     assert main(["export", str(run_dir), "--merge", "--max-rank", "2", "-o", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_export_never_overwrites_the_adapter_it_reads(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    for out in (run_dir / "adapter", run_dir / "adapter" / "sub", run_dir):
+        assert main(["export", str(run_dir), "--max-rank", "2", "-o", str(out), "--overwrite"]) == 2
+        assert "the input adapter" in capsys.readouterr().err
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == before

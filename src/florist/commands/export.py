@@ -24,6 +24,7 @@ import torch
 
 from florist.aggregation.linalg import factored_svd
 from florist.aggregation.rank_policy import rank_for_energy
+from florist.commands.aggregate import check_output
 from florist.errors import ConfigError
 from florist.fsutil import atomic_dir, write_json_atomic
 from florist.lora import LoraFactors
@@ -69,6 +70,7 @@ def export_capped(
     if tau is not None and not 0 < tau <= 1:
         raise ConfigError(f"--tau must be in (0, 1], got {tau}")
     src = adapter_dir(source)
+    check_output(out, [str(src)])  # -o never replaces or lies inside the adapter it reads
     adapter = read_adapter(src)
     validate_updates([adapter.to_update(str(src), 1.0)])
     modules, report = {}, {}
@@ -91,6 +93,7 @@ def export_merged(source: str, out: str, base: str | None, overwrite: bool = Fal
     from florist.client.model import load_model
 
     src = adapter_dir(source)
+    check_output(out, [str(src)])
     adapter = read_adapter(src)
     validate_updates([adapter.to_update(str(src), 1.0)])
     base = base or adapter.base_model_name_or_path
