@@ -88,7 +88,7 @@ class Federation:
         msgs = list(self.strategy.configure_train(t, ArrayRecord(), ConfigRecord(), self.grid))
         replies, missing = self.exchange.send_and_receive(msgs, t, self._round_timeout(), f"round {t}")
         log_ = self.strategy.logs[t]
-        log_.timed_out = [self.strategy.by_node[n].client_id for n in missing]
+        log_.timed_out = [self.strategy.client_of(n) for n in missing]
         for who in log_.timed_out:
             log.warning("round %d: %s left out: no reply within %.0f s", t, who, self._round_timeout())
         wall = time.perf_counter() - start
@@ -97,7 +97,7 @@ class Federation:
             self._skipped(t, log_, start)
             return
         self.state.skipped_streak = 0
-        _, result = self.strategy.history[-1]
+        result = self.strategy.latest()
         self.model.apply_result(t, result)
         self.rundir.global_adapter(t, result.global_update)
         if self.cfg.run.save_client_updates:
@@ -129,15 +129,12 @@ class Federation:
 
     def checkpoint(self, t: int) -> None:
         self.state.round = t
-        self.state.history = list(self.strategy.history)
-        self.state.synced = {self.strategy.by_node[n].client_id: r for n, r in self.strategy.synced.items()}
+        self.state.history, self.state.synced = self.strategy.snapshot()
         checkpoint.save(self.rundir.checkpoints, self.state, self.cfg, self.cfg.run.checkpoint_keep)
 
     def resume(self) -> None:
         """Continue after the checkpoint in ``self.state``: history, model, metrics, what clients hold."""
-        self.strategy.history = list(self.state.history)
-        by_client = {c.client_id: c.node_id for c in self.strategy.clients}
-        self.strategy.synced = {by_client[c]: r for c, r in self.state.synced.items()}
+        self.strategy.restore(self.state.history, self.state.synced)
         for t, result in self.state.history:
             self.model.apply_result(t, result)
         self.rundir.restore(self.state.round, self.state.records)
@@ -153,21 +150,21 @@ class Federation:
         failed = [short_reason(r.error.reason) for r in replies if r.has_error()]
         if failed or missing:
             raise RuntimeError(f"restoring clients failed: {failed or f'no reply from nodes {missing}'}")
-        return sum(self.strategy.restore_bytes.values())
+        return self.strategy.restored_bytes()
 
     # ------------------------------------------------------------------ the end
 
     def sync(self) -> dict[str, Any]:
         """Send every node what it is missing; check that all hold the same weights as the server."""
         log_ = RoundLog(self.cfg.federation.rounds + 1)
-        nodes = [c.node_id for c in self.strategy.clients]
+        nodes = self.strategy.node_ids()
         msgs = self.strategy.messages(log_.round, nodes, f"{MessageType.QUERY}.sync", log_)
         replies, missing = self.exchange.send_and_receive(
             msgs, log_.round, self.cfg.federation.timeout, "sync"
         )
         digests = {}
         for reply in replies:
-            info = self.strategy.by_node.get(reply.metadata.src_node_id)
+            info = self.strategy.info(reply.metadata.src_node_id)
             if info is None:
                 log.warning(
                     "sync: a reply from node %s, which did not join, is ignored", reply.metadata.src_node_id
@@ -192,16 +189,15 @@ class Federation:
             )
         return {"bytes_down": log_.bytes_down, "bytes_catchup": log_.bytes_catchup, "digests": digests,
                 "server_digest": server, "clients_match_server": same,
-                "no_reply": [self.strategy.by_node[n].client_id for n in missing]}  # fmt: skip
+                "no_reply": [self.strategy.client_of(n) for n in missing]}  # fmt: skip
 
     def finish(self, sync: dict[str, Any]) -> dict[str, Any]:
-        history = [r.global_update for _, r in self.strategy.history]
-        adapter = self.rundir.final_adapter(cumulative(history, self.strategy.merges))
+        adapter = self.rundir.final_adapter(cumulative(self.strategy.global_updates(), self.strategy.merges))
         rounds = [r for r in self.state.records if r["round"] > 0]
         late = [
             {
                 "round": x.round,
-                "client": self.strategy.by_node[x.node_id].client_id,
+                "client": self.strategy.client_of(x.node_id),
                 "arrived_in": x.arrived_in,
             }
             for x in self.exchange.late

@@ -25,7 +25,7 @@ from florist.config import RunConfig
 from florist.errors import InvalidUpdate
 from florist.flower.codec import decode_upload, encode_factors, payload_bytes, received_bytes
 from florist.flower.node import GLOBAL_PREFIX
-from florist.lora import ClientUpdate
+from florist.lora import ClientUpdate, LoraFactors
 from florist.lora.validation import check_update
 from florist.seeds import derive_seed
 from florist.server.round import aggregate_round
@@ -100,6 +100,37 @@ class FederatedLoRA(Strategy):
     @property
     def sends_a(self) -> bool:
         return self.aggregator.protocol is not ClientProtocol.FROZEN_SHARED_A
+
+    # ------------------------------------------------------------ what the federation reads and restores
+
+    def client_of(self, node_id: int) -> str:
+        """The client id of ``node_id`` (``"node N"`` for a node that never joined)."""
+        return self._who(node_id)
+
+    def info(self, node_id: int) -> ClientInfo | None:
+        return self.by_node.get(node_id)
+
+    def node_ids(self) -> list[int]:
+        return [c.node_id for c in self.clients]
+
+    def latest(self) -> AggregationResult:
+        """The last round's result, as it was sent."""
+        return self.history[-1][1]
+
+    def global_updates(self) -> list[dict[str, LoraFactors]]:
+        return [r.global_update for _, r in self.history]
+
+    def snapshot(self) -> tuple[list[tuple[int, AggregationResult]], dict[str, int]]:
+        """What a checkpoint keeps: the history and, per client id, the last round it holds."""
+        return list(self.history), {self.by_node[n].client_id: r for n, r in self.synced.items()}
+
+    def restore(self, history: list[tuple[int, AggregationResult]], synced: dict[str, int]) -> None:
+        """Back to a ``snapshot`` (client ids mapped to this run's nodes)."""
+        by_client = {c.client_id: c.node_id for c in self.clients}
+        self.history, self.synced = list(history), {by_client[c]: r for c, r in synced.items()}
+
+    def restored_bytes(self) -> int:
+        return sum(self.restore_bytes.values())
 
     # ------------------------------------------------------------------ sampling and downloads
 
