@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from florist.bench.simulate import run_variant
-from florist.config import DEMO_CONFIG, RunConfig, load_config
+from florist.config import DEMO_CONFIG, FloristConfig, load_config
 from florist.data.federated import test_examples
 from florist.eval import exact_match
 from florist.eval.heldout import LossResult, heldout_loss
@@ -45,7 +45,7 @@ DOLLY = ROOT.parent / "shared" / "data" / "dolly-8clients"
 PRECISIONS = ("fp32", "bf16")
 
 
-def dolly_config(steps: int) -> RunConfig:
+def dolly_config(steps: int) -> FloristConfig:
     return load_config(
         None,
         [
@@ -58,7 +58,7 @@ def dolly_config(steps: int) -> RunConfig:
     )  # fmt: skip
 
 
-def final_model_scores(cfg: RunConfig, score: Callable[[Any, Any], None]) -> None:
+def final_model_scores(cfg: FloristConfig, score: Callable[[Any, Any], None]) -> None:
     """Train ``cfg`` in-process (florist.bench.simulate); ``score(model, tok)`` after the last round."""
     rounds_seen = 0
 
@@ -114,7 +114,7 @@ def skills_part(args: argparse.Namespace) -> dict[str, Any]:
         cfg = load_config(DEMO_CONFIG, [f"train.precision='{prec}'", "run.progress=false"])
         start = time.perf_counter()
 
-        def score(model: Any, tok: Any, prec: str = prec, cfg: RunConfig = cfg) -> None:
+        def score(model: Any, tok: Any, prec: str = prec, cfg: FloristConfig = cfg) -> None:
             test = test_examples(cfg.data)
             with Precision(prec, "cpu", "benchmark").autocast():
                 em = exact_match(model, tok, test, cfg.eval.max_new_tokens, cfg.eval.batch_size, False)

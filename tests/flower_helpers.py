@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from florist.config import RunConfig, load_config
+from florist.config import FloristConfig, load_config
 from tests.peft_helpers import tiny_llama
 from tests.tiny_tokenizer import VOCAB_SIZE, tiny_tokenizer
 
@@ -16,7 +16,7 @@ def save_tiny_model(path: Path) -> Path:
     return path
 
 
-def tiny_run_config(model_dir: Path, run_dir: Path, name: str, *overrides: str, **_: Any) -> RunConfig:
+def tiny_run_config(model_dir: Path, run_dir: Path, name: str, *overrides: str, **_: Any) -> FloristConfig:
     """3 clients with ranks 8, 4, 2; 2 rounds of 2 steps on a few skills examples; client uploads kept."""
     base = [
         f"model.name={str(model_dir)!r}",

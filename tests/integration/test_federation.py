@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from florist.config import RunConfig, load_config
+from florist.config import FloristConfig, load_config
 from florist.flower.simulation import run_simulation
 from florist.lora.peft_io import read_adapter
 from tests.flower_helpers import save_tiny_model, tiny_run_config
@@ -32,7 +32,7 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def offline(cfg: RunConfig, round_dir: Path) -> dict[str, torch.Tensor]:
+def offline(cfg: FloristConfig, round_dir: Path) -> dict[str, torch.Tensor]:
     """Aggregate the round's saved client uploads with the same aggregator: dense B @ A per module."""
     clients = sorted((round_dir / "clients").iterdir())
     updates = []

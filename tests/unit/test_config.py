@@ -8,7 +8,7 @@ import pytest
 
 from florist.cli import main
 from florist.config import load_config, to_toml
-from florist.config.loader import from_run_config
+from florist.config.loader import from_flower_run_config
 from florist.errors import ConfigError
 
 
@@ -36,7 +36,7 @@ def test_resolved_toml_round_trips(tmp_path: Path) -> None:
 
 
 def test_flower_run_config_reads_lists_from_strings() -> None:
-    cfg = from_run_config(
+    cfg = from_flower_run_config(
         {"federation.num_clients": 2, "lora.ranks": "[16, 4]", "aggregation.method": "flora"}
     )
     assert cfg.lora.ranks == (16, 4) and cfg.aggregation.method == "flora" and cfg.federation.num_clients == 2
@@ -101,7 +101,7 @@ def test_shipped_configs_load() -> None:
 
 
 def test_flower_app_declares_every_config_key() -> None:
-    """flwr run accepts --run-config only for declared keys; the app's values must load as a RunConfig."""
+    """flwr run accepts --run-config only for declared keys; the app's values must load as a FloristConfig."""
     import tomllib
 
     from florist.config.loader import flat_defaults
@@ -109,7 +109,7 @@ def test_flower_app_declares_every_config_key() -> None:
     app = Path(__file__).resolve().parents[2] / "flower-app" / "pyproject.toml"
     declared = tomllib.loads(app.read_text())["tool"]["flwr"]["app"]["config"]
     assert set(declared) == set(flat_defaults())
-    cfg = from_run_config(declared)
+    cfg = from_flower_run_config(declared)
     assert (
         cfg.lora.ranks == (16, 12, 8, 4) and cfg.federation.participation is None and cfg.data.format is None
     )

@@ -12,7 +12,7 @@ from florist.client.model import load_model
 from florist.flower import node as node_mod
 from florist.flower.codec import encode_factors
 from florist.flower.node import get_node
-from florist.flower.strategy import ClientInfo
+from florist.flower.replies import ClientInfo
 from florist.lora import LoraFactors
 from florist.server.global_model import GlobalModel
 from tests.flower_helpers import save_tiny_model, tiny_run_config

@@ -15,10 +15,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from florist.config import RunConfig, load_config
+from florist.config import FloristConfig, load_config
 from florist.flower.codec import encode_upload
 from florist.flower.node import client_id
-from florist.flower.strategy import ClientInfo, FederatedLoRA
+from florist.flower.replies import ClientInfo
+from florist.flower.strategy import FederatedLoRA
 from florist.lora import ClientUpdate, LoraFactors
 from florist.lora.distance import relative_error
 from florist.server.global_model import adapted_shapes
@@ -33,7 +34,7 @@ def shapes() -> dict[str, tuple[int, int]]:
     return adapted_shapes(tiny_llama(0), ("q_proj", "v_proj"))
 
 
-def config(*overrides: str, n: int = N) -> RunConfig:
+def config(*overrides: str, n: int = N) -> FloristConfig:
     base = [f"federation.num_clients={n}", f"lora.ranks=[{RANK}]", "aggregation.tau=1.0"]
     return load_config(None, [*base, *overrides])
 

@@ -28,7 +28,7 @@ from florist.bench import report
 from florist.bench.simulate import client_name, run_variant, shared_round_one
 from florist.bench.variants import DEFAULT_TAUS, Variant, budget, sweep
 from florist.client.model import load_model
-from florist.config import PAPER_CONFIG, RunConfig, load_config
+from florist.config import PAPER_CONFIG, FloristConfig, load_config
 from florist.config.loader import build, set_dotted
 from florist.data.federated import test_examples
 from florist.fsutil import atomic_dir, write_json_atomic, write_text_atomic
@@ -58,7 +58,7 @@ class BenchOptions:
     variants: tuple[str, ...] = field(default=())  # run only these names (all if empty)
 
 
-def setting_config(opts: BenchOptions, setting: str) -> RunConfig:
+def setting_config(opts: BenchOptions, setting: str) -> FloristConfig:
     cfg = load_config(opts.config, list(opts.overrides))
     if setting == "heterogeneous":
         n = cfg.federation.num_clients
@@ -67,7 +67,7 @@ def setting_config(opts: BenchOptions, setting: str) -> RunConfig:
     return cfg
 
 
-def variant_config(cfg: RunConfig, v: Variant) -> RunConfig:
+def variant_config(cfg: FloristConfig, v: Variant) -> FloristConfig:
     """``cfg`` with the variant's keys set (validated like any config)."""
     tree = cfg.to_dict()
     for key, value in v.overrides().items():
@@ -75,7 +75,7 @@ def variant_config(cfg: RunConfig, v: Variant) -> RunConfig:
     return build(tree)
 
 
-def round_one_key(cfg: RunConfig, method: str) -> str | None:
+def round_one_key(cfg: FloristConfig, method: str) -> str | None:
     """Which round-1 uploads ``method`` can share: its clients' init ('shared' or 'per_client').
 
     Round 1 starts every client from the base model with a fresh LoRA: merge-protocol clients draw A
@@ -88,7 +88,7 @@ def round_one_key(cfg: RunConfig, method: str) -> str | None:
     return cfg.lora.init if protocol is ClientProtocol.MERGE_AND_RESTART else "shared"
 
 
-def matched_budget_mb(cfg: RunConfig, round_one: list[ClientUpdate], tau: float) -> float:
+def matched_budget_mb(cfg: FloristConfig, round_one: list[ClientUpdate], tau: float) -> float:
     """Download bytes of FLoRIST at ``tau`` on round 1's shared uploads, in MB (the budget to match)."""
     agg_cfg = variant_config(cfg, Variant("", "florist", tau=tau)).aggregation
     result = agg_cfg.build().aggregate(round_one)
@@ -101,7 +101,7 @@ class RoundOneCache:
     def __init__(self, root: Path) -> None:
         self.root, self.memory = root, dict[str, list[ClientUpdate]]()
 
-    def get(self, cfg: RunConfig, setting: str, init: str) -> list[ClientUpdate]:
+    def get(self, cfg: FloristConfig, setting: str, init: str) -> list[ClientUpdate]:
         key = f"{setting}/{init}"
         if key not in self.memory:
             self.memory[key] = self._load(key, cfg.federation.num_clients) or self._train(cfg, key, init)
@@ -115,7 +115,7 @@ class RoundOneCache:
         sizes = [json.loads((d / "florist.json").read_text())["num_examples"] for d in dirs]
         return [read_adapter(d, d.name).to_update(d.name, n) for d, n in zip(dirs, sizes, strict=True)]
 
-    def _train(self, cfg: RunConfig, key: str, init: str) -> list[ClientUpdate]:
+    def _train(self, cfg: FloristConfig, key: str, init: str) -> list[ClientUpdate]:
         log.info("round 1 (%s): training once for the variants that share it", key)
         updates = shared_round_one(replace(cfg, lora=replace(cfg.lora, init=init)))
         for u in updates:
@@ -136,7 +136,7 @@ class Bench:
         self.round_one = RoundOneCache(Path(opts.cache))
         self.round_one_results: dict[str, AggregationResult] = {}
 
-    def variants(self, cfg: RunConfig, setting: str) -> list[Variant]:
+    def variants(self, cfg: FloristConfig, setting: str) -> list[Variant]:
         o = self.opts
         homo = setting == "homogeneous"
         out = sweep(taus=o.taus if homo else o.hetero_taus, options=o.options,
@@ -177,7 +177,7 @@ class Bench:
             done[v.name] = records
             self.save(cfg)
 
-    def save(self, cfg: RunConfig) -> None:
+    def save(self, cfg: FloristConfig) -> None:
         self.results["meta"] = regime(cfg)
         write_json_atomic(self.out / "results.json", self.results)  # progress survives a crash
 
@@ -231,7 +231,7 @@ def run_order(v: Variant) -> int:
     return 5
 
 
-def regime(cfg: RunConfig) -> dict[str, Any]:
+def regime(cfg: FloristConfig) -> dict[str, Any]:
     """What every variant of the bench shares, recorded beside the results."""
     t = cfg.train
     budget_ = {"steps": t.steps, "epochs": t.epochs, "examples": t.examples}

@@ -41,7 +41,7 @@ from florist.client.local import LocalClient
 from florist.client.lora_state import extract
 from florist.client.model import load_model
 from florist.client.train import TrainStats
-from florist.config import PAPER_CONFIG, RunConfig, load_config
+from florist.config import PAPER_CONFIG, FloristConfig, load_config
 from florist.data.federated import client_examples, test_examples
 from florist.eval.heldout import LossResult, heldout_loss
 from florist.eval.paired import paired_difference
@@ -83,7 +83,7 @@ class RegimeOptions:
     taus: tuple[float, ...] = TAUS
 
 
-def study_config(opts: RegimeOptions, batch: int, examples: int, init: str) -> RunConfig:
+def study_config(opts: RegimeOptions, batch: int, examples: int, init: str) -> FloristConfig:
     """The bench config with this (batch, init) and a budget of ``examples`` examples per round."""
     cfg = load_config(opts.config, list(opts.overrides))
     if batch % MICRO_BATCH and batch > MICRO_BATCH:
@@ -164,7 +164,7 @@ def methods(taus: Sequence[float]) -> dict[str, Any]:
 class Scorer:
     """The base model, loaded once; each global update is set on top of it and scored."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: FloristConfig) -> None:
         model, self.tok = load_model(cfg.model.name, cfg.model.torch_dtype())
         self.model = GlobalModel(model.to(cfg.model.torch_device()), self.tok, ClientProtocol.CONTINUE_GLOBAL)
         self.test = test_examples(cfg.data)
@@ -256,7 +256,7 @@ def loss_from_dict(d: dict[str, Any]) -> LossResult:
     return LossResult(d["loss"], d["perplexity"], d["n_tokens"], per, d["per_example_tokens"])
 
 
-def regime_description(cfg: RunConfig) -> dict[str, Any]:
+def regime_description(cfg: FloristConfig) -> dict[str, Any]:
     lora, train, ev = cfg.lora, cfg.train, cfg.eval
     return {
         "model": cfg.model.name,

@@ -26,7 +26,7 @@ from florist.aggregation.comm import download_ranks
 from florist.aggregation.lowrank import prepare_upload
 from florist.client.local import LocalClient
 from florist.client.model import load_model
-from florist.config import RunConfig
+from florist.config import FloristConfig
 from florist.data.federated import client_examples
 from florist.lora import ClientUpdate, LoraFactors
 from florist.server.global_model import GlobalModel
@@ -40,7 +40,7 @@ def client_name(index: int) -> str:
     return f"client-{index:03d}"
 
 
-def make_clients(cfg: RunConfig, protocol: ClientProtocol) -> list[LocalClient]:
+def make_clients(cfg: FloristConfig, protocol: ClientProtocol) -> list[LocalClient]:
     n, fed = cfg.federation.num_clients, cfg.federation
     shared_rank = max(cfg.lora.rank_of(k, n) for k in range(n))
     clients = []
@@ -124,7 +124,7 @@ def round_record(
 class Variant:
     """One method's run: its clients, aggregator, server model and the state between rounds."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: FloristConfig) -> None:
         self.cfg = cfg
         self.agg = cfg.aggregation.build()
         self.clients = make_clients(cfg, self.agg.protocol)
@@ -169,7 +169,7 @@ class Variant:
 
 
 def run_variant(
-    cfg: RunConfig,
+    cfg: FloristConfig,
     evaluate: Evaluate,
     round_one: list[ClientUpdate] | None = None,
     on_result: Callable[[int, AggregationResult], None] | None = None,
@@ -195,7 +195,7 @@ def run_variant(
     return records
 
 
-def shared_round_one(cfg: RunConfig) -> list[ClientUpdate]:
+def shared_round_one(cfg: FloristConfig) -> list[ClientUpdate]:
     """Round 1's raw uploads from the base model (no uplink cut, float32), for variants that share it."""
     fed = replace(cfg.federation, uplink_tau=None, wire_dtype="float32")
     clients = make_clients(replace(cfg, federation=fed), ClientProtocol.MERGE_AND_RESTART)

@@ -15,7 +15,7 @@ import torch
 
 from florist.errors import ConfigError
 from florist.lora import LoraFactors
-from florist.lora.init import seeded_a
+from florist.lora.seeded import seeded_a
 from florist.lora.update import add_update
 
 ADAPTER = "default"

@@ -3,27 +3,27 @@
 from florist.config.loader import load_config, to_toml
 from florist.config.packaged import DEMO_CONFIG, PAPER_CONFIG
 from florist.config.schema import (
+    AdapterConfig,
     AggregationConfig,
     DataConfig,
     EvalConfig,
     FederationConfig,
-    LoraConfig,
+    FloristConfig,
     ModelConfig,
-    RunConfig,
-    RunSection,
+    OutputConfig,
 )
 
 __all__ = [
     "DEMO_CONFIG",
     "PAPER_CONFIG",
+    "AdapterConfig",
     "AggregationConfig",
     "DataConfig",
     "EvalConfig",
     "FederationConfig",
-    "LoraConfig",
+    "FloristConfig",
     "ModelConfig",
-    "RunConfig",
-    "RunSection",
+    "OutputConfig",
     "load_config",
     "to_toml",
 ]

@@ -21,12 +21,12 @@ import tomli_w
 import tomllib
 
 from florist.config.packaged import PACKAGED
-from florist.config.schema import RunConfig
+from florist.config.schema import FloristConfig
 from florist.errors import ConfigError
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """The validated ``RunConfig`` from an optional TOML file and ``key=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> FloristConfig:
+    """The validated ``FloristConfig`` from an optional TOML file and ``key=value`` overrides."""
     tree: dict[str, dict[str, Any]] = {}
     if path is not None:
         tree = _read_toml(Path(path))
@@ -94,9 +94,9 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[name] = value
 
 
-def build(tree: Mapping[str, Any]) -> RunConfig:
-    """``RunConfig`` from nested plain values, rejecting unknown sections and keys by name."""
-    sections = {f.name: f for f in dataclasses.fields(RunConfig)}
+def build(tree: Mapping[str, Any]) -> FloristConfig:
+    """``FloristConfig`` from nested plain values, rejecting unknown sections and keys by name."""
+    sections = {f.name: f for f in dataclasses.fields(FloristConfig)}
     kwargs = {}
     for name, values in tree.items():
         if name not in sections:
@@ -104,11 +104,11 @@ def build(tree: Mapping[str, Any]) -> RunConfig:
         if not isinstance(values, Mapping):
             raise ConfigError(f"config section {name!r} must be a table, got {values!r}")
         kwargs[name] = _build_section(name, _section_type(name), values)
-    return RunConfig(**kwargs)
+    return FloristConfig(**kwargs)
 
 
 def _section_type(name: str) -> type:
-    return typing.get_type_hints(RunConfig)[name]  # type: ignore[no-any-return]
+    return typing.get_type_hints(FloristConfig)[name]  # type: ignore[no-any-return]
 
 
 def _build_section(section: str, cls: type, values: Mapping[str, Any]) -> Any:
@@ -171,7 +171,7 @@ def _scalar(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {hint}")
 
 
-def to_toml(cfg: RunConfig) -> str:
+def to_toml(cfg: FloristConfig) -> str:
     """The resolved config as TOML (tomli_w); an unset (None) value is written as the string "none"."""
     tree = {section: {k: "none" if v is None else v for k, v in values.items()}
             for section, values in cfg.to_dict().items()}  # fmt: skip
@@ -191,8 +191,8 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
-def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
-    """``RunConfig`` from Flower's flat run config (``flwr run --run-config``, ``[tool.flwr.app.config]``).
+def from_flower_run_config(run_config: Mapping[str, Any]) -> FloristConfig:
+    """``FloristConfig`` from Flower's flat run config (``--run-config``, ``[tool.flwr.app.config]``).
 
     ``config`` names a TOML file; every other key is ``section.key`` with a scalar value, and string
     values are read as TOML values (so ``"lora.ranks" = "[16, 8, 4]"`` gives a list).
@@ -207,10 +207,10 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     return load_config(str(path) if path else None, overrides)
 
 
-def flat_defaults(cfg: RunConfig | None = None) -> dict[str, Any]:
+def flat_defaults(cfg: FloristConfig | None = None) -> dict[str, Any]:
     """Every ``section.key`` with a Flower-run-config scalar (lists and None as TOML strings)."""
     out: dict[str, Any] = {}
-    for section, values in (cfg or RunConfig()).to_dict().items():
+    for section, values in (cfg or FloristConfig()).to_dict().items():
         for key, value in values.items():
             if value is None:
                 value = "none"

@@ -92,7 +92,9 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class LoraConfig:
+class AdapterConfig:
+    """[lora]: each client's LoRA adapter (named so that it does not shadow ``peft.LoraConfig``)."""
+
     ranks: tuple[int, ...] = field(default=(16,), metadata={"help": "one rank per client, or one for all"})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; unset: alpha_ratio * rank"})
     alpha_ratio: float = 2.0
@@ -273,7 +275,9 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class RunSection:
+class OutputConfig:
+    """[run]: where the run directory goes, what it keeps, and resume."""
+
     dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
     name: str | None = field(default=None, metadata={"help": "run directory name; default method-time"})
     save_client_updates: bool = field(default=False, metadata={"help": "write every client's upload"})
@@ -312,15 +316,18 @@ class FaultsConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class FloristConfig:
+    """A whole florist run, one field per TOML section (not Flower's ``run_config``, a flat key map
+    that ``florist.config.loader.from_flower_run_config`` turns into this)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     federation: FederationConfig = field(default_factory=FederationConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    run: RunSection = field(default_factory=RunSection)
+    run: OutputConfig = field(default_factory=OutputConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:

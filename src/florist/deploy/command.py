@@ -10,14 +10,14 @@ from types import FrameType
 from typing import IO, Any
 
 from florist.cli_parsing import IntermixedParser
-from florist.config import RunConfig
+from florist.config import FloristConfig
 from florist.data.federated import preflight
 from florist.deploy.launch import DEFAULT_APP, Deployment, DeploySettings
 from florist.deploy.processes import DeploymentError
 from florist.deploy.runconfig import deploy_config, run_dir
 
 
-def deploy(cfg: RunConfig, settings: DeploySettings, echo: IO[str] | None = None) -> dict[str, Any]:
+def deploy(cfg: FloristConfig, settings: DeploySettings, echo: IO[str] | None = None) -> dict[str, Any]:
     """Start the deployment, run ``cfg`` through it, stop every process; the run's summary."""
     with Deployment(settings, echo) as deployment:
         deployment.start()

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import tomli_w
 
-from florist.config import RunConfig
+from florist.config import FloristConfig
 from florist.deploy.certs import NodeKey, TlsFiles, make_node_key, make_tls
 from florist.deploy.processes import DeploymentError, LogFollower, Managed, ProcessGroup, tail
 from florist.deploy.runconfig import app_config, overrides_toml, run_dir, run_overrides
@@ -247,7 +247,7 @@ class Deployment:
         log.info("%s started (pid %d)", name, node.pid)
         return node
 
-    def run(self, cfg: RunConfig, timeout: float | None = None) -> dict[str, Any]:
+    def run(self, cfg: FloristConfig, timeout: float | None = None) -> dict[str, Any]:
         """Run ``cfg`` with ``flwr run`` through this deployment; the run's summary.
 
         ``cfg`` must name its run directory (absolute ``run.dir`` and a ``run.name``): the ServerApp

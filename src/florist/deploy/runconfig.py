@@ -12,7 +12,7 @@ from typing import Any
 import tomli_w
 import tomllib
 
-from florist.config import RunConfig, load_config
+from florist.config import FloristConfig, load_config
 from florist.config.loader import flat_defaults
 from florist.errors import ConfigError
 
@@ -27,7 +27,7 @@ def app_config(app: Path) -> dict[str, Any]:
     return table
 
 
-def run_overrides(cfg: RunConfig, declared: Mapping[str, Any]) -> dict[str, Any]:
+def run_overrides(cfg: FloristConfig, declared: Mapping[str, Any]) -> dict[str, Any]:
     """The ``section.key`` values of ``cfg`` that differ from what the Flower App declares.
 
     Flower accepts run-config overrides only for declared keys, so a key the app does not declare
@@ -54,7 +54,7 @@ def overrides_toml(overrides: Mapping[str, Any]) -> str:
     )
 
 
-def run_dir(cfg: RunConfig) -> Path:
+def run_dir(cfg: FloristConfig) -> Path:
     """RUN, where the ServerApp writes: ``run.dir`` must be absolute and ``run.name`` set."""
     if not Path(cfg.run.dir).is_absolute():
         raise ConfigError(f"run.dir must be an absolute path for a deployment, got {cfg.run.dir!r}")
@@ -63,7 +63,7 @@ def run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.run.dir) / cfg.run.name
 
 
-def deploy_config(path: str | None, nodes: int, overrides: Sequence[str] = ()) -> RunConfig:
+def deploy_config(path: str | None, nodes: int, overrides: Sequence[str] = ()) -> FloristConfig:
     """The run's config: ``federation.num_clients`` from ``nodes``, local paths absolute, a run name.
 
     The apps run in Flower's processes, so ``run.dir`` and every path that exists relative to the

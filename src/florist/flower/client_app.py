@@ -18,8 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from florist.aggregation.base import ClientProtocol
-from florist.config import RunConfig
-from florist.config.loader import from_run_config
+from florist.config import FloristConfig
+from florist.config.loader import from_flower_run_config
 from florist.flower.codec import encode_upload
 from florist.flower.node import (
     Node,
@@ -40,7 +40,7 @@ def downloads(msg: Message) -> dict[int, ArrayRecord]:
     return globals_by_round(msg.content)
 
 
-def hello(cfg: RunConfig, msg: Message, context: Context) -> Message:
+def hello(cfg: FloristConfig, msg: Message, context: Context) -> Message:
     n = cfg.federation.num_clients
     k = partition_id(context, n)
     info: dict[str, Any] = {
@@ -53,7 +53,7 @@ def hello(cfg: RunConfig, msg: Message, context: Context) -> Message:
     return Message(RecordDict({"client": ConfigRecord(info)}), reply_to=msg)
 
 
-def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
+def train(cfg: FloristConfig, msg: Message, context: Context) -> Message:
     node = get_node(cfg, context)
     node.receive(downloads(msg), context)
     rnd = int(msg.content.config_records["config"]["round"])  # type: ignore[arg-type]
@@ -78,7 +78,7 @@ def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def sync(cfg: RunConfig, msg: Message, context: Context) -> Message:
+def sync(cfg: FloristConfig, msg: Message, context: Context) -> Message:
     node = get_node(cfg, context)
     node.receive(downloads(msg), context)
     identity = _identity(node)
@@ -90,12 +90,12 @@ def _identity(node: Node) -> ConfigRecord:
     return ConfigRecord({"client_id": node.client.client_id, "merged": [int(r) for r in node.merged]})
 
 
-def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
+def make_client_app(cfg: FloristConfig | None = None) -> ClientApp:
     """A ClientApp for ``cfg``; with None, each message reads the config from the run config."""
     app = ClientApp()
 
-    def config_of(context: Context) -> RunConfig:
-        return cfg if cfg is not None else from_run_config(context.run_config)
+    def config_of(context: Context) -> FloristConfig:
+        return cfg if cfg is not None else from_flower_run_config(context.run_config)
 
     @app.query("hello")
     def _hello(msg: Message, context: Context) -> Message:

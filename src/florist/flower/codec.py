@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from florist.dtypes import WIRE, itemsize
 from florist.errors import InvalidUpdate
 from florist.lora import LoraFactors
-from florist.lora.init import seeded_a
+from florist.lora.seeded import seeded_a
 
 A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
 

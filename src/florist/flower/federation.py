@@ -19,18 +19,19 @@ from flwr.serverapp import Grid
 
 from florist.aggregation.comm import efficiency, wire_bytes
 from florist.client.model import load_model, resolve_model
-from florist.config import RunConfig
+from florist.config import FloristConfig
 from florist.data.federated import test_examples
 from florist.errors import QuorumLost
 from florist.flower.exchange import Exchange
 from florist.flower.handshake import hello
-from florist.flower.strategy import FederatedLoRA, RoundLog, short_reason, weighted_mean
+from florist.flower.replies import RoundLog, short_reason, weighted_mean
+from florist.flower.strategy import FederatedLoRA
 from florist.precision import resolve
 from florist.server import checkpoint
 from florist.server.checkpoint import ServerState
 from florist.server.evaluation import Evaluator
-from florist.server.global_model import GlobalModel, adapted_shapes
-from florist.server.rundir import RunDir, cumulative
+from florist.server.global_model import GlobalModel, adapted_shapes, final_update
+from florist.server.rundir import RunDir
 from florist.server.size_guard import check_estimate, estimate
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ DRAIN_SECONDS = 60.0  # at the end, wait at most this long (or round_timeout) fo
 class Federation:
     """One run: the strategy, the server's global model, evaluation, checkpoints and the run directory."""
 
-    def __init__(self, cfg: RunConfig, grid: Grid) -> None:
+    def __init__(self, cfg: FloristConfig, grid: Grid) -> None:
         self.cfg, self.grid = cfg, grid
         self.aggregator = cfg.aggregation.build()
         self.base = resolve_model(cfg.model.name)
@@ -192,7 +193,8 @@ class Federation:
                 "no_reply": [self.strategy.client_of(n) for n in missing]}  # fmt: skip
 
     def finish(self, sync: dict[str, Any]) -> dict[str, Any]:
-        adapter = self.rundir.final_adapter(cumulative(self.strategy.global_updates(), self.strategy.merges))
+        total = final_update(self.strategy.global_updates(), self.strategy.aggregator.protocol)
+        adapter = self.rundir.final_adapter(total)
         rounds = [r for r in self.state.records if r["round"] > 0]
         late = [
             {

@@ -9,15 +9,15 @@ from typing import Any
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from florist.config import RunConfig
+from florist.config import FloristConfig
 from florist.flower.node import client_id
-from florist.flower.strategy import ClientInfo, short_reason
+from florist.flower.replies import ClientInfo, short_reason
 
 log = logging.getLogger(__name__)
 MAX_EXAMPLES = 10**9  # a site's declared training examples; the weight p_k follows from it
 
 
-def hello(grid: Grid, cfg: RunConfig) -> list[ClientInfo]:
+def hello(grid: Grid, cfg: FloristConfig) -> list[ClientInfo]:
     """Every node's index, rank, example count and the global rounds it already holds.
 
     A node says which client index it serves (its ``partition-id``); the server checks the claim and
@@ -57,7 +57,7 @@ def _src(reply: Message) -> int:
     return int(reply.metadata.src_node_id)
 
 
-def client_info(node: int, c: dict[str, Any], cfg: RunConfig) -> ClientInfo:
+def client_info(node: int, c: dict[str, Any], cfg: FloristConfig) -> ClientInfo:
     """The checked ``ClientInfo`` of a hello reply; ``ValueError`` names what is wrong."""
     n = cfg.federation.num_clients
     index, rank, examples = (_int(c, key) for key in ("index", "rank", "num_examples"))

@@ -22,7 +22,7 @@ from florist.aggregation.base import ClientProtocol
 from florist.client.local import LocalClient
 from florist.client.lora_state import lora_layers
 from florist.client.model import load_model
-from florist.config import RunConfig
+from florist.config import FloristConfig
 from florist.data.federated import client_examples, subsample
 from florist.data.loaders import load_examples
 from florist.data.records import Example
@@ -48,7 +48,7 @@ def partition_id(context: Context, num_clients: int) -> int:
     return index
 
 
-def node_examples(cfg: RunConfig, context: Context) -> list[Example]:
+def node_examples(cfg: FloristConfig, context: Context) -> list[Example]:
     """This node's training examples: its own file when its node config names one, else its share.
 
     A site that keeps its data at home starts its SuperNode with
@@ -65,11 +65,11 @@ def node_examples(cfg: RunConfig, context: Context) -> list[Example]:
     return subsample(load_examples(str(path), fmt=cfg.data.format), cfg.data, k)
 
 
-def protocol_of(cfg: RunConfig) -> ClientProtocol:
+def protocol_of(cfg: FloristConfig) -> ClientProtocol:
     return cfg.aggregation.build().protocol
 
 
-def configure_threads(cfg: RunConfig) -> None:
+def configure_threads(cfg: FloristConfig) -> None:
     """Torch threads: FLORIST_THREADS, else the client's CPU share (Ray may have set 1)."""
     threads = int(os.environ.get("FLORIST_THREADS", 0)) or max(1, int(cfg.federation.cpus_per_client))
     torch.set_num_threads(threads)
@@ -84,7 +84,7 @@ class Node:
     merged: list[int] = field(default_factory=list)
 
     @classmethod
-    def create(cls, cfg: RunConfig, index: int, examples: list[Example]) -> Node:
+    def create(cls, cfg: FloristConfig, index: int, examples: list[Example]) -> Node:
         configure_threads(cfg)
         n = cfg.federation.num_clients
         model, tokenizer = load_model(cfg.model.name, cfg.model.torch_dtype())
@@ -138,7 +138,7 @@ def globals_by_round(content: RecordDict) -> dict[int, ArrayRecord]:
 _NODES: dict[tuple[int, int], Node] = {}
 
 
-def get_node(cfg: RunConfig, context: Context) -> Node:
+def get_node(cfg: FloristConfig, context: Context) -> Node:
     """The cached node for this run and node id, created (model loaded) on first use."""
     key = (context.run_id, context.node_id)
     node = _NODES.get(key)

@@ -9,10 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from florist.config import RunConfig
+from florist.config import FloristConfig
 
 
-def backend_config(cfg: RunConfig) -> dict[str, Any]:
+def backend_config(cfg: FloristConfig) -> dict[str, Any]:
     """Ray resources: each client gets ``cpus_per_client`` cores (at most all of them) and its GPU share."""
     cores = os.cpu_count() or 1
     cpus = min(float(cores), cfg.federation.cpus_per_client)
@@ -20,7 +20,7 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     return {"client_resources": resources, "init_args": {"num_cpus": cores, "log_to_driver": True}}
 
 
-def run_simulation(cfg: RunConfig) -> dict[str, Any]:
+def run_simulation(cfg: FloristConfig) -> dict[str, Any]:
     """Run ``cfg`` to the end; returns the summary that RUN/summary.json also holds."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 

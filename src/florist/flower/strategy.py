@@ -10,56 +10,24 @@ this class only moves records.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from florist.aggregation.base import AggregationResult, Aggregator, ClientProtocol
-from florist.config import RunConfig
-from florist.errors import InvalidUpdate
-from florist.flower.codec import decode_upload, encode_factors, payload_bytes, received_bytes
+from florist.config import FloristConfig
+from florist.flower.codec import encode_factors, payload_bytes
 from florist.flower.node import GLOBAL_PREFIX
+from florist.flower.replies import ClientInfo, ReplyReader, RoundLog, weighted_mean
 from florist.lora import ClientUpdate, LoraFactors
-from florist.lora.validation import check_update
 from florist.seeds import derive_seed
 from florist.server.round import aggregate_round
-from florist.server.size_guard import MessageTooLarge, check_message
+from florist.server.size_guard import check_message
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClientInfo:
-    """What a node told the server when the run started (``query.hello``)."""
-
-    node_id: int
-    client_id: str
-    index: int
-    rank: int
-    num_examples: int
-    held: tuple[int, ...] = ()  # global rounds already in the node's state (a restarted server)
-
-
-@dataclass
-class RoundLog:
-    """Bytes and client figures of one round, filled as the round goes."""
-
-    round: int
-    clients: list[str] = field(default_factory=list)
-    bytes_down: int = 0  # the latest global update, sent at the start of this round
-    bytes_catchup: int = 0  # older global updates sent to clients that skipped rounds
-    bytes_up: int = 0
-    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
-    timed_out: list[str] = field(default_factory=list)  # sampled clients whose reply came too late
-    skipped: str | None = None  # why the round was skipped (global model unchanged)
-    clip: dict[str, Any] | None = None  # robust mode: threshold, norms, factors per client
 
 
 class FederatedLoRA(Strategy):
@@ -67,7 +35,7 @@ class FederatedLoRA(Strategy):
 
     Parameters
     ----------
-    cfg : RunConfig
+    cfg : FloristConfig
         The run's configuration (federation and lora sections are read here).
     aggregator : Aggregator
         From ``florist.aggregation.make_aggregator``.
@@ -79,7 +47,7 @@ class FederatedLoRA(Strategy):
 
     def __init__(
         self,
-        cfg: RunConfig,
+        cfg: FloristConfig,
         aggregator: Aggregator,
         clients: Sequence[ClientInfo],
         expected: Mapping[str, tuple[int, int]],
@@ -92,6 +60,11 @@ class FederatedLoRA(Strategy):
         self.logs: dict[int, RoundLog] = {}
         self.last_updates: list[ClientUpdate] = []
         self.restore_bytes: dict[str, int] = {}
+        shared = None if self.sends_a else (cfg.federation.seed, max(c.rank for c in self.clients))
+        self.reader = ReplyReader(
+            self.by_node, self.expected, cfg.federation.max_message_mb, shared,
+            self._merged_before if self.merges else None,
+        )  # fmt: skip
 
     @property
     def merges(self) -> bool:
@@ -105,7 +78,7 @@ class FederatedLoRA(Strategy):
 
     def client_of(self, node_id: int) -> str:
         """The client id of ``node_id`` (``"node N"`` for a node that never joined)."""
-        return self._who(node_id)
+        return self.reader.who(node_id)
 
     def info(self, node_id: int) -> ClientInfo | None:
         return self.by_node.get(node_id)
@@ -221,7 +194,7 @@ class FederatedLoRA(Strategy):
         updates = self._usable(server_round, list(replies), log_)
         need = self.cfg.federation.min_replies
         if len(updates) < need:
-            return self._skip(log_, f"{len(updates)} usable update(s), {need} required ({_reasons(log_)})")
+            return self._skip(log_, f"{len(updates)} usable update(s), {need} required ({log_.reasons()})")
         previous = self.history[-1][1] if self.history else None
         ranks = {c.client_id: c.rank for c in self.clients}
         try:
@@ -229,14 +202,14 @@ class FederatedLoRA(Strategy):
         except Exception as err:  # an aggregator failure must not stop the federation
             return self._skip(log_, f"aggregation failed: {type(err).__name__}: {err}")
         for who, why in outcome.dropped.items():
-            self._reject(log_, who, why)
+            log_.reject(who, why)
         if outcome.clip is not None:
             r = outcome.clip
             log_.clip = {"threshold": r.threshold, "norms": r.norms, "factors": r.factors}
         result, updates = outcome.result, outcome.updates
         if result is None:
             return self._skip(
-                log_, f"no subset of the updates aggregates to finite values ({_reasons(log_)})"
+                log_, f"no subset of the updates aggregates to finite values ({log_.reasons()})"
             )
         self._accept(server_round, result, updates)
         loss = weighted_mean(log_.client_metrics, "train_loss")
@@ -251,13 +224,21 @@ class FederatedLoRA(Strategy):
             node = msg.metadata.src_node_id
             if node in seen or node not in sampled:
                 why = "duplicate reply" if node in seen else "reply from a node not sampled this round"
-                self._reject(log_, self._who(node), f"round {round}: {why}: discarded", key_suffix="+dup")
+                log_.reject(self.reader.who(node), f"round {round}: {why}: discarded", key_suffix="+dup")
                 continue
             seen.add(node)
-            update = self._decode(round, msg, log_)
+            update = self.reader.read(round, msg, log_)
             if update is not None:
                 updates.append(update)
         return updates
+
+    def _merged_before(self, round: int) -> list[int]:
+        """The rounds a merge-protocol client holds when it trains in ``round``."""
+        return [t for t, _ in self.history if t < round]
+
+    def _last_before(self, round: int) -> int:
+        earlier = self._merged_before(round)
+        return earlier[-1] if earlier else 0
 
     def _accept(self, round: int, result: AggregationResult, updates: list[ClientUpdate]) -> None:
         self.history.append((round, result))
@@ -289,113 +270,6 @@ class FederatedLoRA(Strategy):
             len(self.clients),
             rounds,
         )
-
-    # ------------------------------------------------------------------ replies
-
-    def _last_before(self, round: int) -> int:
-        earlier = [t for t, _ in self.history if t < round]
-        return earlier[-1] if earlier else 0
-
-    def _decode(self, round: int, msg: Message, log_: RoundLog) -> ClientUpdate | None:
-        info = self.by_node.get(msg.metadata.src_node_id)
-        who = self._who(msg.metadata.src_node_id)
-        if msg.has_error():
-            self._reject(log_, who, f"round {round}: client error: {short_reason(msg.error.reason)}")
-            return None
-        try:
-            size = payload_bytes(msg.content)
-            limit = self.cfg.federation.max_message_mb
-            check_message(max(size, received_bytes(msg.content)), limit, f"round {round}: the reply")
-            update = self._update(msg, who)
-            self._check(round, msg, update, info)
-            self._check_merged(round, msg, who)
-            metrics = numeric_metrics(msg.content.metric_records["metrics"], who, round)
-        except (InvalidUpdate, MessageTooLarge) as err:
-            self._reject(log_, who, str(err))
-            return None
-        except Exception as err:  # a malformed reply must not stop the federation
-            self._reject(log_, who, f"round {round}: unreadable reply: {type(err).__name__}: {err}")
-            return None
-        log_.bytes_up += size
-        log_.client_metrics[who] = metrics
-        return update
-
-    def _who(self, node: int) -> str:
-        info = self.by_node.get(node)
-        return info.client_id if info else f"node {node}"
-
-    def _reject(self, log_: RoundLog, who: str, reason: str, key_suffix: str = "") -> None:
-        key = who if who not in log_.rejected else who + key_suffix
-        log_.rejected[key] = reason
-        log.warning("round %d: %s left out: %s", log_.round, who, reason)
-
-    def _check(self, round: int, msg: Message, update: ClientUpdate, info: ClientInfo | None) -> None:
-        if info is None:
-            raise InvalidUpdate(
-                update.client_id, "the reply comes from a node that did not join", round=round
-            )
-        identity = msg.content.config_records.get("client")
-        claimed = identity.get("client_id") if identity is not None else None
-        if claimed != info.client_id:
-            raise InvalidUpdate(info.client_id, f"the reply claims client id {claimed!r}", round=round)
-        check_update(
-            update, self.expected, round=round, max_rank=info.rank, max_examples=float(info.num_examples)
-        )
-
-    def _update(self, msg: Message, who: str) -> ClientUpdate:
-        content = msg.content
-        if "lora" not in content.array_records or "metrics" not in content.metric_records:
-            raise InvalidUpdate(who, "the reply has no 'lora' arrays or no 'metrics'")
-        shared = None if self.sends_a else (self.cfg.federation.seed, max(c.rank for c in self.clients))
-        modules = decode_upload(
-            content.array_records["lora"], content.config_records["lora_meta"], who, shared_a=shared,
-            expected=self.expected,
-        )  # fmt: skip
-        n = content.metric_records["metrics"].get("num-examples")
-        return ClientUpdate(who, float(n) if isinstance(n, (int, float)) else float("nan"), modules)
-
-    def _check_merged(self, round: int, msg: Message, who: str) -> None:
-        """A merge-protocol client must hold exactly the rounds aggregated before this one."""
-        if not self.merges:
-            return
-        held = [int(x) for x in msg.content.config_records["client"].get("merged", [])]  # type: ignore[union-attr]
-        expected = [t for t, _ in self.history if t < round]
-        if held != expected:
-            raise InvalidUpdate(who, f"holds the merges of rounds {held}, expected {expected}", round=round)
-
-
-def numeric_metrics(record: Any, who: str, round: int) -> dict[str, float]:
-    """A reply's metrics as finite floats; anything else (a list, a string, NaN) is a bad reply."""
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InvalidUpdate(
-                who, f"metric {str(key)[:40]!r} must be a finite number, got {value!r:.60}", round=round
-            )
-        out[str(key)] = float(value)
-    return out
-
-
-def short_reason(reason: str | None) -> str:
-    """The client's own exception message out of the Ray traceback Flower wraps around it."""
-    text = reason or "unknown error"
-    marker = "Message: "
-    if marker in text:
-        text = text.rsplit(marker, 1)[1]
-    return text.strip().removesuffix("'>").strip()
-
-
-def _reasons(log_: RoundLog) -> str:
-    parts = [f"{who}: {why}" for who, why in log_.rejected.items()]
-    parts += [f"{who}: no reply within the round timeout" for who in log_.timed_out]
-    return "; ".join(parts) or "no replies"
-
-
-def weighted_mean(per_client: dict[str, dict[str, float]], key: str) -> float:
-    """Mean of ``key`` over clients weighted by their example counts."""
-    pairs = [(m[key], m.get("num-examples", 1.0)) for m in per_client.values() if key in m]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total else float("nan")
 
 
 def round_half_up(x: float) -> int:

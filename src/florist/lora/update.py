@@ -9,7 +9,7 @@ factors, ``(s * B, A)``, so a scaling is never applied twice or forgotten.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -85,3 +85,15 @@ class ClientUpdate:
 def add_update(weight: Tensor, factors: LoraFactors) -> None:
     """``W += scaling * B @ A`` in W's dtype, in place: the one merge clients and server both use."""
     weight.add_(factors.delta(torch.float32).to(weight.dtype))
+
+
+def sum_of_rounds(history: Sequence[Mapping[str, LoraFactors]]) -> dict[str, LoraFactors]:
+    """The sum of several updates as one adapter: their effective factors side by side.
+
+    B = [B_1 ... B_T]  (m, sum p_t),  A = [A_1; ...; A_T]  (sum p_t, n),  B @ A = sum_t B_t A_t
+    """
+    out = {}
+    for name in history[-1]:
+        parts = [h[name].effective() for h in history]  # (B_t (m, p_t), A_t (p_t, n))
+        out[name] = LoraFactors(A=torch.cat([A for _, A in parts]), B=torch.cat([B for B, _ in parts], dim=1))
+    return out

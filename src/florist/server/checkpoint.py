@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from florist.aggregation.base import AggregationResult, ClientProtocol
-from florist.config import RunConfig
+from florist.config import FloristConfig
 from florist.errors import ConfigError, FloristError
 from florist.fsutil import write_bytes_atomic, write_text_atomic
 from florist.lora import LoraFactors
@@ -50,7 +50,7 @@ class ServerState:
     skipped_streak: int = 0
 
 
-def config_hash(cfg: RunConfig) -> str:
+def config_hash(cfg: FloristConfig) -> str:
     """sha256 of every section but [run] (where outputs go does not change the result)."""
     return hashlib.sha256(json.dumps(_hashed(cfg.to_dict()), sort_keys=True).encode()).hexdigest()
 
@@ -75,7 +75,7 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------- writing
 
 
-def save(folder: Path, state: ServerState, cfg: RunConfig, keep: int) -> Path:
+def save(folder: Path, state: ServerState, cfg: FloristConfig, keep: int) -> Path:
     """Write ``state`` as ``round-NNN.pt`` (+ its sha256) and keep only the latest ``keep``."""
     path = folder / f"round-{state.round:03d}.pt"
     buf = io.BytesIO()
@@ -89,7 +89,7 @@ def save(folder: Path, state: ServerState, cfg: RunConfig, keep: int) -> Path:
     return path
 
 
-def _payload(state: ServerState, cfg: RunConfig) -> dict[str, Any]:
+def _payload(state: ServerState, cfg: FloristConfig) -> dict[str, Any]:
     return {
         "version": VERSION,
         "round": state.round,
@@ -146,7 +146,7 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("round-*.pt"))
 
 
-def load_latest(folder: Path, cfg: RunConfig, force: bool) -> ServerState:
+def load_latest(folder: Path, cfg: FloristConfig, force: bool) -> ServerState:
     """The newest checkpoint that reads back intact; corrupt ones are reported and skipped."""
     found = checkpoints(folder)
     if not found:
@@ -186,7 +186,7 @@ def read(path: Path) -> dict[str, Any]:
     return payload  # type: ignore[no-any-return]
 
 
-def check_config(payload: dict[str, Any], cfg: RunConfig, force: bool) -> None:
+def check_config(payload: dict[str, Any], cfg: FloristConfig, force: bool) -> None:
     if payload["config_hash"] == config_hash(cfg):
         return
     diff = changed_keys(_hashed(json.loads(payload["config"])), _hashed(_json_roundtrip(cfg.to_dict())))

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from florist.aggregation.base import AggregationResult, ClientProtocol
+from florist.errors import ConfigError
 from florist.lora import LoraFactors
-from florist.lora.update import add_update
+from florist.lora.update import add_update, sum_of_rounds
 
 
 def adapted_shapes(model: Any, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -59,3 +60,15 @@ class GlobalModel:
             h.update(name.encode())
             h.update(self.weight(name).detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
+
+
+def final_update(
+    history: Sequence[Mapping[str, LoraFactors]], protocol: ClientProtocol
+) -> dict[str, LoraFactors]:
+    """The run's whole update against the base model, as one adapter: every round's global update side
+    by side (merge protocols, ``sum_t B_t A_t``), else the latest global adapter."""
+    if not history:
+        raise ConfigError("no round was aggregated; there is no adapter to write")
+    if protocol is ClientProtocol.MERGE_AND_RESTART:
+        return sum_of_rounds(history)
+    return dict(history[-1])

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from florist.aggregation.base import AggregationResult, Aggregator
 from florist.aggregation.lowrank import result_to_wire, warm_parts, without_warm_part
 from florist.aggregation.robust import ClipReport, clip_updates, update_norm
-from florist.config import RunConfig
+from florist.config import FloristConfig
 from florist.lora import ClientUpdate
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class RoundOutcome:
 
 
 def aggregate_round(
-    cfg: RunConfig,
+    cfg: FloristConfig,
     aggregator: Aggregator,
     round: int,
     uploads: Sequence[ClientUpdate],
@@ -55,7 +55,7 @@ def aggregate_round(
 
 
 def round_deltas(
-    cfg: RunConfig,
+    cfg: FloristConfig,
     uploads: Sequence[ClientUpdate],
     previous: AggregationResult | None,
     ranks: Mapping[str, int],
@@ -68,7 +68,7 @@ def round_deltas(
 
 
 def clip(
-    cfg: RunConfig, updates: list[ClientUpdate], round: int
+    cfg: FloristConfig, updates: list[ClientUpdate], round: int
 ) -> tuple[list[ClientUpdate], ClipReport | None]:
     """Robust mode (``aggregation.clip``): norms clipped to the threshold; unchanged when off."""
     agg = cfg.aggregation

@@ -19,16 +19,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from florist.config import RunConfig, to_toml
+from florist.config import FloristConfig, to_toml
 from florist.errors import ConfigError
 from florist.fsutil import atomic_dir, safe_name, write_json_atomic, write_text_atomic
 from florist.lora import ClientUpdate, LoraFactors
 from florist.lora.peft_io import save_adapter_files, write_adapter
 
 
-def default_name(cfg: RunConfig) -> str:
+def default_name(cfg: FloristConfig) -> str:
     return f"{cfg.aggregation.method}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
 
@@ -39,7 +37,7 @@ class RunDir:
     rewritten only when ``run.force`` accepted a changed config.
     """
 
-    def __init__(self, cfg: RunConfig, base_model: str) -> None:
+    def __init__(self, cfg: FloristConfig, base_model: str) -> None:
         """Checks only: nothing is created until ``create`` (after the model and data have loaded)."""
         self.cfg = cfg
         self.tracker: Any = None  # the TensorBoard writer (run.tensorboard), made on first use
@@ -104,19 +102,3 @@ class RunDir:
 
     def summary(self, data: Mapping[str, Any]) -> None:
         write_json_atomic(self.path / "summary.json", data)
-
-
-def cumulative(history: Sequence[Mapping[str, LoraFactors]], merged: bool) -> dict[str, LoraFactors]:
-    """The total update: all rounds' factors side by side (merge protocols), else the last round's.
-
-    B = [B_1 ... B_T]  (m, sum p_t),  A = [A_1; ...; A_T]  (sum p_t, n),  B @ A = sum_t B_t A_t
-    """
-    if not history:
-        raise ConfigError("no round was aggregated; there is no adapter to write")
-    if not merged:
-        return dict(history[-1])
-    out = {}
-    for name in history[-1]:
-        parts = [h[name].effective() for h in history]  # (B_t (m, p_t), A_t (p_t, n))
-        out[name] = LoraFactors(A=torch.cat([A for _, A in parts]), B=torch.cat([B for B, _ in parts], dim=1))
-    return out

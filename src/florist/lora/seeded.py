@@ -16,13 +16,8 @@ from torch import Tensor
 from florist.seeds import derive_seed
 
 
-def module_seed(seed: int, name: str) -> int:
-    """A 63-bit generator seed from the run seed and a module name."""
-    return derive_seed(seed, name)
-
-
 def seeded_a(seed: int, name: str, rows: int, n: int) -> Tensor:
     """The ``(rows, n)`` float32 draw of module ``name``; its leading rows are any smaller rank's A."""
-    g = torch.Generator().manual_seed(module_seed(seed, name))
+    g = torch.Generator().manual_seed(derive_seed(seed, name))  # 63 bits from (run seed, module)
     bound = 1.0 / math.sqrt(n)
     return (torch.rand(rows, n, generator=g) * 2 - 1) * bound  # (rows, n)
