@@ -4,7 +4,10 @@ settings, the report files; round 1 is shared exactly (same uploads for every no
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +24,7 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
         "data.skills_train=6", "data.skills_test=2", "data.max_examples_per_client=none", "eval.mmlu=none",
         "federation.num_clients=3", "federation.rounds=2", "train.steps=1", "train.batch_size=2",
         "train.max_length=256", "eval.max_length=256", "lora.ranks=[4]", "lora.init='shared'",
+        "train.precision='fp32'", "eval.precision='fp32'",  # the golden figures must not depend on the CPU
     )  # fmt: skip
     opts = BenchOptions(overrides=overrides, out=str(tmp_path / "bench"), cache=str(tmp_path / "cache"),
                         taus=(1.0, 0.8), hetero_taus=(0.9,), option_taus=(0.8,), hetero_option_taus=(),
@@ -31,6 +35,7 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
                  "bytes_loss_homogeneous.png", "bytes_loss_heterogeneous.png"):  # fmt: skip
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
+    check_golden(results)
     assert results["meta"]["lora_init"] == "shared" and results["meta"]["effective_batch"] == 2
     base = results["homogeneous"].pop("base model (round 0)")
     assert [r["round"] for r in base] == [0] and base[0]["eval"]["heldout_loss"] > 0
@@ -63,6 +68,42 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
     again = Bench(opts)
     again.run_setting("homogeneous")
     assert again.results["homogeneous"] == json.loads((out / "results.json").read_text())["homogeneous"]
+
+
+GOLDEN = Path(__file__).parent / "golden" / "bench_smoke.json"
+
+
+def golden_figures(results: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """Per setting and variant, per round: bytes up, bytes down, kept rank, round error, held-out loss."""
+    out = {}
+    for setting in ("homogeneous", "heterogeneous"):
+        for name, records in sorted(results[setting].items()):
+            out[f"{setting} / {name}"] = [
+                [r.get("bytes_up", 0), r.get("bytes_down", 0), r.get("rank_total", 0), r.get("round_error", 0.0),
+                 r.get("eval", {}).get("heldout_loss", 0.0)]
+                for r in records
+            ]  # fmt: skip
+    return out
+
+
+def check_golden(results: dict[str, Any]) -> None:
+    """The bench's figures on a fixed seed stay what they were when the golden file was written (the
+    #12 refactor was checked bit for bit against the code before it; this keeps later changes honest).
+    Bytes and ranks exactly, losses and errors to 1e-4 relative. ``FLORIST_WRITE_GOLDEN=1`` rewrites
+    the file and fails, so a rewrite never passes unnoticed."""
+    got = golden_figures(results)
+    if os.environ.get("FLORIST_WRITE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+        pytest.fail(f"golden figures written to {GOLDEN}; run again without FLORIST_WRITE_GOLDEN")
+    want = json.loads(GOLDEN.read_text())
+    assert sorted(got) == sorted(want)
+    for key, rounds in want.items():
+        assert len(got[key]) == len(rounds), key
+        for r, (g, w) in enumerate(zip(got[key], rounds, strict=True), start=1):
+            assert g[:3] == w[:3], f"{key}, round {r}: bytes up/down, rank {g[:3]} != {w[:3]}"
+            for what, a, b in zip(("round error", "held-out loss"), g[3:], w[3:], strict=True):
+                assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-7), f"{key}, round {r}: {what} {a} != {b}"
 
 
 def test_aggregation_clip_applies_in_the_bench_as_in_the_strategy(tmp_path: Path) -> None:
