@@ -40,7 +40,7 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
     base = results["homogeneous"].pop("base model (round 0)")
     assert [r["round"] for r in base] == [0] and base[0]["eval"]["heldout_loss"] > 0
     homo = results["homogeneous"]
-    assert set(homo) == {"FedIT", "FLoRA", "FlexLoRA", "FFA-LoRA", "RB-LoRA", "FLoRIST tau=1.00", "FLoRIST tau=0.80",
+    assert set(homo) == {"FedIT", "FLoRA", "FlexLoRA", "FFA-LoRA", "RB-LoRA", "FedEx-LoRA", "FLoRIST tau=1.00", "FLoRIST tau=0.80",
                          "FLoRIST tau=0.80 +warm", "FLoRIST tau=0.80 +all", "FedIT +bf16"}  # fmt: skip
     assert all(len(records) == 2 for records in homo.values())
     assert all("heldout_rows" in records[-1]["eval"] for records in homo.values())  # for paired differences

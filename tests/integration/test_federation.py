@@ -1,6 +1,6 @@
 """Flower simulation on a tiny random Llama: 3 clients, 2 rounds, heterogeneous ranks, every method.
 
-For the merge protocols (florist, flora) the test recomputes each round's aggregate offline from the
+For the merge protocols (florist, flora, fedex) the test recomputes each round's aggregate offline from the
 client uploads the run saved, and checks the global adapters, the cumulative adapter and every
 client's merged weights against it. Client 1 skips round 2, so it must catch up exactly.
 """
@@ -8,11 +8,13 @@ client's merged weights against it. Client 1 skips round 2, so it must catch up 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from florist.aggregation.lowrank import leading_columns
 from florist.config import FloristConfig, load_config
 from florist.flower.simulation import run_simulation
 from florist.lora.peft_io import read_adapter
@@ -32,13 +34,21 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def offline(cfg: FloristConfig, round_dir: Path) -> dict[str, torch.Tensor]:
-    """Aggregate the round's saved client uploads with the same aggregator: dense B @ A per module."""
+RANKS = (8, 4, 2)  # tiny_run_config's client ranks
+
+
+def offline(cfg: FloristConfig, round_dir: Path, previous: Path | None = None) -> dict[str, torch.Tensor]:
+    """Aggregate the round's saved client uploads with the same aggregator: dense B @ A per module.
+    FedEx-LoRA clients continued from their slice of the previous global update (``previous``)."""
     clients = sorted((round_dir / "clients").iterdir())
     updates = []
     for d in clients:
         n = json.loads((d / "florist.json").read_text())["num_examples"]
-        updates.append(read_adapter(d).to_update(d.name, n))
+        update = read_adapter(d).to_update(d.name, n)
+        if previous is not None and cfg.aggregation.method == "fedex":
+            rank = RANKS[int(d.name.removeprefix("client-"))]
+            update = replace(update, start=leading_columns(read_adapter(previous).modules, rank))
+        updates.append(update)
     agg = cfg.aggregation.build()
     result = agg.aggregate(updates)
     return {name: f.delta(torch.float64) for name, f in result.global_update.items()}
@@ -48,7 +58,7 @@ def adapter_deltas(path: Path) -> dict[str, torch.Tensor]:
     return {name: f.delta(torch.float64) for name, f in read_adapter(path).modules.items()}
 
 
-@pytest.mark.parametrize("method", ["florist", "flora"])
+@pytest.mark.parametrize("method", ["florist", "flora", "fedex"])
 def test_merge_methods_match_offline_aggregation_and_clients_catch_up(
     method: str, model_dir: Path, tmp_path: Path
 ) -> None:
@@ -57,7 +67,8 @@ def test_merge_methods_match_offline_aggregation_and_clients_catch_up(
     run = Path(summary["run_dir"])
     total: dict[str, torch.Tensor] = {}
     for t in (1, 2):
-        want = offline(cfg, run / "rounds" / f"round-{t:03d}")
+        previous = run / "rounds" / f"round-{t - 1:03d}" / "adapter" if t > 1 else None
+        want = offline(cfg, run / "rounds" / f"round-{t:03d}", previous)
         got = adapter_deltas(run / "rounds" / f"round-{t:03d}" / "adapter")
         assert sorted(got) == sorted(want)
         for name in want:
@@ -73,7 +84,7 @@ def test_merge_methods_match_offline_aggregation_and_clients_catch_up(
 
 
 def test_every_method_runs_and_accounts_its_bytes(model_dir: Path, tmp_path: Path) -> None:
-    for method in ("florist", "flora", "fedit", "flexlora", "ffa", "rblora"):
+    for method in ("florist", "flora", "fedit", "flexlora", "ffa", "rblora", "fedex"):
         cfg = tiny_run_config(model_dir, tmp_path, method, f"aggregation.method={method!r}")
         summary = run_simulation(cfg)
         run = Path(summary["run_dir"])

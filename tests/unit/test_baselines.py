@@ -12,7 +12,7 @@ from tests.helpers import SHAPES, assert_product_close, best_rank_p, dense_refer
 
 
 def test_registry_lists_every_method() -> None:
-    assert available() == ["fedit", "ffa", "flexlora", "flora", "florist", "rblora"]
+    assert available() == ["fedex", "fedit", "ffa", "flexlora", "flora", "florist", "rblora"]
     with pytest.raises(ConfigError, match="unknown aggregation method 'fedavg'"):
         make_aggregator("fedavg")
     with pytest.raises(ConfigError, match="bad options for method 'flora'"):
@@ -28,6 +28,7 @@ def test_protocols() -> None:
         "flexlora": ClientProtocol.CONTINUE_PER_CLIENT,
         "ffa": ClientProtocol.FROZEN_SHARED_A,
         "rblora": ClientProtocol.CONTINUE_GLOBAL,
+        "fedex": ClientProtocol.MERGE_AND_CONTINUE,
     }
 
 
@@ -107,7 +108,7 @@ def test_flexlora_truncates_to_each_clients_own_rank(hetero_updates: list[Client
         assert a[name].rank != b[name].rank
 
 
-@pytest.mark.parametrize("method", ["florist", "flora", "fedit", "flexlora", "ffa", "rblora"])
+@pytest.mark.parametrize("method", ["florist", "flora", "fedit", "flexlora", "ffa", "rblora", "fedex"])
 def test_ranks_above_the_matrix_size(method: str) -> None:
     """A client rank above min(m, n) (peft allows it): every method aggregates, downloads keep the
     client's rank, and the exact methods still reproduce sum_k p_k B_k A_k."""

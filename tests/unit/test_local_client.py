@@ -257,3 +257,36 @@ def test_the_data_stream_continues_across_rounds() -> None:
     again = BatchStream(enc, 4, seed=3, start=8)  # type: ignore[arg-type]
     assert [again.next() for _ in range(3)] == first[2:]
     assert sorted([*first[0], *first[1], *first[2][:2]]) == enc  # the first 10 draws are one epoch
+
+
+def test_fedex_clients_continue_from_the_averages_and_the_server_model_is_fedavg_of_theirs() -> None:
+    """FedEx-LoRA (merge and continue): after merging G_1 a client moves its slice of the averages
+    back into its LoRA (model unchanged); after round 2 the server's W0 + G_1 + G_2 equals the
+    weighted mean of the clients' trained models, exactly (float64 reference)."""
+    from dataclasses import replace
+
+    from florist.aggregation.lowrank import leading_columns
+
+    clients = _clients("fedex", ranks=(4, 2))
+    w0 = _effective_weights(clients[0])
+    agg = make_aggregator("fedex")
+    g1 = agg.aggregate([c.fit(1)[0] for c in clients]).global_update
+    for c in clients:
+        c.receive(g1, round=1)
+        c._warm_start(c.pending_warm)  # what fit does first
+        c.pending_warm = None
+        lora, start = extract(c.model), leading_columns(g1, c.lora.rank)
+        for name, f in lora.items():
+            torch.testing.assert_close(f.delta(), start[name].delta(), rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                _effective_weights(c)[name], w0[name] + g1[name].delta(torch.float64), rtol=0, atol=1e-6
+            )
+    uploads = [replace(c.fit(2)[0], start=leading_columns(g1, c.lora.rank)) for c in clients]
+    result = agg.aggregate(uploads)
+    p = {u.client_id: w for u, w in zip(uploads, (9.0, 5.0), strict=True)}  # n_k of DATA[0], DATA[1]
+    assert result.weights == pytest.approx({c: w / 14 for c, w in p.items()})
+    trained = [_effective_weights(c) for c in clients]
+    for name in w0:
+        fedavg = sum(result.weights[c.client_id] * t[name] for c, t in zip(clients, trained, strict=True))
+        server = w0[name] + g1[name].delta(torch.float64) + result.global_update[name].delta(torch.float64)
+        torch.testing.assert_close(server, fedavg, rtol=0, atol=2e-6)

@@ -24,6 +24,14 @@ class ClientProtocol(str, Enum):
     CONTINUE_GLOBAL = "continue_global"  # load the global A, B (its own rank's slice) and keep training
     CONTINUE_PER_CLIENT = "continue_per_client"  # load its own per-client factors and keep training
     FROZEN_SHARED_A = "frozen_shared_a"  # A is frozen and shared (seeded); load the global B
+    # W0 += B_g A_g, then move the leading r_k columns of (B_g, A_g) back out of W0 into the LoRA and
+    # keep training from them (FedEx-LoRA: the global update leads with the averaged adapter)
+    MERGE_AND_CONTINUE = "merge_and_continue"
+
+    @property
+    def merges(self) -> bool:
+        """Do clients merge every round's global update into their base weights, in round order?"""
+        return self in (ClientProtocol.MERGE_AND_RESTART, ClientProtocol.MERGE_AND_CONTINUE)
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,16 @@ def warm_parts(global_update: Mapping[str, LoraFactors], rank: int) -> dict[str,
     return {name: leading_split(f, rank) for name, f in global_update.items()}
 
 
+def leading_columns(global_update: Mapping[str, LoraFactors], rank: int) -> dict[str, LoraFactors]:
+    """The leading ``rank`` components of each module's factors as sent (no SVD): what a
+    merge-and-continue client (FedEx-LoRA) moves back into its LoRA after merging ``global_update``."""
+    out = {}
+    for name, f in global_update.items():
+        B, A = f.effective(torch.float32)  # (m, p), (p, n)
+        out[name] = LoraFactors(A=A[:rank].contiguous(), B=B[:, :rank].contiguous())
+    return out
+
+
 def without_warm_part(update: ClientUpdate, warm: Mapping[str, LoraFactors]) -> ClientUpdate:
     """A warm-started client's round delta from its upload: ``s B' A' - B_w A_w`` per module.
 

@@ -94,7 +94,7 @@ def round_error(
     """
     num = den = 0.0
     for name, g in result.global_update.items():
-        exact = sum(result.weights[u.client_id] * dense(u.modules, name) for u in deltas)
+        exact = sum(result.weights[u.client_id] * u.change(name, torch.float64) for u in deltas)
         assert isinstance(exact, torch.Tensor)
         start = dense(previous, name) if previous is not None else torch.zeros_like(exact)
         num += float((g.delta(torch.float64) - exact).square().sum())
@@ -145,7 +145,7 @@ class Variant:
 
     def previous_adapter(self) -> Mapping[str, LoraFactors] | None:
         """G_{t-1} for continue protocols (what their clients started from); None for merge ones."""
-        if self.agg.protocol is ClientProtocol.MERGE_AND_RESTART or self.latest is None:
+        if self.agg.protocol.merges or self.latest is None:
             return None
         return self.latest.global_update
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from florist.aggregation.base import aggregator_class
 
-BASELINES = ("fedit", "flora", "flexlora", "ffa", "rblora")
+BASELINES = ("fedit", "flora", "flexlora", "ffa", "rblora", "fedex")
 DEFAULT_TAUS = (0.95, 0.9, 0.8)
 OPTIONS = {  # name -> overrides; "all" combines them
     "warm": (("lora.warm_start", True),),

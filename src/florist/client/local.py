@@ -4,6 +4,8 @@ MERGE_AND_RESTART   (florist, flora)  W0 += B_g A_g, then a fresh LoRA of the cl
 CONTINUE_GLOBAL     (fedit)           load its rank's slice of the global A, B; keep training
 CONTINUE_PER_CLIENT (flexlora)        load its own truncation; keep training
 FROZEN_SHARED_A     (ffa)             A frozen and shared (seeded), load the global B
+MERGE_AND_CONTINUE  (fedex)           W0 += B_g A_g, then move the leading r_k columns of the global
+                                      factors (its slice of the averages) back into its LoRA
 
 Fresh LoRA (``A`` seeded, ``B = 0``), by ``lora.init``:
     shared       every client of a round draws A from one seed (run seed, round): a client of rank r_k
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 
 from florist.aggregation.base import ClientProtocol
-from florist.aggregation.lowrank import prepare_upload, warm_parts
+from florist.aggregation.lowrank import leading_columns, prepare_upload, warm_parts
 from florist.client.lora_state import (
     assign,
     assign_leading,
@@ -119,13 +121,14 @@ class LocalClient:
 
     def receive(self, download: Mapping[str, LoraFactors], round: int) -> None:
         """Apply what the server sent after ``round`` (before training round ``round + 1``)."""
-        if self.protocol is ClientProtocol.MERGE_AND_RESTART:
+        if self.protocol.merges:
             if self.unsplit is not None:  # undo last round's warm split exactly before merging
                 set_base_weights(self.model, self.unsplit)
                 self.unsplit = None
             merge_into_base(self.model, download)
             self._fresh_lora(round)
-            self.pending_warm = download if self.lora.warm_start else None
+            continues = self.protocol is ClientProtocol.MERGE_AND_CONTINUE
+            self.pending_warm = download if self.lora.warm_start or continues else None
         else:
             assign(self.model, download, b_only=self.protocol is ClientProtocol.FROZEN_SHARED_A)
 
@@ -158,7 +161,10 @@ class LocalClient:
         the server's global model bitwise whatever the split rounded.
         """
         self.unsplit = base_weights(self.model)
-        warm = warm_parts(download, self.lora.rank)
+        if self.protocol is ClientProtocol.MERGE_AND_CONTINUE:
+            warm = leading_columns(download, self.lora.rank)  # its slice of the averages (FedEx-LoRA)
+        else:
+            warm = warm_parts(download, self.lora.rank)
         merge_into_base(self.model, {n: LoraFactors(A=w.A, B=-w.B) for n, w in warm.items()})
         assign_leading(self.model, warm)
 

@@ -345,6 +345,11 @@ class FloristConfig:
                 f"lora.warm_start needs a merge-and-restart method (florist, flora); "
                 f"{self.aggregation.method!r} clients continue from their download already"
             )
+        if self.aggregation.clip != "none" and cls.protocol is ClientProtocol.MERGE_AND_CONTINUE:
+            raise ConfigError(
+                f"aggregation.clip is not defined for {self.aggregation.method!r}: its clients' change is "
+                "their upload less the averages they continued from, and clipping scales the upload"
+            )
         if self.federation.uplink_tau is not None and not cls.products_only:
             raise ConfigError(
                 f"federation.uplink_tau needs a method that aggregates products B_k A_k (florist, flora, "

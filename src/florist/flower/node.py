@@ -100,7 +100,7 @@ class Node:
 
     def receive(self, downloads: Mapping[int, ArrayRecord], state: Context) -> None:
         """Apply global updates: all unmerged ones in round order (merge protocols), else the latest."""
-        if self.client.protocol is ClientProtocol.MERGE_AND_RESTART:
+        if self.client.protocol.merges:
             for key, record in downloads.items():
                 state.state[f"{GLOBAL_PREFIX}{key}"] = record
             for rnd, record in stored_globals(state).items():

@@ -68,7 +68,7 @@ class FederatedLoRA(Strategy):
 
     @property
     def merges(self) -> bool:
-        return self.aggregator.protocol is ClientProtocol.MERGE_AND_RESTART
+        return self.aggregator.protocol.merges
 
     @property
     def sends_a(self) -> bool:

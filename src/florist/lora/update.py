@@ -71,15 +71,25 @@ class ClientUpdate:
         ``n_k``; the aggregation weight is ``p_k = n_k / sum(n)``.
     modules : Mapping[str, LoraFactors]
         Adapted module name (``model.layers.0.self_attn.q_proj``) to its factors.
+    start : Mapping[str, LoraFactors] | None
+        The adapter the client's LoRA began the round from, when it did not begin at ``B = 0``
+        and the aggregator needs the factors as trained (FedEx-LoRA); set by the server, never sent.
+        The round's change is then ``s B A - B_start A_start`` (``change``).
     """
 
     client_id: str
     num_examples: float
     modules: Mapping[str, LoraFactors] = field(default_factory=dict)
+    start: Mapping[str, LoraFactors] | None = None
 
     @property
     def ranks(self) -> dict[str, int]:
         return {name: f.rank for name, f in self.modules.items()}
+
+    def change(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Dense ``(m, n)`` change of module ``name`` this round: ``s B A``, less the start if any."""
+        delta = self.modules[name].delta(dtype)
+        return delta if self.start is None else delta - self.start[name].delta(dtype)
 
 
 def add_update(weight: Tensor, factors: LoraFactors) -> None:

@@ -1,7 +1,7 @@
 """The server's copy of the global model, for evaluation and for checking clients' weights.
 
-MERGE_AND_RESTART (florist, flora):  W = W0 + B_1 A_1 + B_2 A_2 + ...   merged in round order, with
-                                     the same operation clients use, so the weights agree bitwise
+merge protocols (florist, flora,     W = W0 + B_1 A_1 + B_2 A_2 + ...   merged in round order, with
+fedex):                              the same operation clients use, so the weights agree bitwise
 other protocols:                     W = W0 + B_g A_g  of the latest global adapter
 """
 
@@ -44,7 +44,7 @@ class GlobalModel:
         """Fold round ``round``'s global update into the weights."""
         for name, f in sorted(update.items()):
             W = self.weight(name)
-            if self.protocol is not ClientProtocol.MERGE_AND_RESTART:
+            if not self.protocol.merges:
                 base = self._base.setdefault(name, W.detach().clone())
                 W.copy_(base)
             add_update(W, f)
@@ -69,6 +69,6 @@ def final_update(
     by side (merge protocols, ``sum_t B_t A_t``), else the latest global adapter."""
     if not history:
         raise ConfigError("no round was aggregated; there is no adapter to write")
-    if protocol is ClientProtocol.MERGE_AND_RESTART:
+    if protocol.merges:
         return sum_of_rounds(history)
     return dict(history[-1])

@@ -1,6 +1,7 @@
 """One server round, the same for every runtime: the Flower strategy and the in-process bench call it.
 
-    uploads -> deltas (warm start: less the warm part) -> clip -> aggregate -> finite? -> wire dtype
+    uploads -> deltas (warm start: less the warm part; FedEx-LoRA: the start attached) -> clip
+            -> aggregate -> finite? -> wire dtype
 
 A result that is not finite (or an aggregator that fails) leaves out the client with the largest
 update norm and aggregates again, never going below ``federation.min_replies``; the caller gets the
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from florist.aggregation.base import AggregationResult, Aggregator
-from florist.aggregation.lowrank import result_to_wire, warm_parts, without_warm_part
+from florist.aggregation.base import AggregationResult, Aggregator, ClientProtocol
+from florist.aggregation.lowrank import leading_columns, result_to_wire, warm_parts, without_warm_part
 from florist.aggregation.robust import ClipReport, clip_updates, update_norm
 from florist.config import FloristConfig
 from florist.lora import ClientUpdate
@@ -60,10 +61,15 @@ def round_deltas(
     previous: AggregationResult | None,
     ranks: Mapping[str, int],
 ) -> list[ClientUpdate]:
-    """What the clients changed this round: with warm start, each upload less its warm part."""
-    if not (cfg.lora.warm_start and previous is not None):
+    """What the clients changed this round: with warm start, each upload less its warm part; a
+    merge-and-continue client's upload with the slice it continued from (``ClientUpdate.start``)."""
+    if previous is None:
         return list(uploads)
     g = previous.global_update  # what every client merged last, as it was sent
+    if previous.protocol is ClientProtocol.MERGE_AND_CONTINUE:
+        return [replace(u, start=leading_columns(g, ranks[u.client_id])) for u in uploads]
+    if not cfg.lora.warm_start:
+        return list(uploads)
     return [without_warm_part(u, warm_parts(g, ranks[u.client_id])) for u in uploads]
 
 
