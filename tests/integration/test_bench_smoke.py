@@ -60,7 +60,15 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
     assert homo["FLoRIST tau=0.80 +warm"][-1]["options"]["lora.warm_start"] is True
     assert set(summary["picks"]) == {"homogeneous", "heterogeneous"}
     assert summary["picks"]["homogeneous"]["O"].startswith("FLoRIST tau=")
+    hetero = [
+        r for name, rs in results["heterogeneous"].items() if name != "base model (round 0)" for r in rs
+    ]
+    assert all(0.0 <= r["energy_beyond_min_rank"] <= 1.0 for r in hetero)
+    assert any(
+        r["energy_beyond_min_rank"] > 0.01 for r in hetero
+    )  # ranks 2..8: higher directions carry energy
     table = (out / "table.md").read_text()
+    assert "(rank collapse)" in table and "| FedEx-LoRA |" in table
     assert "| FLoRA |" in table and "Goal (within 0.005 nats of FLoRA" in table
     assert "| FLoRA | " in table and "+0.0000 [+0.0000, +0.0000]" in table  # FLoRA against itself
     # a rerun with the same --out skips everything already done, and the round-1 uploads are cached

@@ -53,6 +53,25 @@ def test_aggregate_tau_one_merges_to_the_exact_aggregate(
         )
 
 
+@pytest.mark.parametrize("method", ["flora", "fedex"])
+def test_exact_baselines_merge_to_the_exact_aggregate(
+    method: str, client_dirs: list[str], tmp_path: Path
+) -> None:
+    """``florist aggregate --method fedex`` (and flora): the written adapter, merged with peft, is the
+    exact weighted sum, at a rank within the bound each method states."""
+    out = tmp_path / "global"
+    assert main(["aggregate", *client_dirs, "-o", str(out), "--method", method]) == 0
+    report = json.loads((out / "florist_aggregation.json").read_text())
+    base, merged = tiny_llama().state_dict(), merged_weights(tiny_llama(), out)
+    for name, module in report["modules"].items():
+        assert_product_close(
+            merged[f"{name}.weight"] - base[f"{name}.weight"],
+            _dense(client_dirs, [100, 300, 600], name),
+            1e-4,
+        )
+        assert module["rank"] <= sum(RANKS) + (2 * max(RANKS) if method == "fedex" else 0)
+
+
 def test_weights_flag_overrides_sidecars_and_budget_fits(client_dirs: list[str], tmp_path: Path) -> None:
     out = tmp_path / "global"
     args = ["aggregate", *client_dirs, "-o", str(out), "--budget-mb", "0.004", "--weights", "1,1,2", "--json"]

@@ -125,3 +125,17 @@ def test_relative_error_is_one_definition_over_modules() -> None:
     assert relative_error(got, want) == pytest.approx(((4 * 0.25 + 3) / 4) ** 0.5)
     assert relative_error(torch.ones(3), torch.ones(3)) == 0.0
     assert relative_error({"z": torch.zeros(2)}, {"z": torch.zeros(2)}) == 0.0
+
+
+def test_energy_beyond_a_rank_reads_the_spectrum_of_the_product() -> None:
+    from florist.aggregation.linalg import energy_beyond
+
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(20, 4, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(12, 4, generator=g, dtype=torch.float64))
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    R = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]  # any factorisation
+    f = LoraFactors(A=(R.mT @ V.mT).float(), B=(U * s @ R).float())  # B @ A = U diag(s) V^T
+    assert energy_beyond({"m": f}, 2) == pytest.approx((4 + 1) / 30, rel=1e-5)
+    assert energy_beyond({"m": f, "n": f}, 0) == pytest.approx(1.0)
+    assert energy_beyond({"m": f}, 4) == pytest.approx(0.0, abs=1e-9)

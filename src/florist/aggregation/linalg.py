@@ -11,14 +11,14 @@ With K clients, effective factors ``B_k: (m, r_k)``, ``A_k: (r_k, n)`` and weigh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from florist.lora.update import ClientUpdate
+from florist.lora.update import ClientUpdate, LoraFactors
 
 Basis = Literal["qr", "svd"]
 
@@ -116,3 +116,15 @@ def pad_rows(t: Tensor, rows: int) -> Tensor:
 def pad_cols(t: Tensor, cols: int) -> Tensor:
     """Zero-pad ``(m, r)`` to ``(m, cols)``."""
     return torch.cat([t, t.new_zeros(t.shape[0], cols - t.shape[1])], dim=1)
+
+
+def energy_beyond(updates: Mapping[str, LoraFactors], rank: int) -> float:
+    """Share of the energy ``sum_i S_i^2`` of ``updates`` (all modules together) in the singular
+    directions after the leading ``rank`` of each module: raFLoRA's "rank collapse" measure with
+    ``rank`` the smallest client rank (energy piling into the ranks every client has drives it to 0)."""
+    tail = total = 0.0
+    for f in updates.values():
+        B, A = f.effective(torch.float64)  # (m, p), (p, n)
+        energy = factored_svd(B, A).S.square()
+        tail, total = tail + float(energy[rank:].sum()), total + float(energy.sum())
+    return tail / total if total else 0.0

@@ -204,6 +204,25 @@ def pick_o_e(rows: Sequence[Mapping[str, Any]], tolerance: float) -> dict[str, s
     return {"O": best["method"], "E": min(ok, key=lambda r: r["total_bytes"])["method"]}
 
 
+def collapse_table(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """Per method and round, the share of the global update's energy beyond the smallest client
+    rank (raFLoRA's rank collapse: a share falling round after round); empty when not recorded."""
+    rows = {m: rs for m, rs in results.items() if rs and "energy_beyond_min_rank" in rs[-1]}
+    if not rows:
+        return ""
+    rounds = max(len(rs) for rs in rows.values())
+    head = " | ".join(f"round {t}" for t in range(1, rounds + 1))
+    lines = [
+        "\nShare of the global update's energy beyond the smallest client rank (rank collapse):\n",
+        f"| method | {head} |",
+        "|---|" + "---|" * rounds,
+    ]
+    for method, rs in rows.items():
+        cells = " | ".join(_f(r.get("energy_beyond_min_rank"), ".4f") for r in rs)
+        lines.append(f"| {method} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_all(out: Path, results: Mapping[str, Any], tolerance: float) -> tuple[str, dict[str, Any]]:
     """Tables and plots of every setting in ``results``; returns the markdown and the picks."""
     parts, picks = [], {}
@@ -212,6 +231,8 @@ def write_all(out: Path, results: Mapping[str, Any], tolerance: float) -> tuple[
         met = goal(rows)
         picks[setting] = pick_o_e(rows, tolerance) | {"goal_met_by": met}
         parts.append(markdown_table(rows, f"{setting} ranks"))
+        if setting == "heterogeneous":
+            parts.append(collapse_table(results[setting]))
         parts.append(
             f"\nGoal (within 0.005 nats of FLoRA, >= 10x fewer total bytes than FLoRA, fewer than FedIT): "
             f"{'met by ' + ', '.join(met) if met else 'not met'}.\n"

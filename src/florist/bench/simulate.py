@@ -23,6 +23,7 @@ import torch
 from florist.aggregation import communication, efficiency
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.comm import download_ranks
+from florist.aggregation.linalg import energy_beyond
 from florist.aggregation.lowrank import prepare_upload
 from florist.client.local import LocalClient
 from florist.client.model import load_model
@@ -104,9 +105,10 @@ def round_error(
 
 def round_record(
     round: int, result: AggregationResult, uploads: Sequence[ClientUpdate], deltas: Sequence[ClientUpdate],
-    previous: Mapping[str, LoraFactors] | None, wire: str,
+    previous: Mapping[str, LoraFactors] | None, wire: str, min_rank: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """Bytes as sent (uploads, in the wire dtype), ranks and efficiency of this round, its error."""
+    """Bytes as sent (uploads, in the wire dtype), ranks and efficiency of this round, its error, and
+    the share of the global update's energy beyond the smallest client rank (rank collapse)."""
     comm = communication(uploads, result, wire)
     ranks = download_ranks(result)
     return {
@@ -118,6 +120,7 @@ def round_record(
         "ranks": ranks,
         "rank_total": sum(ranks.values()),
         "round_error": round_error(result, deltas, previous),
+        "energy_beyond_min_rank": energy_beyond(result.global_update, min_rank),
     }
 
 
@@ -157,8 +160,9 @@ class Variant:
             raise RuntimeError(f"round {t}: {outcome.dropped or 'no finite aggregate'}")
         result, deltas = outcome.result, outcome.updates
         record = round_record(
-            t, result, uploads, deltas, self.previous_adapter(), self.cfg.federation.wire_dtype
-        )
+            t, result, uploads, deltas, self.previous_adapter(), self.cfg.federation.wire_dtype,
+            min(self.rank.values()),
+        )  # fmt: skip
         if outcome.clip is not None:
             record["clip"] = {"threshold": outcome.clip.threshold, "factors": outcome.clip.factors}
         for c in self.clients:
