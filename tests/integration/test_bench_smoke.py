@@ -40,7 +40,7 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
     base = results["homogeneous"].pop("base model (round 0)")
     assert [r["round"] for r in base] == [0] and base[0]["eval"]["heldout_loss"] > 0
     homo = results["homogeneous"]
-    assert set(homo) == {"FedIT", "FLoRA", "FlexLoRA", "FFA-LoRA", "RB-LoRA", "FedEx-LoRA", "FLoRIST tau=1.00", "FLoRIST tau=0.80",
+    assert set(homo) == {"FedIT", "FLoRA", "FlexLoRA", "FFA-LoRA", "RB-LoRA", "FedEx-LoRA", "FedAvg (full weights)", "FLoRIST tau=1.00", "FLoRIST tau=0.80",
                          "FLoRIST tau=0.80 +warm", "FLoRIST tau=0.80 +all", "FedIT +bf16"}  # fmt: skip
     assert all(len(records) == 2 for records in homo.values())
     assert all("heldout_rows" in records[-1]["eval"] for records in homo.values())  # for paired differences
@@ -60,9 +60,11 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
     assert homo["FLoRIST tau=0.80 +warm"][-1]["options"]["lora.warm_start"] is True
     assert set(summary["picks"]) == {"homogeneous", "heterogeneous"}
     assert summary["picks"]["homogeneous"]["O"].startswith("FLoRIST tau=")
-    hetero = [
-        r for name, rs in results["heterogeneous"].items() if name != "base model (round 0)" for r in rs
-    ]
+    lora_only = ("base model (round 0)", "FedAvg (full weights)")  # no LoRA rank to collapse
+    hetero = [r for name, rs in results["heterogeneous"].items() if name not in lora_only for r in rs]
+    full = results["homogeneous"]["FedAvg (full weights)"]
+    assert results["heterogeneous"]["FedAvg (full weights)"] == full  # ranks do not enter: run once
+    assert full[0]["bytes_up"] > r1["FLoRA"]["bytes_up"]  # dense (m, n) per module
     assert all(0.0 <= r["energy_beyond_min_rank"] <= 1.0 for r in hetero)
     assert any(
         r["energy_beyond_min_rank"] > 0.01 for r in hetero

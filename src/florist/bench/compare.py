@@ -25,6 +25,8 @@ from typing import Any
 from florist.aggregation import communication, make_aggregator
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.bench import report
+from florist.bench.full import METHOD as FULL
+from florist.bench.full import run_full_variant
 from florist.bench.simulate import client_name, run_variant, shared_round_one
 from florist.bench.variants import DEFAULT_TAUS, Variant, budget, sweep
 from florist.client.model import load_model
@@ -162,20 +164,35 @@ class Bench:
         for v in self.variants(cfg, setting):
             if v.name in done:
                 continue
-            vcfg = variant_config(cfg, v)
-            key = round_one_key(vcfg, v.method)
-            shared = self.round_one.get(vcfg, setting, key) if key else None
-
-            def keep(t: int, result: AggregationResult, name: str = v.name) -> None:
-                if t == 1:
-                    self.round_one_results[f"{setting}/{name}"] = result
-
             start = time.perf_counter()
-            records = run_variant(vcfg, evaluator, shared, keep, eval_rounds=[cfg.federation.rounds])
+            records = self.run_one(cfg, setting, v, evaluator)
             log.info("%s / %s done in %.0f s", setting, v.name, time.perf_counter() - start)
             records[-1]["options"] = {k: val for k, val in v.overrides().items() if val is not None}
             done[v.name] = records
             self.save(cfg)
+
+    def run_one(
+        self, cfg: FloristConfig, setting: str, v: Variant, evaluator: Evaluator
+    ) -> list[dict[str, Any]]:
+        """All rounds of variant ``v``; round 1 from the shared uploads where its clients allow it."""
+        last = [cfg.federation.rounds]
+        if v.method == FULL:  # LoRA ranks do not enter: one run serves both settings
+            other = [s.get(v.name) for k, s in self.results.items() if k != setting and isinstance(s, dict)]
+            done = [records for records in other if records]
+            return (
+                json.loads(json.dumps(done[0]))
+                if done
+                else run_full_variant(cfg, evaluator, eval_rounds=last)
+            )
+        vcfg = variant_config(cfg, v)
+        key = round_one_key(vcfg, v.method)
+        shared = self.round_one.get(vcfg, setting, key) if key else None
+
+        def keep(t: int, result: AggregationResult) -> None:
+            if t == 1:
+                self.round_one_results[f"{setting}/{v.name}"] = result
+
+        return run_variant(vcfg, evaluator, shared, keep, eval_rounds=last)
 
     def save(self, cfg: FloristConfig) -> None:
         self.results["meta"] = regime(cfg)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from florist.aggregation.base import aggregator_class
+from florist.bench import full
 
 BASELINES = ("fedit", "flora", "flexlora", "ffa", "rblora", "fedex")
 DEFAULT_TAUS = (0.95, 0.9, 0.8)
@@ -55,12 +56,18 @@ def baseline(method: str, options: Sequence[str] = ()) -> Variant:
     return Variant(label + "".join(f" +{n}" for n in options), method, options=pairs)
 
 
+def full_finetune() -> Variant:
+    """FedAvg on the full weights of the adapted modules (``florist.bench.full``), not an aggregator."""
+    return Variant(full.LABEL, full.METHOD)
+
+
 def sweep(
     baselines: Sequence[str] = BASELINES,
     taus: Sequence[float] = DEFAULT_TAUS,
     option_taus: Sequence[float] = (),
     options: Sequence[str] = ("warm", "uplink", "bf16", "all"),
 ) -> list[Variant]:
-    """Each baseline, FLoRIST at each tau, and at each of ``option_taus`` every option alone and all."""
-    out = [baseline(m) for m in baselines] + [florist(t) for t in taus]
+    """Each baseline, full fine-tuning, FLoRIST at each tau, and at each of ``option_taus`` every
+    option alone and all."""
+    out = [baseline(m) for m in baselines] + [full_finetune()] + [florist(t) for t in taus]
     return out + [florist(t, [o]) for t in option_taus for o in options]
