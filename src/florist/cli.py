@@ -9,6 +9,7 @@ florist demo [section.key=value ...]              the embedded demo: SmolLM2 + s
 florist compare                                   every aggregator on 8 synthetic SmolLM2-shaped adapters
 florist bench [--out DIR] [section.key=value ...]  the paper's comparison: every method, a table and plots
 florist regime [--out DIR] [--batches 4,32] [--examples 32,128,512]  round 1: kept rank vs the training regime
+florist client-sweep [--out DIR] [--counts 4,8,16,32]  kept rank and bytes against the number of clients
 florist deploy CONFIG.toml --nodes N [section.key=value ...]  the same on a local TLS Flower deployment
 """
 
@@ -166,6 +167,27 @@ def _add_regime(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
 
 
+def _add_client_sweep(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "client-sweep", help="FLoRIST's kept rank and bytes, and FLoRA's, against the client count"
+    )
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the bench config")
+    p.add_argument("--config", default=None, help="base config (default: the packaged paper_cpu.toml)")
+    p.add_argument(
+        "--out", default="runs/client-sweep", help="output directory (results.json, table.md, plot)"
+    )
+    p.add_argument(
+        "--uploads", default="runs/client-sweep-uploads", help="where the clients' uploads are kept"
+    )
+    p.add_argument("--counts", type=_ints, default=(4, 8, 16, 32), help="numbers of clients K")
+    p.add_argument("--inits", default="shared,per_client", help="lora.init policies")
+    p.add_argument("--total-examples", type=int, default=512, help="examples per round, all clients together")
+    p.add_argument("--taus", type=_floats, default=(0.95, 0.9, 0.8), help="FLoRIST taus")
+    p.add_argument(
+        "--report-only", action="store_true", help="redraw table.md and the plot from results.json"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="florist", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -180,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_bench(sub)
     _add_regime(sub)
+    _add_client_sweep(sub)
     deploy.add_parser(sub)
     return parser
 
@@ -305,6 +328,22 @@ def _regime(args: argparse.Namespace) -> None:
     print(write_report(opts))
 
 
+def _client_sweep(args: argparse.Namespace) -> None:
+    from florist.bench.clients import SweepOptions, run, write_report
+    from florist.config import PAPER_CONFIG
+
+    if args.total_examples < 1:
+        raise ConfigError(f"--total-examples must be >= 1, got {args.total_examples}")
+    opts = SweepOptions(
+        config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides), out=args.out,
+        uploads=args.uploads, counts=args.counts, total_examples=args.total_examples, taus=args.taus,
+        inits=tuple(i.strip() for i in args.inits.split(",") if i.strip()),
+    )  # fmt: skip
+    if not args.report_only:
+        run(opts)
+    print(write_report(opts))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -315,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": _report,
         "compare": _compare,
         "regime": _regime,
+        "client-sweep": _client_sweep,
         "run": _run,
         "demo": _demo,
         "bench": _bench,
