@@ -88,7 +88,7 @@ class Federation:
         start = time.perf_counter()
         msgs = list(self.strategy.configure_train(t, ArrayRecord(), ConfigRecord(), self.grid))
         replies, missing = self.exchange.send_and_receive(msgs, t, self._round_timeout(), f"round {t}")
-        log_ = self.strategy.logs[t]
+        log_ = self.strategy.round_log(t)
         log_.timed_out = [self.strategy.client_of(n) for n in missing]
         for who in log_.timed_out:
             log.warning("round %d: %s left out: no reply within %.0f s", t, who, self._round_timeout())

@@ -102,6 +102,10 @@ class FederatedLoRA(Strategy):
         by_client = {c.client_id: c.node_id for c in self.clients}
         self.history, self.synced = list(history), {by_client[c]: r for c, r in synced.items()}
 
+    def round_log(self, round: int) -> RoundLog:
+        """What round ``round`` sent, received and left out (created when the round is configured)."""
+        return self.logs.setdefault(round, RoundLog(round))
+
     def restored_bytes(self) -> int:
         return sum(self.restore_bytes.values())
 
@@ -174,7 +178,7 @@ class FederatedLoRA(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        log_ = self.logs.setdefault(server_round, RoundLog(server_round))
+        log_ = self.round_log(server_round)
         chosen = self.participants(server_round)
         log_.clients = [c.client_id for c in chosen]
         log.info("round %d: training on %s", server_round, ", ".join(log_.clients))
@@ -190,7 +194,7 @@ class FederatedLoRA(Strategy):
         or if the aggregator fails, the round is skipped: returns ``(None, metrics)`` and the global
         model stays as it was (``RoundLog.skipped`` says why).
         """
-        log_ = self.logs.setdefault(server_round, RoundLog(server_round))
+        log_ = self.round_log(server_round)
         updates = self._usable(server_round, list(replies), log_)
         need = self.cfg.federation.min_replies
         if len(updates) < need:
