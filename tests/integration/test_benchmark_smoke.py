@@ -22,7 +22,7 @@ SCENARIOS = {
     "llama70b-all-k8",
     "llama70b-all-k32",
 }
-PATHS = {"florist_qr", "florist_svd", "flexlora", "peft_svd", "qr_bound"}
+PATHS = {"florist_qr", "florist_svd", "flexlora", "peft_svd", "qr_bound", "geqrf_bound"}
 LARGE = {"llama70b-all-k8", "llama70b-all-k32"}  # peft skipped, flexlora by the flop model
 
 
@@ -74,7 +74,7 @@ def _check_large(scenario: dict, name: str) -> None:
     assert flex["extrapolation"] == "flop model" and flex["measured_modules"] == 1, name
     assert flex["peak_source"] == "analytic", name
     assert set(flex["flop_model"]["seconds_per_module"]) == set(scenario["kinds"]), name
-    for path in ("florist_qr", "florist_svd", "qr_bound"):
+    for path in ("florist_qr", "florist_svd", "qr_bound", "geqrf_bound"):
         row = scenario["paths"][path]
         assert row["extrapolation"] == "linear" and row["peak_source"] == "measured", (name, path)
         assert _positive(row["best_seconds"]), (name, path)

@@ -23,10 +23,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
-from torch import Tensor
 
 from florist.aggregation.base import AggregationResult
-from florist.aggregation.linalg import factored_svd
+from florist.aggregation.linalg import basis_times, factored_svd
 from florist.aggregation.rank_policy import rank_for_energy
 from florist.dtypes import WIRE, torch_dtype
 from florist.errors import ConfigError
@@ -51,7 +50,7 @@ def leading_split(f: LoraFactors, r: int) -> LoraFactors:
     svd = factored_svd(B, A)
     p = min(r, int(svd.S.numel()))
     root = svd.S[:p].clamp_min(0).sqrt()  # (p,)
-    U, Vh = _columns(svd.left, svd.U[:, :p]), _rows(svd.Vh[:p], svd.right)  # (m, p), (p, n)
+    U, Vh = basis_times(svd.left, svd.U[:, :p]), basis_times(svd.right, svd.Vh[:p].mT).mT  # (m, p), (p, n)
     return LoraFactors(A=(root[:, None] * Vh).contiguous(), B=(U * root).contiguous())
 
 
@@ -111,14 +110,6 @@ def without_warm_part(update: ClientUpdate, warm: Mapping[str, LoraFactors]) -> 
         w = warm[name]
         modules[name] = LoraFactors(A=torch.cat([A, w.A]), B=torch.cat([B, -w.B], dim=1))
     return ClientUpdate(update.client_id, update.num_examples, modules)
-
-
-def _columns(left: Tensor | None, U: Tensor) -> Tensor:
-    return U if left is None else left @ U
-
-
-def _rows(Vh: Tensor, right: Tensor | None) -> Tensor:
-    return Vh if right is None else Vh @ right.mT
 
 
 def to_wire(f: LoraFactors, wire_dtype: str) -> LoraFactors:
