@@ -35,23 +35,22 @@ from torch import Tensor
 
 from florist.aggregation.base import AggregationResult, Aggregator, ClientProtocol, module_names, register
 from florist.aggregation.fedit import average_factors
-from florist.aggregation.linalg import factored_svd
+from florist.aggregation.linalg import factored_svd, stack_module
 from florist.lora.update import ClientUpdate, LoraFactors
 
 
 def change_stack(
     updates: Sequence[ClientUpdate], weights: Tensor, module: str, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """Factors of ``sum_k p_k (B_k A_k - S_k)``: ``(m, R + R_s)`` and ``(R + R_s, n)``."""
-    Bs, As = [], []
+    """Factors of ``sum_k p_k (B_k A_k - S_k)``: the stacks of the uploads (``stack_module``), then
+    ``-S_k`` of every client that started from one; ``(m, R + R_s)`` and ``(R + R_s, n)``."""
+    B, A = stack_module(updates, weights, module, dtype)  # (m, R), (R, n)
+    Bs, As = [B], [A]
     for update, p in zip(updates, weights.tolist(), strict=True):
-        B, A = update.modules[module].effective(dtype)  # (m, r_k), (r_k, n)
-        Bs.append(B)
-        As.append(A * p)
         if update.start is not None:
-            Bs_, As_ = update.start[module].effective(dtype)  # (m, s_k), (s_k, n)
-            Bs.append(-Bs_)
-            As.append(As_ * p)
+            B_s, A_s = update.start[module].effective(dtype)  # (m, s_k), (s_k, n)
+            Bs.append(-B_s)
+            As.append(A_s * p)
     return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
 
 
