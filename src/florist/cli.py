@@ -334,6 +334,8 @@ def _client_sweep(args: argparse.Namespace) -> None:
 
     if args.total_examples < 1:
         raise ConfigError(f"--total-examples must be >= 1, got {args.total_examples}")
+    if not args.counts or min(args.counts) < 1:
+        raise ConfigError(f"--counts must be client counts >= 1, got {list(args.counts)}")
     opts = SweepOptions(
         config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides), out=args.out,
         uploads=args.uploads, counts=args.counts, total_examples=args.total_examples, taus=args.taus,

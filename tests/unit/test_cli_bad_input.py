@@ -243,3 +243,23 @@ def test_the_run_directory_is_created_only_when_asked(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
     rundir.create()
     assert (tmp_path / "runs" / "r" / "config.toml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--total-examples", "0"], r"--total-examples must be >= 1, got 0"),
+        (["--counts", "4,0"], r"--counts must be client counts >= 1, got \[4, 0\]"),
+        (["--counts", "4,x"], r"expected comma-separated integers"),
+    ],
+)
+def test_client_sweep_refuses_bad_counts_before_training(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        raise SystemExit(
+            main(["client-sweep", "--out", str(tmp_path / "o"), "--uploads", str(tmp_path / "u"), *flags])
+        )
+    assert info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "u").exists()
