@@ -33,6 +33,7 @@ from typing import Any
 from florist.aggregation import communication, make_aggregator
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.rank_policy import EnergyThreshold
+from florist.bench.regime import methods
 from florist.client.local import LocalClient
 from florist.client.lora_state import extract
 from florist.client.model import load_model
@@ -111,13 +112,6 @@ def load_uploads(folder: Path) -> list[ClientUpdate]:
         meta = json.loads((path / "florist.json").read_text())
         updates.append(read_adapter(path, path.name).to_update(path.name, float(meta["num_examples"])))
     return updates
-
-
-def methods(taus: Sequence[float]) -> dict[str, Any]:
-    out = {"FedIT": make_aggregator("fedit"), "FLoRA": make_aggregator("flora")}
-    for tau in taus:
-        out[f"FLoRIST tau={tau:.2f}"] = make_aggregator("florist", policy=EnergyThreshold(tau))
-    return out
 
 
 def analyse(updates: list[ClientUpdate], taus: Sequence[float], round: int) -> dict[str, Any]:
