@@ -109,13 +109,16 @@ def plot_bytes_loss(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -
     """Paired difference against FLoRA (with its interval) vs total bytes; a legend, not labels."""
     fig, ax = plt.subplots(figsize=(9, 5.5))
     markers = "osD^v<>pPX*h"
+    tab10, dark2 = plt.get_cmap("tab10"), plt.get_cmap("Dark2")
+    colours = [tab10(j) for j in range(10)] + [dark2(j) for j in range(8)]  # 18 distinct colours
     for i, r in enumerate(x for x in rows if x["paired"] is not None):
         p = r["paired"]
         if r["method"] == BASE:  # far above the methods: named in the legend, not drawn
             ax.plot([], [], " ", label=f"{BASE}: {p['mean']:+.4f} (off the scale)")
             continue
         ax.errorbar(r["total_bytes"] / 1e6, p["mean"], yerr=[[p["mean"] - p["low"]], [p["high"] - p["mean"]]],
-                    fmt=markers[i % len(markers)], capsize=3, label=r["method"])  # fmt: skip
+                    fmt=markers[i % len(markers)], color=colours[i % len(colours)], capsize=3,
+                    label=r["method"])  # fmt: skip
     ax.axhline(0, color="black", linewidth=0.6)
     flora = next((r["total_bytes"] for r in rows if r["method"] == REFERENCE), None)
     if flora:
