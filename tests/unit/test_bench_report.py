@@ -90,3 +90,14 @@ def test_variant_names_and_options() -> None:
     names = [x.name for x in sweep(taus=(0.9,), option_taus=(0.9,), options=("warm", "uplink"))]
     assert names == ["FedIT", "FLoRA", "FlexLoRA", "FFA-LoRA", "RB-LoRA", "FedEx-LoRA", "FedAvg (full weights)", "FLoRIST tau=0.90", "FLoRIST tau=0.90 +warm",
                      "FLoRIST tau=0.90 +uplink"]  # fmt: skip
+
+
+def test_option_combinations_and_unknown_options() -> None:
+    v = florist(0.9, ["all+orth"])
+    assert v.name == "FLoRIST tau=0.90 +all +orth"
+    o = v.overrides()
+    assert o["lora.warm_split"] == "orthonormal" and o["lora.warm_start"] is True
+    assert o["federation.uplink_tau"] == 0.9 and o["federation.wire_dtype"] == "bfloat16"
+    assert "lora.warm_split" not in florist(0.9, ["all"]).overrides()
+    with pytest.raises(ValueError, match="unknown FLoRIST option"):
+        florist(0.9, ["warm+fast"])

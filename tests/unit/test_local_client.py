@@ -22,7 +22,12 @@ TRAIN = TrainSettings(lr=5e-3, steps=3, batch_size=2, max_length=256)
 
 
 def _clients(
-    method: str, ranks: tuple[int, ...] = (4, 2), seed: int = 0, init: str = "shared", warm: bool = False
+    method: str,
+    ranks: tuple[int, ...] = (4, 2),
+    seed: int = 0,
+    init: str = "shared",
+    warm: bool = False,
+    split: str = "balanced",
 ) -> list[LocalClient]:
     protocol = make_aggregator(method).protocol
     return [
@@ -38,6 +43,7 @@ def _clients(
                 target_modules=("q_proj", "v_proj"),
                 init=init,
                 warm_start=warm,
+                warm_split=split,
             ),
             TRAIN,
             protocol,
@@ -198,10 +204,11 @@ def _effective_weights(client: LocalClient) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_warm_start_keeps_the_model_and_the_server_recovers_what_the_client_changed() -> None:
+@pytest.mark.parametrize("split", ["balanced", "orthonormal"])
+def test_warm_start_keeps_the_model_and_the_server_recovers_what_the_client_changed(split: str) -> None:
     from florist.aggregation.lowrank import warm_parts, without_warm_part
 
-    clients = _clients("florist", ranks=(4, 2), warm=True)
+    clients = _clients("florist", ranks=(4, 2), warm=True, split=split)
     result = make_aggregator("florist", policy=EnergyThreshold(1.0)).aggregate([c.fit(1)[0] for c in clients])
     for c in clients:
         c.receive(result.download(c.client_id), round=1)
@@ -212,6 +219,9 @@ def test_warm_start_keeps_the_model_and_the_server_recovers_what_the_client_chan
         for name in merged:  # the model is unchanged (to float32 rounding)
             torch.testing.assert_close(warm[name], merged[name], rtol=0, atol=1e-6)
         assert all(torch.count_nonzero(f.B) > 0 for f in extract(c.model).values()), "the LoRA starts warm"
+        if split == "orthonormal":  # A = V^T: unit, orthogonal rows (the global has rank >= r_k here)
+            for f in extract(c.model).values():
+                torch.testing.assert_close(f.A @ f.A.mT, torch.eye(c.lora.rank), rtol=0, atol=1e-5)
         upload, _ = c.fit(2)
         changed = _effective_weights(c)
         delta = without_warm_part(upload, warm_parts(result.global_update, c.lora.rank))

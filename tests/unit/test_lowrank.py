@@ -53,6 +53,17 @@ def test_leading_split_is_the_best_rank_r_part_split_evenly() -> None:
     assert leading_split(f, 10).rank == 6  # never above the update's rank
 
 
+def test_orthonormal_split_has_the_same_product_with_unit_rows_in_a() -> None:
+    f = _factors(r=6)
+    w, o = leading_split(f, 4), leading_split(f, 4, "orthonormal")
+    assert_product_close(o.delta(torch.float64), w.delta(torch.float64), rtol=1e-4)
+    torch.testing.assert_close(o.A @ o.A.mT, torch.eye(4), rtol=0, atol=1e-5)  # A = V^T
+    S = torch.linalg.svdvals(f.delta(torch.float64))[:4].float()
+    torch.testing.assert_close(o.B.norm(dim=0), S, rtol=1e-4, atol=1e-6)  # B = U S
+    with pytest.raises(ConfigError, match="warm split must be"):
+        leading_split(f, 4, "sideways")
+
+
 def test_warm_correction_recovers_the_round_delta_and_aggregates_exactly() -> None:
     """A warm-started client's upload less its warm part is what it changed; FLoRA/FLoRIST of those
     corrected updates equal the dense sum_k p_k (s B'_k A'_k - warm_k)."""

@@ -44,13 +44,24 @@ def truncate_update(f: LoraFactors, tau: float) -> tuple[LoraFactors, float]:
     return LoraFactors(A=A_up.contiguous(), B=B_up.contiguous()), kept
 
 
-def leading_split(f: LoraFactors, r: int) -> LoraFactors:
-    """The best rank-``min(r, rank)`` part of ``s B A``, as effective factors split by ``sqrt(S)``."""
+def leading_split(f: LoraFactors, r: int, split: str = "balanced") -> LoraFactors:
+    """The best rank-``min(r, rank)`` part of ``s B A = U S V^T``, as effective factors.
+
+    ``split`` puts the singular values on both sides (``"balanced"``: ``B = U sqrt(S)``,
+    ``A = sqrt(S) V^T``) or all on B (``"orthonormal"``: ``B = U S``, ``A = V^T``, FlexLoRA's and
+    the paper's global split, whose A rows have unit norm like a fresh LoRA's A rather than
+    ``sqrt(sigma)``). The product is the same either way; only the training that follows differs.
+    """
     B, A = f.effective(torch.float32)
     svd = factored_svd(B, A)
     p = min(r, int(svd.S.numel()))
-    root = svd.S[:p].clamp_min(0).sqrt()  # (p,)
     U, Vh = basis_times(svd.left, svd.U[:, :p]), basis_times(svd.right, svd.Vh[:p].mT).mT  # (m, p), (p, n)
+    S = svd.S[:p].clamp_min(0)  # (p,)
+    if split == "orthonormal":
+        return LoraFactors(A=Vh.contiguous(), B=(U * S).contiguous())
+    if split != "balanced":
+        raise ConfigError(f"warm split must be 'balanced' or 'orthonormal', got {split!r}")
+    root = S.sqrt()
     return LoraFactors(A=(root[:, None] * Vh).contiguous(), B=(U * root).contiguous())
 
 
@@ -80,9 +91,12 @@ def result_to_wire(result: AggregationResult, wire: str) -> AggregationResult:
     return replace(result, global_update=glob, per_client=per_client)
 
 
-def warm_parts(global_update: Mapping[str, LoraFactors], rank: int) -> dict[str, LoraFactors]:
-    """What a client of ``rank`` warm-starts from after merging ``global_update`` (``leading_split``)."""
-    return {name: leading_split(f, rank) for name, f in global_update.items()}
+def warm_parts(
+    global_update: Mapping[str, LoraFactors], rank: int, split: str = "balanced"
+) -> dict[str, LoraFactors]:
+    """What a client of ``rank`` warm-starts from after merging ``global_update`` (``leading_split``).
+    The server only needs the product, which ``split`` does not change."""
+    return {name: leading_split(f, rank, split) for name, f in global_update.items()}
 
 
 def leading_columns(global_update: Mapping[str, LoraFactors], rank: int) -> dict[str, LoraFactors]:

@@ -244,7 +244,7 @@ def run_order(v: Variant) -> int:
     if v.name == "FedIT":
         return 1
     if v.method == "florist":
-        return 2 if not v.options else 3 if v.name.endswith("+all") else 4
+        return 2 if not v.options else 3 if "+all" in v.name else 4
     return 5
 
 

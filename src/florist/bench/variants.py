@@ -16,11 +16,13 @@ from florist.bench import full
 
 BASELINES = ("fedit", "flora", "flexlora", "ffa", "rblora", "fedex")
 DEFAULT_TAUS = (0.95, 0.9, 0.8)
-OPTIONS = {  # name -> overrides; "all" combines them
+OPTIONS = {  # name -> overrides; "all" combines the first three, "a+b" any of them
     "warm": (("lora.warm_start", True),),
     "uplink": (("federation.uplink_tau", None),),  # None: the variant's own tau
     "bf16": (("federation.wire_dtype", "bfloat16"),),
+    "orth": (("lora.warm_start", True), ("lora.warm_split", "orthonormal")),  # warm, A = V^T
 }
+ALL = ("warm", "uplink", "bf16")
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,19 @@ class Variant:
 
 
 def florist(tau: float, options: Sequence[str] = ()) -> Variant:
-    """FLoRIST at ``tau`` with protocol ``options`` (names of ``OPTIONS``, or "all")."""
-    names = list(OPTIONS) if "all" in options else list(options)
-    pairs = [(k, tau if k == "federation.uplink_tau" else v) for n in names for k, v in OPTIONS[n]]
-    label = "".join(f" +{n}" for n in ("all",) if "all" in options) or "".join(f" +{n}" for n in names)
-    return Variant(f"FLoRIST tau={tau:.2f}{label}", "florist", tau=tau, options=tuple(pairs))
+    """FLoRIST at ``tau`` with protocol ``options`` (names of ``OPTIONS``, "all", or "a+b" combos).
+
+    >>> florist(0.9, ["all+orth"]).name
+    'FLoRIST tau=0.90 +all +orth'
+    """
+    tokens = [t for o in options for t in o.split("+")]
+    unknown = sorted(set(tokens) - set(OPTIONS) - {"all"})
+    if unknown:
+        raise ValueError(f"unknown FLoRIST option(s) {unknown}; known: {[*OPTIONS, 'all']}")
+    names = [*(ALL if "all" in tokens else ()), *(t for t in tokens if t != "all")]
+    pairs = dict((k, tau if k == "federation.uplink_tau" else v) for n in names for k, v in OPTIONS[n])
+    label = "".join(f" +{t}" for t in dict.fromkeys(tokens))
+    return Variant(f"FLoRIST tau={tau:.2f}{label}", "florist", tau=tau, options=tuple(pairs.items()))
 
 
 def budget(mb: float, matched: str) -> Variant:

@@ -19,6 +19,7 @@ Protocol options (each off by default):
         directions of the last global update it merged out of its base weights and into its LoRA
         (``florist.aggregation.lowrank.leading_split``): the model is unchanged, its LoRA does not
         start at B = 0. The server removes that warm part from the upload again (``without_warm_part``).
+        ``lora.warm_split`` says how the singular values are shared between B and A.
         Done at the start of ``fit``, so a node that only syncs keeps the server's weights bitwise.
     uplink thresholding (``uplink_tau``) the upload is the tau-truncated SVD of ``s B A``
     wire dtype (``wire``)              the upload as the server will decode it (bf16 / fp16 rounded)
@@ -164,7 +165,7 @@ class LocalClient:
         if self.protocol is ClientProtocol.MERGE_AND_CONTINUE:
             warm = leading_columns(download, self.lora.rank)  # its slice of the averages (FedEx-LoRA)
         else:
-            warm = warm_parts(download, self.lora.rank)
+            warm = warm_parts(download, self.lora.rank, self.lora.warm_split)
         merge_into_base(self.model, {n: LoraFactors(A=w.A, B=-w.B) for n, w in warm.items()})
         assign_leading(self.model, warm)
 

@@ -23,7 +23,7 @@ from florist.aggregation import available
 from florist.aggregation.base import Aggregator, ClientProtocol, aggregator_class
 from florist.aggregation.robust import CLIP_MODES
 from florist.config.aggregate_options import AggregateOptions
-from florist.config.training import LORA_INITS, LoraSettings, TrainSettings
+from florist.config.training import LORA_INITS, WARM_SPLITS, LoraSettings, TrainSettings
 from florist.dtypes import MODEL, WIRE, torch_dtype
 from florist.errors import ConfigError
 from florist.precision import check_precision
@@ -109,12 +109,18 @@ class AdapterConfig:
         default=False,
         metadata={"help": "florist/flora: continue from the leading r_k directions of the global update"},
     )
+    warm_split: str = field(
+        default="balanced",
+        metadata={"help": "warm start: 'balanced' (sqrt(S) on B and A) or 'orthonormal' (B = U S, A = V^T)"},
+    )
 
     def __post_init__(self) -> None:
         if not self.ranks or any(r < 1 for r in self.ranks):
             raise ConfigError(f"lora.ranks must be positive integers, got {list(self.ranks)}")
         if self.init not in LORA_INITS:
             raise ConfigError(f"lora.init must be one of {list(LORA_INITS)}, got {self.init!r}")
+        if self.warm_split not in WARM_SPLITS:
+            raise ConfigError(f"lora.warm_split must be one of {list(WARM_SPLITS)}, got {self.warm_split!r}")
         if self.alpha is not None:
             _positive("lora.alpha", self.alpha)
         _positive("lora.alpha_ratio", self.alpha_ratio)
@@ -132,7 +138,14 @@ class AdapterConfig:
         r = self.rank_of(client, num_clients)
         alpha = self.alpha if self.alpha is not None else self.alpha_ratio * r
         return LoraSettings(
-            r, alpha, self.dropout, self.target_modules, self.use_rslora, self.init, self.warm_start
+            r,
+            alpha,
+            self.dropout,
+            self.target_modules,
+            self.use_rslora,
+            self.init,
+            self.warm_start,
+            self.warm_split,
         )
 
 

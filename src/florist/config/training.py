@@ -15,6 +15,7 @@ from florist.errors import ConfigError
 from florist.precision import check_precision
 
 LORA_INITS = ("shared", "per_client")  # see florist.client.local
+WARM_SPLITS = ("balanced", "orthonormal")  # see florist.aggregation.lowrank.leading_split
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,11 @@ class LoraSettings:
     use_rslora: bool = False
     init: str = "shared"
     warm_start: bool = False
+    warm_split: str = "balanced"
 
     def __post_init__(self) -> None:
+        if self.warm_split not in WARM_SPLITS:
+            raise ConfigError(f"lora warm split must be one of {list(WARM_SPLITS)}, got {self.warm_split!r}")
         if self.init not in LORA_INITS:
             raise ConfigError(f"lora init must be one of {list(LORA_INITS)}, got {self.init!r}")
         if self.rank < 1:
