@@ -32,11 +32,12 @@ def lora_layers(peft_model: Any) -> Iterator[tuple[str, Any]]:
 
 
 def extract(peft_model: Any) -> dict[str, LoraFactors]:
-    """Detached copies of every layer's ``(A, B, scaling)``."""
+    """Detached float32 CPU copies of every layer's ``(A, B, scaling)``: what a client uploads and
+    the server aggregates, wherever the model runs."""
     return {
         name: LoraFactors(
-            A=layer.lora_A[ADAPTER].weight.detach().float().clone(),  # (r, n)
-            B=layer.lora_B[ADAPTER].weight.detach().float().clone(),  # (m, r)
+            A=layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),  # (r, n)
+            B=layer.lora_B[ADAPTER].weight.detach().float().cpu().clone(),  # (m, r)
             scaling=float(layer.scaling[ADAPTER]),
         )
         for name, layer in lora_layers(peft_model)

@@ -93,8 +93,9 @@ class ClientUpdate:
 
 
 def add_update(weight: Tensor, factors: LoraFactors) -> None:
-    """``W += scaling * B @ A`` in W's dtype, in place: the one merge clients and server both use."""
-    weight.add_(factors.delta(torch.float32).to(weight.dtype))
+    """``W += scaling * B @ A`` in W's dtype and on W's device, in place: the one merge clients and
+    server both use (updates travel and aggregate on the CPU; the model may sit on a GPU)."""
+    weight.add_(factors.delta(torch.float32).to(weight.device, weight.dtype))
 
 
 def sum_of_rounds(history: Sequence[Mapping[str, LoraFactors]]) -> dict[str, LoraFactors]:
