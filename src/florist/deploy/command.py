@@ -7,18 +7,22 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from florist.cli_parsing import IntermixedParser
 from florist.config import FloristConfig
 from florist.data.federated import preflight
-from florist.deploy.launch import DEFAULT_APP, Deployment, DeploySettings
 from florist.deploy.processes import DeploymentError
-from florist.deploy.runconfig import deploy_config, run_dir
+from florist.deploy.runconfig import DEFAULT_APP, deploy_config, run_dir
+
+if TYPE_CHECKING:  # launch.py needs cryptography: imported when a deployment starts, not to parse a command
+    from florist.deploy.launch import DeploySettings
 
 
 def deploy(cfg: FloristConfig, settings: DeploySettings, echo: IO[str] | None = None) -> dict[str, Any]:
     """Start the deployment, run ``cfg`` through it, stop every process; the run's summary."""
+    from florist.deploy.launch import Deployment
+
     with Deployment(settings, echo) as deployment:
         deployment.start()
         return deployment.run(cfg)
@@ -43,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def cli(args: argparse.Namespace) -> None:
     """``florist deploy``: prints where the run directory is and the summary; raises if the run failed."""
+    from florist.deploy.launch import DeploySettings
     from florist.tables import print_summary
 
     cfg = deploy_config(args.config, args.nodes, args.overrides)

@@ -39,13 +39,12 @@ import tomli_w
 from florist.config import FloristConfig
 from florist.deploy.certs import NodeKey, TlsFiles, make_node_key, make_tls
 from florist.deploy.processes import DeploymentError, LogFollower, Managed, ProcessGroup, tail
-from florist.deploy.runconfig import app_config, overrides_toml, run_dir, run_overrides
+from florist.deploy.runconfig import DEFAULT_APP, app_config, overrides_toml, run_dir, run_overrides
 from florist.errors import ConfigError
 from florist.fsutil import write_text_atomic
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
-DEFAULT_APP = Path(__file__).resolve().parents[3] / "flower-app"
 CONNECTION = "florist-deploy"
 
 

@@ -16,6 +16,8 @@ from florist.config import FloristConfig, load_config
 from florist.config.loader import flat_defaults
 from florist.errors import ConfigError
 
+DEFAULT_APP = Path(__file__).resolve().parents[3] / "flower-app"  # the Flower App in this repository
+
 
 def app_config(app: Path) -> dict[str, Any]:
     """The ``[tool.flwr.app.config]`` table of the Flower App at ``app``."""
