@@ -29,7 +29,7 @@ pack() {  # here, in the repository root, with .venv and ../shared/data
     tar -C ../shared -cJf .gpu2/data.tar.xz data/dolly-8clients
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .gpu1/whl transformers==5.24.0 peft==0.21.2 gguf==0.19.0 regex==2026.11.19
+        -d .gpu1/whl transformers==5.24.0 peft==0.21.2 gguf==0.19.0 regex==2026.11.19 tomli_w==1.2.0
 }
 
 stage() {  # device, first call
