@@ -7,6 +7,8 @@ import json
 import os
 import re
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -263,3 +265,17 @@ def test_client_sweep_refuses_bad_counts_before_training(
     assert info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "u").exists()
+
+
+def test_the_cli_parses_without_the_deployment_stack() -> None:
+    """``florist bench`` and the rest parse on a machine without cryptography or flwr (a GPU box with
+    its own packages, say): the deploy command imports its TLS stack only when a deployment starts."""
+    code = (
+        "import sys\n"
+        "for m in ('cryptography', 'flwr'): sys.modules[m] = None\n"
+        "from florist.cli import build_parser\n"
+        "args = build_parser().parse_args(['bench', '--report-only', '--out', 'x'])\n"
+        "print(args.command if hasattr(args, 'command') else 'parsed')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
