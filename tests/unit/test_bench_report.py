@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 
 from florist.bench import report
+from florist.bench.compare import BenchOptions
 from florist.bench.variants import florist, sweep
+from florist.errors import ConfigError
 
 ROWS = 6
 
@@ -99,5 +101,7 @@ def test_option_combinations_and_unknown_options() -> None:
     assert o["lora.warm_split"] == "orthonormal" and o["lora.warm_start"] is True
     assert o["federation.uplink_tau"] == 0.9 and o["federation.wire_dtype"] == "bfloat16"
     assert "lora.warm_split" not in florist(0.9, ["all"]).overrides()
-    with pytest.raises(ValueError, match="unknown FLoRIST option"):
+    with pytest.raises(ConfigError, match=r"unknown FLoRIST option\(s\) \['fast'\]"):
         florist(0.9, ["warm+fast"])
+    with pytest.raises(ConfigError, match="unknown FLoRIST option"):
+        BenchOptions(options=("all+turbo",))

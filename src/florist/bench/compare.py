@@ -28,7 +28,7 @@ from florist.bench import report
 from florist.bench.full import METHOD as FULL
 from florist.bench.full import run_full_variant
 from florist.bench.simulate import client_name, run_variant, shared_round_one
-from florist.bench.variants import DEFAULT_TAUS, Variant, budget, sweep
+from florist.bench.variants import DEFAULT_TAUS, Variant, budget, check_options, sweep
 from florist.client.model import load_model
 from florist.config import PAPER_CONFIG, FloristConfig, load_config
 from florist.config.loader import build, set_dotted
@@ -58,6 +58,10 @@ class BenchOptions:
     e_tolerance: float = 0.005
     settings: tuple[str, ...] = ("homogeneous", "heterogeneous")
     variants: tuple[str, ...] = field(default=())  # run only these names (all if empty)
+
+    def __post_init__(self) -> None:  # before any model is loaded
+        check_options(self.options)
+        check_options([b.partition("+")[2] for b in self.extra_baselines if "+" in b])
 
 
 def setting_config(opts: BenchOptions, setting: str) -> FloristConfig:

@@ -13,6 +13,7 @@ from typing import Any
 
 from florist.aggregation.base import aggregator_class
 from florist.bench import full
+from florist.errors import ConfigError
 
 BASELINES = ("fedit", "flora", "flexlora", "ffa", "rblora", "fedex")
 DEFAULT_TAUS = (0.95, 0.9, 0.8)
@@ -46,14 +47,20 @@ def florist(tau: float, options: Sequence[str] = ()) -> Variant:
     >>> florist(0.9, ["all+orth"]).name
     'FLoRIST tau=0.90 +all +orth'
     """
-    tokens = [t for o in options for t in o.split("+")]
-    unknown = sorted(set(tokens) - set(OPTIONS) - {"all"})
-    if unknown:
-        raise ValueError(f"unknown FLoRIST option(s) {unknown}; known: {[*OPTIONS, 'all']}")
+    tokens = check_options(options)
     names = [*(ALL if "all" in tokens else ()), *(t for t in tokens if t != "all")]
     pairs = dict((k, tau if k == "federation.uplink_tau" else v) for n in names for k, v in OPTIONS[n])
     label = "".join(f" +{t}" for t in dict.fromkeys(tokens))
     return Variant(f"FLoRIST tau={tau:.2f}{label}", "florist", tau=tau, options=tuple(pairs.items()))
+
+
+def check_options(options: Sequence[str]) -> list[str]:
+    """The option names in ``options`` ("a+b" split), or a ``ConfigError`` naming the unknown ones."""
+    tokens = [t for o in options for t in o.split("+")]
+    unknown = sorted(set(tokens) - set(OPTIONS) - {"all"})
+    if unknown:
+        raise ConfigError(f"unknown FLoRIST option(s) {unknown}; known: {[*OPTIONS, 'all']}")
+    return tokens
 
 
 def budget(mb: float, matched: str) -> Variant:
