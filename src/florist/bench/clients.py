@@ -216,6 +216,7 @@ def plot_bytes(results: Mapping[str, Any], path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="clients K", title=f"round {rnd}")
         ax.set_xticks([c for c in sorted({c["clients"] for c in cells})])
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())  # no 6x10^0 over the K ticks
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("bytes down per round, all clients (MB)")
     axes[0][-1].legend(fontsize=7, loc="upper left")
