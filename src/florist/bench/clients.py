@@ -201,7 +201,8 @@ def plot_bytes(results: Mapping[str, Any], path: Path) -> None:
 
     cells = list(results["cells"].values())
     rounds = sorted({c["round"] for c in cells})
-    fig, axes = plt.subplots(1, len(rounds), figsize=(5.5 * len(rounds), 4.2), squeeze=False, sharey=True)
+    size = (5.5 * len(rounds) + 2.5, 4.2)  # room for the legend on the right
+    fig, axes = plt.subplots(1, len(rounds), figsize=size, squeeze=False, sharey=True)
     for ax, rnd in zip(axes[0], rounds, strict=True):
         for init, style in (("shared", "-"), ("per_client", "--")):
             mine = sorted(
@@ -219,7 +220,7 @@ def plot_bytes(results: Mapping[str, Any], path: Path) -> None:
         ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())  # no 6x10^0 over the K ticks
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("bytes down per round, all clients (MB)")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside: no data hidden
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
