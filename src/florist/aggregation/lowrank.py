@@ -31,6 +31,8 @@ from florist.dtypes import WIRE, torch_dtype
 from florist.errors import ConfigError
 from florist.lora.update import ClientUpdate, LoraFactors
 
+WARM_SPLITS = ("balanced", "orthonormal")  # how leading_split shares the singular values
+
 
 def truncate_update(f: LoraFactors, tau: float) -> tuple[LoraFactors, float]:
     """The ``tau``-energy truncation of ``s B A`` as effective factors, and the energy fraction kept."""
@@ -59,8 +61,8 @@ def leading_split(f: LoraFactors, r: int, split: str = "balanced") -> LoraFactor
     S = svd.S[:p].clamp_min(0)  # (p,)
     if split == "orthonormal":
         return LoraFactors(A=Vh.contiguous(), B=(U * S).contiguous())
-    if split != "balanced":
-        raise ConfigError(f"warm split must be 'balanced' or 'orthonormal', got {split!r}")
+    if split not in WARM_SPLITS:
+        raise ConfigError(f"warm split must be one of {list(WARM_SPLITS)}, got {split!r}")
     root = S.sqrt()
     return LoraFactors(A=(root[:, None] * Vh).contiguous(), B=(U * root).contiguous())
 

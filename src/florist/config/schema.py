@@ -21,9 +21,10 @@ import torch
 
 from florist.aggregation import available
 from florist.aggregation.base import Aggregator, ClientProtocol, aggregator_class
+from florist.aggregation.lowrank import WARM_SPLITS
 from florist.aggregation.robust import CLIP_MODES
 from florist.config.aggregate_options import AggregateOptions
-from florist.config.training import LORA_INITS, WARM_SPLITS, LoraSettings, TrainSettings
+from florist.config.training import LORA_INITS, LoraSettings, TrainSettings
 from florist.dtypes import MODEL, WIRE, torch_dtype
 from florist.errors import ConfigError
 from florist.precision import check_precision

@@ -11,11 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from florist.aggregation.lowrank import WARM_SPLITS
 from florist.errors import ConfigError
 from florist.precision import check_precision
 
 LORA_INITS = ("shared", "per_client")  # see florist.client.local
-WARM_SPLITS = ("balanced", "orthonormal")  # see florist.aggregation.lowrank.leading_split
 
 
 @dataclass(frozen=True)
