@@ -139,4 +139,4 @@ def test_aggregation_clip_applies_in_the_bench_as_in_the_strategy(tmp_path: Path
     assert "clip" not in plain[0]
     cfg = load_config(None, [*base, "aggregation.clip='fixed'", "aggregation.clip_value=1e-6"])
     agg = cfg.aggregation.build()
-    assert aggregate_round(cfg, agg, 1, [], None, {}).result is None  # nothing to aggregate: no result
+    assert aggregate_round(cfg, agg, 1, [], [], {}).result is None  # nothing to aggregate: no result

@@ -28,6 +28,7 @@ def _clients(
     init: str = "shared",
     warm: bool = False,
     split: str = "balanced",
+    warm_from: str = "last",
 ) -> list[LocalClient]:
     protocol = make_aggregator(method).protocol
     return [
@@ -44,6 +45,7 @@ def _clients(
                 init=init,
                 warm_start=warm,
                 warm_split=split,
+                warm_from=warm_from,
             ),
             TRAIN,
             protocol,
@@ -226,6 +228,37 @@ def test_warm_start_keeps_the_model_and_the_server_recovers_what_the_client_chan
         changed = _effective_weights(c)
         delta = without_warm_part(upload, warm_parts(result.global_update, c.lora.rank))
         for name, f in delta.modules.items():
+            torch.testing.assert_close(
+                f.delta(torch.float64), changed[name] - merged[name], rtol=0, atol=2e-6
+            )
+
+
+def test_accumulated_warm_start_continues_from_the_best_rank_r_part_of_every_merged_global() -> None:
+    from florist.aggregation.lowrank import warm_parts, warm_source, without_warm_part
+
+    clients = _clients("florist", ranks=(4, 2), warm=True, warm_from="accumulated")
+    agg = make_aggregator("florist", policy=EnergyThreshold(1.0))
+    globals_ = []
+    for t in (1, 2):
+        result = agg.aggregate([c.fit(t)[0] for c in clients])
+        globals_.append(result.global_update)
+        for c in clients:
+            c.receive(result.download(c.client_id), round=t)
+    for c in clients:
+        merged = _effective_weights(c)
+        c._warm_start(c.pending_warm)
+        c.pending_warm = None
+        lora = extract(c.model)
+        for name, f in lora.items():  # dense reference: rank-r truncation of G_1 + G_2
+            total = sum(g[name].delta(torch.float64) for g in globals_)
+            U, S, Vh = torch.linalg.svd(total)
+            r = c.lora.rank
+            best = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+            torch.testing.assert_close(f.delta(torch.float64), best, rtol=0, atol=1e-6)
+        upload, _ = c.fit(3)
+        changed = _effective_weights(c)
+        delta = without_warm_part(upload, warm_parts(warm_source(globals_, "accumulated"), c.lora.rank))
+        for name, f in delta.modules.items():  # what the server subtracts is what the client started from
             torch.testing.assert_close(
                 f.delta(torch.float64), changed[name] - merged[name], rtol=0, atol=2e-6
             )

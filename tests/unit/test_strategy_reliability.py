@@ -352,8 +352,30 @@ def test_warm_start_uploads_are_corrected_by_the_warm_part_of_the_last_global(
     first = [honest(shapes, k, common=1.0) for k in range(N)]
     s.aggregate_train(1, [reply(u) for u in first])
     g1 = s.history[-1][1].global_update
-    second = [honest(shapes, 10 + k, common=0.5) for k in range(N)]
-    second = [replace(u, client_id=client_id(k), num_examples=10.0 * (k + 1)) for k, u in enumerate(second)]
+    second = [same_client(honest(shapes, 10 + k, common=0.5), k) for k in range(N)]
     s.aggregate_train(2, [reply(u, merged=(1,)) for u in second])
     want = dense([without_warm_part(u, warm_parts(g1, RANK)) for u in second])
     assert_close_products(products(s), want)
+
+
+def same_client(update: ClientUpdate, k: int) -> ClientUpdate:
+    """``update`` (drawn with another seed) as client ``k`` sends it: its id and example count."""
+    return replace(update, client_id=client_id(k), num_examples=10.0 * (k + 1))
+
+
+def test_accumulated_warm_start_uploads_are_corrected_by_the_warm_part_of_every_global_so_far(
+    shapes: dict[str, tuple[int, int]],
+) -> None:
+    from florist.aggregation.lowrank import warm_parts, warm_source, without_warm_part
+
+    s = strategy(shapes, "lora.warm_start=true", "lora.warm_from='accumulated'")
+    for t in (1, 2):
+        ups = [same_client(honest(shapes, 10 * t + k, common=1.0 / t), k) for k in range(N)]
+        s.aggregate_train(t, [reply(u, merged=tuple(range(1, t))) for u in ups])
+    sent = [r.global_update for _, r in s.history[:2]]
+    third = [same_client(honest(shapes, 30 + k, common=0.3), k) for k in range(N)]
+    s.aggregate_train(3, [reply(u, merged=(1, 2)) for u in third])
+    want = dense([without_warm_part(u, warm_parts(warm_source(sent, "accumulated"), RANK)) for u in third])
+    assert_close_products(products(s), want)
+    last = dense([without_warm_part(u, warm_parts(sent[-1], RANK)) for u in third])
+    assert not torch.allclose(want[next(iter(want))], last[next(iter(last))], atol=1e-4)  # it matters

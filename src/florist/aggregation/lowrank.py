@@ -13,13 +13,16 @@ Warm start: the leading r directions of a global update, split evenly between th
     U_r diag(S_r) V_r^T  ->  B = U_r diag(sqrt(S_r)),  A = diag(sqrt(S_r)) V_r^T
 
 so a client can hold them in its LoRA while its base weights hold the rest (``florist.client``).
+The global update split is the last round's (``"last"``) or the sum of every round's the client has
+merged (``"accumulated"``, FlexLoRA's continuation at FLoRIST's bytes: ``sum_t B_t A_t`` is known to
+every client and to the server, so nothing more is sent).
 
 Wire rounding: factors cast to a 16-bit wire dtype and back to float32, as a 16-bit message does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -29,9 +32,10 @@ from florist.aggregation.linalg import basis_times, factored_svd
 from florist.aggregation.rank_policy import rank_for_energy
 from florist.dtypes import WIRE, torch_dtype
 from florist.errors import ConfigError
-from florist.lora.update import ClientUpdate, LoraFactors
+from florist.lora.update import ClientUpdate, LoraFactors, sum_of_rounds
 
 WARM_SPLITS = ("balanced", "orthonormal")  # how leading_split shares the singular values
+WARM_FROM = ("last", "accumulated")  # which global update a warm start splits (warm_source)
 
 
 def truncate_update(f: LoraFactors, tau: float) -> tuple[LoraFactors, float]:
@@ -99,6 +103,16 @@ def warm_parts(
     """What a client of ``rank`` warm-starts from after merging ``global_update`` (``leading_split``).
     The server only needs the product, which ``split`` does not change."""
     return {name: leading_split(f, rank, split) for name, f in global_update.items()}
+
+
+def warm_source(merged: Sequence[Mapping[str, LoraFactors]], warm_from: str) -> Mapping[str, LoraFactors]:
+    """The update a warm start splits, from the global updates merged so far (oldest first): the
+    last one, or all of them side by side (``sum_t B_t A_t``, rank ``sum_t p_t``)."""
+    if warm_from not in WARM_FROM:
+        raise ConfigError(f"warm start source must be one of {list(WARM_FROM)}, got {warm_from!r}")
+    if not merged:
+        raise ValueError("warm start needs at least one merged global update")
+    return merged[-1] if warm_from == "last" else sum_of_rounds(merged)
 
 
 def leading_columns(global_update: Mapping[str, LoraFactors], rank: int) -> dict[str, LoraFactors]:

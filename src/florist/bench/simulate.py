@@ -133,7 +133,7 @@ class Variant:
         self.clients = make_clients(cfg, self.agg.protocol)
         model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
         self.server = GlobalModel(model.to(cfg.model.torch_device()), tok, self.agg.protocol)
-        self.latest: AggregationResult | None = None  # the last round's result, as sent
+        self.sent: list[AggregationResult] = []  # every round's result, as sent
         self.rank = {c.client_id: c.lora.rank for c in self.clients}
 
     def uploads(
@@ -148,14 +148,14 @@ class Variant:
 
     def previous_adapter(self) -> Mapping[str, LoraFactors] | None:
         """G_{t-1} for continue protocols (what their clients started from); None for merge ones."""
-        if self.agg.protocol.merges or self.latest is None:
+        if self.agg.protocol.merges or not self.sent:
             return None
-        return self.latest.global_update
+        return self.sent[-1].global_update
 
     def round(self, t: int, round_one: list[ClientUpdate] | None) -> tuple[AggregationResult, dict[str, Any]]:
         start = time.perf_counter()
         uploads, train = self.uploads(t, round_one)
-        outcome = aggregate_round(self.cfg, self.agg, t, uploads, self.latest, self.rank)
+        outcome = aggregate_round(self.cfg, self.agg, t, uploads, self.sent, self.rank)
         if outcome.result is None or outcome.dropped:  # the bench's clients are honest: say so loudly
             raise RuntimeError(f"round {t}: {outcome.dropped or 'no finite aggregate'}")
         result, deltas = outcome.result, outcome.updates
@@ -168,7 +168,7 @@ class Variant:
         for c in self.clients:
             c.receive(result.download(c.client_id) if result.per_client else result.global_update, round=t)
         self.server.apply_result(t, result)
-        self.latest = result
+        self.sent.append(result)
         return result, record | train | {"round_seconds": time.perf_counter() - start}
 
 

@@ -1,8 +1,9 @@
 """The methods a comparison runs: the baselines, FLoRIST at several tau, and FLoRIST's protocol options.
 
 A variant is a name plus config overrides (``aggregation.*``, and for the options ``lora.warm_start``,
-``federation.uplink_tau``, ``federation.wire_dtype``); everything else (data, seeds, local budget,
-init policy) is shared, so the variants differ only in what the protocol does.
+``lora.warm_split``, ``lora.warm_from``, ``federation.uplink_tau``, ``federation.wire_dtype``);
+everything else (data, seeds, local budget, init policy) is shared, so the variants differ only in
+what the protocol does.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ OPTIONS = {  # name -> overrides; "all" combines the first three, "a+b" any of t
     "uplink": (("federation.uplink_tau", None),),  # None: the variant's own tau
     "bf16": (("federation.wire_dtype", "bfloat16"),),
     "orth": (("lora.warm_start", True), ("lora.warm_split", "orthonormal")),  # warm, A = V^T
+    "acc": (("lora.warm_start", True), ("lora.warm_from", "accumulated")),  # warm from sum_t B_t A_t
 }
 ALL = ("warm", "uplink", "bf16")
 

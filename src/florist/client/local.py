@@ -16,7 +16,8 @@ every client of a round starts from the same global adapter, the seeded initial 
 
 Protocol options (each off by default):
     warm start (``lora.warm_start``)   before training, a merge-protocol client moves the leading r_k
-        directions of the last global update it merged out of its base weights and into its LoRA
+        directions of the last global update it merged (``lora.warm_from = "last"``), or of the sum
+        of all it merged (``"accumulated"``), out of its base weights and into its LoRA
         (``florist.aggregation.lowrank.leading_split``): the model is unchanged, its LoRA does not
         start at B = 0. The server removes that warm part from the upload again (``without_warm_part``).
         ``lora.warm_split`` says how the singular values are shared between B and A.
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from florist.aggregation.base import ClientProtocol
-from florist.aggregation.lowrank import leading_columns, prepare_upload, warm_parts
+from florist.aggregation.lowrank import leading_columns, prepare_upload, warm_parts, warm_source
 from florist.client.lora_state import (
     assign,
     assign_leading,
@@ -103,6 +104,7 @@ class LocalClient:
         self.uplink_tau, self.wire = uplink_tau, wire
         self.pending_warm: Mapping[str, LoraFactors] | None = None
         self.unsplit: dict[str, torch.Tensor] | None = None  # merged base weights before a warm split
+        self.merged: list[Mapping[str, LoraFactors]] = []  # global updates merged (warm_from accumulated)
         self.upload_energy: dict[str, float] = {}
         self._fresh_lora(round=0)
 
@@ -128,8 +130,11 @@ class LocalClient:
                 self.unsplit = None
             merge_into_base(self.model, download)
             self._fresh_lora(round)
-            continues = self.protocol is ClientProtocol.MERGE_AND_CONTINUE
-            self.pending_warm = download if self.lora.warm_start or continues else None
+            if self.protocol is ClientProtocol.MERGE_AND_CONTINUE:
+                self.pending_warm = download
+            elif self.lora.warm_start:
+                self.merged = [*self.merged, download] if self.lora.warm_from == "accumulated" else [download]
+                self.pending_warm = warm_source(self.merged, self.lora.warm_from)
         else:
             assign(self.model, download, b_only=self.protocol is ClientProtocol.FROZEN_SHARED_A)
 

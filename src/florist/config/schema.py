@@ -21,7 +21,7 @@ import torch
 
 from florist.aggregation import available
 from florist.aggregation.base import Aggregator, ClientProtocol, aggregator_class
-from florist.aggregation.lowrank import WARM_SPLITS
+from florist.aggregation.lowrank import WARM_FROM, WARM_SPLITS
 from florist.aggregation.robust import CLIP_MODES
 from florist.config.aggregate_options import AggregateOptions
 from florist.config.training import LORA_INITS, LoraSettings, TrainSettings
@@ -114,6 +114,10 @@ class AdapterConfig:
         default="balanced",
         metadata={"help": "warm start: 'balanced' (sqrt(S) on B and A) or 'orthonormal' (B = U S, A = V^T)"},
     )
+    warm_from: str = field(
+        default="last",
+        metadata={"help": "warm start splits the 'last' global update or the 'accumulated' sum of all"},
+    )
 
     def __post_init__(self) -> None:
         if not self.ranks or any(r < 1 for r in self.ranks):
@@ -122,6 +126,10 @@ class AdapterConfig:
             raise ConfigError(f"lora.init must be one of {list(LORA_INITS)}, got {self.init!r}")
         if self.warm_split not in WARM_SPLITS:
             raise ConfigError(f"lora.warm_split must be one of {list(WARM_SPLITS)}, got {self.warm_split!r}")
+        if self.warm_from not in WARM_FROM:
+            raise ConfigError(f"lora.warm_from must be one of {list(WARM_FROM)}, got {self.warm_from!r}")
+        if self.warm_from != "last" and not self.warm_start:
+            raise ConfigError(f"lora.warm_from = {self.warm_from!r} needs lora.warm_start = true")
         if self.alpha is not None:
             _positive("lora.alpha", self.alpha)
         _positive("lora.alpha_ratio", self.alpha_ratio)
@@ -147,6 +155,7 @@ class AdapterConfig:
             self.init,
             self.warm_start,
             self.warm_split,
+            self.warm_from,
         )
 
 

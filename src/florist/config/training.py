@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from florist.aggregation.lowrank import WARM_SPLITS
+from florist.aggregation.lowrank import WARM_FROM, WARM_SPLITS
 from florist.errors import ConfigError
 from florist.precision import check_precision
 
@@ -30,10 +30,13 @@ class LoraSettings:
     init: str = "shared"
     warm_start: bool = False
     warm_split: str = "balanced"
+    warm_from: str = "last"
 
     def __post_init__(self) -> None:
         if self.warm_split not in WARM_SPLITS:
             raise ConfigError(f"lora warm split must be one of {list(WARM_SPLITS)}, got {self.warm_split!r}")
+        if self.warm_from not in WARM_FROM:
+            raise ConfigError(f"lora warm_from must be one of {list(WARM_FROM)}, got {self.warm_from!r}")
         if self.init not in LORA_INITS:
             raise ConfigError(f"lora init must be one of {list(LORA_INITS)}, got {self.init!r}")
         if self.rank < 1:

@@ -199,10 +199,10 @@ class FederatedLoRA(Strategy):
         need = self.cfg.federation.min_replies
         if len(updates) < need:
             return self._skip(log_, f"{len(updates)} usable update(s), {need} required ({log_.reasons()})")
-        previous = self.history[-1][1] if self.history else None
+        sent = [r for _, r in self.history]
         ranks = {c.client_id: c.rank for c in self.clients}
         try:
-            outcome = aggregate_round(self.cfg, self.aggregator, server_round, updates, previous, ranks)
+            outcome = aggregate_round(self.cfg, self.aggregator, server_round, updates, sent, ranks)
         except Exception as err:  # an aggregator failure must not stop the federation
             return self._skip(log_, f"aggregation failed: {type(err).__name__}: {err}")
         for who, why in outcome.dropped.items():

@@ -15,7 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from florist.aggregation.base import AggregationResult, Aggregator, ClientProtocol
-from florist.aggregation.lowrank import leading_columns, result_to_wire, warm_parts, without_warm_part
+from florist.aggregation.lowrank import (
+    leading_columns,
+    result_to_wire,
+    warm_parts,
+    warm_source,
+    without_warm_part,
+)
 from florist.aggregation.robust import ClipReport, clip_updates, update_norm
 from florist.config import FloristConfig
 from florist.lora import ClientUpdate
@@ -39,14 +45,15 @@ def aggregate_round(
     aggregator: Aggregator,
     round: int,
     uploads: Sequence[ClientUpdate],
-    previous: AggregationResult | None,
+    history: Sequence[AggregationResult],
     ranks: Mapping[str, int],
 ) -> RoundOutcome:
-    """Round ``round`` from the clients' ``uploads``; ``previous`` is the last result sent (or None).
+    """Round ``round`` from the clients' ``uploads``; ``history`` holds every result sent so far,
+    oldest first (empty in round 1).
 
     ``ranks`` maps client id to its LoRA rank (the warm part a warm-started client began from).
     """
-    deltas = round_deltas(cfg, uploads, previous, ranks)
+    deltas = round_deltas(cfg, uploads, history, ranks)
     clipped, report = clip(cfg, deltas, round)
     outcome = aggregate_finite(aggregator, round, clipped, cfg.federation.min_replies)
     outcome.clip = report
@@ -58,19 +65,21 @@ def aggregate_round(
 def round_deltas(
     cfg: FloristConfig,
     uploads: Sequence[ClientUpdate],
-    previous: AggregationResult | None,
+    history: Sequence[AggregationResult],
     ranks: Mapping[str, int],
 ) -> list[ClientUpdate]:
-    """What the clients changed this round: with warm start, each upload less its warm part; a
-    merge-and-continue client's upload with the slice it continued from (``ClientUpdate.start``)."""
-    if previous is None:
+    """What the clients changed this round: with warm start, each upload less its warm part (split
+    from the last global or from all of them, ``lora.warm_from``); a merge-and-continue client's
+    upload with the slice it continued from (``ClientUpdate.start``)."""
+    if not history:
         return list(uploads)
-    g = previous.global_update  # what every client merged last, as it was sent
-    if previous.protocol is ClientProtocol.MERGE_AND_CONTINUE:
+    g = history[-1].global_update  # what every client merged last, as it was sent
+    if history[-1].protocol is ClientProtocol.MERGE_AND_CONTINUE:
         return [replace(u, start=leading_columns(g, ranks[u.client_id])) for u in uploads]
     if not cfg.lora.warm_start:
         return list(uploads)
-    return [without_warm_part(u, warm_parts(g, ranks[u.client_id])) for u in uploads]
+    source = warm_source([r.global_update for r in history], cfg.lora.warm_from)
+    return [without_warm_part(u, warm_parts(source, ranks[u.client_id])) for u in uploads]
 
 
 def clip(
