@@ -79,7 +79,8 @@ def round_deltas(
     if not cfg.lora.warm_start:
         return list(uploads)
     source = warm_source([r.global_update for r in history], cfg.lora.warm_from)
-    return [without_warm_part(u, warm_parts(source, ranks[u.client_id])) for u in uploads]
+    warm = {r: warm_parts(source, r) for r in {ranks[u.client_id] for u in uploads}}  # one SVD per rank
+    return [without_warm_part(u, warm[ranks[u.client_id]]) for u in uploads]
 
 
 def clip(
