@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from florist.bench.compare import Bench, BenchOptions
+from florist.errors import ConfigError
 from tests.flower_helpers import save_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -78,6 +80,15 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
     again = Bench(opts)
     again.run_setting("homogeneous")
     assert again.results["homogeneous"] == json.loads((out / "results.json").read_text())["homogeneous"]
+    # another regime is refused, naming what differs: in the same --out, then in the same --cache
+    other = replace(opts, overrides=(*overrides, "train.lr=0.01"))
+    with pytest.raises(ConfigError, match=r"another regime: lr: 0\.001 there, 0\.01 now; pass another --out"):
+        Bench(other).run_setting("homogeneous")
+    with pytest.raises(ConfigError, match=r"another config: train\.lr: 0\.001 there, 0\.01 now; remove"):
+        Bench(replace(other, out=str(tmp_path / "bench-lr"))).run_setting("homogeneous")
+    (tmp_path / "cache" / "homogeneous" / "shared" / "round_one.json").unlink()  # an unlabelled cache
+    with pytest.raises(ConfigError, match=r"has no round_one\.json \(its config\)"):
+        Bench(replace(opts, out=str(tmp_path / "bench-again"))).run_setting("homogeneous")
 
 
 GOLDEN = Path(__file__).parent / "golden" / "bench_smoke.json"

@@ -27,15 +27,16 @@ from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.bench import report
 from florist.bench.full import METHOD as FULL
 from florist.bench.full import run_full_variant
-from florist.bench.simulate import client_name, run_variant, shared_round_one
+from florist.bench.round_one_cache import RoundOneCache, differences
+from florist.bench.simulate import run_variant
 from florist.bench.variants import DEFAULT_TAUS, Variant, budget, check_options, sweep
 from florist.client.model import load_model
 from florist.config import PAPER_CONFIG, FloristConfig, load_config
 from florist.config.loader import build, set_dotted
 from florist.data.federated import test_examples
-from florist.fsutil import atomic_dir, write_json_atomic, write_text_atomic
+from florist.errors import ConfigError
+from florist.fsutil import write_json_atomic, write_text_atomic
 from florist.lora import ClientUpdate
-from florist.lora.peft_io import read_adapter, save_adapter_files
 from florist.server.evaluation import Evaluator
 
 log = logging.getLogger(__name__)
@@ -101,36 +102,6 @@ def matched_budget_mb(cfg: FloristConfig, round_one: list[ClientUpdate], tau: fl
     return communication(round_one[:1], result).downlink_total / 1e6
 
 
-class RoundOneCache:
-    """Round 1's raw uploads per (setting, init), trained once and kept as PEFT dirs on disk."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.memory = root, dict[str, list[ClientUpdate]]()
-
-    def get(self, cfg: FloristConfig, setting: str, init: str) -> list[ClientUpdate]:
-        key = f"{setting}/{init}"
-        if key not in self.memory:
-            self.memory[key] = self._load(key, cfg.federation.num_clients) or self._train(cfg, key, init)
-        return self.memory[key]
-
-    def _load(self, key: str, n: int) -> list[ClientUpdate] | None:
-        dirs = [self.root / key / client_name(k) for k in range(n)]
-        if not all((d / "florist.json").is_file() for d in dirs):
-            return None
-        log.info("round 1 (%s): uploads from %s", key, self.root / key)
-        sizes = [json.loads((d / "florist.json").read_text())["num_examples"] for d in dirs]
-        return [read_adapter(d, d.name).to_update(d.name, n) for d, n in zip(dirs, sizes, strict=True)]
-
-    def _train(self, cfg: FloristConfig, key: str, init: str) -> list[ClientUpdate]:
-        log.info("round 1 (%s): training once for the variants that share it", key)
-        updates = shared_round_one(replace(cfg, lora=replace(cfg.lora, init=init)))
-        for u in updates:
-            with atomic_dir(self.root / key / u.client_id, overwrite=True) as tmp:
-                save_adapter_files(tmp, u.modules, base_model=cfg.model.name)
-                write_json_atomic(tmp / "florist.json", {"num_examples": u.num_examples})
-        return updates
-
-
 class Bench:
     """One comparison: settings x variants, results gathered for the report."""
 
@@ -158,6 +129,7 @@ class Bench:
 
     def run_setting(self, setting: str) -> None:
         cfg = setting_config(self.opts, setting)
+        self.check_regime(cfg)
         done = self.results.setdefault(setting, {})
         evaluator = Evaluator(replace(cfg.eval, mmlu=None, exact_match=False), test_examples(cfg.data),
                               cfg.data.seed, cfg.run.progress, rows=True)  # fmt: skip
@@ -197,6 +169,16 @@ class Bench:
                 self.round_one_results[f"{setting}/{v.name}"] = result
 
         return run_variant(vcfg, evaluator, shared, keep, eval_rounds=last)
+
+    def check_regime(self, cfg: FloristConfig) -> None:
+        """Refuse to add variants to a ``results.json`` made in another regime (they would be
+        compared as if they shared one): a ``ConfigError`` naming every key that differs."""
+        if "meta" not in self.results:
+            return
+        diff = differences(self.results["meta"], json.loads(json.dumps(regime(cfg))))
+        if diff:
+            raise ConfigError(f"{self.out / 'results.json'} holds results of another regime: "
+                              f"{'; '.join(diff)}; pass another --out or remove it")  # fmt: skip
 
     def save(self, cfg: FloristConfig) -> None:
         self.results["meta"] = regime(cfg)
