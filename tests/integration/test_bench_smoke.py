@@ -86,8 +86,8 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
         Bench(other).run_setting("homogeneous")
     with pytest.raises(ConfigError, match=r"another config: train\.lr: 0\.001 there, 0\.01 now; remove"):
         Bench(replace(other, out=str(tmp_path / "bench-lr"))).run_setting("homogeneous")
-    (tmp_path / "cache" / "homogeneous" / "shared" / "round_one.json").unlink()  # an unlabelled cache
-    with pytest.raises(ConfigError, match=r"has no round_one\.json \(its config\)"):
+    (tmp_path / "cache" / "homogeneous" / "shared" / "provenance.json").unlink()  # an unlabelled cache
+    with pytest.raises(ConfigError, match=r"holds uploads but no provenance\.json"):
         Bench(replace(opts, out=str(tmp_path / "bench-again"))).run_setting("homogeneous")
 
 

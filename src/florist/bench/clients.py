@@ -33,6 +33,7 @@ from typing import Any
 from florist.aggregation import communication, make_aggregator
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.rank_policy import EnergyThreshold
+from florist.bench.provenance import check_meta, claim, fingerprint
 from florist.bench.regime import methods
 from florist.client.local import LocalClient
 from florist.client.lora_state import extract
@@ -84,6 +85,9 @@ def train_clients(
     Before round 2 a client merges ``merged`` (round 1's global update) and starts a fresh LoRA, as a
     FLoRIST client does."""
     n = cfg.federation.num_clients
+    cell = Path(opts.uploads) / f"{init}-k{n:02d}"
+    trained_under = fingerprint(cfg) | {"round_2_starts_from": opts.global_tau}
+    claim(cell, trained_under, f"remove {cell} or pass another --uploads")
     for k in range(n):
         cid = f"client-{k:03d}"
         path = upload_dir(opts, init, n, round, cid)
@@ -136,11 +140,14 @@ def run(opts: SweepOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"cells": {}}
-    results["meta"] = {
+    meta = {
         "total_examples_per_round": opts.total_examples, "rank": 16, "micro_batch": MICRO_BATCH,
         "taus": list(opts.taus), "round_2_starts_from": f"FLoRIST tau={opts.global_tau:.2f}",
-        "config": opts.config, "overrides": list(opts.overrides),
+        "config": Path(opts.config).name, "overrides": list(opts.overrides),
+        "training": fingerprint(sweep_config(opts, 8, "shared")),  # the settings every cell shares (at K = 8)
     }  # fmt: skip
+    check_meta(path, results.get("meta"), meta)  # never mix two sweeps' cells
+    results["meta"] = meta
     for init in opts.inits:
         for k in opts.counts:
             run_cell(opts, results, init, k)

@@ -27,14 +27,14 @@ from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.bench import report
 from florist.bench.full import METHOD as FULL
 from florist.bench.full import run_full_variant
-from florist.bench.round_one_cache import RoundOneCache, differences
+from florist.bench.provenance import check_meta
+from florist.bench.round_one_cache import RoundOneCache
 from florist.bench.simulate import run_variant
 from florist.bench.variants import DEFAULT_TAUS, Variant, budget, check_options, sweep
 from florist.client.model import load_model
 from florist.config import PAPER_CONFIG, FloristConfig, load_config
 from florist.config.loader import build, set_dotted
 from florist.data.federated import test_examples
-from florist.errors import ConfigError
 from florist.fsutil import write_json_atomic, write_text_atomic
 from florist.lora import ClientUpdate
 from florist.server.evaluation import Evaluator
@@ -129,7 +129,7 @@ class Bench:
 
     def run_setting(self, setting: str) -> None:
         cfg = setting_config(self.opts, setting)
-        self.check_regime(cfg)
+        check_meta(self.out / "results.json", self.results.get("meta"), regime(cfg))  # never mix regimes
         done = self.results.setdefault(setting, {})
         evaluator = Evaluator(replace(cfg.eval, mmlu=None, exact_match=False), test_examples(cfg.data),
                               cfg.data.seed, cfg.run.progress, rows=True)  # fmt: skip
@@ -169,16 +169,6 @@ class Bench:
                 self.round_one_results[f"{setting}/{v.name}"] = result
 
         return run_variant(vcfg, evaluator, shared, keep, eval_rounds=last)
-
-    def check_regime(self, cfg: FloristConfig) -> None:
-        """Refuse to add variants to a ``results.json`` made in another regime (they would be
-        compared as if they shared one): a ``ConfigError`` naming every key that differs."""
-        if "meta" not in self.results:
-            return
-        diff = differences(self.results["meta"], json.loads(json.dumps(regime(cfg))))
-        if diff:
-            raise ConfigError(f"{self.out / 'results.json'} holds results of another regime: "
-                              f"{'; '.join(diff)}; pass another --out or remove it")  # fmt: skip
 
     def save(self, cfg: FloristConfig) -> None:
         self.results["meta"] = regime(cfg)

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from florist.aggregation import communication, make_aggregator
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.rank_policy import EnergyThreshold
+from florist.bench.provenance import check_meta, claim, fingerprint
 from florist.bench.simulate import round_error
 from florist.client.local import LocalClient
 from florist.client.lora_state import extract
@@ -43,6 +44,7 @@ from florist.client.model import load_model
 from florist.client.train import TrainStats
 from florist.config import PAPER_CONFIG, FloristConfig, load_config
 from florist.data.federated import client_examples, test_examples
+from florist.errors import ConfigError
 from florist.eval.heldout import LossResult, heldout_loss
 from florist.eval.paired import paired_difference
 from florist.fsutil import atomic_dir, write_json_atomic
@@ -87,7 +89,7 @@ def study_config(opts: RegimeOptions, batch: int, examples: int, init: str) -> F
     """The bench config with this (batch, init) and a budget of ``examples`` examples per round."""
     cfg = load_config(opts.config, list(opts.overrides))
     if batch % MICRO_BATCH and batch > MICRO_BATCH:
-        raise SystemExit(f"effective batch {batch} is not a multiple of the micro-batch {MICRO_BATCH}")
+        raise ConfigError(f"effective batch {batch} is not a multiple of the micro-batch {MICRO_BATCH}")
     micro = min(batch, MICRO_BATCH)
     train = replace(cfg.train, steps=None, epochs=None, examples=examples, batch_size=micro,
                     grad_accum=batch // micro)  # fmt: skip
@@ -107,6 +109,9 @@ def train_uploads(opts: RegimeOptions, batch: int, init: str) -> None:
     cfg = study_config(opts, batch, cells[-1].examples, init)
     n = cfg.federation.num_clients
     shared_rank = max(cfg.lora.rank_of(k, n) for k in range(n))
+    for c in cells:  # every budget is a snapshot of one training run at the largest
+        folder = Path(opts.uploads) / c.key
+        claim(folder, fingerprint(cfg), f"remove {folder} or pass another --uploads")
     for k in range(n):
         cid = f"client-{k:03d}"
         todo = {c.steps: c for c in cells if not (upload_dir(opts, c, cid) / "florist.json").exists()}
@@ -144,7 +149,7 @@ class Snapshots:
 
 def load_uploads(opts: RegimeOptions, cell: Cell) -> tuple[list[ClientUpdate], dict[str, dict[str, Any]]]:
     updates, info = [], {}
-    for path in sorted((Path(opts.uploads) / cell.key).iterdir()):
+    for path in sorted(p for p in (Path(opts.uploads) / cell.key).iterdir() if p.is_dir()):  # not provenance
         meta = json.loads((path / "florist.json").read_text())
         updates.append(read_adapter(path, path.name).to_update(path.name, float(meta["num_examples"])))
         info[path.name] = meta
@@ -211,6 +216,7 @@ def run(opts: RegimeOptions) -> dict[str, Any]:
     path = out / "results.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"cells": {}}
     cfg = study_config(opts, opts.batches[0], opts.examples[0], opts.inits[0])
+    check_meta(path, results.get("regime"), regime_description(cfg))  # never mix two studies' cells
     scorer: Scorer | None = None
     pairs = [(b, i) for i in opts.inits for b in opts.batches]
     for batch, init in tqdm(pairs, desc="regime (batch, init)"):
