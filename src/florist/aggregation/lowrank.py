@@ -8,9 +8,11 @@ from QRs of its factors and an r x r core (``linalg.factored_svd``), never an m 
 
 with q the smallest rank holding tau_up of the energy; ``B_up @ A_up == s B @ A`` at tau_up = 1.
 
-Warm start: the leading r directions of a global update, split evenly between the two factors,
+Warm start: the leading r directions of a global update, with the singular values on B (the
+default, as FlexLoRA and the paper's global pair split them) or evenly on both factors,
 
-    U_r diag(S_r) V_r^T  ->  B = U_r diag(sqrt(S_r)),  A = diag(sqrt(S_r)) V_r^T
+    U_r diag(S_r) V_r^T  ->  B = U_r diag(S_r),  A = V_r^T                          ("orthonormal")
+                         ->  B = U_r diag(sqrt(S_r)),  A = diag(sqrt(S_r)) V_r^T    ("balanced")
 
 so a client can hold them in its LoRA while its base weights hold the rest (``florist.client``).
 The global update split is the last round's (``"last"``) or the sum of every round's the client has

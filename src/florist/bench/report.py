@@ -109,8 +109,9 @@ def plot_bytes_loss(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -
     """Paired difference against FLoRA (with its interval) vs total bytes; a legend, not labels."""
     fig, ax = plt.subplots(figsize=(9, 5.5))
     markers = "osD^v<>pPX*h"
-    tab10, dark2 = plt.get_cmap("tab10"), plt.get_cmap("Dark2")
-    colours = [tab10(j) for j in range(10)] + [dark2(j) for j in range(8)]  # 18 distinct colours
+    tab10, tab20 = plt.get_cmap("tab10"), plt.get_cmap("tab20")
+    colours = [tab10(j) for j in range(10)] + [tab20(2 * j + 1) for j in range(10)]  # then light shades
+    # 20 colours and 12 markers: no two of the first 60 rows share both (Dark2 repeated tab10's greens)
     for i, r in enumerate(x for x in rows if x["paired"] is not None):
         p = r["paired"]
         if r["method"] == BASE:  # far above the methods: named in the legend, not drawn

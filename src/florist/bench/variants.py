@@ -19,7 +19,7 @@ from florist.errors import ConfigError
 BASELINES = ("fedit", "flora", "flexlora", "ffa", "rblora", "fedex")
 DEFAULT_TAUS = (0.95, 0.9, 0.8)
 OPTIONS = {  # name -> overrides; "all" combines the first three, "a+b" any of them
-    "warm": (("lora.warm_start", True),),
+    "warm": (("lora.warm_start", True), ("lora.warm_split", "balanced")),  # the first split measured
     "uplink": (("federation.uplink_tau", None),),  # None: the variant's own tau
     "bf16": (("federation.wire_dtype", "bfloat16"),),
     "orth": (("lora.warm_start", True), ("lora.warm_split", "orthonormal")),  # warm, A = V^T

@@ -111,8 +111,8 @@ class AdapterConfig:
         metadata={"help": "florist/flora: continue from the leading r_k directions of the global update"},
     )
     warm_split: str = field(
-        default="balanced",
-        metadata={"help": "warm start: 'balanced' (sqrt(S) on B and A) or 'orthonormal' (B = U S, A = V^T)"},
+        default="orthonormal",
+        metadata={"help": "warm start: 'orthonormal' (B = U S, A = V^T) or 'balanced' (sqrt(S) on B and A)"},
     )
     warm_from: str = field(
         default="last",

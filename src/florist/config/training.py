@@ -29,7 +29,7 @@ class LoraSettings:
     use_rslora: bool = False
     init: str = "shared"
     warm_start: bool = False
-    warm_split: str = "balanced"
+    warm_split: str = "orthonormal"
     warm_from: str = "last"
 
     def __post_init__(self) -> None:
