@@ -18,8 +18,8 @@ set -euo pipefail
 PY=${PY:-python3}
 STAGE=${STAGE:-/tmp/florist-stage}
 SITE=$STAGE/site
-VARIANTS_FIRST=${VARIANTS_FIRST:-"FLoRA,FLoRIST tau=0.90 +all"}  # the reference and the recommended configuration
-VARIANTS_THEN=${VARIANTS_THEN:-"FedIT,FlexLoRA,FLoRIST tau=0.90"}
+VARIANTS_FIRST=${VARIANTS_FIRST:-"FLoRA,FLoRIST tau=0.90 +all +orth"}  # the reference and the recommended one
+VARIANTS_THEN=${VARIANTS_THEN:-"FlexLoRA,FedIT,FLoRIST tau=0.90 +all,FLoRIST tau=0.90"}
 read -ra EXTRA_KV <<<"${EXTRA:-}"  # more key=value overrides (a smoke run on a CPU, say)
 BUDGET=(train.examples=none train.epochs=1.0 train.batch_size=16 train.grad_accum=8 train.lr=3e-4)
 
@@ -56,7 +56,7 @@ run() {  # device, second call: prints the table, leaves results.json, table.md 
     tar -C /tmp -xJf .gpu2/data.tar.xz
     export PYTHONPATH=$SITE:src PYTHONUNBUFFERED=1 FLORIST_CACHE=/tmp/florist-cache
     local common=(--out "$out" --cache /tmp/bench-cache --settings homogeneous --taus 0.9 --option-taus 0.9
-        --options all data.source=/tmp/data/dolly-8clients data.test=/tmp/data/dolly-8clients/test.json "${BUDGET[@]}" "${EXTRA_KV[@]}")
+        --options all,all+orth data.source=/tmp/data/dolly-8clients data.test=/tmp/data/dolly-8clients/test.json "${BUDGET[@]}" "${EXTRA_KV[@]}")
     timeout $((deadline - $(date +%s))) $PY -m florist.cli bench --variants "$VARIANTS_FIRST" "${common[@]}" 2>&1 |
         tee "${OUT:-/tmp}/run.log" || true
     if [ $((deadline - $(date +%s))) -gt 60 ]; then
