@@ -108,3 +108,13 @@ def test_option_combinations_and_unknown_options() -> None:
         florist(0.9, ["warm+fast"])
     with pytest.raises(ConfigError, match="unknown FLoRIST option"):
         BenchOptions(options=("all+turbo",))
+
+
+def test_the_goal_is_not_called_missed_when_its_references_did_not_run() -> None:
+    from florist.bench.report import goal_verdict
+
+    assert goal_verdict([], {"FLoRA": [], "FLoRIST tau=0.90": []}) == "cannot be judged: FedIT not run"
+    assert goal_verdict([], {"FLoRA": [], "FedIT": []}) == "not met"
+    assert (
+        goal_verdict(["FLoRIST tau=0.90 +all"], {"FLoRA": [], "FedIT": []}) == "met by FLoRIST tau=0.90 +all"
+    )

@@ -105,6 +105,14 @@ def goal(rows: Sequence[Mapping[str, Any]], tolerance: float = 0.005, factor: fl
     ]  # fmt: skip
 
 
+def goal_verdict(met: Sequence[str], variants: Mapping[str, Any]) -> str:
+    """Who meets the goal; without FLoRA or FedIT in the run it cannot be judged, and says so."""
+    missing = [m for m in (REFERENCE, "FedIT") if m not in variants]
+    if met:
+        return "met by " + ", ".join(met)
+    return f"cannot be judged: {' and '.join(missing)} not run" if missing else "not met"
+
+
 def plot_bytes_loss(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
     """Paired difference against FLoRA (with its interval) vs total bytes; a legend, not labels."""
     fig, ax = plt.subplots(figsize=(9, 5.5))
@@ -239,7 +247,7 @@ def write_all(out: Path, results: Mapping[str, Any], tolerance: float) -> tuple[
             parts.append(collapse_table(results[setting]))
         parts.append(
             f"\nGoal (within 0.005 nats of FLoRA, >= 10x fewer total bytes than FLoRA, fewer than FedIT): "
-            f"{'met by ' + ', '.join(met) if met else 'not met'}.\n"
+            f"{goal_verdict(met, results[setting])}.\n"
         )
         plot_bytes_loss(rows, out / f"bytes_loss_{setting}.png", f"{setting} ranks")
     return "\n".join(parts), picks
