@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from florist.bench.clients import SweepOptions, run, write_report
+from florist.errors import ConfigError
 from florist.lora.peft_io import read_adapter
 from tests.flower_helpers import save_tiny_model
 
@@ -42,6 +44,16 @@ def test_client_sweep_counts_bytes_against_k_and_resumes(tmp_path: Path) -> None
     again = run(opts)  # everything is on disk: nothing trains again, the same figures
     assert again["cells"] == json.loads(json.dumps(cells))
     assert stamp == {p: p.stat().st_mtime_ns for p in (tmp_path / "up").rglob("*.safetensors")}
+    other = replace(opts, overrides=(*overrides, "train.lr=0.05"))  # another sweep: refused, nothing trains
+    with pytest.raises(
+        ConfigError,
+        match=r"out/results\.json holds results of another regime: .*; training\.train\.lr: 0\.001 there, 0\.05 now;",
+    ):
+        run(other)
+    with pytest.raises(
+        ConfigError, match=r"up/shared-k02 holds uploads trained under another config: train\.lr"
+    ):
+        run(replace(other, out=str(tmp_path / "out-lr")))
     text = write_report(opts)
     assert "### Round 2" in text and "| shared | 3 |" in text
     assert (tmp_path / "out" / "bytes_vs_clients.png").stat().st_size > 10_000

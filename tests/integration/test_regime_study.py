@@ -42,7 +42,10 @@ def test_regime_study_cells_resume_and_refuse_another_regime(tmp_path: Path) -> 
     other = replace(
         opts, overrides=(*overrides, "train.lr=0.05"), examples=(4, 8, 12)
     )  # a new cell, other lr
-    with pytest.raises(ConfigError, match=r"results\.json holds results of another regime: train: "):
+    with pytest.raises(
+        ConfigError,
+        match=r"results\.json holds results of another regime: train\.lr: 0\.001 there, 0\.05 now; pass",
+    ):
         run(other)
     with pytest.raises(ConfigError, match=r"up/batch2-examples4-shared holds uploads trained under another "
                                           r"config: train\.examples: 8 there, 12 now; train\.lr: "):  # fmt: skip

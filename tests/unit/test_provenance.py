@@ -45,6 +45,8 @@ def test_an_unlabelled_folder_with_uploads_is_refused_and_left_alone(tmp_path: P
 
 def test_check_meta_refuses_another_regime_and_accepts_a_new_file(tmp_path: Path) -> None:
     check_meta(tmp_path / "results.json", None, {"lr": 0.001})
+    nested = differences({"train": {"lr": 0.001, "batch": 4}}, {"train": {"lr": 0.002, "batch": 4}})
+    assert nested == ["train.lr: 0.001 there, 0.002 now"]  # the key that differs, not the whole section
     check_meta(tmp_path / "results.json", {"lr": 0.001, "budget": [1]}, {"lr": 0.001, "budget": (1,)})
     with pytest.raises(ConfigError, match=r"results\.json holds results of another regime: lr: 0\.001 there"):
         check_meta(tmp_path / "results.json", {"lr": 0.001}, {"lr": 0.003})

@@ -74,7 +74,12 @@ def sweep_config(opts: SweepOptions, k: int, init: str) -> FloristConfig:
 
 
 def upload_dir(opts: SweepOptions, init: str, k: int, round: int, client: str) -> Path:
-    return Path(opts.uploads) / f"{init}-k{k:02d}" / f"round-{round}" / client
+    return cell_dir(opts, init, k) / f"round-{round}" / client
+
+
+def cell_dir(opts: SweepOptions, init: str, k: int) -> Path:
+    """Both rounds' uploads of one (init, K), beside the config they were trained under."""
+    return Path(opts.uploads) / f"{init}-k{k:02d}"
 
 
 def train_clients(
@@ -85,9 +90,6 @@ def train_clients(
     Before round 2 a client merges ``merged`` (round 1's global update) and starts a fresh LoRA, as a
     FLoRIST client does."""
     n = cfg.federation.num_clients
-    cell = Path(opts.uploads) / f"{init}-k{n:02d}"
-    trained_under = fingerprint(cfg) | {"round_2_starts_from": opts.global_tau}
-    claim(cell, trained_under, f"remove {cell} or pass another --uploads")
     for k in range(n):
         cid = f"client-{k:03d}"
         path = upload_dir(opts, init, n, round, cid)
@@ -107,7 +109,7 @@ def train_clients(
             save_adapter_files(tmp, extract(client.model), base_model=cfg.model.name)
             write_json_atomic(tmp / "florist.json", meta)
         log.info("K=%d %s round %d: %s trained in %.0f s", n, init, round, cid, meta["seconds"])
-    return load_uploads(Path(opts.uploads) / f"{init}-k{n:02d}" / f"round-{round}")
+    return load_uploads(cell_dir(opts, init, n) / f"round-{round}")
 
 
 def load_uploads(folder: Path) -> list[ClientUpdate]:
@@ -161,6 +163,12 @@ def run_cell(opts: SweepOptions, results: dict[str, Any], init: str, k: int) -> 
     if all(f"{init}/K={k}/round={r}" in cells for r in opts.rounds):
         return
     cfg = sweep_config(opts, k, init)
+    folder = cell_dir(opts, init, k)
+    claim(
+        folder,
+        fingerprint(cfg) | {"round_2_starts_from": opts.global_tau},
+        f"remove {folder} or pass another --uploads",
+    )
     merged = None
     for rnd in sorted(opts.rounds):
         updates = train_clients(opts, cfg, init, rnd, merged)

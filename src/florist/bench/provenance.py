@@ -32,11 +32,18 @@ def fingerprint(cfg: FloristConfig) -> dict[str, Any]:
     return {k: flat[k] for k in sorted(keep) if k not in AFTER_UPLOAD}
 
 
-def differences(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """``key: <recorded> there, <now> now`` for every key whose values differ (absent: None)."""
+def differences(recorded: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``key: <recorded> there, <now> now`` for every key whose values differ (absent: None); nested
+    mappings are compared key by key (``train.lr: ...``)."""
     now = json.loads(json.dumps(now))  # as it would read back from disk (tuples as lists)
-    differ = [k for k in sorted(recorded.keys() | now.keys()) if recorded.get(k) != now.get(k)]
-    return [f"{k}: {recorded.get(k)!r} there, {now.get(k)!r} now" for k in differ]
+    out = []
+    for k in sorted(recorded.keys() | now.keys()):
+        a, b = recorded.get(k), now.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} there, {b!r} now")
+    return out
 
 
 def claim(folder: Path, now: Mapping[str, Any], remedy: str) -> None:
