@@ -7,6 +7,9 @@
 
 The vocabulary projection (49k columns for SmolLM2) and its softmax run on the K labelled positions
 only, not on the prompt and padding: the same loss as transformers' ``labels=`` path, for less work.
+A batch is padded ((B, T) with ``attention_mask``) or packed ((1, N) with ``position_ids`` and
+``cu_seq_lens``, ``florist.data.tokenize.pack``; the model must be inside
+``florist.client.packed_attention.packed_attention``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from florist.client.packed_attention import packed_forward_kwargs
 from florist.data.tokenize import IGNORE
 
 
@@ -24,13 +28,17 @@ def labelled_logits(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logits (K, V), targets (K,), keep (B, T))`` for the labelled positions of ``batch``.
 
-    ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (each (B, T)) on the model's device.
+    ``batch`` holds ``input_ids``, ``labels`` and either ``attention_mask`` (padded, each (B, T)) or
+    ``position_ids`` and ``cu_seq_lens`` (packed, (1, N)), on the model's device.
     """
     labels = batch["labels"]  # (B, T)
     targets = labels[:, 1:]  # (B, T-1)
     keep = torch.zeros_like(labels, dtype=torch.bool)  # (B, T)
     keep[:, :-1] = targets != IGNORE
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    if "cu_seq_lens" in batch:
+        out = model(**packed_forward_kwargs(batch), logits_to_keep=keep)
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
     return out.logits, targets[targets != IGNORE], keep  # (K, V), (K,), (B, T)
 
 

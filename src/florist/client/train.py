@@ -6,7 +6,9 @@ The loop is deliberately bare (AdamW, optional gradient accumulation) so that it
 fast as a hand-written peft + torch loop (benchmarks/client_throughput.py); the vocabulary projection
 runs on labelled positions only (``florist.client.lm_loss``). ``precision`` (``florist.precision``)
 picks bf16 autocast on CUDA GPUs and CPUs with native bf16 instructions when ``auto``; LoRA factors
-and the optimizer state stay float32 in either precision.
+and the optimizer state stay float32 in either precision. ``batching = "packed"`` computes real
+tokens only (``florist.data.tokenize.pack``); ``compile`` runs the decoder layers under
+``torch.compile`` (``florist.client.compiled``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from typing import Any
 
 import torch
 
+from florist.client.compiled import compiled_layers
 from florist.client.lm_loss import mean_token_loss
+from florist.client.packed_attention import packed_attention
 from florist.client.progress import StepBar
 from florist.config.training import LORA_INITS, LoraSettings, TrainSettings
 from florist.data.records import Example
-from florist.data.tokenize import IGNORE, Encoded, collate, encode
+from florist.data.tokenize import IGNORE, Encoded, computed_positions, encode, make_batch, real_tokens
 from florist.errors import ConfigError
 from florist.precision import Precision, log_choice, resolve
 from florist.seeds import derive_seed
@@ -36,13 +40,16 @@ __all__ = ["LORA_INITS", "LoraSettings", "TrainSettings", "TrainStats", "encode_
 class TrainStats:
     steps: int = 0
     loss: float = float("nan")
-    tokens: int = 0  # every token a forward pass saw (prompt and response)
+    tokens: int = 0  # real tokens a forward pass saw (prompt and response, no padding)
+    positions: int = 0  # positions computed: tokens plus padding (equal when packed)
     label_tokens: int = 0  # tokens the loss was taken on
     seconds: float = 0.0
+    compile_seconds: float = 0.0  # estimated time the first step spent compiling (train.compile)
     losses: list[float] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
+        """Useful (real, non-padding) tokens per second."""
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
@@ -125,9 +132,15 @@ def train(
     model.train()
     steps = s.num_steps(len(encoded))
     bar = StepBar(steps, desc)
-    with precision.frozen_weights_cast(model):
+    with (
+        precision.frozen_weights_cast(model),
+        packed_attention(model),
+        compiled_layers(model, s.compile) as compiled,
+    ):
         for _ in range(steps):
-            loss = _accumulate(model, stream, s, pad_id, precision, stats)
+            t0 = time.perf_counter()
+            undo = _undoer(opt, stream, stats, keep_rng=compiled.active)
+            loss = compiled.guard(lambda: _accumulate(model, stream, s, pad_id, precision, stats), undo)
             if s.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             opt.step()
@@ -135,13 +148,35 @@ def train(
             stats.steps += 1
             stats.losses.append(loss)
             bar.step(loss)
+            compiled.step_seconds.append(time.perf_counter() - t0)
             if on_step is not None:
                 on_step(stats)
+        if compiled.active:
+            stats.compile_seconds = compiled.compile_seconds()
+            log.info("%s: %s", desc, compiled.report())
     bar.close()
     model.eval()
     stats.seconds = time.perf_counter() - began
     stats.loss = sum(stats.losses) / len(stats.losses)
     return stats
+
+
+def _undoer(
+    opt: torch.optim.Optimizer, stream: BatchStream, stats: TrainStats, keep_rng: bool
+) -> Callable[[], None]:
+    """A function that forgets the step about to run (one that failed to compile): its gradients,
+    the batches it drew, its token counts and, with ``keep_rng``, its dropout draws."""
+    position, counted = stream.position, (stats.tokens, stats.positions, stats.label_tokens)
+    rng = torch.get_rng_state() if keep_rng else None
+
+    def undo() -> None:
+        opt.zero_grad(set_to_none=True)
+        stream.position = position
+        stats.tokens, stats.positions, stats.label_tokens = counted
+        if rng is not None:
+            torch.set_rng_state(rng)
+
+    return undo
 
 
 def _accumulate(
@@ -150,11 +185,12 @@ def _accumulate(
     """Forward and backward ``grad_accum`` micro-batches; returns their mean loss."""
     device, total = next(model.parameters()).device, 0.0
     for _ in range(s.grad_accum):
-        batch = {k: v.to(device) for k, v in collate(stream.next(), pad_id).items()}
+        batch = {k: v.to(device) for k, v in make_batch(stream.next(), pad_id, s.batching).items()}
         with precision.autocast():
             loss = mean_token_loss(model, batch) / s.grad_accum
         loss.backward()  # type: ignore[no-untyped-call]
         total += float(loss.detach())
-        stats.tokens += int(batch["attention_mask"].sum())
+        stats.tokens += real_tokens(batch)
+        stats.positions += computed_positions(batch)
         stats.label_tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
     return total

@@ -24,7 +24,7 @@ from florist.aggregation.base import Aggregator, ClientProtocol, aggregator_clas
 from florist.aggregation.lowrank import WARM_FROM, WARM_SPLITS
 from florist.aggregation.robust import CLIP_MODES
 from florist.config.aggregate_options import AggregateOptions
-from florist.config.training import LORA_INITS, LoraSettings, TrainSettings
+from florist.config.training import LORA_INITS, LoraSettings, TrainSettings, check_batching
 from florist.dtypes import MODEL, WIRE, torch_dtype
 from florist.errors import ConfigError
 from florist.precision import check_precision
@@ -287,9 +287,14 @@ class EvalConfig:
         default="auto",
         metadata={"help": "auto (bf16 autocast where native), fp32 or bf16"},
     )
+    batching: str = field(
+        default="packed",
+        metadata={"help": "held-out loss batches: 'packed' (no padding computed) or 'padded'; same losses"},
+    )
 
     def __post_init__(self) -> None:
         check_precision("eval.precision", self.precision)
+        check_batching("eval.batching", self.batching)
         if self.every < 0:
             raise ConfigError(f"eval.every must be >= 0, got {self.every}")
         for key in ("batch_size", "max_new_tokens", "max_length", "subset", "mmlu_subset"):

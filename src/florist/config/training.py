@@ -16,6 +16,13 @@ from florist.errors import ConfigError
 from florist.precision import check_precision
 
 LORA_INITS = ("shared", "per_client")  # see florist.client.local
+BATCHINGS = ("padded", "packed")  # see florist.data.tokenize
+
+
+def check_batching(key: str, value: str) -> None:
+    """Raise ``ConfigError`` naming ``key`` unless ``value`` is one of ``BATCHINGS``."""
+    if value not in BATCHINGS:
+        raise ConfigError(f"{key} must be one of {list(BATCHINGS)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,10 @@ class TrainSettings:
     1 epoch per round; "effective batch 32, 1/8 epoch per round" is ``batch_size = 4, grad_accum = 8,
     epochs = 0.125``. Data is drawn from one shuffled stream per client that continues across rounds
     (``BatchStream``), so an epoch split over rounds sees every row once.
+
+    ``batching`` lays a batch out "packed" (its rows side by side, no padding computed) or "padded";
+    both give the same loss and gradients up to float rounding (``florist.data.tokenize``).
+    ``compile`` runs the decoder layers under ``torch.compile`` (``florist.client.compiled``).
     """
 
     lr: float = 3e-4
@@ -84,9 +95,12 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     precision: str = "auto"
+    batching: str = "packed"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_precision("train.precision", self.precision)
+        check_batching("train.batching", self.batching)
         given = {k: v for k in ("steps", "epochs", "examples") if (v := getattr(self, k)) is not None}
         if len(given) != 1:
             raise ConfigError(

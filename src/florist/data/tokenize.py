@@ -1,7 +1,17 @@
-"""Turn examples into token ids and loss labels, and batches into padded tensors.
+"""Turn examples into token ids and loss labels, and batches into padded or packed tensors.
 
     input_ids = tokens(prompt(ex)) + tokens(response) + [eos]          at most max_length
     labels    = -100 on the prompt (unless train_on_inputs), the ids on response and eos
+
+A batch of B examples of lengths L_1..L_B becomes tensors in one of two layouts (``BATCHINGS``):
+
+    padded   (B, T), T = max L_i: right-padded rows and an ``attention_mask``; B x T positions computed
+    packed   (1, N), N = sum L_i: the rows side by side, ``position_ids`` restarting at 0 per example
+             and ``cu_seq_lens`` (B + 1,) the example boundaries; attention never crosses one
+             (``florist.client.packed_attention``), and each example's first label is -100 so no
+             position predicts across a boundary. Only real tokens are computed.
+
+Both give every example the same loss and gradient up to float rounding (tests/unit/test_packing.py).
 
 The prompt is tokenised on its own and the response appended, so the boundary never moves with
 the tokenizer's merges across it. A row longer than ``max_length`` is truncated, never dropped:
@@ -19,6 +29,7 @@ from typing import Any
 
 import torch
 
+from florist.config.training import BATCHINGS
 from florist.data.prompt import prompt
 from florist.data.records import Example
 
@@ -75,6 +86,50 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack(batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+    """The examples side by side in one row: ``input_ids``, ``position_ids``, ``labels`` (each (1, N))
+    and ``cu_seq_lens`` ((B + 1,) int32, the offsets where each example starts, then N)."""
+    lengths = torch.tensor([len(e) for e in batch])  # (B,)
+    cu = torch.zeros(len(batch) + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    ids = torch.tensor([t for e in batch for t in e.input_ids]).unsqueeze(0)  # (1, N)
+    labels = torch.tensor([t for e in batch for t in e.labels]).unsqueeze(0)  # (1, N)
+    labels[0, cu[:-1].long()] = IGNORE  # nothing before an example's first token may predict it
+    starts = torch.repeat_interleave(cu[:-1].long(), lengths)  # (N,) offset of each token's example
+    positions = (torch.arange(int(cu[-1])) - starts).unsqueeze(0)  # (1, N)
+    return {"input_ids": ids, "position_ids": positions, "labels": labels, "cu_seq_lens": cu}
+
+
+def make_batch(batch: Sequence[Encoded], pad_id: int, batching: str) -> dict[str, torch.Tensor]:
+    """``collate`` (padded) or ``pack`` (packed) ``batch``, by ``batching`` (one of ``BATCHINGS``)."""
+    if batching == "packed":
+        return pack(batch)
+    if batching == "padded":
+        return collate(batch, pad_id)
+    raise ValueError(f"batching must be one of {list(BATCHINGS)}, got {batching!r}")
+
+
+def computed_positions(batch: dict[str, torch.Tensor]) -> int:
+    """Positions a forward pass over ``batch`` computes (real tokens plus any padding)."""
+    return int(batch["input_ids"].numel())
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens in ``batch``, in either layout."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+def example_of_position(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(1, N) or (B, T): the index of the example each position belongs to, in either layout."""
+    if "cu_seq_lens" in batch:
+        cu = batch["cu_seq_lens"].long()
+        return torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1]).unsqueeze(0)
+    rows, width = batch["input_ids"].shape
+    return torch.arange(rows).unsqueeze(1).expand(rows, width)
 
 
 def length_sorted_batches(items: Sequence[Encoded], batch_size: int) -> list[list[int]]:

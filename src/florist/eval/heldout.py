@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from florist.client.lm_loss import labelled_logits
+from florist.client.packed_attention import packed_attention
 from florist.data.records import Example
-from florist.data.tokenize import collate, encode, length_sorted_batches
+from florist.data.tokenize import encode, example_of_position, length_sorted_batches, make_batch
 from florist.errors import ConfigError
 
 
@@ -95,6 +96,7 @@ def heldout_loss(
     max_length: int = 256,
     batch_size: int = 8,
     progress: bool = True,
+    batching: str = "packed",
 ) -> LossResult:
     """Mean per-token cross-entropy of ``model`` on the response tokens of ``examples``.
 
@@ -112,6 +114,9 @@ def heldout_loss(
         Examples per forward pass (length-sorted; the result does not depend on it beyond float noise).
     progress : bool
         Show a tqdm progress bar.
+    batching : str
+        "packed" (the batch's rows side by side, no padding computed) or "padded"; the same losses
+        up to float rounding (``florist.data.tokenize``).
 
     Returns
     -------
@@ -126,9 +131,9 @@ def heldout_loss(
     sums = torch.zeros(len(encoded), dtype=torch.float64)
     counts = torch.zeros(len(encoded), dtype=torch.long)
     bar = tqdm(total=len(encoded), desc="held-out loss", unit="ex", disable=not progress)
-    with evaluating(model), bar:
+    with evaluating(model), packed_attention(model), bar:
         for rows in length_sorted_batches(encoded, batch_size):
-            batch = collate([encoded[i] for i in rows], pad_id(tokenizer))
+            batch = make_batch([encoded[i] for i in rows], pad_id(tokenizer), batching)
             sums[rows], counts[rows] = token_loss_sums(model, batch)
             bar.update(len(rows))
     return loss_result(sums, counts)
@@ -137,7 +142,8 @@ def heldout_loss(
 def token_loss_sums(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sum of next-token cross-entropy over labelled positions, and the count of those positions.
+    """Per-example sum of next-token cross-entropy over labelled positions, and the count of those
+    positions, each (B,), for a padded or packed ``batch``.
 
     Only the positions that predict a label are projected onto the vocabulary
     (``florist.client.lm_loss.labelled_logits``), which skips the lm_head on prompt and padding tokens.
@@ -146,9 +152,11 @@ def token_loss_sums(
     on_device = {k: v.to(device) for k, v in batch.items()}
     logits, targets, keep = labelled_logits(model, on_device)  # (K, V), (K,), (B, T)
     losses = F.cross_entropy(logits.float(), targets, reduction="none")  # (K,)
-    row = keep.nonzero()[:, 0].to(device)  # (K,)
-    sums = torch.zeros(keep.shape[0], dtype=torch.float64, device=device).index_add_(0, row, losses.double())
-    return sums.cpu(), keep.sum(dim=1).cpu()
+    owner = example_of_position(batch)[keep.cpu()]  # (K,) the example each scored position belongs to
+    n = len(batch["cu_seq_lens"]) - 1 if "cu_seq_lens" in batch else keep.shape[0]  # examples
+    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, owner, losses.double().cpu())
+    counts = torch.bincount(owner, minlength=n)
+    return sums, counts
 
 
 def loss_result(sums: torch.Tensor, counts: torch.Tensor) -> LossResult:

@@ -50,7 +50,9 @@ class Evaluator:
             out["exact_match"] = em.accuracy
             out |= {f"exact_match/{k}": v for k, v in em.per_category.items()}
         if c.heldout_loss and self.test:
-            loss = heldout_loss(model, tokenizer, self.test, c.max_length, c.batch_size, self.progress)
+            loss = heldout_loss(
+                model, tokenizer, self.test, c.max_length, c.batch_size, self.progress, c.batching
+            )
             out |= {"heldout_loss": loss.loss, "perplexity": loss.perplexity}
             if self.rows:
                 out |= {
