@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from florist.config import load_config
 from florist.data.federated import client_examples
 from florist.data.federated import test_examples as heldout_examples
+from florist.data.records import Example
 from florist.errors import ConfigError
 from tests.helpers import SHARED_DATA
 
@@ -84,3 +86,46 @@ def test_the_papers_dolly_clients() -> None:
     sizes = [len(client_examples(cfg.data, k, 8)) for k in range(8)]
     assert sizes == [1579, 685, 3775, 1830, 2152, 1776, 2531, 607]
     assert len(heldout_examples(cfg.data)) == 80
+
+
+def test_validation_split_withholds_rows_per_category_from_the_clients() -> None:
+    from florist.data.federated import validation_examples
+
+    keys = ["data.skills_train=10", "data.skills_test=3", "data.alpha=0.3"]
+    full = [client_examples(load_config(None, keys).data, k, 4) for k in range(4)]
+    cfg = load_config(None, [*keys, "data.validation_per_label=2"])
+    parts = [client_examples(cfg.data, k, 4) for k in range(4)]
+    val = validation_examples(cfg.data, 4)
+    cats = sorted({ex.category for p in full for ex in p})
+    assert sorted(ex.category for ex in val) == sorted(c for c in cats for _ in range(2))  # 2 per category
+    withheld: Counter[Example] = Counter()
+    for k in range(4):  # each client keeps its rows in order, less the withheld ones
+        rest = iter(full[k])
+        assert all(any(ex == other for other in rest) for ex in parts[k])  # an ordered subsequence
+        withheld += Counter(full[k]) - Counter(parts[k])
+    assert withheld == Counter(val)
+    assert sum(len(p) for p in parts) + len(val) == sum(len(p) for p in full)
+    assert val == validation_examples(load_config(None, [*keys, "data.validation_per_label=2"]).data, 4)
+    assert not {(e.instruction, e.context) for e in val} & {
+        (e.instruction, e.context) for e in heldout_examples(cfg.data)
+    }
+    assert validation_examples(load_config(None, keys).data, 4) == []
+    with pytest.raises(ConfigError, match="category .* has only"):
+        client_examples(load_config(None, [*keys, "data.validation_per_label=10"]).data, 0, 4)
+    with pytest.raises(ConfigError, match="validation_per_label must be >= 0"):
+        load_config(None, ["data.validation_per_label=-1"])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "dolly-8clients").is_dir(), reason="../shared/data is absent")
+def test_dolly_validation_split_is_80_rows_disjoint_from_test() -> None:
+    from florist.data.federated import validation_examples
+
+    src = SHARED_DATA / "dolly-8clients"
+    cfg = load_config(None, [f"data.source={str(src)!r}", "data.split='presplit'", f"data.test={str(src / 'test.json')!r}",
+                             "data.validation_per_label=10", "federation.num_clients=8"])  # fmt: skip
+    val = validation_examples(cfg.data, 8)
+    assert len(val) == 80 and len({ex.category for ex in val}) == 8
+    sizes = [len(client_examples(cfg.data, k, 8)) for k in range(8)]
+    assert sum(sizes) == 1579 + 685 + 3775 + 1830 + 2152 + 1776 + 2531 + 607 - 80
+    test = {(e.instruction, e.context, e.response) for e in heldout_examples(cfg.data)}
+    assert not test & {(e.instruction, e.context, e.response) for e in val}

@@ -74,6 +74,10 @@ class DataConfig:
     test_fraction: float = 0.05
     exclude: tuple[str, ...] = field(default=("test.json",), metadata={"help": "files a folder source skips"})
     max_examples_per_client: int | None = None
+    validation_per_label: int = field(
+        default=0,
+        metadata={"help": "withhold this many training rows per category as a validation split (0: none)"},
+    )
     skills_train: int = field(default=60, metadata={"help": "skills set: train examples per skill"})
     skills_test: int = field(default=20, metadata={"help": "skills set: test examples per skill"})
     seed: int = 0
@@ -86,6 +90,8 @@ class DataConfig:
         _positive("data.alpha", self.alpha)
         for key in ("min_partition_size", "skills_train", "skills_test"):
             _at_least_one(f"data.{key}", getattr(self, key))
+        if self.validation_per_label < 0:
+            raise ConfigError(f"data.validation_per_label must be >= 0, got {self.validation_per_label}")
         if self.max_examples_per_client is not None and self.max_examples_per_client < 1:
             raise ConfigError(
                 f"data.max_examples_per_client must be >= 1, got {self.max_examples_per_client}"

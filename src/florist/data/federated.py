@@ -6,6 +6,12 @@ node would compute for it: the split depends on the config and its seed only.
     source = "skills"            the embedded skills set, split by skill (Dirichlet) or IID
     source = FOLDER, presplit    one file per client (sorted), e.g. ../shared/data/dolly-8clients
     source = FILE / FOLDER / hub id, iid or dirichlet over ``label``
+
+A validation split (``data.validation_per_label = n``) withholds n training rows per category
+(``Example.category``), chosen by a seeded draw over every client's rows together, from the
+clients before anything trains: the server scores it to choose settings, and ``data.test`` is kept
+for the final tables. Each client trains on, and is weighted by, the rows it still has. For the
+Dolly 8-client split, n = 10 withholds 80 rows (10 from each of the 8 categories).
 """
 
 from __future__ import annotations
@@ -26,8 +32,13 @@ def client_examples(cfg: DataConfig, client: int, num_clients: int) -> list[Exam
     """Training examples of client ``client`` (0-based) out of ``num_clients``."""
     if not 0 <= client < num_clients:
         raise ConfigError(f"client index {client} is outside [0, {num_clients})")
-    parts = _partitions(cfg, num_clients)
+    parts = _training_parts(cfg, num_clients)
     return subsample(list(parts[client]), cfg, client)
+
+
+def validation_examples(cfg: DataConfig, num_clients: int) -> list[Example]:
+    """The rows withheld from the clients for choosing settings (empty without a validation split)."""
+    return list(_validation(cfg, num_clients)[1])
 
 
 def subsample(examples: list[Example], cfg: DataConfig, client: int) -> list[Example]:
@@ -48,6 +59,36 @@ def test_examples(cfg: DataConfig) -> list[Example]:
     if cfg.split == "presplit":
         raise ConfigError("data.split = 'presplit' needs data.test, a held-out file")
     return list(_pooled(cfg)[1])
+
+
+def _training_parts(cfg: DataConfig, num_clients: int) -> tuple[tuple[Example, ...], ...]:
+    return _validation(cfg, num_clients)[0] if cfg.validation_per_label else _partitions(cfg, num_clients)
+
+
+@lru_cache(maxsize=4)
+def _validation(
+    cfg: DataConfig, num_clients: int
+) -> tuple[tuple[tuple[Example, ...], ...], tuple[Example, ...]]:
+    """(each client's rows without the validation rows, the validation rows in a fixed order)."""
+    parts = _partitions(cfg, num_clients)
+    by_label: dict[str, list[tuple[int, int]]] = {}
+    for k, part in enumerate(parts):
+        for i, ex in enumerate(part):
+            by_label.setdefault(ex.category or "none", []).append((k, i))
+    n = cfg.validation_per_label
+    held: list[tuple[int, int]] = []
+    for label in sorted(by_label):
+        rows = by_label[label]
+        if len(rows) <= n:
+            raise ConfigError(
+                f"data.validation_per_label = {n}, but category {label!r} has only {len(rows)} training rows"
+            )
+        held += sorted(random.Random(f"{cfg.seed}:validation:{label}").sample(rows, n))
+    gone = set(held)
+    train = tuple(tuple(ex for i, ex in enumerate(p) if (k, i) not in gone) for k, p in enumerate(parts))
+    if any(not p for p in train):
+        raise ConfigError("the validation split leaves a client with no training rows; lower it")
+    return train, tuple(parts[k][i] for k, i in held)
 
 
 @lru_cache(maxsize=4)
