@@ -143,6 +143,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--settings", default="homogeneous,heterogeneous", help="rank settings to run")
     p.add_argument("--variants", default="", help="run only these variant names (comma-separated)")
     p.add_argument("--report-only", action="store_true", help="redraw table.md and plots from results.json")
+    p.add_argument("--seeds", type=_ints, default=(), help="training seeds: one bench each, then fair.md")
+    p.add_argument("--eval-every-round", action="store_true", help="score every round (loss-bytes curves)")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -293,8 +295,17 @@ def _bench(args: argparse.Namespace) -> None:
 
     from florist.bench import report
     from florist.bench.compare import Bench, BenchOptions
+    from florist.bench.fair import write_fair_report
     from florist.config import PAPER_CONFIG
 
+    if args.report_only and args.seeds:
+        from florist.bench.compare import setting_config
+
+        cfg_opts = BenchOptions(config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides))
+        rounds = setting_config(cfg_opts, "homogeneous").federation.rounds
+        write_fair_report(Path(args.out), _names(args.settings), rounds)
+        print((Path(args.out) / "fair.md").read_text())
+        return
     if args.report_only:
         report.rewrite_tables(Path(args.out))
         print((Path(args.out) / "table.md").read_text())
@@ -307,10 +318,11 @@ def _bench(args: argparse.Namespace) -> None:
         config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides), out=args.out, cache=args.cache,
         settings=_names(args.settings), options=_names(args.options),
         extra_baselines=_names(args.extra_baselines), budget_match_tau=args.budget_match_tau,
-        variants=_names(args.variants), **{k: v for k, v in given.items() if v is not None},
+        variants=_names(args.variants), seeds=args.seeds, eval_every_round=args.eval_every_round,
+        **{k: v for k, v in given.items() if v is not None},
     )  # fmt: skip
     summary = Bench(opts).run()
-    print((Path(args.out) / "table.md").read_text())
+    print((Path(args.out) / ("fair.md" if args.seeds else "table.md")).read_text())
     print(f"picks: {summary['picks']}; {summary['seconds']:.0f} s; outputs in {args.out}")
 
 

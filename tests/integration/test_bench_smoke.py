@@ -152,3 +152,82 @@ def test_aggregation_clip_applies_in_the_bench_as_in_the_strategy(tmp_path: Path
     cfg = load_config(None, [*base, "aggregation.clip='fixed'", "aggregation.clip_value=1e-6"])
     agg = cfg.aggregation.build()
     assert aggregate_round(cfg, agg, 1, [], [], {}).result is None  # nothing to aggregate: no result
+
+
+FAIR = ("FLoRA +bf16", "FedIT +bf16", "FlexLoRA +bf16 +uplink", "FLoRIST tau=0.90 +all +orth +chg")
+
+
+def _fair_opts(tmp_path: Path, model: Path) -> BenchOptions:
+    overrides = (
+        f"model.name={str(model)!r}", "data.source='skills'", "data.split='dirichlet'", "data.test=none",
+        "data.skills_train=8", "data.skills_test=2", "data.validation_per_label=1", "eval.mmlu=none",
+        "federation.num_clients=3", "federation.rounds=3", "train.steps=1", "train.batch_size=2",
+        "lora.ranks=[4]", "train.precision='fp32'", "eval.precision='fp32'",
+    )  # fmt: skip
+    return BenchOptions(overrides=overrides, out=str(tmp_path / "fair"), cache=str(tmp_path / "cache"),
+                        taus=(), hetero_taus=(), option_taus=(0.9,), hetero_option_taus=(), options=("all+orth+chg",),
+                        extra_baselines=("flora+bf16", "fedit+bf16", "flexlora+bf16+uplink"), settings=("homogeneous",),
+                        variants=FAIR, eval_every_round=True, seeds=(0, 1))  # fmt: skip
+
+
+def test_fair_bench_over_seeds_scores_both_splits_every_round_and_resumes_mid_variant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two seeds, every round scored on validation and test, the fair report; a run killed after
+    round 2 of a variant continues from its checkpoint and ends with the same records."""
+    from florist.bench import simulate
+
+    model = save_tiny_model(tmp_path / "tiny")
+    opts = _fair_opts(tmp_path, model)
+    real_round = simulate.Variant.round
+
+    def dies_in_round_3(self: simulate.Variant, t: int, round_one: Any) -> Any:
+        if t == 3 and self.cfg.aggregation.method == "florist":
+            raise KeyboardInterrupt("killed")
+        return real_round(self, t, round_one)
+
+    monkeypatch.setattr(simulate.Variant, "round", dies_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        Bench(opts).run()
+    monkeypatch.setattr(simulate.Variant, "round", real_round)
+    trained: list[int] = []
+    monkeypatch.setattr(
+        simulate.Variant, "round", lambda self, t, r1: trained.append(t) or real_round(self, t, r1)
+    )
+    summary = Bench(opts).run()
+    out = tmp_path / "fair"
+    assert trained[:1] == [3]  # the killed variant resumed at round 3, not round 1
+    for seed in (0, 1):
+        results = json.loads((out / f"seed-{seed}" / "results.json").read_text())["homogeneous"]
+        assert set(results) == {*FAIR, "base model (round 0)"}
+        for name in FAIR:
+            records = results[name]
+            assert [r["round"] for r in records] == [1, 2, 3]
+            assert all(
+                "validation" in r["eval"] and "heldout_rows" in r["eval"]["validation"] for r in records
+            )
+        assert "round_error_untruncated" in results["FLoRIST tau=0.90 +all +orth +chg"][1]
+    seeds = [json.loads((out / f"seed-{s}" / "results.json").read_text())["homogeneous"] for s in (0, 1)]
+    assert (
+        seeds[0]["FLoRA +bf16"][0]["eval"]["heldout_loss"]
+        != seeds[1]["FLoRA +bf16"][0]["eval"]["heldout_loss"]
+    )
+    fair = json.loads((out / "fair.json").read_text())
+    rep = fair["homogeneous"]
+    assert fair["seeds"] == [0, 1] and rep["complete"]
+    assert set(rep["chosen"]) == {"FLoRA", "FedIT", "FlexLoRA", "FLoRIST"}
+    assert rep["goal"]["reference"] in {"FLoRA +bf16", "FedIT +bf16", "FlexLoRA +bf16 +uplink"}
+    assert all(len(points) == 3 for points in rep["curves"]["test"].values())
+    assert (out / "curves_homogeneous.png").is_file() and "## homogeneous ranks" in (
+        out / "fair.md"
+    ).read_text()
+    assert summary["picks"]["homogeneous"] == rep["goal"]
+    # the same run from scratch (no kill) gives the same records: resume was exact
+    fresh = _fair_opts(tmp_path / "again", model)
+    Bench(replace(fresh, seeds=(0,), variants=("FLoRIST tau=0.90 +all +orth +chg",))).run()
+    again = json.loads((tmp_path / "again" / "fair" / "seed-0" / "results.json").read_text())["homogeneous"]
+    name = "FLoRIST tau=0.90 +all +orth +chg"
+    keep = ("bytes_up", "bytes_down", "rank_total", "round_error", "round_error_untruncated")
+    for a, b in zip(again[name], seeds[0][name], strict=True):
+        assert {k: a.get(k) for k in keep} == {k: b.get(k) for k in keep}
+        assert a["eval"]["heldout_rows"] == b["eval"]["heldout_rows"]

@@ -358,3 +358,29 @@ def test_paired_difference_refuses_different_rows() -> None:
     three = loss_result(torch.ones(3, dtype=torch.float64), torch.tensor([1, 1, 1]))
     with pytest.raises(ConfigError, match="at least 4 scored rows"):
         paired_difference(three, three)
+
+
+def test_paired_over_seeds_adds_the_seed_spread_to_the_row_spread() -> None:
+    """Hand computation: three seeds whose differences are the same rows shifted by -0.1, 0, +0.1 per
+    token, so the seed-averaged rows equal seed 1's; se^2 = var_s(D_s)/S + se_rows^2."""
+    from florist.eval.heldout import loss_result
+    from florist.eval.paired import paired_difference, paired_over_seeds, t_quantile
+
+    n = torch.tensor([3, 1, 4, 2, 5])
+    sums = torch.tensor([3.0, 1.5, 4.4, 2.0, 5.5], dtype=torch.float64)
+    base = loss_result(sums, n)
+    b_sums = torch.tensor([2.7, 1.6, 4.0, 2.1, 5.0], dtype=torch.float64)
+    pairs = [(base, loss_result(b_sums + shift * n, n)) for shift in (-0.1, 0.0, 0.1)]
+    d = paired_over_seeds(pairs)
+    middle = paired_difference(*pairs[1])
+    assert d.mean == pytest.approx(middle.mean)
+    seed_var = (0.1**2 + 0.0 + 0.1**2) / 2 / 3
+    se = (seed_var + middle.se**2) ** 0.5
+    assert d.se == pytest.approx(se)
+    df = int(se**4 / (seed_var**2 / 2 + middle.se**4 / 4))
+    assert d.high - d.mean == pytest.approx(t_quantile(0.975, df) * se)
+    assert paired_over_seeds(pairs[:1]) == paired_difference(*pairs[0])
+    same = paired_over_seeds([pairs[1]] * 3)  # identical seeds: only the rows' spread
+    assert same.mean == pytest.approx(middle.mean) and same.se == pytest.approx(middle.se)
+    assert t_quantile(0.975, 1) == pytest.approx(12.706, abs=1e-3)
+    assert t_quantile(0.975, 2) == pytest.approx(4.303, abs=1e-3)

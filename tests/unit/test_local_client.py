@@ -333,3 +333,69 @@ def test_fedex_clients_continue_from_the_averages_and_the_server_model_is_fedavg
         fedavg = sum(result.weights[c.client_id] * t[name] for c, t in zip(clients, trained, strict=True))
         server = w0[name] + g1[name].delta(torch.float64) + result.global_update[name].delta(torch.float64)
         torch.testing.assert_close(server, fedavg, rtol=0, atol=2e-6)
+
+
+def test_uplink_cut_of_the_change_sends_what_the_client_changed_and_the_server_takes_it_as_is() -> None:
+    """uplink_cut = "change": at tau_up = 1 the upload is exactly merged-to-trained (float64 check on the
+    dense product); at tau_up < 1 it is the best cut of the change, and the server does not subtract."""
+    from florist.config import load_config
+    from florist.server.round import round_deltas
+
+    for tau_up in (1.0, 0.6):
+        clients = _clients("florist", ranks=(4, 2), warm=True, split="orthonormal")
+        for c in clients:
+            c.uplink_tau, c.uplink_cut = tau_up, "change"
+        agg = make_aggregator("florist", policy=EnergyThreshold(1.0))
+        first = [c.fit(1)[0] for c in clients]
+        assert not any(c.sends_change for c in clients)  # round 1: no warm part, the adapter is the change
+        result = agg.aggregate(first)
+        for c in clients:
+            c.receive(result.download(c.client_id), round=1)
+        merged = [_effective_weights(c) for c in clients]
+        uploads = [c.fit(2)[0] for c in clients]
+        assert all(c.sends_change for c in clients)
+        cfg = load_config(None, ["lora.warm_start=true", f"federation.uplink_tau={tau_up}",
+                                 "federation.uplink_cut='change'", "federation.num_clients=2"])  # fmt: skip
+        deltas = round_deltas(cfg, uploads, [result], {"c0": 4, "c1": 2})
+        assert deltas == uploads  # taken as sent
+        for c, before, up in zip(clients, merged, uploads, strict=True):
+            after = _effective_weights(c)
+            for name, f in up.modules.items():
+                change = after[name] - before[name]  # (m, n) float64: what training did this round
+                raw = c.raw_upload[name].delta(torch.float64)
+                torch.testing.assert_close(raw, change, rtol=0, atol=2e-6)
+                got = f.delta(torch.float64)
+                if tau_up == 1.0:
+                    torch.testing.assert_close(got, change, rtol=0, atol=2e-6)
+                else:  # the best rank-q approximation of the change (Eckart-Young), q <= r_k + r_k
+                    q = f.rank
+                    S = torch.linalg.svdvals(change)
+                    assert q <= 2 * c.lora.rank
+                    err = float((got - change).norm())
+                    assert err == pytest.approx(float(S[q:].norm()), rel=1e-3, abs=1e-6)
+
+
+def test_flexlora_downloads_fit_the_client_lora_when_uploads_were_cut() -> None:
+    """A FlexLoRA client that cut its upload still gets a download of its LoRA's rank (the server knows
+    it from the client's config), and it loads into the client's LoRA."""
+    from florist.config import load_config
+    from florist.server.round import aggregate_round
+
+    clients = _clients("flexlora", ranks=(4, 2))
+    for c in clients:
+        c.uplink_tau = 0.5
+    uploads = [c.fit(1)[0] for c in clients]
+    assert any(
+        f.rank < c.lora.rank for c, u in zip(clients, uploads, strict=True) for f in u.modules.values()
+    )
+    cfg = load_config(
+        None, ["aggregation.method='flexlora'", "federation.uplink_tau=0.5", "federation.num_clients=2"]
+    )
+    agg = make_aggregator("flexlora")
+    outcome = aggregate_round(cfg, agg, 1, uploads, [], {"c0": 4, "c1": 2})
+    assert outcome.result is not None
+    for c in clients:
+        download = outcome.result.download(c.client_id)
+        assert {f.rank for f in download.values()} == {c.lora.rank}
+        c.receive(download, round=1)  # loads without a shape error
+        c.fit(2)

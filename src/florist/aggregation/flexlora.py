@@ -4,6 +4,9 @@
     delta W = U diag(S) Vh             full (thin) SVD, O(m n min(m, n))
     client k gets  B'_k = U_{r_k} diag(S_{r_k}),  A'_k = Vh_{r_k}   and continues training them
 
+r_k is the rank of client k's LoRA (``ClientUpdate.rank_of``), also when its upload was cut to a
+lower rank by uplink thresholding.
+
 Each client's truncation is its own (the public FLoRIST code wrote all of them into one shared
 dict, so every client got the last one; not reproduced). ``global_update`` is the truncation at
 the largest client rank.
@@ -61,10 +64,10 @@ class FlexLoRA(Aggregator):
         per_client: dict[str, dict[str, LoraFactors]] = {}
         for update in updates:
             per_client[update.client_id] = {
-                name: _factors(svd.truncate(update.modules[name].rank), update.modules[name].rank)
+                name: _factors(svd.truncate(update.rank_of(name)), update.rank_of(name))
                 for name, svd in svds.items()
             }
-        r_max = {name: max(u.modules[name].rank for u in updates) for name in svds}
+        r_max = {name: max(u.rank_of(name) for u in updates) for name in svds}
         return AggregationResult(
             method=self.name,
             protocol=self.protocol,

@@ -25,16 +25,17 @@ from typing import Any
 from florist.aggregation import communication, make_aggregator
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.bench import report
+from florist.bench.fair import write_fair_report
 from florist.bench.full import METHOD as FULL
 from florist.bench.full import run_full_variant
 from florist.bench.provenance import check_meta
 from florist.bench.round_one_cache import RoundOneCache
-from florist.bench.simulate import run_variant
-from florist.bench.variants import DEFAULT_TAUS, Variant, budget, check_options, sweep
+from florist.bench.simulate import Evaluate, run_variant
+from florist.bench.variants import DEFAULT_TAUS, Variant, budget, check_options, parse_baseline, sweep
 from florist.client.model import load_model
 from florist.config import PAPER_CONFIG, FloristConfig, load_config
 from florist.config.loader import build, set_dotted
-from florist.data.federated import test_examples
+from florist.data.federated import test_examples, validation_examples
 from florist.fsutil import write_json_atomic, write_text_atomic
 from florist.lora import ClientUpdate
 from florist.server.evaluation import Evaluator
@@ -59,10 +60,13 @@ class BenchOptions:
     e_tolerance: float = 0.005
     settings: tuple[str, ...] = ("homogeneous", "heterogeneous")
     variants: tuple[str, ...] = field(default=())  # run only these names (all if empty)
+    eval_every_round: bool = False  # score every round (curves), not only the last
+    seeds: tuple[int, ...] = ()  # training seeds: one bench each under OUT/seed-N, then fair.md
 
     def __post_init__(self) -> None:  # before any model is loaded
         check_options(self.options)
-        check_options([b.partition("+")[2] for b in self.extra_baselines if "+" in b])
+        for spec in self.extra_baselines:
+            parse_baseline(spec)
 
 
 def setting_config(opts: BenchOptions, setting: str) -> FloristConfig:
@@ -118,9 +122,7 @@ class Bench:
         homo = setting == "homogeneous"
         out = sweep(taus=o.taus if homo else o.hetero_taus, options=o.options,
                     option_taus=o.option_taus if homo else o.hetero_option_taus)  # fmt: skip
-        from florist.bench.variants import baseline
-
-        out += [baseline(m, [opt]) for m, opt in (b.split("+") for b in o.extra_baselines)]
+        out += [parse_baseline(b) for b in o.extra_baselines]
         if o.budget_match_tau is not None:
             mb = matched_budget_mb(cfg, self.round_one.get(cfg, setting, cfg.lora.init), o.budget_match_tau)
             out.append(budget(mb, f"tau={o.budget_match_tau:.2f} round-1 bytes"))
@@ -131,8 +133,7 @@ class Bench:
         cfg = setting_config(self.opts, setting)
         check_meta(self.out / "results.json", self.results.get("meta"), regime(cfg))  # never mix regimes
         done = self.results.setdefault(setting, {})
-        evaluator = Evaluator(replace(cfg.eval, mmlu=None, exact_match=False), test_examples(cfg.data),
-                              cfg.data.seed, cfg.run.progress, rows=True)  # fmt: skip
+        evaluator = split_evaluator(cfg)
         if report.BASE not in done:
             model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
             done[report.BASE] = [{"round": 0, "eval": evaluator(model.to(cfg.model.torch_device()), tok)}]
@@ -148,10 +149,11 @@ class Bench:
             self.save(cfg)
 
     def run_one(
-        self, cfg: FloristConfig, setting: str, v: Variant, evaluator: Evaluator
+        self, cfg: FloristConfig, setting: str, v: Variant, evaluator: Evaluate
     ) -> list[dict[str, Any]]:
-        """All rounds of variant ``v``; round 1 from the shared uploads where its clients allow it."""
-        last = [cfg.federation.rounds]
+        """All rounds of variant ``v``; round 1 from the shared uploads where its clients allow it;
+        every finished round checkpointed under the cache, so a killed run continues from it."""
+        last = None if self.opts.eval_every_round else [cfg.federation.rounds]
         if v.method == FULL:  # LoRA ranks do not enter: one run serves both settings
             other = [s.get(v.name) for k, s in self.results.items() if k != setting and isinstance(s, dict)]
             done = [records for records in other if records]
@@ -168,13 +170,16 @@ class Bench:
             if t == 1:
                 self.round_one_results[f"{setting}/{v.name}"] = result
 
-        return run_variant(vcfg, evaluator, shared, keep, eval_rounds=last)
+        folder = Path(self.opts.cache) / setting / "variants" / slug(v.name)
+        return run_variant(vcfg, evaluator, shared, keep, eval_rounds=last, checkpoint=folder)
 
     def save(self, cfg: FloristConfig) -> None:
         self.results["meta"] = regime(cfg)
         write_json_atomic(self.out / "results.json", self.results)  # progress survives a crash
 
     def run(self) -> dict[str, Any]:
+        if self.opts.seeds:
+            return self.run_seeds()
         start = time.perf_counter()
         for setting in self.opts.settings:
             self.run_setting(setting)
@@ -182,6 +187,17 @@ class Bench:
         summary["seconds"] = time.perf_counter() - start
         write_json_atomic(self.out / "summary.json", summary)
         return summary
+
+    def run_seeds(self) -> dict[str, Any]:
+        """One bench per training seed (``federation.seed``) under ``OUT/seed-N`` with its own cache,
+        then the fair report across them (``florist.bench.fair``)."""
+        start = time.perf_counter()
+        for seed in self.opts.seeds:
+            Bench(seed_options(self.opts, seed)).run()
+        rounds = setting_config(self.opts, self.opts.settings[0]).federation.rounds
+        fair = write_fair_report(self.out, self.opts.settings, rounds)
+        goals = {s: fair[s].get("goal") for s in self.opts.settings}
+        return {"picks": goals, "out": str(self.out), "seconds": time.perf_counter() - start}
 
     def write_report(self) -> dict[str, Any]:
         text, picks = report.write_all(self.out, self.results, self.opts.e_tolerance)
@@ -211,6 +227,42 @@ class Bench:
             report.plot_spectra({n: exact.spectra[n].tolist() for n in chosen}, self.out / "spectrum.png",
                                 "round 1, homogeneous ranks: first, middle and last layer")  # fmt: skip
         return layerwise_text(florist_r1)
+
+
+def seed_options(opts: BenchOptions, seed: int) -> BenchOptions:
+    """``opts`` for training seed ``seed``: its own output and cache folders, ``federation.seed`` set."""
+    out, cache = Path(opts.out) / f"seed-{seed}", Path(opts.cache) / f"seed-{seed}"
+    overrides = (*opts.overrides, f"federation.seed={seed}")
+    return replace(opts, seeds=(), out=str(out), cache=str(cache), overrides=overrides)
+
+
+def slug(name: str) -> str:
+    """A file name for a variant name: "FLoRIST tau=0.90 +all" -> "florist-tau-0.90-all"."""
+    out = "".join(ch.lower() if ch.isalnum() or ch == "." else "-" for ch in name)
+    return "-".join(p for p in out.split("-") if p)
+
+
+class SplitEvaluator:
+    """The test split's scores, with the validation split's under ``"validation"`` when the config
+    withholds one (``data.validation_per_label``): choices are made on validation, tables on test."""
+
+    def __init__(self, test: Evaluator, validation: Evaluator | None) -> None:
+        self.test, self.validation = test, validation
+
+    def __call__(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        out = self.test(model, tokenizer)
+        if self.validation is not None:
+            out["validation"] = self.validation(model, tokenizer)
+        return out
+
+
+def split_evaluator(cfg: FloristConfig) -> SplitEvaluator:
+    """Held-out loss with per-row losses on the test split, and on the validation split if any."""
+    ev = replace(cfg.eval, mmlu=None, exact_match=False)
+    test = Evaluator(ev, test_examples(cfg.data), cfg.data.seed, cfg.run.progress, rows=True)
+    val_rows = validation_examples(cfg.data, cfg.federation.num_clients)
+    val = Evaluator(ev, val_rows, cfg.data.seed, cfg.run.progress, rows=True) if val_rows else None
+    return SplitEvaluator(test, val)
 
 
 def run_order(v: Variant) -> int:

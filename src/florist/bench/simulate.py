@@ -12,10 +12,12 @@ exact, not an approximation.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,8 +32,9 @@ from florist.client.model import load_model
 from florist.config import FloristConfig
 from florist.data.federated import client_examples
 from florist.lora import ClientUpdate, LoraFactors
+from florist.server import checkpoint
 from florist.server.global_model import GlobalModel
-from florist.server.round import aggregate_round
+from florist.server.round import aggregate_round, round_deltas
 
 log = logging.getLogger(__name__)
 Evaluate = Callable[[Any, Any], dict[str, Any]]
@@ -59,6 +62,7 @@ def make_clients(cfg: FloristConfig, protocol: ClientProtocol) -> list[LocalClie
                 fed.seed,
                 shared_rank,
                 uplink_tau=fed.uplink_tau,
+                uplink_cut=fed.uplink_cut,
                 wire=fed.wire_dtype,
             )
         )
@@ -165,11 +169,41 @@ class Variant:
         )  # fmt: skip
         if outcome.clip is not None:
             record["clip"] = {"threshold": outcome.clip.threshold, "factors": outcome.clip.factors}
+        if self.cfg.federation.uplink_tau is not None:  # the error against what the clients trained
+            raw = round_deltas(self.cfg, self.raw_uploads(t, round_one), self.sent, self.rank)
+            record["round_error_untruncated"] = round_error(result, raw, self.previous_adapter())
+        self.deliver(t, result)
+        return result, record | train | {"round_seconds": time.perf_counter() - start}
+
+    def raw_uploads(self, t: int, round_one: list[ClientUpdate] | None) -> list[ClientUpdate]:
+        """Round ``t``'s uploads before uplink truncation and wire rounding (float32, as trained)."""
+        if t == 1 and round_one is not None:
+            return list(round_one)
+        return [ClientUpdate(c.client_id, float(c.num_examples), c.raw_upload) for c in self.clients]
+
+    def deliver(self, t: int, result: AggregationResult) -> None:
+        """Every client and the server take round ``t``'s result."""
         for c in self.clients:
             c.receive(result.download(c.client_id) if result.per_client else result.global_update, round=t)
         self.server.apply_result(t, result)
         self.sent.append(result)
-        return result, record | train | {"round_seconds": time.perf_counter() - start}
+
+    def save(self, folder: Path, records: list[dict[str, Any]]) -> None:
+        """The results sent and the records so far, as a server checkpoint (the latest only)."""
+        history = list(enumerate(self.sent, start=1))
+        state = checkpoint.ServerState(len(records), history, records=json.loads(json.dumps(records)))
+        checkpoint.save(folder, state, self.cfg, keep=1)
+
+    def resume(self, folder: Path) -> list[dict[str, Any]]:
+        """Replay the rounds saved in ``folder`` (none there: start at round 1); their records."""
+        if not checkpoint.checkpoints(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            return []
+        state = checkpoint.load_latest(folder, self.cfg, force=False)
+        for t, result in state.history:
+            self.deliver(t, result)
+        log.info("%s: resumed after round %d from %s", self.cfg.aggregation.method, state.round, folder)
+        return state.records
 
 
 def run_variant(
@@ -178,16 +212,21 @@ def run_variant(
     round_one: list[ClientUpdate] | None = None,
     on_result: Callable[[int, AggregationResult], None] | None = None,
     eval_rounds: Sequence[int] | None = None,
+    checkpoint: Path | None = None,
 ) -> list[dict[str, Any]]:
     """All rounds of one method; ``round_one`` (raw uploads) replaces round 1's local training.
 
     ``evaluate(model, tokenizer)`` runs after the rounds in ``eval_rounds`` (default: every round).
+    With ``checkpoint`` (a folder), every finished round is saved there (``florist.server.checkpoint``:
+    the results sent and the records so far) and a rerun continues after the last one saved: the
+    clients and the server model replay the results sent, as a client that missed rounds catches up,
+    and every later round trains exactly as it would have (seeds depend on the round, not the process).
     """
     variant = Variant(cfg)
     rounds = cfg.federation.rounds
     due = set(range(1, rounds + 1) if eval_rounds is None else eval_rounds)
-    records = []
-    for t in range(1, rounds + 1):
+    records = variant.resume(checkpoint) if checkpoint is not None else []
+    for t in range(len(records) + 1, rounds + 1):
         result, record = variant.round(t, round_one)
         if on_result is not None:
             on_result(t, result)
@@ -196,6 +235,8 @@ def run_variant(
         log.info("%s round %d: %s", cfg.aggregation.method, t,
                  {k: record[k] for k in ("rank_total", "bytes_up", "bytes_down", "round_error")})  # fmt: skip
         records.append(record)
+        if checkpoint is not None:
+            variant.save(checkpoint, records)
     return records
 
 

@@ -24,7 +24,9 @@ OPTIONS = {  # name -> overrides; "all" combines the first three, "a+b" any of t
     "bf16": (("federation.wire_dtype", "bfloat16"),),
     "orth": (("lora.warm_start", True), ("lora.warm_split", "orthonormal")),  # warm, A = V^T
     "acc": (("lora.warm_start", True), ("lora.warm_from", "accumulated")),  # warm from sum_t B_t A_t
+    "chg": (("federation.uplink_cut", "change"),),  # uplink cuts the round's change, not the adapter
 }
+UPLINK_TAU = 0.9  # tau_up of a baseline's "uplink" option (FLoRIST's is its own tau)
 ALL = ("warm", "uplink", "bf16")
 
 
@@ -69,10 +71,23 @@ def budget(mb: float, matched: str) -> Variant:
     return Variant(f"FLoRIST budget={mb:.3f} MB (= {matched})", "florist", budget_mb=mb)
 
 
-def baseline(method: str, options: Sequence[str] = ()) -> Variant:
-    pairs = tuple(kv for n in options for kv in OPTIONS[n])
+def baseline(method: str, options: Sequence[str] = (), uplink_tau: float = UPLINK_TAU) -> Variant:
+    """A baseline with protocol ``options`` (names of ``OPTIONS``): "FLoRA +bf16 +orth"."""
+    tokens = check_options(options)
+    names = [*(ALL if "all" in tokens else ()), *(t for t in tokens if t != "all")]
+    pairs = dict((k, uplink_tau if k == "federation.uplink_tau" else v) for n in names for k, v in OPTIONS[n])
     label = aggregator_class(method).label
-    return Variant(label + "".join(f" +{n}" for n in options), method, options=pairs)
+    return Variant(
+        label + "".join(f" +{n}" for n in dict.fromkeys(tokens)), method, options=tuple(pairs.items())
+    )
+
+
+def parse_baseline(spec: str) -> Variant:
+    """``"flora+bf16+orth"`` -> ``baseline("flora", ["bf16", "orth"])``; a ``ConfigError`` names a bad one."""
+    method, *options = spec.split("+")
+    if method not in BASELINES:
+        raise ConfigError(f"unknown baseline {method!r} in {spec!r}; known: {list(BASELINES)}")
+    return baseline(method, options)
 
 
 def full_finetune() -> Variant:

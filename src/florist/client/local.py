@@ -22,7 +22,9 @@ Protocol options (each off by default):
         start at B = 0. The server removes that warm part from the upload again (``without_warm_part``).
         ``lora.warm_split`` says how the singular values are shared between B and A.
         Done at the start of ``fit``, so a node that only syncs keeps the server's weights bitwise.
-    uplink thresholding (``uplink_tau``) the upload is the tau-truncated SVD of ``s B A``
+    uplink thresholding (``uplink_tau``) the upload is the tau-truncated SVD of ``s B A``; with warm
+        start and ``uplink_cut = "change"``, of the round's change ``s B' A' - B_w A_w`` instead
+        (rank r_k + p from its factors side by side), which the server takes as it is
     wire dtype (``wire``)              the upload as the server will decode it (bf16 / fp16 rounded)
 """
 
@@ -35,7 +37,13 @@ from typing import Any
 import torch
 
 from florist.aggregation.base import ClientProtocol
-from florist.aggregation.lowrank import leading_columns, prepare_upload, warm_parts, warm_source
+from florist.aggregation.lowrank import (
+    leading_columns,
+    prepare_upload,
+    warm_parts,
+    warm_source,
+    without_warm_part,
+)
 from florist.client.lora_state import (
     assign,
     assign_leading,
@@ -74,6 +82,8 @@ class LocalClient:
         Send the ``uplink_tau``-energy truncated SVD of the update instead of the factors.
     wire : str
         Dtype of the upload on the wire: "float32", "bfloat16" or "float16".
+    uplink_cut : str
+        With warm start and ``uplink_tau``: truncate the round's "change" or the whole "adapter".
     """
 
     def __init__(
@@ -89,6 +99,7 @@ class LocalClient:
         shared_a_rank: int | None = None,
         uplink_tau: float | None = None,
         wire: str = "float32",
+        uplink_cut: str = "adapter",
     ) -> None:
         from peft import get_peft_model
 
@@ -101,7 +112,9 @@ class LocalClient:
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             self.model = get_peft_model(base_model, lora.peft_config())
         self.shared_rank = shared_a_rank or lora.rank
-        self.uplink_tau, self.wire = uplink_tau, wire
+        self.uplink_tau, self.wire, self.uplink_cut = uplink_tau, wire, uplink_cut
+        self.warm: Mapping[str, LoraFactors] | None = None  # the warm part this round began from
+        self.raw_upload: dict[str, LoraFactors] = {}  # what the upload was cut from (round errors)
         self.pending_warm: Mapping[str, LoraFactors] | None = None
         self.unsplit: dict[str, torch.Tensor] | None = None  # merged base weights before a warm split
         self.merged: list[Mapping[str, LoraFactors]] = []  # global updates merged (warm_from accumulated)
@@ -142,6 +155,7 @@ class LocalClient:
         self, round: int, on_step: Callable[[TrainStats], None] | None = None
     ) -> tuple[ClientUpdate, TrainStats]:
         """Train locally for one round and return the update to upload (``on_step``: see ``train``)."""
+        self.warm = None
         if self.pending_warm is not None:
             self._warm_start(self.pending_warm)
             self.pending_warm = None
@@ -173,8 +187,26 @@ class LocalClient:
             warm = warm_parts(download, self.lora.rank, self.lora.warm_split)
         merge_into_base(self.model, {n: LoraFactors(A=w.A, B=-w.B) for n, w in warm.items()})
         assign_leading(self.model, warm)
+        self.warm = warm
 
     def _upload(self) -> dict[str, LoraFactors]:
-        """The LoRA as the server will decode it: truncated (``uplink_tau``) and wire-rounded."""
-        modules, self.upload_energy = prepare_upload(extract(self.model), self.uplink_tau, self.wire)
+        """The LoRA (or, with ``uplink_cut = "change"``, the round's change) as the server will decode
+        it: truncated (``uplink_tau``) and wire-rounded."""
+        lora = extract(self.model)
+        if self.sends_change:
+            assert self.warm is not None
+            lora = dict(without_warm_part(ClientUpdate(self.client_id, 1.0, lora), self.warm).modules)
+        self.raw_upload = lora
+        modules, self.upload_energy = prepare_upload(lora, self.uplink_tau, self.wire)
         return modules
+
+    @property
+    def sends_change(self) -> bool:
+        """Whether this round's upload is the change: warm-started, cut, ``uplink_cut = "change"``
+        (the server's ``florist.server.round.sends_change`` says the same from the config)."""
+        return (
+            self.warm is not None
+            and self.protocol is ClientProtocol.MERGE_AND_RESTART
+            and self.uplink_tau is not None
+            and self.uplink_cut == "change"
+        )

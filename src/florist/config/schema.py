@@ -29,6 +29,8 @@ from florist.dtypes import MODEL, WIRE, torch_dtype
 from florist.errors import ConfigError
 from florist.precision import check_precision
 
+UPLINK_CUTS = ("adapter", "change")  # what uplink thresholding cuts (florist.client.local)
+
 
 def _positive(key: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
@@ -194,6 +196,13 @@ class FederationConfig:
     uplink_tau: float | None = field(
         default=None, metadata={"help": "clients send the tau-energy truncated SVD of their update"}
     )
+    uplink_cut: str = field(
+        default="adapter",
+        metadata={
+            "help": "with warm start and uplink_tau: cut the round's 'change' (s B'A' - B_w A_w) or the "
+            "whole 'adapter' (warm part included)"
+        },
+    )
     cpus_per_client: float = field(default=2.0, metadata={"help": "simulation: CPU cores per client"})
     gpus_per_client: float = field(default=0.0, metadata={"help": "simulation: GPU fraction per client"})
 
@@ -217,6 +226,10 @@ class FederationConfig:
             raise ConfigError(f"federation.gpus_per_client must be >= 0, got {self.gpus_per_client}")
         if self.wire_dtype not in WIRE:
             raise ConfigError(f"federation.wire_dtype must be one of {list(WIRE)}, got {self.wire_dtype!r}")
+        if self.uplink_cut not in UPLINK_CUTS:
+            raise ConfigError(
+                f"federation.uplink_cut must be one of {list(UPLINK_CUTS)}, got {self.uplink_cut!r}"
+            )
         if self.uplink_tau is not None and not 0 < self.uplink_tau <= 1:
             raise ConfigError(f"federation.uplink_tau must be in (0, 1], got {self.uplink_tau}")
         if not 1 <= self.min_clients <= self.num_clients:

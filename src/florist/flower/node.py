@@ -94,6 +94,7 @@ class Node:
         client = LocalClient(
             client_id(index), model, tokenizer, examples, cfg.lora.settings(index, n), cfg.train,
             protocol_of(cfg), fed.seed, shared_rank, uplink_tau=fed.uplink_tau, wire=fed.wire_dtype,
+            uplink_cut=fed.uplink_cut,
         )  # fmt: skip
         log.info("%s: model loaded, %d examples, rank %d", client.client_id, client.num_examples, shared_rank)
         return cls(index, client)

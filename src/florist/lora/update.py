@@ -75,12 +75,21 @@ class ClientUpdate:
         The adapter the client's LoRA began the round from, when it did not begin at ``B = 0``
         and the aggregator needs the factors as trained (FedEx-LoRA); set by the server, never sent.
         The round's change is then ``s B A - B_start A_start`` (``change``).
+    lora_rank : int | None
+        The rank of the client's LoRA, set by the server from the client's config, never sent; the
+        factors' own rank when None. It differs when the client cut its upload (uplink thresholding),
+        and tells a per-client download (FlexLoRA) what rank the client's LoRA can load.
     """
 
     client_id: str
     num_examples: float
     modules: Mapping[str, LoraFactors] = field(default_factory=dict)
     start: Mapping[str, LoraFactors] | None = None
+    lora_rank: int | None = None
+
+    def rank_of(self, name: str) -> int:
+        """The rank of the client's LoRA on module ``name``: ``lora_rank`` if set, else the factors'."""
+        return self.lora_rank if self.lora_rank is not None else self.modules[name].rank
 
     @property
     def ranks(self) -> dict[str, int]:

@@ -51,8 +51,10 @@ def aggregate_round(
     """Round ``round`` from the clients' ``uploads``; ``history`` holds every result sent so far,
     oldest first (empty in round 1).
 
-    ``ranks`` maps client id to its LoRA rank (the warm part a warm-started client began from).
+    ``ranks`` maps client id to its LoRA rank (the warm part a warm-started client began from, and
+    what a per-client download must fit: ``ClientUpdate.lora_rank``).
     """
+    uploads = [replace(u, lora_rank=ranks.get(u.client_id)) for u in uploads]
     deltas = round_deltas(cfg, uploads, history, ranks)
     clipped, report = clip(cfg, deltas, round)
     outcome = aggregate_finite(aggregator, round, clipped, cfg.federation.min_replies)
@@ -69,18 +71,28 @@ def round_deltas(
     ranks: Mapping[str, int],
 ) -> list[ClientUpdate]:
     """What the clients changed this round: with warm start, each upload less its warm part (split
-    from the last global or from all of them, ``lora.warm_from``); a merge-and-continue client's
-    upload with the slice it continued from (``ClientUpdate.start``)."""
+    from the last global or from all of them, ``lora.warm_from``), unless the clients sent their
+    change already (``federation.uplink_cut = "change"``); a merge-and-continue client's upload with
+    the slice it continued from (``ClientUpdate.start``)."""
     if not history:
         return list(uploads)
     g = history[-1].global_update  # what every client merged last, as it was sent
     if history[-1].protocol is ClientProtocol.MERGE_AND_CONTINUE:
         return [replace(u, start=leading_columns(g, ranks[u.client_id])) for u in uploads]
-    if not cfg.lora.warm_start:
+    if not cfg.lora.warm_start or sends_change(cfg):
         return list(uploads)
     source = warm_source([r.global_update for r in history], cfg.lora.warm_from)
     warm = {r: warm_parts(source, r) for r in {ranks[u.client_id] for u in uploads}}  # one SVD per rank
     return [without_warm_part(u, warm[ranks[u.client_id]]) for u in uploads]
+
+
+def sends_change(cfg: FloristConfig) -> bool:
+    """Whether warm-started clients upload their round's change rather than their whole adapter."""
+    return (
+        cfg.lora.warm_start
+        and cfg.federation.uplink_tau is not None
+        and cfg.federation.uplink_cut == "change"
+    )
 
 
 def clip(
