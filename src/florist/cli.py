@@ -29,7 +29,7 @@ from florist.errors import ConfigError, FloristError, QuorumLost
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        values = tuple(float(x) for x in text.split(","))
+        values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
     if not all(math.isfinite(v) for v in values):

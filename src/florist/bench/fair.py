@@ -8,7 +8,8 @@ one curves plot per rank setting (``OUT/curves_<setting>.png``).
 
 - **Families.** A variant's family is its method (``FLoRIST tau=0.90 +all`` -> FLoRIST, ``FLoRA +bf16
   +orth`` -> FLoRA). Within a family the configuration with the lowest final *validation* loss,
-  averaged over the seeds it finished, is that method "at its best"; ties go to fewer bytes.
+  averaged over the seeds it finished, is that method "at its best", except that among the
+  configurations within ``TIE`` nats of that loss the one with the fewest bytes is taken.
 - **The best baseline** is the non-FLoRIST family choice with the lowest mean validation loss.
 - **Test** rows are read only for the chosen configurations' table and curves.
 - **Intervals** are paired on the same test rows and averaged over seeds (``paired_over_seeds``:
@@ -34,6 +35,7 @@ from florist.fsutil import write_json_atomic, write_text_atomic
 OURS = "FLoRIST"
 SEED_DIR = re.compile(r"seed-(\d+)$")
 TOLERANCE, VS_BEST, VS_FLORA = 0.001, 5.0, 20.0
+TIE = 0.0005  # nats of validation loss within which a method's cheaper configuration is its best
 
 
 def family(variant: str) -> str:
@@ -76,8 +78,8 @@ def mean(xs: Sequence[float]) -> float:
 def choose(
     per_seed: Mapping[int, Mapping[str, Any]], setting: str, rounds: int
 ) -> tuple[dict[str, str], dict[str, float]]:
-    """Per family, the variant with the lowest mean final validation loss (ties: fewer bytes);
-    and every variant's mean validation loss."""
+    """Per family, the variant with the lowest mean final validation loss (within ``TIE`` of it:
+    the fewest bytes); and every variant's mean validation loss."""
     done = finished(per_seed, setting, rounds)
     val: dict[str, float] = {}
     size: dict[str, float] = {}
@@ -87,8 +89,11 @@ def choose(
             val[name] = mean([loss.loss for loss in losses if loss is not None])
             size[name] = mean([total_bytes(per_seed[s][setting][name]) for s in seeds])
     best: dict[str, str] = {}
-    for name in sorted(val, key=lambda n: (val[n], size[n])):
-        best.setdefault(family(name), name)
+    for fam in sorted({family(n) for n in val}):
+        members = [n for n in val if family(n) == fam]
+        lowest = min(val[n] for n in members)
+        near = [n for n in members if val[n] <= lowest + TIE]
+        best[fam] = min(near, key=lambda n: (size[n], val[n]))
     return best, val
 
 

@@ -1,0 +1,150 @@
+"""The fair headline's grid run as several ``florist bench`` processes at once (a GPU host), then merged.
+
+    .venv/bin/python benchmarks/fair_parallel.py --out docs/results/fair --workers 1 [--deadline 0] [k=v ...]
+
+Stage 1 runs every candidate configuration of every method (``CANDIDATES``) in both rank settings
+with training seed 0; stage 2 runs the configuration each method chose on validation
+(``florist.bench.fair.choose``) with the seeds ``--more-seeds``. Each stage's (setting, variant)
+jobs go round-robin to ``--workers`` processes, each a plain ``florist bench --seeds S --variants ...``
+with its own output and cache folder under ``OUT/work/`` (so they never write the same file); their
+``results.json`` are merged into ``OUT/seed-S/results.json`` and ``florist.bench.fair`` writes
+``OUT/fair.md``, ``fair.json`` and the curves. Every bench checkpoints each round, so the same
+command continues a killed run (finished variants are skipped, a half-done one resumes at its last
+round). On a 2-core CPU use one worker; on a GPU host several share the GPU.
+
+The regime (``REGIME``): the packaged paper_cpu.toml (8 Dolly clients, q/v, shared init, lr 1e-3,
+batch 4, max length 256, bf16 training, fp32 scoring), 10 rows per category withheld for validation,
+8 steps per round (32 examples per client), 10 rounds, both splits scored after every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from florist.bench.fair import choose, write_fair_report
+from florist.fsutil import write_json_atomic
+
+REGIME = ("data.validation_per_label=10", "federation.rounds=10", "train.steps=8")
+SETTINGS = ("homogeneous", "heterogeneous")
+CANDIDATES = {  # --extra-baselines specs and FLoRIST variant names, per the bench's naming
+    "baselines": (
+        "fedit+bf16",
+        "flora+bf16",
+        "flora+bf16+orth",
+        "flexlora+bf16",
+        "flexlora+bf16+uplink",
+        "fedex+bf16",
+    ),
+    "florist": ("all+orth", "all+orth+chg", "bf16+orth"),
+}
+NAMES = ("FedIT +bf16", "FLoRA +bf16", "FLoRA +bf16 +orth", "FlexLoRA +bf16", "FlexLoRA +bf16 +uplink",
+         "FedEx-LoRA +bf16", "FLoRIST tau=0.90 +all +orth", "FLoRIST tau=0.90 +all +orth +chg",
+         "FLoRIST tau=0.90 +bf16 +orth")  # fmt: skip
+
+
+def bench_command(
+    args: argparse.Namespace, seed: int, setting: str, variants: list[str], worker: str
+) -> list[str]:
+    return [
+        sys.executable, "-m", "florist.cli", "bench", "--seeds", str(seed), "--settings", setting,
+        "--variants", ",".join(variants), "--out", str(args.out / "work" / worker),
+        "--cache", str(args.cache / worker), "--taus", "", "--hetero-taus", "", "--option-taus", "0.9",
+        "--options", ",".join(CANDIDATES["florist"]), "--extra-baselines", ",".join(CANDIDATES["baselines"]),
+        "--eval-every-round", *REGIME, *args.overrides,
+    ]  # fmt: skip
+
+
+def run_stage(args: argparse.Namespace, jobs: list[tuple[int, str, str]], deadline: float) -> None:
+    """(seed, setting, variant) jobs on ``args.workers`` processes, round-robin, until done or deadline."""
+    groups: dict[tuple[int, str, int], list[str]] = {}
+    for i, (seed, setting, variant) in enumerate(jobs):
+        groups.setdefault((seed, setting, i % args.workers), []).append(variant)
+    queue = list(groups.items())
+    running: list[tuple[subprocess.Popen[bytes], Any]] = []
+    env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.workers))}
+    while queue or running:
+        while queue and len(running) < args.workers:
+            (seed, setting, w), variants = queue.pop(0)
+            worker = f"w{w}-{setting}"
+            log = (args.out / "work" / f"{worker}-seed-{seed}.log").open("ab")
+            cmd = bench_command(args, seed, setting, variants, worker)
+            print(f"start {worker} seed {seed}: {variants}", flush=True)
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(2)
+        if args.deadline and time.time() > deadline:
+            for proc, _ in running:
+                proc.terminate()
+            queue.clear()
+        for item in list(running):
+            if item[0].poll() is not None:
+                item[1].close()
+                running.remove(item)
+                print(f"a worker ended with {item[0].returncode}", flush=True)
+
+
+def merge(args: argparse.Namespace) -> dict[int, dict[str, Any]]:
+    """Every worker's ``seed-S/results.json`` merged into ``OUT/seed-S/results.json``."""
+    merged: dict[int, dict[str, Any]] = {}
+    for path in sorted((args.out / "work").glob("*/seed-*/results.json")):
+        seed = int(path.parent.name.split("-")[1])
+        results = json.loads(path.read_text())
+        into = merged.setdefault(seed, {})
+        for key, value in results.items():
+            if isinstance(value, dict) and key != "meta":
+                into.setdefault(key, {}).update(value)
+            else:
+                into[key] = value
+    for seed, results in merged.items():
+        old = args.out / f"seed-{seed}" / "results.json"
+        if old.is_file():  # keep what an earlier run finished
+            for key, value in json.loads(old.read_text()).items():
+                if isinstance(value, dict) and key != "meta":
+                    results.setdefault(key, {}).update(
+                        {k: v for k, v in value.items() if k not in results[key]}
+                    )
+        write_json_atomic(old, results)
+    return merged
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="more section.key=value overrides (a smoke run, say)")
+    p.add_argument("--out", type=Path, default=Path("docs/results/fair"))
+    p.add_argument("--cache", type=Path, default=Path("runs/fair-cache"))
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--more-seeds", default="1,2", help="seeds for the chosen configurations")
+    p.add_argument(
+        "--deadline", type=float, default=0, help="seconds after which workers are stopped (0: none)"
+    )
+    p.add_argument("--stage", choices=("all", "select", "seeds", "report"), default="all")
+    p.add_argument("--names", default=",".join(NAMES), help="candidates to run (a smoke run: fewer)")
+    args = p.parse_args()
+    deadline = time.time() + args.deadline
+    (args.out / "work").mkdir(parents=True, exist_ok=True)
+    rounds = 10
+    for o in args.overrides:
+        if o.startswith("federation.rounds="):
+            rounds = int(o.split("=")[1])
+    if args.stage in ("all", "select"):
+        names = [n for n in args.names.split(",") if n]
+        run_stage(args, [(0, s, v) for s in SETTINGS for v in names], deadline)
+    per_seed = merge(args)
+    if args.stage in ("all", "seeds") and 0 in per_seed:
+        chosen = {s: sorted(set(choose(per_seed, s, rounds)[0].values())) for s in SETTINGS}
+        print(f"chosen on validation (seed 0): {chosen}", flush=True)
+        seeds = [int(x) for x in args.more_seeds.split(",") if x]
+        run_stage(args, [(seed, s, v) for seed in seeds for s in SETTINGS for v in chosen[s]], deadline)
+        merge(args)
+    write_fair_report(args.out, SETTINGS, rounds)
+    print((args.out / "fair.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
