@@ -96,7 +96,7 @@ def heldout_loss(
     max_length: int = 256,
     batch_size: int = 8,
     progress: bool = True,
-    batching: str = "packed",
+    batching: str = "padded",
 ) -> LossResult:
     """Mean per-token cross-entropy of ``model`` on the response tokens of ``examples``.
 
@@ -115,8 +115,8 @@ def heldout_loss(
     progress : bool
         Show a tqdm progress bar.
     batching : str
-        "packed" (the batch's rows side by side, no padding computed) or "padded"; the same losses
-        up to float rounding (``florist.data.tokenize``).
+        "padded" (the default: batches are length-sorted, so little padding is computed) or "packed"
+        (the rows side by side); the same losses up to float rounding (``florist.data.tokenize``).
 
     Returns
     -------
