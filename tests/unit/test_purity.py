@@ -82,3 +82,19 @@ def test_no_import_cycles_between_packages() -> None:
     for node in sorted(graph):
         if node not in state:
             visit(node)
+
+
+def test_only_aggregation_branches_on_the_client_protocol() -> None:
+    """What each client protocol means lives in ``florist.aggregation.protocols``: no module outside
+    aggregation/ compares a protocol name (naming one to construct something is fine)."""
+    import re
+
+    branch = re.compile(r"(\bis\b|\bis not\b|==|!=|\bin\b)\s*\(?\s*ClientProtocol\.|protocol\.merges")
+    offenders = [
+        f"{f.relative_to(SRC)}:{i}"
+        for f in SRC.rglob("*.py")
+        if f.relative_to(SRC).parts[0] != "aggregation"
+        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1)
+        if branch.search(line)
+    ]
+    assert offenders == []

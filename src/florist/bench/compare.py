@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from florist.aggregation import communication, make_aggregator
-from florist.aggregation.base import AggregationResult, ClientProtocol
+from florist.aggregation.base import AggregationResult
+from florist.aggregation.protocols import protocol_of
 from florist.bench import report
 from florist.bench.fair import write_fair_report
 from florist.bench.full import METHOD as FULL
@@ -93,10 +94,7 @@ def round_one_key(cfg: FloristConfig, method: str) -> str | None:
     by ``lora.init``, continue-protocol clients from the shared draw (FedAvg). FFA-LoRA trains B
     only from its own frozen A and shares nothing (None).
     """
-    protocol = make_aggregator(method).protocol
-    if protocol is ClientProtocol.FROZEN_SHARED_A:
-        return None
-    return cfg.lora.init if protocol is ClientProtocol.MERGE_AND_RESTART else "shared"
+    return protocol_of(make_aggregator(method).protocol).round_one_key(cfg.lora.init)
 
 
 def matched_budget_mb(cfg: FloristConfig, round_one: list[ClientUpdate], tau: float) -> float:

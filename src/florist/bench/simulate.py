@@ -27,6 +27,7 @@ from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.comm import download_ranks
 from florist.aggregation.linalg import energy_beyond
 from florist.aggregation.lowrank import prepare_upload
+from florist.aggregation.protocols import protocol_of
 from florist.client.local import LocalClient
 from florist.client.model import load_model
 from florist.config import FloristConfig
@@ -134,6 +135,7 @@ class Variant:
     def __init__(self, cfg: FloristConfig) -> None:
         self.cfg = cfg
         self.agg = cfg.aggregation.build()
+        self.rules = protocol_of(self.agg.protocol)
         self.clients = make_clients(cfg, self.agg.protocol)
         model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
         self.server = GlobalModel(model.to(cfg.model.torch_device()), tok, self.agg.protocol)
@@ -152,9 +154,7 @@ class Variant:
 
     def previous_adapter(self) -> Mapping[str, LoraFactors] | None:
         """G_{t-1} for continue protocols (what their clients started from); None for merge ones."""
-        if self.agg.protocol.merges or not self.sent:
-            return None
-        return self.sent[-1].global_update
+        return self.rules.round_start(self.sent)
 
     def round(self, t: int, round_one: list[ClientUpdate] | None) -> tuple[AggregationResult, dict[str, Any]]:
         start = time.perf_counter()
@@ -184,7 +184,7 @@ class Variant:
     def deliver(self, t: int, result: AggregationResult) -> None:
         """Every client and the server take round ``t``'s result."""
         for c in self.clients:
-            c.receive(result.download(c.client_id) if result.per_client else result.global_update, round=t)
+            c.receive(self.rules.download(result, c.client_id, c.lora.rank), round=t)
         self.server.apply_result(t, result)
         self.sent.append(result)
 

@@ -37,13 +37,8 @@ from typing import Any
 import torch
 
 from florist.aggregation.base import ClientProtocol
-from florist.aggregation.lowrank import (
-    leading_columns,
-    prepare_upload,
-    warm_parts,
-    warm_source,
-    without_warm_part,
-)
+from florist.aggregation.lowrank import prepare_upload, warm_source, without_warm_part
+from florist.aggregation.protocols import ClientRules, protocol_of
 from florist.client.lora_state import (
     assign,
     assign_leading,
@@ -104,6 +99,7 @@ class LocalClient:
         from peft import get_peft_model
 
         self.client_id, self.protocol, self.seed = client_id, protocol, seed
+        self.rules: ClientRules = protocol_of(protocol)
         self.lora, self.training = lora, training
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.encoded = encode_all(examples, tokenizer, training)
@@ -124,32 +120,45 @@ class LocalClient:
     @property
     def init(self) -> str:
         """The init policy in force: continue protocols always start from the shared draw (FedAvg)."""
-        return self.lora.init if self.protocol is ClientProtocol.MERGE_AND_RESTART else "shared"
+        return self.rules.init_policy(self.lora.init)
 
     def _fresh_lora(self, round: int) -> None:
-        """``A`` seeded (``lora.init``), ``B = 0``; FFA-LoRA's A is one frozen draw for the whole run."""
-        if self.protocol is ClientProtocol.FROZEN_SHARED_A:
+        self.rules.fresh(self, round, self.lora.init)
+
+    def receive(self, download: Mapping[str, LoraFactors], round: int) -> None:
+        """Apply what the server sent after ``round`` (before training round ``round + 1``)."""
+        self.rules.receive(self, download, round, self.lora.init)
+
+    # ---------------------------------------------------- what a protocol does with this client
+
+    def fresh_lora(self, round: int, policy: str, freeze_a: bool = False) -> None:
+        """``A`` seeded, ``B = 0``: one draw per round for every client ("shared"), the client's own
+        ("per_client"), or one frozen draw for the whole run ("frozen", FFA-LoRA)."""
+        if policy == "frozen":
             reinit(self.model, self.seed, draw_rank=self.shared_rank, freeze_a=True)
-        elif self.init == "shared":
+        elif policy == "shared":
             reinit(self.model, derive_seed(self.seed, "shared-init", round), draw_rank=self.shared_rank)
         else:
             reinit(self.model, derive_seed(self.seed, self.client_id, round))
 
-    def receive(self, download: Mapping[str, LoraFactors], round: int) -> None:
-        """Apply what the server sent after ``round`` (before training round ``round + 1``)."""
-        if self.protocol.merges:
-            if self.unsplit is not None:  # undo last round's warm split exactly before merging
-                set_base_weights(self.model, self.unsplit)
-                self.unsplit = None
-            merge_into_base(self.model, download)
-            self._fresh_lora(round)
-            if self.protocol is ClientProtocol.MERGE_AND_CONTINUE:
-                self.pending_warm = download
-            elif self.lora.warm_start:
-                self.merged = [*self.merged, download] if self.lora.warm_from == "accumulated" else [download]
-                self.pending_warm = warm_source(self.merged, self.lora.warm_from)
-        else:
-            assign(self.model, download, b_only=self.protocol is ClientProtocol.FROZEN_SHARED_A)
+    def merge(self, update: Mapping[str, LoraFactors]) -> None:
+        """``W0 += B A``, after undoing last round's warm split exactly."""
+        if self.unsplit is not None:
+            set_base_weights(self.model, self.unsplit)
+            self.unsplit = None
+        merge_into_base(self.model, update)
+
+    def load(self, factors: Mapping[str, LoraFactors], b_only: bool = False) -> None:
+        assign(self.model, factors, b_only=b_only)
+
+    def hold_warm(self, download: Mapping[str, LoraFactors], always: bool = False) -> None:
+        """Warm-start the next ``fit`` from ``download`` (``always``), else as ``lora.warm_start`` says:
+        from the last merged global or from all of them (``lora.warm_from``)."""
+        if always:
+            self.pending_warm = download
+        elif self.lora.warm_start:
+            self.merged = [*self.merged, download] if self.lora.warm_from == "accumulated" else [download]
+            self.pending_warm = warm_source(self.merged, self.lora.warm_from)
 
     def fit(
         self, round: int, on_step: Callable[[TrainStats], None] | None = None
@@ -181,10 +190,7 @@ class LocalClient:
         the server's global model bitwise whatever the split rounded.
         """
         self.unsplit = base_weights(self.model)
-        if self.protocol is ClientProtocol.MERGE_AND_CONTINUE:
-            warm = leading_columns(download, self.lora.rank)  # its slice of the averages (FedEx-LoRA)
-        else:
-            warm = warm_parts(download, self.lora.rank, self.lora.warm_split)
+        warm = self.rules.warm_part(download, self.lora.rank, self.lora.warm_split)
         merge_into_base(self.model, {n: LoraFactors(A=w.A, B=-w.B) for n, w in warm.items()})
         assign_leading(self.model, warm)
         self.warm = warm
@@ -203,10 +209,10 @@ class LocalClient:
     @property
     def sends_change(self) -> bool:
         """Whether this round's upload is the change: warm-started, cut, ``uplink_cut = "change"``
-        (the server's ``florist.server.round.sends_change`` says the same from the config)."""
+        (the server's ``florist.aggregation.protocols.sends_change`` says the same from the config)."""
         return (
             self.warm is not None
-            and self.protocol is ClientProtocol.MERGE_AND_RESTART
+            and self.lora.warm_start
             and self.uplink_tau is not None
             and self.uplink_cut == "change"
         )

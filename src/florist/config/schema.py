@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from florist.aggregation import available
-from florist.aggregation.base import Aggregator, ClientProtocol, aggregator_class
+from florist.aggregation.base import Aggregator, aggregator_class
 from florist.aggregation.lowrank import WARM_FROM, WARM_SPLITS
+from florist.aggregation.protocols import protocol_of
 from florist.aggregation.robust import CLIP_MODES
 from florist.config.aggregate_options import AggregateOptions
 from florist.config.training import LORA_INITS, LoraSettings, TrainSettings, check_batching
@@ -309,7 +310,7 @@ class EvalConfig:
     batching: str = field(
         default="padded",
         metadata={
-            "help": "held-out loss batches: 'padded' (length-sorted, little padding: as fast here) or 'packed'"
+            "help": "held-out loss batches: 'padded' (length-sorted: little padding, as fast) or 'packed'"
         },
     )
 
@@ -389,12 +390,13 @@ class FloristConfig:
     def _check_protocol_options(self) -> None:
         """Warm start and uplink thresholding only fit methods whose math allows them."""
         cls = aggregator_class(self.aggregation.method)
-        if self.lora.warm_start and cls.protocol is not ClientProtocol.MERGE_AND_RESTART:
+        rules = protocol_of(cls.protocol)
+        if self.lora.warm_start and not rules.fits_warm_start:
             raise ConfigError(
                 f"lora.warm_start needs a merge-and-restart method (florist, flora); "
                 f"{self.aggregation.method!r} clients continue from their download already"
             )
-        if self.aggregation.clip != "none" and cls.protocol is ClientProtocol.MERGE_AND_CONTINUE:
+        if self.aggregation.clip != "none" and not rules.fits_clip:
             raise ConfigError(
                 f"aggregation.clip is not defined for {self.aggregation.method!r}: its clients' change is "
                 "their upload less the averages they continued from, and clipping scales the upload"

@@ -17,7 +17,6 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from florist.aggregation.base import ClientProtocol
 from florist.config import FloristConfig
 from florist.config.loader import from_flower_run_config
 from florist.flower.codec import encode_upload
@@ -61,7 +60,7 @@ def train(cfg: FloristConfig, msg: Message, context: Context) -> Message:
     before_reply(cfg.faults, rnd, node.index, cfg.federation.num_clients)
     arrays, meta = encode_upload(
         update.modules,
-        with_a=node.client.protocol is not ClientProtocol.FROZEN_SHARED_A,
+        with_a=node.client.rules.sends_a,
         wire=cfg.federation.wire_dtype,
     )
     metrics = MetricRecord(

@@ -101,7 +101,7 @@ class Node:
 
     def receive(self, downloads: Mapping[int, ArrayRecord], state: Context) -> None:
         """Apply global updates: all unmerged ones in round order (merge protocols), else the latest."""
-        if self.client.protocol.merges:
+        if self.client.rules.merges:
             for key, record in downloads.items():
                 state.state[f"{GLOBAL_PREFIX}{key}"] = record
             for rnd, record in stored_globals(state).items():
@@ -110,7 +110,7 @@ class Node:
                     self.merged.append(rnd)
         elif downloads:
             rnd = max(downloads)
-            b_only = self.client.protocol is ClientProtocol.FROZEN_SHARED_A
+            b_only = not self.client.rules.sends_a
             self.client.receive(decode_factors(downloads[rnd], "server", b_only=b_only), round=rnd)
 
     def digest(self) -> str:

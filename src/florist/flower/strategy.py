@@ -17,7 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from florist.aggregation.base import AggregationResult, Aggregator, ClientProtocol
+from florist.aggregation.base import AggregationResult, Aggregator
+from florist.aggregation.protocols import protocol_of
 from florist.config import FloristConfig
 from florist.flower.codec import encode_factors, payload_bytes
 from florist.flower.node import GLOBAL_PREFIX
@@ -53,6 +54,7 @@ class FederatedLoRA(Strategy):
         expected: Mapping[str, tuple[int, int]],
     ) -> None:
         self.cfg, self.aggregator, self.expected = cfg, aggregator, dict(expected)
+        self.rules = protocol_of(aggregator.protocol)
         self.clients = sorted(clients, key=lambda c: c.index)
         self.by_node = {c.node_id: c for c in self.clients}
         self.history: list[tuple[int, AggregationResult]] = []
@@ -68,11 +70,11 @@ class FederatedLoRA(Strategy):
 
     @property
     def merges(self) -> bool:
-        return self.aggregator.protocol.merges
+        return self.rules.merges
 
     @property
     def sends_a(self) -> bool:
-        return self.aggregator.protocol is not ClientProtocol.FROZEN_SHARED_A
+        return self.rules.sends_a
 
     # ------------------------------------------------------------ what the federation reads and restores
 
@@ -131,7 +133,7 @@ class FederatedLoRA(Strategy):
             return {t: encode_factors(r.global_update, wire=wire) for t, r in self.history if t > since}
         t, result = self.history[-1]
         client = self.by_node[node_id]
-        download = result.continue_from(client.client_id, client.rank)
+        download = self.rules.download(result, client.client_id, client.rank)
         return {t: encode_factors(download, with_a=self.sends_a, wire=wire)}
 
     def messages(self, round: int, nodes: Iterable[int], message_type: str, log_: RoundLog) -> list[Message]:

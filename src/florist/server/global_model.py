@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from florist.aggregation.base import AggregationResult, ClientProtocol
+from florist.aggregation.protocols import protocol_of
 from florist.errors import ConfigError
 from florist.lora import LoraFactors
-from florist.lora.update import add_update, sum_of_rounds
+from florist.lora.update import add_update
 
 
 def adapted_shapes(model: Any, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -33,6 +34,7 @@ class GlobalModel:
 
     def __init__(self, model: Any, tokenizer: Any, protocol: ClientProtocol) -> None:
         self.model, self.tokenizer, self.protocol = model, tokenizer, protocol
+        self.rules = protocol_of(protocol)
         self._base: dict[str, torch.Tensor] = {}  # W0 of adapted modules (non-merge protocols)
         self.rounds: list[int] = []
 
@@ -44,7 +46,7 @@ class GlobalModel:
         """Fold round ``round``'s global update into the weights."""
         for name, f in sorted(update.items()):
             W = self.weight(name)
-            if not self.protocol.merges:
+            if not self.rules.merges:  # continue protocols: the adapter replaces the last
                 base = self._base.setdefault(name, W.detach().clone())
                 W.copy_(base)
             add_update(W, f)
@@ -69,6 +71,4 @@ def final_update(
     by side (merge protocols, ``sum_t B_t A_t``), else the latest global adapter."""
     if not history:
         raise ConfigError("no round was aggregated; there is no adapter to write")
-    if protocol.merges:
-        return sum_of_rounds(history)
-    return dict(history[-1])
+    return protocol_of(protocol).final(history)

@@ -14,14 +14,9 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from florist.aggregation.base import AggregationResult, Aggregator, ClientProtocol
-from florist.aggregation.lowrank import (
-    leading_columns,
-    result_to_wire,
-    warm_parts,
-    warm_source,
-    without_warm_part,
-)
+from florist.aggregation.base import AggregationResult, Aggregator
+from florist.aggregation.lowrank import result_to_wire
+from florist.aggregation.protocols import protocol_of
 from florist.aggregation.robust import ClipReport, clip_updates, update_norm
 from florist.config import FloristConfig
 from florist.lora import ClientUpdate
@@ -70,29 +65,18 @@ def round_deltas(
     history: Sequence[AggregationResult],
     ranks: Mapping[str, int],
 ) -> list[ClientUpdate]:
-    """What the clients changed this round: with warm start, each upload less its warm part (split
-    from the last global or from all of them, ``lora.warm_from``), unless the clients sent their
-    change already (``federation.uplink_cut = "change"``); a merge-and-continue client's upload with
-    the slice it continued from (``ClientUpdate.start``)."""
+    """What the clients changed this round (``florist.aggregation.protocols``: with warm start, each
+    upload less its warm part; a merge-and-continue client's upload with the slice it continued from)."""
     if not history:
         return list(uploads)
-    g = history[-1].global_update  # what every client merged last, as it was sent
-    if history[-1].protocol is ClientProtocol.MERGE_AND_CONTINUE:
-        return [replace(u, start=leading_columns(g, ranks[u.client_id])) for u in uploads]
-    if not cfg.lora.warm_start or sends_change(cfg):
-        return list(uploads)
-    source = warm_source([r.global_update for r in history], cfg.lora.warm_from)
-    warm = {r: warm_parts(source, r) for r in {ranks[u.client_id] for u in uploads}}  # one SVD per rank
-    return [without_warm_part(u, warm[ranks[u.client_id]]) for u in uploads]
+    warm_from = cfg.lora.warm_from if cfg.lora.warm_start and not sends_change(cfg) else None
+    return protocol_of(history[-1].protocol).deltas(uploads, history, ranks, warm_from)
 
 
 def sends_change(cfg: FloristConfig) -> bool:
     """Whether warm-started clients upload their round's change rather than their whole adapter."""
-    return (
-        cfg.lora.warm_start
-        and cfg.federation.uplink_tau is not None
-        and cfg.federation.uplink_cut == "change"
-    )
+    fed = cfg.federation
+    return cfg.lora.warm_start and fed.uplink_tau is not None and fed.uplink_cut == "change"
 
 
 def clip(
