@@ -72,7 +72,7 @@ FILE_CASES = {  # case -> (edit of client-1's directory, what stderr must say)
     "config not JSON": (_text(CONFIG, "{"), r"client-1/adapter_config.json' is not valid JSON"),
     "florist.json not JSON": (_text("florist.json", "{oops"), r"client-1/florist.json' is not valid JSON"),
     "florist.json num_examples": (_text("florist.json", '{"num_examples": "many"}'), r"client-1/florist.json': num_examples must be a positive finite number"),
-    "lora_alpha 1e39 (fedit)": (_scale_alpha, r"client '.*client-1', module '.*': update magnitude out of range"),
+    "lora_alpha 1e39 (fedit)": (_scale_alpha, r"client '.*client-1', module '.*': factor out of range"),
 }  # fmt: skip
 
 

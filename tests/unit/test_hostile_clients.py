@@ -226,19 +226,19 @@ def test_a_huge_scaling_is_refused_and_the_global_stays_finite(
     ups = [honest(shapes, k, common=1.0) for k in range(N)]
     replies = [reply(u) for u in ups[:2]] + [reply(_scaled(ups[2], scaling))] + [reply(u) for u in ups[3:]]
     s.aggregate_train(ROUND, replies)
-    assert "update magnitude out of range" in s.logs[ROUND].rejected["client-002"]
+    assert "out of range" in s.logs[ROUND].rejected["client-002"]
     _, result = s.history[-1]
     assert all(
         bool(torch.isfinite(f.B).all() and torch.isfinite(f.A).all()) for f in result.global_update.values()
     )
 
 
-def test_a_non_finite_aggregate_drops_the_largest_client_not_the_round(
+def test_a_non_finite_aggregate_drops_its_culprit_not_the_round(
     shapes: dict[str, tuple[int, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = strategy(shapes)
     ups = [honest(shapes, k, common=1.0) for k in range(N)]
-    big = replace(ups[4], modules={n: replace(f, B=f.B * 1e6) for n, f in ups[4].modules.items()})
+    big = replace(ups[4], modules={n: replace(f, B=f.B * 1e2) for n, f in ups[4].modules.items()})
     cls = type(s.aggregator)
     real = cls.aggregate
 
@@ -254,7 +254,8 @@ def test_a_non_finite_aggregate_drops_the_largest_client_not_the_round(
     s.aggregate_train(ROUND, [reply(u) for u in ups[:4]] + [reply(big)])
     assert s.logs[ROUND].skipped is None
     assert (
-        "largest update norm and the aggregate with it is not finite" in s.logs[ROUND].rejected["client-004"]
+        "not finite (as rounded to the wire dtype); without it the round aggregates"
+        in s.logs[ROUND].rejected["client-004"]
     )
     assert_close_products(products(s), dense(ups[:4]))
 

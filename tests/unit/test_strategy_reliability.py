@@ -260,13 +260,14 @@ def run_round(s: FederatedLoRA, updates: list[ClientUpdate]) -> dict[str, torch.
 
 @pytest.mark.parametrize("clip", ["median", "fixed"])
 def test_clipping_bounds_a_scaled_client(clip: str, shapes: dict[str, tuple[int, int]]) -> None:
-    """The attack's effect on 8 clients (the paper's federation): the same server, client 2 honest vs x 1e6."""
+    """The attack's effect on 8 clients (the paper's federation): the same server, client 2 honest vs
+    x 3e3 (its factors stay inside the factor bound, so only clipping stands between it and the global)."""
     from florist.aggregation.robust import update_norm
 
     ups = [honest(shapes, k, common=3.0) for k in range(8)]
     attacked = [
         *ups[:2],
-        replace(ups[2], modules={n: replace(f, B=f.B * 1e6) for n, f in ups[2].modules.items()}),
+        replace(ups[2], modules={n: replace(f, B=f.B * 3e3) for n, f in ups[2].modules.items()}),
         *ups[3:],
     ]
     value = "1.0" if clip == "median" else f"{1.5 * max(update_norm(u) for u in ups)}"
@@ -278,12 +279,12 @@ def test_clipping_bounds_a_scaled_client(clip: str, shapes: dict[str, tuple[int,
         run_round(strategy(shapes, n=8), attacked), run_round(strategy(shapes, n=8), ups)
     )
     assert dev_on <= 0.10, dev_on
-    assert dev_off > 1e4, dev_off
+    assert dev_off > 100, dev_off
     s = strategy(shapes, *on, n=8)
     s.aggregate_train(ROUND, [reply(u) for u in attacked])
     clip_log = s.logs[ROUND].clip
-    assert clip_log is not None and clip_log["factors"]["client-002"] < 1e-5
-    assert clip_log["norms"]["client-002"] == pytest.approx(1e6 * update_norm(ups[2]), rel=1e-6)
+    assert clip_log is not None and clip_log["factors"]["client-002"] < 1e-3
+    assert clip_log["norms"]["client-002"] == pytest.approx(3e3 * update_norm(ups[2]), rel=1e-6)
 
 
 def test_an_oversize_reply_is_left_out(shapes: dict[str, tuple[int, int]]) -> None:

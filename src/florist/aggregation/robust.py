@@ -9,6 +9,11 @@ client by ``min(1, c / norm)``, which scales each product B A and therefore the 
 update, for every method (FedIT's separate averages included). The threshold ``c`` is fixed
 (``clip = "fixed"``) or ``clip_value`` times the median of the round's client norms
 (``clip = "median"``), so one client cannot stretch it.
+
+Methods that average the factors themselves (FedIT, RB-LoRA, FFA-LoRA's B) also have each factor
+clipped on its own (``clip_factors``): a client with B = 0 has a product of norm 0, yet its A enters
+the average of A, and the global ``avg(B) avg(A)`` with it. Each client's ``||A||`` (over its modules)
+is clipped to ``clip_value`` times the median of the round's, and ``||s B||`` likewise.
 """
 
 from __future__ import annotations
@@ -67,6 +72,34 @@ def clip_updates(
     factors = {cid: (min(1.0, c / n) if n > 0 else 1.0) for cid, n in norms.items()}
     out = [scale_update(u, factors[u.client_id]) for u in updates]
     return out, ClipReport(c, norms, factors)
+
+
+def clip_factors(updates: Sequence[ClientUpdate], value: float, with_a: bool = True) -> list[ClientUpdate]:
+    """Each client's A and s B scaled down, separately, to ``value`` times the median of the round's
+    factor norms (over all modules); ``with_a=False`` leaves A alone (FFA-LoRA's frozen shared A)."""
+    out = list(updates)
+    for side in ("B", "A") if with_a else ("B",):
+        norms = [_factor_norm(u, side) for u in out]
+        c = value * statistics.median(norms)
+        out = [
+            _scale_factor(u, side, min(1.0, c / n) if n > 0 else 1.0) for u, n in zip(out, norms, strict=True)
+        ]
+    return out
+
+
+def _factor_norm(update: ClientUpdate, side: str) -> float:
+    total = 0.0
+    for f in update.modules.values():
+        B, A = f.effective(torch.float64)
+        total += float((B if side == "B" else A).square().sum())
+    return float(total**0.5)
+
+
+def _scale_factor(update: ClientUpdate, side: str, s: float) -> ClientUpdate:
+    if s == 1.0:
+        return update
+    modules = {name: replace(f, **{side: getattr(f, side) * s}) for name, f in update.modules.items()}
+    return replace(update, modules=modules)
 
 
 def scale_update(update: ClientUpdate, s: float) -> ClientUpdate:

@@ -12,6 +12,7 @@ from florist.errors import ConfigError, InvalidUpdate
 from florist.lora.update import ClientUpdate, LoraFactors
 
 MAX_PRODUCT = 1e30  # float32 overflows at 3.4e38; leave room for sums over clients and ranks
+MAX_FACTOR = 1e4  # max |entry| of A and of s B: LoRA factors of a model whose weights are O(1)
 
 
 def validate_updates(
@@ -161,16 +162,22 @@ def _check_factors(cid: str, name: str, f: LoraFactors, round: int | None, max_r
 
 
 def _check_magnitude(f: LoraFactors, fail: Callable[[str], InvalidUpdate]) -> None:
-    """The effective factors (``s B``, ``A``) and any product of them must stay finite in float32.
+    """Each effective factor (``s B``, ``A``) on its own, and any product of them, stays in range.
 
-    Scaling and tensors are finite on their own yet ``s B`` can overflow (a scaling of 1e300), and
-    so can the aggregators' products of stacks; ``max|s B| max|A| r max(m, n)`` bounds every entry
-    of ``s B A`` and of the cores the aggregators form, and must stay below ``MAX_PRODUCT``.
+    Each factor's entries must stay below ``MAX_FACTOR``: a product bound alone passes ``B = 0`` (or
+    B's that cancel) with an A of 1e38, which methods that average or stack the factors themselves
+    (FedIT, FLoRA's download, FedEx-LoRA) hand on to every client. Scaling and tensors are finite on
+    their own yet ``s B`` can overflow (a scaling of 1e300), and so can the aggregators' products of
+    stacks; ``max|s B| max|A| r max(m, n)`` bounds every entry of ``s B A`` and of the cores the
+    aggregators form, and must stay below ``MAX_PRODUCT``.
     """
     b_max = float(f.B.abs().max()) * abs(f.scaling) if f.B.numel() else 0.0
     a_max = float(f.A.abs().max()) if f.A.numel() else 0.0
+    for label, value in (("scaling * B", b_max), ("A", a_max)):
+        if not (math.isfinite(value) and value <= MAX_FACTOR):
+            raise fail(f"factor out of range: max|{label}| = {value:.3g} exceeds {MAX_FACTOR:.0e}")
     bound = b_max * a_max * f.rank * max(f.shape)
-    if not (math.isfinite(b_max) and b_max < MAX_PRODUCT and math.isfinite(bound) and bound < MAX_PRODUCT):
+    if not (math.isfinite(bound) and bound < MAX_PRODUCT):
         raise fail(
             f"update magnitude out of range: max|scaling * B| = {b_max:.3g}, max|A| = {a_max:.3g} "
             f"(their products would exceed {MAX_PRODUCT:.0e} and overflow float32 aggregation)"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from florist.aggregation.base import AggregationResult, Aggregator
 from florist.aggregation.lowrank import result_to_wire
 from florist.aggregation.protocols import protocol_of
-from florist.aggregation.robust import ClipReport, clip_updates, update_norm
+from florist.aggregation.robust import ClipReport, clip_factors, clip_updates, update_norm
 from florist.config import FloristConfig
 from florist.lora import ClientUpdate
 
@@ -52,10 +52,12 @@ def aggregate_round(
     uploads = [replace(u, lora_rank=ranks.get(u.client_id)) for u in uploads]
     deltas = round_deltas(cfg, uploads, history, ranks)
     clipped, report = clip(cfg, deltas, round)
-    outcome = aggregate_finite(aggregator, round, clipped, cfg.federation.min_replies)
+    averages_factors = not type(aggregator).products_only
+    if report is not None and averages_factors:
+        clipped = clip_factors(clipped, cfg.aggregation.clip_value, with_a=type(aggregator).sends_a())
+    fed = cfg.federation
+    outcome = aggregate_finite(aggregator, round, clipped, fed.min_replies, fed.wire_dtype)
     outcome.clip = report
-    if outcome.result is not None:
-        outcome.result = result_to_wire(outcome.result, cfg.federation.wire_dtype)
     return outcome
 
 
@@ -92,23 +94,46 @@ def clip(
     return clipped, report
 
 
+def attempt(
+    aggregator: Aggregator, round: int, updates: list[ClientUpdate], wire: str
+) -> tuple[AggregationResult | None, str]:
+    """The result as it will be sent (rounded to the wire dtype) if finite, else None and why."""
+    try:
+        result = result_to_wire(aggregator.aggregate(updates, round=round), wire)
+    except Exception as err:  # e.g. an SVD that does not converge on extreme values
+        return None, f"aggregation failed ({type(err).__name__}: {err})"
+    if result.is_finite():
+        return result, ""
+    return None, "the aggregate is not finite (as rounded to the wire dtype)"
+
+
+def culprit(
+    aggregator: Aggregator, round: int, updates: list[ClientUpdate], wire: str
+) -> tuple[ClientUpdate, str]:
+    """The client whose absence makes the round aggregate: each left out in turn (id order); when no
+    single one does, the one of largest update norm. With why it was chosen."""
+    for u in updates:
+        rest = [v for v in updates if v.client_id != u.client_id]
+        if attempt(aggregator, round, rest, wire)[0] is not None:
+            return u, "without it the round aggregates"
+    worst = max(updates, key=lambda u: (update_norm(u), u.client_id))
+    return worst, "no single client's absence fixes it; it has the largest update norm"
+
+
 def aggregate_finite(
-    aggregator: Aggregator, round: int, updates: list[ClientUpdate], min_replies: int
+    aggregator: Aggregator, round: int, updates: list[ClientUpdate], min_replies: int, wire: str = "float32"
 ) -> RoundOutcome:
-    """Aggregate; while the result is not finite or the aggregator fails, leave out the client with
-    the largest update norm and try again, never going below ``min_replies`` updates."""
+    """Aggregate and round to the wire dtype; while that is not finite or the aggregator fails, leave
+    out the culprit (``culprit``: found by leaving each client out in turn) and try again, never going
+    below ``min_replies`` updates. Finiteness is checked on exactly what is sent and merged."""
     dropped: dict[str, str] = {}
     while len(updates) >= min_replies:
-        try:
-            result = aggregator.aggregate(updates, round=round)
-            if result.is_finite():
-                return RoundOutcome(result, updates, dropped)
-            why = "the aggregate with it is not finite"
-        except Exception as err:  # e.g. an SVD that does not converge on extreme values
-            why = f"aggregation with it failed ({type(err).__name__}: {err})"
+        result, why = attempt(aggregator, round, updates, wire)
+        if result is not None:
+            return RoundOutcome(result, updates, dropped)
         if len(updates) == 1:
             break
-        worst = max(updates, key=lambda u: (update_norm(u), u.client_id))
-        dropped[worst.client_id] = f"round {round}: largest update norm and {why}: left out"
+        worst, how = culprit(aggregator, round, updates, wire)
+        dropped[worst.client_id] = f"round {round}: {why}; {how}: left out"
         updates = [u for u in updates if u.client_id != worst.client_id]
     return RoundOutcome(None, updates, dropped)
