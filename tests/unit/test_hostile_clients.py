@@ -123,6 +123,9 @@ def test_a_second_claim_of_a_taken_index_is_refused(caplog: pytest.LogCaptureFix
         (_hello(2, n=10**12), "declares 1000000000000 examples"),
         (_hello("2"), "index must be an integer"),
         (_hello(2, n=[1, 2]), "num_examples must be an integer"),
+        ({**_hello(2), "held": [float("inf")]}, "held rounds must be integers in 1..3, got inf"),
+        ({**_hello(2), "held": list(range(1, 10**4))}, "held must be a list of at most 3 rounds"),
+        ({**_hello(2), "held": "1,2"}, "held must be a list"),
     ],
 )
 def test_bad_hello_claims_refuse_the_node(

@@ -146,10 +146,10 @@ def _rank(u: ClientUpdate, name: str) -> ClientUpdate:
 BAD: dict[str, tuple[Callable[[ClientUpdate, str], ClientUpdate], float | None, str]] = {
     "nan": (_nan, None, "non-finite values (1 NaN"),
     "inf": (_inf, None, "(0 NaN, 1 Inf)"),
-    "wrong shape": (_shape, None, "differs from the model's"),
+    "wrong shape": (_shape, None, "claims shape (17, 8); the model takes (16, r)"),
     "missing module": (_missing, None, "missing ['model.layers.1.self_attn.v_proj']"),
-    "extra module": (_extra, None, "extra ['model.layers.0.mlp.up_proj']"),
-    "rank above maximum": (_rank, None, "exceeds the allowed maximum"),
+    "extra module": (_extra, None, "unexpected array 'model.layers.0.mlp.up_proj.lora_"),
+    "rank above maximum": (_rank, None, "claims shape (12, 32); the model takes (r, 32) with 1 <= r <= 8"),
     "inflated examples": (lambda u, _: u, 1e9, "exceeds the 30 it declared"),
     "non-finite examples": (lambda u, _: u, float("inf"), "num_examples must be a positive finite number"),
     "zero examples": (lambda u, _: u, 0.0, "num_examples must be a positive finite number"),
@@ -332,16 +332,27 @@ def test_bf16_uploads_are_decoded_counted_at_two_bytes_and_the_global_is_sent_ro
 def test_a_reply_whose_arrays_lie_about_their_dtype_is_left_out(shapes: dict[str, tuple[int, int]]) -> None:
     from flwr.app import Array
 
-    s = strategy(shapes)
+    s = strategy(shapes, "federation.wire_dtype='bfloat16'")
     ups = [honest(shapes, k, common=1.0) for k in range(N)]
-    bad = reply(ups[1])
+    bad = wire_reply(ups[1], "bfloat16")
     arrays = bad.content["lora"]
     key = next(iter(arrays.keys()))
-    real = arrays[key]
-    arrays[key] = Array(dtype="bfloat16", shape=real.shape, stype=real.stype, data=real.data)  # float32 bits
-    s.aggregate_train(ROUND, [reply(ups[0]), bad, *[reply(u) for u in ups[2:]]])
+    real = reply(ups[1]).content["lora"][key]  # float32 bits under a bfloat16 label
+    arrays[key] = Array(dtype="bfloat16", shape=real.shape, stype=real.stype, data=real.data)
+    s.aggregate_train(
+        ROUND, [wire_reply(ups[0], "bfloat16"), bad, *[wire_reply(u, "bfloat16") for u in ups[2:]]]
+    )
     assert "client-001" in s.logs[ROUND].rejected
     assert "bfloat16 array must carry uint16" in s.logs[ROUND].rejected["client-001"]
+
+
+def test_an_upload_in_another_dtype_than_the_wire_is_left_out(shapes: dict[str, tuple[int, int]]) -> None:
+    """A float32 upload on a bf16 wire (twice the bytes the run allows) is refused on its metadata."""
+    s = strategy(shapes, "federation.wire_dtype='bfloat16'")
+    ups = [honest(shapes, k, common=1.0) for k in range(N)]
+    s.aggregate_train(ROUND, [reply(ups[0]), *[wire_reply(u, "bfloat16") for u in ups[1:]]])
+    assert "arrives as 'float32'; the run's wire dtype is bfloat16" in s.logs[ROUND].rejected["client-000"]
+    assert sorted(s.history[-1][1].client_ids) == [f"client-{k:03d}" for k in range(1, N)]
 
 
 def test_warm_start_uploads_are_corrected_by_the_warm_part_of_the_last_global(

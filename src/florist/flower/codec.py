@@ -97,6 +97,49 @@ def decode_factors(record: ArrayRecord, client: str, *, b_only: bool = False) ->
     return out
 
 
+def check_declared(
+    record: ArrayRecord,
+    client: str,
+    expected: Mapping[str, tuple[int, int]],
+    wire: str,
+    max_rank: int,
+    with_a: bool = True,
+    round: int | None = None,
+) -> None:
+    """Names, counts, dtypes and shapes of an upload's arrays as declared, before any is decoded.
+
+    Every key is a known module's ``.lora_A`` or ``.lora_B`` (at most two per module), every array in
+    the run's wire dtype, A ``(r, n)`` and B ``(m, r)`` with the model's ``(m, n)`` and
+    ``1 <= r <= max_rank``: a reply of fake modules or of huge claims is refused on its metadata.
+    """
+    ranks: dict[str, set[int]] = {}
+    for key, arr in record.items():
+        name, _, side = key.rpartition(".")
+        if name not in expected or side not in ("lora_A", "lora_B") or (side == "lora_A" and not with_a):
+            raise InvalidUpdate(client, f"unexpected array {key[:120]!r} in the upload", round=round)
+        if arr.dtype != wire:
+            raise InvalidUpdate(
+                client,
+                f"{key} arrives as {str(arr.dtype)[:20]!r}; the run's wire dtype is {wire}",
+                round=round,
+            )
+        shape = tuple(int(d) for d in arr.shape)
+        m, n = expected[name]
+        r = shape[0] if side == "lora_A" and len(shape) == 2 else shape[1] if len(shape) == 2 else -1
+        want = (r, n) if side == "lora_A" else (m, r)
+        if len(shape) != 2 or shape != want or not 1 <= r <= max_rank:
+            takes = f"(r, {n})" if side == "lora_A" else f"({m}, r)"
+            raise InvalidUpdate(
+                client,
+                f"{key} claims shape {shape}; the model takes {takes} with 1 <= r <= {max_rank}",
+                round=round,
+            )
+        ranks.setdefault(name, set()).add(r)
+    mixed = sorted(name for name, rs in ranks.items() if len(rs) > 1)
+    if mixed:
+        raise InvalidUpdate(client, "lora_A and lora_B ranks differ", module=mixed[0], round=round)
+
+
 def decode_upload(
     record: ArrayRecord,
     meta: ConfigRecord,
@@ -108,7 +151,8 @@ def decode_upload(
     """A client's factors; with ``shared_a = (seed, rows)`` A is rebuilt from the seed (FFA-LoRA).
 
     With ``expected`` (module -> weight shape), a rebuilt A is only drawn for a known module whose
-    claimed width and B agree with the model: nothing is allocated from an unchecked claim.
+    claimed width and B agree with the model: nothing is allocated from an unchecked claim. The
+    server calls ``check_declared`` first, so nothing is decoded from an unchecked claim either.
     """
     scaling = {k.removeprefix("scaling."): float(v) for k, v in meta.items() if k.startswith("scaling.")}  # type: ignore[arg-type]
     pairs = _pairs(record, client)

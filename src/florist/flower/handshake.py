@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 
 from florist.config import FloristConfig
 from florist.flower.node import client_id
-from florist.flower.replies import ClientInfo, short_reason
+from florist.flower.replies import ClientInfo, printable, short_reason
 
 log = logging.getLogger(__name__)
 MAX_EXAMPLES = 10**9  # a site's declared training examples; the weight p_k follows from it
@@ -37,8 +37,8 @@ def hello(grid: Grid, cfg: FloristConfig) -> list[ClientInfo]:
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reason}")
         try:
             info = client_info(_src(reply), dict(reply.content.config_records["client"]), cfg)
-        except (KeyError, TypeError, ValueError) as err:
-            log.warning("hello: node %d refused: %s", _src(reply), err)
+        except Exception as err:  # any claim, any content: refuse the node, never stop the run
+            log.warning("hello: node %d refused: %s", _src(reply), printable(str(err)))
             continue
         if info.index in infos:
             log.warning("hello: node %d refused: client index %d is taken by node %d",
@@ -69,8 +69,20 @@ def client_info(node: int, c: dict[str, Any], cfg: FloristConfig) -> ClientInfo:
         )
     if not 0 < examples <= MAX_EXAMPLES:
         raise ValueError(f"client {index} declares {examples} examples; expected 1..{MAX_EXAMPLES:,}")
-    held = tuple(int(t) for t in c.get("held", []))
-    return ClientInfo(node, client_id(index), index, rank, examples, held)
+    return ClientInfo(node, client_id(index), index, rank, examples, _held(c.get("held", []), cfg))
+
+
+def _held(value: Any, cfg: FloristConfig) -> tuple[int, ...]:
+    """The rounds a node says it holds: at most ``federation.rounds`` distinct integers in 1..rounds."""
+    rounds = cfg.federation.rounds
+    if not isinstance(value, (list, tuple)) or len(value) > rounds:
+        raise ValueError(f"held must be a list of at most {rounds} rounds, got {value!r:.60}")
+    out = []
+    for t in value:
+        if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= rounds:
+            raise ValueError(f"held rounds must be integers in 1..{rounds}, got {t!r:.40}")
+        out.append(t)
+    return tuple(out)
 
 
 def _int(c: dict[str, Any], key: str) -> int:

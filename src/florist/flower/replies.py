@@ -16,7 +16,7 @@ from typing import Any
 from flwr.app import Message
 
 from florist.errors import InvalidUpdate
-from florist.flower.codec import decode_upload, payload_bytes, received_bytes
+from florist.flower.codec import check_declared, decode_upload, payload_bytes, received_bytes
 from florist.lora import ClientUpdate
 from florist.lora.validation import check_update
 from florist.server.size_guard import MessageTooLarge, check_message
@@ -80,6 +80,8 @@ class ReplyReader:
         ``(seed, largest rank)`` of the seeded frozen A (FFA-LoRA), None when clients send A.
     merged_rounds : Callable[[int], list[int]] | None
         Merge protocols: the rounds a client must hold when it replies in a round; None otherwise.
+    wire : str
+        The run's wire dtype: every uploaded array must arrive in it.
     """
 
     by_node: Mapping[int, ClientInfo]
@@ -87,6 +89,7 @@ class ReplyReader:
     max_message_mb: float
     shared_a: tuple[int, int] | None
     merged_rounds: Callable[[int], list[int]] | None
+    wire: str = "float32"
 
     def who(self, node: int) -> str:
         info = self.by_node.get(node)
@@ -103,7 +106,7 @@ class ReplyReader:
             check_message(
                 max(size, received_bytes(msg.content)), self.max_message_mb, f"round {round}: the reply"
             )
-            update = self._update(msg, who)
+            update = self._update(msg, who, round)
             self._check(round, msg, update)
             self._check_merged(round, msg, who)
             metrics = numeric_metrics(msg.content.metric_records["metrics"], who, round)
@@ -117,10 +120,15 @@ class ReplyReader:
         log_.client_metrics[who] = metrics
         return update
 
-    def _update(self, msg: Message, who: str) -> ClientUpdate:
+    def _update(self, msg: Message, who: str, round: int) -> ClientUpdate:
         content = msg.content
         if "lora" not in content.array_records or "metrics" not in content.metric_records:
             raise InvalidUpdate(who, "the reply has no 'lora' arrays or no 'metrics'")
+        info = self.by_node.get(msg.metadata.src_node_id)
+        if info is None:
+            raise InvalidUpdate(who, "the reply comes from a node that did not join")
+        lora = content.array_records["lora"]
+        check_declared(lora, who, self.expected, self.wire, info.rank, self.shared_a is None, round)
         modules = decode_upload(
             content.array_records["lora"], content.config_records["lora_meta"], who, shared_a=self.shared_a,
             expected=self.expected,
@@ -152,16 +160,34 @@ class ReplyReader:
             raise InvalidUpdate(who, f"holds the merges of rounds {held}, expected {expected}", round=round)
 
 
+MAX_METRICS, MAX_METRIC = 16, 1e15  # keys per reply; largest |value| (a loss, a count of tokens)
+
+
 def numeric_metrics(record: Any, who: str, round: int) -> dict[str, float]:
-    """A reply's metrics as finite floats; anything else (a list, a string, NaN) is a bad reply."""
+    """A reply's metrics as finite floats: at most ``MAX_METRICS`` keys of at most 40 characters,
+    each a number of magnitude at most ``MAX_METRIC``; anything else (a list, a string, NaN, 1e308,
+    20,000 keys) is a bad reply, so nothing a client sends can flood metrics.jsonl or overflow a mean."""
+    if len(record) > MAX_METRICS:
+        raise InvalidUpdate(who, f"{len(record)} metrics in the reply; at most {MAX_METRICS}", round=round)
     out = {}
     for key, value in record.items():
+        name = str(key)
+        if len(name) > 40 or not name.isprintable():
+            raise InvalidUpdate(who, f"metric name {printable(name)[:40]!r} is not accepted", round=round)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise InvalidUpdate(
-                who, f"metric {str(key)[:40]!r} must be a finite number, got {value!r:.60}", round=round
+                who, f"metric {name!r} must be a finite number, got {value!r:.60}", round=round
             )
-        out[str(key)] = float(value)
+        if abs(value) > MAX_METRIC:
+            raise InvalidUpdate(who, f"metric {name!r} = {value:.3g} is beyond {MAX_METRIC:.0e}", round=round)
+        out[name] = float(value)
     return out
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """``text`` safe for one log line: control characters (ANSI escapes, newlines) shown escaped, cut."""
+    out = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+    return out if len(out) <= limit else out[:limit] + "..."
 
 
 def short_reason(reason: str | None) -> str:
@@ -170,7 +196,7 @@ def short_reason(reason: str | None) -> str:
     marker = "Message: "
     if marker in text:
         text = text.rsplit(marker, 1)[1]
-    return text.strip().removesuffix("'>").strip()
+    return printable(text.strip().removesuffix("'>").strip())
 
 
 def weighted_mean(per_client: dict[str, dict[str, float]], key: str) -> float:

@@ -65,7 +65,7 @@ class FederatedLoRA(Strategy):
         shared = None if self.sends_a else (cfg.federation.seed, max(c.rank for c in self.clients))
         self.reader = ReplyReader(
             self.by_node, self.expected, cfg.federation.max_message_mb, shared,
-            self._merged_before if self.merges else None,
+            self._merged_before if self.merges else None, cfg.federation.wire_dtype,
         )  # fmt: skip
 
     @property
