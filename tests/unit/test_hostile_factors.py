@@ -128,3 +128,41 @@ def test_a_global_that_overflows_the_16_bit_wire_is_never_sent(
     _, result = s.history[-1]
     assert result.is_finite()
     assert all(bool(torch.isfinite(f.B.half()).all()) for f in result.global_update.values())
+
+
+def test_cap_weights_water_fills_and_keeps_the_order() -> None:
+    from florist.aggregation.robust import cap_weights
+
+    ups = [ClientUpdate(f"c{k}", n, {}) for k, n in enumerate([1e9, 40.0, 20.0, 20.0])]
+    capped = cap_weights(ups, 0.4)
+    total = sum(u.num_examples for u in capped)
+    p = [u.num_examples / total for u in capped]
+    assert p == pytest.approx([0.4, 0.3, 0.15, 0.15])  # the rest keep their ratios 2 : 1 : 1
+    assert total == pytest.approx(sum(u.num_examples for u in ups))
+    assert [u.num_examples / total for u in cap_weights(ups, 0.1)] == pytest.approx([0.25] * 4)  # below 1/K
+    honest_only = cap_weights(ups[1:], 0.6)
+    assert [u.num_examples for u in honest_only] == pytest.approx(
+        [40.0, 20.0, 20.0]
+    )  # nobody over: unchanged
+
+
+def test_one_client_cannot_take_over_the_aggregate(shapes: dict[str, tuple[int, int]]) -> None:
+    """A client that declared 1e9 examples at hello and claims them: with federation.max_client_weight
+    its weight is held at the cap; without it, it is the aggregate (p = 0.99999985)."""
+    from tests.unit.test_strategy_reliability import ClientInfo, clients, config
+
+    def run(*overrides: str) -> Any:
+        from florist.flower.strategy import FederatedLoRA
+
+        cfg = config(*overrides)
+        infos = [ClientInfo(c.node_id, c.client_id, c.index, c.rank, 10**9 if c.index == 0 else c.num_examples)
+                 for c in clients()]  # fmt: skip
+        s = FederatedLoRA(cfg, cfg.aggregation.build(), infos, shapes)
+        ups = [honest(shapes, k, common=1.0) for k in range(N)]
+        s.aggregate_train(ROUND, [reply(ups[0], n=1e9), *[reply(u) for u in ups[1:]]])
+        return s.history[-1][1].weights
+
+    assert run()["client-000"] > 0.9999
+    capped = run("federation.max_client_weight=0.25")
+    assert capped["client-000"] == pytest.approx(0.25)
+    assert sum(capped.values()) == pytest.approx(1.0)

@@ -102,6 +102,29 @@ def _scale_factor(update: ClientUpdate, side: str, s: float) -> ClientUpdate:
     return replace(update, modules=modules)
 
 
+def cap_weights(updates: Sequence[ClientUpdate], max_weight: float) -> list[ClientUpdate]:
+    """``updates`` with no client's weight ``p_k = n_k / sum(n)`` above ``max_weight``.
+
+    Water-filling: clients above the cap are held at it and the rest of the mass goes to the others
+    in proportion to their ``n_k``, repeated until none is above; below ``1 / K`` the cap is
+    ``1 / K`` (equal weights). The ``num_examples`` returned give those weights (their sum is kept).
+    """
+    total = sum(u.num_examples for u in updates)
+    cap = max(max_weight, 1.0 / len(updates))
+    fixed: set[str] = set()
+    while True:
+        free = [u for u in updates if u.client_id not in fixed]
+        mass = 1.0 - cap * len(fixed)
+        free_total = sum(u.num_examples for u in free)
+        weights = {u.client_id: cap for u in updates if u.client_id in fixed}
+        weights |= {u.client_id: mass * u.num_examples / free_total for u in free}
+        over = {c for c, w in weights.items() if w > cap * (1 + 1e-12) and c not in fixed}
+        if not over:
+            break
+        fixed |= over
+    return [replace(u, num_examples=weights[u.client_id] * total) for u in updates]
+
+
 def scale_update(update: ClientUpdate, s: float) -> ClientUpdate:
     """The update times ``s`` (B scaled; A and the scaling untouched)."""
     if s == 1.0:

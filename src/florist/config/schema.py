@@ -197,6 +197,12 @@ class FederationConfig:
     uplink_tau: float | None = field(
         default=None, metadata={"help": "clients send the tau-energy truncated SVD of their update"}
     )
+    max_client_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "largest aggregation weight n_k / sum(n) of one client (water-filled); unset: none"
+        },
+    )
     uplink_cut: str = field(
         default="adapter",
         metadata={
@@ -227,6 +233,8 @@ class FederationConfig:
             raise ConfigError(f"federation.gpus_per_client must be >= 0, got {self.gpus_per_client}")
         if self.wire_dtype not in WIRE:
             raise ConfigError(f"federation.wire_dtype must be one of {list(WIRE)}, got {self.wire_dtype!r}")
+        if self.max_client_weight is not None and not 0 < self.max_client_weight <= 1:
+            raise ConfigError(f"federation.max_client_weight must be in (0, 1], got {self.max_client_weight}")
         if self.uplink_cut not in UPLINK_CUTS:
             raise ConfigError(
                 f"federation.uplink_cut must be one of {list(UPLINK_CUTS)}, got {self.uplink_cut!r}"

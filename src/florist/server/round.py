@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from florist.aggregation.base import AggregationResult, Aggregator
 from florist.aggregation.lowrank import result_to_wire
 from florist.aggregation.protocols import protocol_of
-from florist.aggregation.robust import ClipReport, clip_factors, clip_updates, update_norm
+from florist.aggregation.robust import ClipReport, cap_weights, clip_factors, clip_updates, update_norm
 from florist.config import FloristConfig
 from florist.lora import ClientUpdate
 
@@ -50,6 +50,8 @@ def aggregate_round(
     what a per-client download must fit: ``ClientUpdate.lora_rank``).
     """
     uploads = [replace(u, lora_rank=ranks.get(u.client_id)) for u in uploads]
+    if cfg.federation.max_client_weight is not None and uploads:
+        uploads = cap_weights(uploads, cfg.federation.max_client_weight)
     deltas = round_deltas(cfg, uploads, history, ranks)
     clipped, report = clip(cfg, deltas, round)
     averages_factors = not type(aggregator).products_only
