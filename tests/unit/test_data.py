@@ -33,7 +33,7 @@ def test_formats_are_detected_from_json_and_jsonl(tmp_path: Path) -> None:
 
 def test_bad_sources_are_named(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("[{]")
-    with pytest.raises(ConfigError, match="bad.json' is neither a JSON array nor JSON Lines"):
+    with pytest.raises(ConfigError, match="bad.json' is not a valid JSON array"):
         load_examples(tmp_path / "bad.json")
     (tmp_path / "odd.json").write_text(json.dumps([{"question": "x"}]))
     with pytest.raises(ConfigError, match=r"cannot tell the data format from the fields \['question'\]"):

@@ -6,13 +6,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from florist.config import DEMO_CONFIG, load_config
+from florist.data.federated import check_data
 from florist.flower.simulation import run_simulation
 from florist.tables import print_summary
 
 
 def run(config: str, overrides: Sequence[str], resume: bool = False, force: bool = False) -> None:
     flags = ["run.resume=true"] * resume + ["run.force=true"] * force
-    print_summary(run_simulation(load_config(config, [*overrides, *flags])))
+    cfg = load_config(config, [*overrides, *flags])
+    check_data(cfg.data, cfg.federation.num_clients)  # a bad data file: one line, before any node starts
+    print_summary(run_simulation(cfg))
 
 
 def demo(overrides: Sequence[str]) -> None:

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from florist.config.schema import DataConfig
-from florist.data.loaders import SUFFIXES, load_examples
+from florist.data.loaders import SUFFIXES, load_examples, looks_like_hub_id
 from florist.data.partition import dirichlet_partition, iid_partition
 from florist.data.records import Example
 from florist.data.skills import make_skills_dataset
@@ -143,6 +143,19 @@ def preflight(cfg: DataConfig, num_clients: int) -> None:
         and not Path(cfg.test).exists()
     ):
         raise ConfigError(f"data.test {cfg.test!r} does not exist")
+
+
+def check_data(cfg: DataConfig, num_clients: int) -> None:
+    """Load every client's examples and the held-out set once, when the data is local (a file, a
+    folder or the skills set), so that a bad file stops the run in one line naming file, line and
+    field before any node starts; a hub data set is left to the nodes that download it."""
+    preflight(cfg, num_clients)
+    if cfg.source != "skills" and not Path(cfg.source).exists() and looks_like_hub_id(cfg.source):
+        return
+    for k in range(num_clients):
+        client_examples(cfg, k, num_clients)
+    test_examples(cfg)
+    validation_examples(cfg, num_clients)
 
 
 @lru_cache(maxsize=2)

@@ -25,19 +25,43 @@ SAVED = ("dataset_info.json", "dataset_dict.json")  # what datasets.save_to_disk
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON array file, a JSON Lines file or a Parquet file."""
     if path.suffix == ".parquet":
-        return _parquet_rows(path)
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
+        try:
+            return _parquet_rows(path)
+        except ConfigError:
+            raise
+        except Exception as err:  # a truncated or foreign file: pyarrow's own error types
+            raise ConfigError(
+                f"{str(path)!r} is not a readable Parquet file: {type(err).__name__}: {err}"
+            ) from err
     try:
-        if stripped.startswith("["):
-            rows: list[dict[str, Any]] = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{str(path)!r} is neither a JSON array nor JSON Lines: {err}") from err
-    if not all(isinstance(r, dict) for r in rows):
-        raise ConfigError(f"{str(path)!r} must hold JSON objects, one per example")
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"{str(path)!r} is not a readable UTF-8 text file: {err}") from err
+    rows = _json_rows(path, text)
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ConfigError(f"{str(path)!r} row {bad} is not a JSON object (one object per example)")
     return rows
+
+
+def _json_rows(path: Path, text: str) -> list[Any]:
+    """A JSON array, else JSON Lines; a bad line is named by its line number (1-based)."""
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{str(path)!r} is not a valid JSON array: {err}") from err
+        if not isinstance(rows, list):
+            raise ConfigError(f"{str(path)!r} must hold a JSON array or JSON Lines")
+        return rows
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{str(path)!r} line {number} is not valid JSON: {err.msg}") from err
+    return out
 
 
 def load_examples(
@@ -54,19 +78,19 @@ def load_examples(
         if not files:
             raise ConfigError(f"folder {str(path)!r} has no .json, .jsonl or .parquet files")
         return [ex for f in files for ex in _from_rows(read_rows(f), fmt, str(f))]
-    if _looks_like_hub_id(str(source)):
+    if looks_like_hub_id(str(source)):
         return _from_hub(str(source), fmt, split)
     raise ConfigError(f"data source {str(source)!r} is neither a file, a folder nor a hub data set id")
 
 
 def _from_rows(rows: list[dict[str, Any]], fmt: str | None, where: str) -> list[Example]:
     if not rows:
-        return []
+        raise ConfigError(f"{where!r} holds no examples")
     fmt = fmt or detect_format(rows[0])
     return [to_example(r, fmt, f"{where} row {i}") for i, r in enumerate(rows)]
 
 
-def _looks_like_hub_id(text: str) -> bool:
+def looks_like_hub_id(text: str) -> bool:
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/"))
 

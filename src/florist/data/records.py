@@ -38,28 +38,46 @@ def detect_format(row: Mapping[str, Any]) -> str:
 
 def to_example(row: Mapping[str, Any], fmt: str, where: str = "") -> Example:
     """Map a raw row of format ``fmt`` to an ``Example``; ``where`` names the row in errors."""
+    where = where or "row"
     try:
         if fmt == "dolly":
-            return Example(
+            ex = Example(
                 row["instruction"], row["response"], row.get("context") or "", row.get("category") or ""
             )
-        if fmt == "alpaca":
-            return Example(
-                row["instruction"], row["output"], row.get("input") or "", row.get("category") or ""
-            )
-        if fmt == "wizard":
-            return _wizard(row)
+        elif fmt == "alpaca":
+            ex = Example(row["instruction"], row["output"], row.get("input") or "", row.get("category") or "")
+        elif fmt == "wizard":
+            ex = _wizard(row, where)
+        else:
+            raise ConfigError(f"unknown data format {fmt!r}; choose one of {FORMATS}")
     except KeyError as err:
+        raise ConfigError(f"{where} has no field {err.args[0]!r} required by the {fmt} format") from err
+    return checked(ex, where)
+
+
+def checked(ex: Example, where: str) -> Example:
+    """``ex`` if every field is a string and instruction and response are not blank; else a
+    ``ConfigError`` naming the row and the field (a ``null`` response, a number, an empty answer)."""
+    for name in ("instruction", "response", "context", "category"):
+        value = getattr(ex, name)
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: field {name!r} must be text, got {value!r:.40}")
+    for name in ("instruction", "response"):
+        if not getattr(ex, name).strip():
+            raise ConfigError(f"{where}: field {name!r} is empty")
+    return ex
+
+
+def _wizard(row: Mapping[str, Any], where: str) -> Example:
+    if "conversations" not in row:
+        return Example(row["instruction"], row["output"], row.get("input") or "")
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, Mapping) for t in turns):
+        raise ConfigError(f"{where}: 'conversations' must be a list of {{'from', 'value'}} objects")
+    human = next((t.get("value") for t in turns if t.get("from") in ("human", "user")), None)
+    answer = next((t.get("value") for t in turns if t.get("from") in ("gpt", "assistant")), None)
+    if human is None or answer is None:
         raise ConfigError(
-            f"{where or 'row'} has no field {err.args[0]!r} required by the {fmt} format"
-        ) from err
-    raise ConfigError(f"unknown data format {fmt!r}; choose one of {FORMATS}")
-
-
-def _wizard(row: Mapping[str, Any]) -> Example:
-    if "conversations" in row:
-        turns = row["conversations"]
-        human = next(t["value"] for t in turns if t.get("from") in ("human", "user"))
-        answer = next(t["value"] for t in turns if t.get("from") in ("gpt", "assistant"))
-        return Example(human, answer)
-    return Example(row["instruction"], row["output"], row.get("input") or "")
+            f"{where}: 'conversations' needs a human (or user) turn and a gpt (or assistant) turn"
+        )
+    return Example(human, answer)

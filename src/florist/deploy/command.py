@@ -11,7 +11,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from florist.cli_parsing import IntermixedParser
 from florist.config import FloristConfig
-from florist.data.federated import preflight
+from florist.data.federated import check_data
 from florist.deploy.processes import DeploymentError
 from florist.deploy.runconfig import DEFAULT_APP, deploy_config, run_dir
 
@@ -51,7 +51,7 @@ def cli(args: argparse.Namespace) -> None:
     from florist.tables import print_summary
 
     cfg = deploy_config(args.config, args.nodes, args.overrides)
-    preflight(cfg.data, cfg.federation.num_clients)  # before the SuperLink and SuperNodes start
+    check_data(cfg.data, cfg.federation.num_clients)  # before the SuperLink and SuperNodes start
     workdir = Path(args.workdir) if args.workdir else run_dir(cfg).with_name(f"{cfg.run.name}-deployment")
     settings = DeploySettings(workdir=workdir, nodes=args.nodes, app=Path(args.app), port=args.port)
     print(f"run directory: {run_dir(cfg)}\ndeployment files and logs: {workdir.resolve()}", flush=True)
