@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+log = logging.getLogger(__name__)
 
 
 def human_bytes(n: float) -> str:
@@ -126,7 +129,26 @@ def print_summary(summary: dict[str, Any], demo: bool = False, console: Any = No
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl`` that read back: a line that is not a JSON object with an
+    integer ``round`` (a torn last line after a full disk or a power loss) is skipped with a warning
+    naming its line number."""
+    out = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if (
+            not isinstance(record, dict)
+            or isinstance(record.get("round"), bool)
+            or not isinstance(record.get("round"), int)
+        ):
+            log.warning("%s line %d is not a round record; skipped", path, number)
+            continue
+        out.append(record)
+    return out
 
 
 def rounds_table(records: list[dict[str, Any]], method: str) -> Any:

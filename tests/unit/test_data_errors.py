@@ -49,3 +49,30 @@ def test_a_bad_data_file_exits_2_in_one_line(
     assert code == 2 and started == [] and not runs.exists()
     assert len(err.splitlines()) == 1, err
     assert re.search(want, err), err
+
+
+def test_report_reads_what_it_can_of_a_torn_metrics_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A torn last line (full disk, power loss), a non-object line and a string round: skipped, named."""
+    run = tmp_path / "run"
+    run.mkdir()
+    good = [
+        {"round": 0, "eval": {"heldout_loss": 3.0}},
+        {"round": 1, "bytes_up": 10, "bytes_down": 20, "train_loss": 2.0, "eval": {"heldout_loss": 2.5}},
+        {"round": 2, "bytes_up": 10, "bytes_down": 20, "train_loss": 1.5, "eval": {"heldout_loss": 2.2}},
+    ]
+    lines = [
+        json.dumps(good[0]),
+        json.dumps(good[1]),
+        "[1, 2]",
+        json.dumps({"round": "3"}),
+        json.dumps(good[2]),
+        '{"round": 4, "bytes_up": 1',
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(lines))
+    caplog.set_level("WARNING")
+    assert main(["report", str(run)]) == 0
+    assert (run / "report" / "curves.png").is_file()
+    skipped = [r.getMessage() for r in caplog.records if "is not a round record" in r.getMessage()]
+    assert [m.rsplit(" line ", 1)[1].split()[0] for m in skipped] == ["3", "4", "6"]
