@@ -96,6 +96,22 @@ def test_quorum_loss_skips_rounds_then_stops_with_a_checkpoint(
     assert not (run / "summary.json").exists()
 
 
+def test_a_run_whose_every_round_was_skipped_stops_non_zero_saying_why(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fewer skipped rounds than max_skipped_rounds, yet none aggregated: no adapter, exit 3, one line."""
+    cfg = tiny_run_config(
+        model_dir, tmp_path, "none", "federation.rounds=2", "federation.min_replies=3",
+        "federation.max_skipped_rounds=3", "faults.drop_fraction=0.5", "eval.every=0", "eval.before=false",
+    )  # fmt: skip
+    path = tmp_path / "none.toml"
+    path.write_text(to_toml(cfg))
+    assert main(["run", str(path)]) == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("florist run:")]
+    assert len(err) == 1 and "no round was aggregated (2 skipped)" in err[0] and "3 required" in err[0]
+    assert not (tmp_path / "none" / "adapter").exists()
+
+
 def test_a_straggler_is_left_out_and_its_late_reply_discarded(model_dir: Path, tmp_path: Path) -> None:
     cfg = tiny_run_config(
         model_dir, tmp_path, "straggler", "federation.rounds=3", "federation.round_timeout=10.0",

@@ -193,6 +193,13 @@ class Federation:
                 "no_reply": [self.strategy.client_of(n) for n in missing]}  # fmt: skip
 
     def finish(self, sync: dict[str, Any]) -> dict[str, Any]:
+        if not self.strategy.global_updates():  # every round skipped: say why, exit non-zero
+            skipped = [r for r in self.state.records if "skipped" in r]
+            last = skipped[-1]["skipped"] if skipped else "no round ran"
+            raise QuorumLost(
+                f"no round was aggregated ({len(skipped)} skipped), so there is no adapter to write; "
+                f"the last round: {str(last)[:300]}"
+            )
         total = final_update(self.strategy.global_updates(), self.strategy.aggregator.protocol)
         adapter = self.rundir.final_adapter(total)
         rounds = [r for r in self.state.records if r["round"] > 0]
