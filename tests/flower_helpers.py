@@ -10,8 +10,8 @@ from tests.peft_helpers import tiny_llama
 from tests.tiny_tokenizer import VOCAB_SIZE, tiny_tokenizer
 
 
-def save_tiny_model(path: Path) -> Path:
-    tiny_llama(0, vocab_size=VOCAB_SIZE).save_pretrained(path)
+def save_tiny_model(path: Path, **overrides: Any) -> Path:
+    tiny_llama(0, vocab_size=VOCAB_SIZE, **overrides).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
 

@@ -101,3 +101,16 @@ def test_export_never_overwrites_the_adapter_it_reads(
         assert main(["export", str(run_dir), "--max-rank", "2", "-o", str(out), "--overwrite"]) == 2
         assert "the input adapter" in capsys.readouterr().err
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_merge_onto_a_base_of_other_shapes_exits_2_naming_the_module(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The adapter was trained on a tiny Llama of hidden size 32; a base of hidden size 48 is refused in
+    one line before peft touches it (was a 32-line peft traceback)."""
+    other = save_tiny_model(tmp_path / "wide", hidden_size=48, intermediate_size=64)
+    out = tmp_path / "merged"
+    assert main(["export", str(run_dir), "--merge", "--base", str(other), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "in the adapter but (48, 48) in base model" in err, err
+    assert not out.exists()

@@ -100,12 +100,29 @@ def export_merged(source: str, out: str, base: str | None, overwrite: bool = Fal
     if not base:
         raise ConfigError(f"{str(src)!r} names no base model: give --base")
     model, tokenizer = load_model(base)
+    check_base_fits(adapter, model, str(src), base)
     merged = PeftModel.from_pretrained(model, str(src)).merge_and_unload()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         write_json_atomic(tmp / REPORT, {"source": str(src), "base_model": base, "merged": True})
     return {"source": str(src), "base_model": base, "out": out, "modules": len(adapter.modules)}
+
+
+def check_base_fits(adapter: Any, model: Any, src: str, base: str) -> None:
+    """Every adapted module exists in ``model`` with the adapter's weight shape, else a ``ConfigError``
+    naming the module and both shapes (before peft touches the model)."""
+    for name, f in sorted(adapter.modules.items()):
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:
+            raise ConfigError(f"{src!r} adapts {name!r}, which base model {base!r} does not have") from None
+        shape = tuple(weight.shape)
+        want = tuple(reversed(f.shape)) if adapter.fan_in_fan_out else f.shape
+        if shape != want:
+            raise ConfigError(
+                f"{src!r}: module {name!r} is {want} in the adapter but {shape} in base model {base!r}"
+            )
 
 
 def print_report(summary: dict[str, Any]) -> None:
