@@ -279,3 +279,18 @@ def test_the_cli_parses_without_the_deployment_stack() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_aggregate_refuses_adapters_of_different_base_models(
+    clients: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Was a warning, and the output named the first base: now exit 2 naming both, nothing written."""
+    cfg_path = clients[2] / CONFIG
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = "some-org/another-model"
+    cfg_path.write_text(json.dumps(cfg))
+    out = tmp_path / "g"
+    assert main(["aggregate", *map(str, clients), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'some-org/another-model'" in err and "different bases" in err
+    assert not out.exists()

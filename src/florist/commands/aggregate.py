@@ -115,14 +115,22 @@ def _check_compatible(dirs: Sequence[str], adapters: Sequence[PeftAdapter]) -> N
     for d, a in zip(dirs, adapters, strict=True):
         if a.fan_in_fan_out != first.fan_in_fan_out:
             raise InvalidUpdate(d, f"fan_in_fan_out={a.fan_in_fan_out} differs from {dirs[0]!r}")
-        if a.base_model_name_or_path != first.base_model_name_or_path:
-            log.warning(
-                "%s was trained on base model %r, %s on %r: make sure they are the same weights",
+        if not _same_base(a.base_model_name_or_path, first.base_model_name_or_path):
+            raise InvalidUpdate(
                 d,
-                a.base_model_name_or_path,
-                dirs[0],
-                first.base_model_name_or_path,
+                f"trained on base model {a.base_model_name_or_path!r}, but {dirs[0]!r} on "
+                f"{first.base_model_name_or_path!r}: adapters of different bases cannot be aggregated "
+                "(the same weights under two names? make adapter_config.json base_model_name_or_path agree)",
             )
+
+
+def _same_base(a: str | None, b: str | None) -> bool:
+    """The same name, or two paths to the same local directory."""
+    if a == b:
+        return True
+    if a and b and Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return False
 
 
 def run_aggregate(dirs: Sequence[str], out: str, opts: AggregateOptions) -> dict[str, Any]:
