@@ -138,3 +138,47 @@ def test_any_magnitude_gives_a_finite_global_or_a_rejection(
     s.aggregate_train(ROUND, replies)
     _, result = s.history[-1]
     assert _finite(result)
+
+
+@SETTINGS
+@given(
+    a=st.floats(min_value=1e-30, max_value=3e38),
+    b=st.sampled_from([0.0, 1e-30, 1e-12]),
+    cancel=st.booleans(),
+    method=st.sampled_from(["florist", "flora", "fedit", "rblora", "flexlora"]),
+    wire=st.sampled_from(["float32", "float16", "bfloat16"]),
+    claimed=st.floats(min_value=1.0, max_value=1e9),
+)
+def test_zero_or_cancelling_b_with_any_a_any_wire_and_any_claimed_size(
+    honest_updates: list[Any], a: float, b: float, cancel: bool, method: str, wire: str, claimed: float
+) -> None:
+    """The new fields: zero or cancelling B with A anywhere in float32's range, each 16-bit wire, and a
+    claimed example count up to 1e9 under federation.max_client_weight: the round is never skipped,
+    what is sent is finite as rounded to the wire, and the forged client holds at most the cap."""
+    from dataclasses import replace
+
+    from florist.flower.codec import encode_upload
+    from florist.lora import LoraFactors
+
+    tau = "aggregation.tau=1.0" if method == "florist" else "aggregation.tau=none"
+    s = strategy(SHAPES, f"aggregation.method={method!r}", tau, f"federation.wire_dtype={wire!r}",
+                 "federation.max_client_weight=0.3")  # fmt: skip
+    u = honest_updates[2]
+    mods = {}
+    for n, f in u.modules.items():
+        sign = torch.tensor([1.0, -1.0]).repeat(f.rank // 2) if cancel else torch.ones(f.rank)
+        mods[n] = LoraFactors(A=torch.full_like(f.A, a) * sign[:, None], B=torch.full_like(f.B, b))
+    forged = replace(u, modules=mods, num_examples=claimed)
+
+    def sent(x: Any, n: float | None = None) -> Any:
+        msg = reply(x, n=n)
+        msg.content["lora"], msg.content["lora_meta"] = encode_upload(x.modules, wire=wire)
+        return msg
+
+    replies = [sent(x) for x in honest_updates[:2]] + [sent(forged, n=claimed)]
+    replies += [sent(x) for x in honest_updates[3:]]
+    s.aggregate_train(ROUND, replies)
+    assert s.logs[ROUND].skipped is None
+    _, result = s.history[-1]
+    assert result.is_finite()
+    assert result.weights.get(FORGED, 0.0) <= 0.3 + 1e-9
