@@ -132,3 +132,21 @@ def test_a_packaged_config_loads_by_name_and_a_missing_one_is_named(tmp_path: Pa
     assert load_config("configs/dolly.toml") == load_config("dolly")  # the old path still works
     with pytest.raises(ConfigError, match=r"config file 'nope.toml' does not exist .*packaged: \[.*'demo'"):
         load_config("nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("override", "why"),
+    [
+        (
+            "federation.uplink_cut='weights'",
+            r"federation.uplink_cut must be one of \['adapter', 'change'\], got 'weights'",
+        ),
+        ("federation.max_client_weight=0.0", r"federation.max_client_weight must be in \(0, 1\], got 0.0"),
+        ("federation.max_client_weight=1.5", r"federation.max_client_weight must be in \(0, 1\], got 1.5"),
+        ("data.validation_per_label=-2", r"data.validation_per_label must be >= 0, got -2"),
+        ("train.compile='yes'", r"train.compile"),
+    ],
+)
+def test_the_new_config_keys_refuse_bad_values_by_name(override: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
+        load_config(None, [override])
