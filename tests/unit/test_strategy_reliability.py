@@ -15,9 +15,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
+from florist.client.local import client_id
 from florist.config import FloristConfig, load_config
 from florist.flower.codec import encode_upload
-from florist.flower.node import client_id
 from florist.flower.replies import ClientInfo
 from florist.flower.strategy import FederatedLoRA
 from florist.lora import ClientUpdate, LoraFactors

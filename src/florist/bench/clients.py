@@ -35,7 +35,7 @@ from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.rank_policy import EnergyThreshold
 from florist.bench.provenance import check_meta, claim, fingerprint
 from florist.bench.regime import methods
-from florist.client.local import LocalClient
+from florist.client.local import client_from_config, client_id
 from florist.client.lora_state import extract
 from florist.client.model import load_model
 from florist.config import PAPER_CONFIG, FloristConfig, load_config
@@ -91,14 +91,14 @@ def train_clients(
     FLoRIST client does."""
     n = cfg.federation.num_clients
     for k in range(n):
-        cid = f"client-{k:03d}"
+        cid = client_id(k)
         path = upload_dir(opts, init, n, round, cid)
         if (path / "florist.json").exists():
             continue
         model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
-        client = LocalClient(cid, model.to(cfg.model.torch_device()), tok, client_examples(cfg.data, k, n),
-                             cfg.lora.settings(k, n), cfg.train, ClientProtocol.MERGE_AND_RESTART,
-                             cfg.federation.seed)  # fmt: skip
+        client = client_from_config(cfg, k, model.to(cfg.model.torch_device()), tok,
+                                    client_examples(cfg.data, k, n), ClientProtocol.MERGE_AND_RESTART,
+                                    as_trained=True)  # fmt: skip
         if merged is not None:
             client.receive(merged, round=round - 1)
         start = time.perf_counter()

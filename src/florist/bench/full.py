@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from florist.client.local import client_id
 from florist.client.model import load_model
 from florist.client.train import TrainSettings, TrainStats, encode_all, train
 from florist.config import FloristConfig
@@ -84,7 +85,7 @@ def make_full_clients(cfg: FloristConfig) -> list[FullClient]:
         model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
         clients.append(
             FullClient(
-                f"client-{k:03d}",
+                client_id(k),
                 model.to(cfg.model.torch_device()),
                 tok,
                 client_examples(cfg.data, k, n),

@@ -38,7 +38,7 @@ from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.rank_policy import EnergyThreshold
 from florist.bench.provenance import check_meta, claim, fingerprint
 from florist.bench.simulate import round_error
-from florist.client.local import LocalClient
+from florist.client.local import LocalClient, client_from_config, client_id
 from florist.client.lora_state import extract
 from florist.client.model import load_model
 from florist.client.train import TrainStats
@@ -108,19 +108,18 @@ def train_uploads(opts: RegimeOptions, batch: int, init: str) -> None:
     cells = [Cell(batch, e, init) for e in sorted(opts.examples)]
     cfg = study_config(opts, batch, cells[-1].examples, init)
     n = cfg.federation.num_clients
-    shared_rank = max(cfg.lora.rank_of(k, n) for k in range(n))
     for c in cells:  # every budget is a snapshot of one training run at the largest
         folder = Path(opts.uploads) / c.key
         claim(folder, fingerprint(cfg), f"remove {folder} or pass another --uploads")
     for k in range(n):
-        cid = f"client-{k:03d}"
+        cid = client_id(k)
         todo = {c.steps: c for c in cells if not (upload_dir(opts, c, cid) / "florist.json").exists()}
         if not todo:
             continue
         model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
-        client = LocalClient(cid, model.to(cfg.model.torch_device()), tok, client_examples(cfg.data, k, n),
-                             cfg.lora.settings(k, n), cfg.train, ClientProtocol.MERGE_AND_RESTART,
-                             cfg.federation.seed, shared_rank)  # fmt: skip
+        client = client_from_config(cfg, k, model.to(cfg.model.torch_device()), tok,
+                                    client_examples(cfg.data, k, n), ClientProtocol.MERGE_AND_RESTART,
+                                    as_trained=True)  # fmt: skip
         snapshots = Snapshots(opts, client, todo, cfg.model.name)
         client.fit(1, on_step=snapshots)
         log.info("%s batch %d %s: trained in %.0f s", cid, batch, init, time.perf_counter() - snapshots.start)

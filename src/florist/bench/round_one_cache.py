@@ -13,7 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from florist.bench.provenance import claim, fingerprint
-from florist.bench.simulate import client_name, shared_round_one
+from florist.bench.simulate import shared_round_one
+from florist.client.local import client_id
 from florist.config import FloristConfig
 from florist.fsutil import atomic_dir, write_json_atomic
 from florist.lora import ClientUpdate
@@ -36,7 +37,7 @@ class RoundOneCache:
         return self.memory[key]
 
     def _load(self, cfg: FloristConfig, key: str) -> list[ClientUpdate] | None:
-        dirs = [self.root / key / client_name(k) for k in range(cfg.federation.num_clients)]
+        dirs = [self.root / key / client_id(k) for k in range(cfg.federation.num_clients)]
         if not all((d / "florist.json").is_file() for d in dirs):
             return None
         log.info("round 1 (%s): uploads from %s", key, self.root / key)

@@ -28,7 +28,7 @@ from florist.aggregation.comm import download_ranks
 from florist.aggregation.linalg import energy_beyond
 from florist.aggregation.lowrank import prepare_upload
 from florist.aggregation.protocols import protocol_of
-from florist.client.local import LocalClient
+from florist.client.local import LocalClient, client_from_config
 from florist.client.model import load_model
 from florist.config import FloristConfig
 from florist.data.federated import client_examples
@@ -41,31 +41,14 @@ log = logging.getLogger(__name__)
 Evaluate = Callable[[Any, Any], dict[str, Any]]
 
 
-def client_name(index: int) -> str:
-    return f"client-{index:03d}"
-
-
 def make_clients(cfg: FloristConfig, protocol: ClientProtocol) -> list[LocalClient]:
-    n, fed = cfg.federation.num_clients, cfg.federation
-    shared_rank = max(cfg.lora.rank_of(k, n) for k in range(n))
+    n = cfg.federation.num_clients
     clients = []
     for k in range(n):
         model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
+        device_model = model.to(cfg.model.torch_device())
         clients.append(
-            LocalClient(
-                client_name(k),
-                model.to(cfg.model.torch_device()),
-                tok,
-                client_examples(cfg.data, k, n),
-                cfg.lora.settings(k, n),
-                cfg.train,
-                protocol,
-                fed.seed,
-                shared_rank,
-                uplink_tau=fed.uplink_tau,
-                uplink_cut=fed.uplink_cut,
-                wire=fed.wire_dtype,
-            )
+            client_from_config(cfg, k, device_model, tok, client_examples(cfg.data, k, n), protocol)
         )
     return clients
 

@@ -49,6 +49,7 @@ from florist.client.lora_state import (
     set_base_weights,
 )
 from florist.client.train import LoraSettings, TrainSettings, TrainStats, encode_all, train
+from florist.config import FloristConfig
 from florist.data.records import Example
 from florist.lora import ClientUpdate, LoraFactors
 from florist.seeds import derive_seed
@@ -216,3 +217,30 @@ class LocalClient:
             and self.uplink_tau is not None
             and self.uplink_cut == "change"
         )
+
+
+def client_id(index: int) -> str:
+    """The id of client ``index`` (0-based): the one name a node, the bench and the run directory use."""
+    return f"client-{index:03d}"
+
+
+def client_from_config(
+    cfg: FloristConfig,
+    index: int,
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    protocol: ClientProtocol,
+    *,
+    as_trained: bool = False,
+) -> LocalClient:
+    """Client ``index`` of the federation ``cfg`` describes: its LoRA and budget, the shared draw's
+    rank (the largest client rank), the run seed and the upload options (``as_trained``: uploads as
+    trained, not cut nor rounded, as round-1 studies keep them). The one place a client is built."""
+    n, fed = cfg.federation.num_clients, cfg.federation
+    shared_rank = max(cfg.lora.rank_of(k, n) for k in range(n))
+    return LocalClient(
+        client_id(index), model, tokenizer, examples, cfg.lora.settings(index, n), cfg.train, protocol,
+        fed.seed, shared_rank, uplink_tau=None if as_trained else fed.uplink_tau,
+        wire="float32" if as_trained else fed.wire_dtype, uplink_cut=fed.uplink_cut,
+    )  # fmt: skip

@@ -17,12 +17,12 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from florist.client.local import client_id
 from florist.config import FloristConfig
 from florist.config.loader import from_flower_run_config
 from florist.flower.codec import encode_upload
 from florist.flower.node import (
     Node,
-    client_id,
     get_node,
     globals_by_round,
     node_examples,

@@ -9,8 +9,8 @@ from typing import Any
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from florist.client.local import client_id
 from florist.config import FloristConfig
-from florist.flower.node import client_id
 from florist.flower.replies import ClientInfo, printable, short_reason
 
 log = logging.getLogger(__name__)

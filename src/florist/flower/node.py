@@ -19,7 +19,7 @@ import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 
 from florist.aggregation.base import ClientProtocol
-from florist.client.local import LocalClient
+from florist.client.local import LocalClient, client_from_config
 from florist.client.lora_state import lora_layers
 from florist.client.model import load_model
 from florist.config import FloristConfig
@@ -31,10 +31,6 @@ from florist.flower.codec import decode_factors
 
 log = logging.getLogger(__name__)
 GLOBAL_PREFIX = "global."
-
-
-def client_id(index: int) -> str:
-    return f"client-{index:03d}"
 
 
 def partition_id(context: Context, num_clients: int) -> int:
@@ -86,17 +82,12 @@ class Node:
     @classmethod
     def create(cls, cfg: FloristConfig, index: int, examples: list[Example]) -> Node:
         configure_threads(cfg)
-        n = cfg.federation.num_clients
         model, tokenizer = load_model(cfg.model.name, cfg.model.torch_dtype())
         model.to(cfg.model.torch_device())
-        shared_rank = max(cfg.lora.rank_of(k, n) for k in range(n))
-        fed = cfg.federation
-        client = LocalClient(
-            client_id(index), model, tokenizer, examples, cfg.lora.settings(index, n), cfg.train,
-            protocol_of(cfg), fed.seed, shared_rank, uplink_tau=fed.uplink_tau, wire=fed.wire_dtype,
-            uplink_cut=fed.uplink_cut,
-        )  # fmt: skip
-        log.info("%s: model loaded, %d examples, rank %d", client.client_id, client.num_examples, shared_rank)
+        client = client_from_config(cfg, index, model, tokenizer, examples, protocol_of(cfg))
+        log.info(
+            "%s: model loaded, %d examples, rank %d", client.client_id, client.num_examples, client.lora.rank
+        )
         return cls(index, client)
 
     def receive(self, downloads: Mapping[int, ArrayRecord], state: Context) -> None:
