@@ -230,7 +230,7 @@ def test_a_huge_scaling_is_refused_and_the_global_stays_finite(
     replies = [reply(u) for u in ups[:2]] + [reply(_scaled(ups[2], scaling))] + [reply(u) for u in ups[3:]]
     s.aggregate_train(ROUND, replies)
     assert "out of range" in s.logs[ROUND].rejected["client-002"]
-    _, result = s.history[-1]
+    _, result = s.server.history[-1]
     assert all(
         bool(torch.isfinite(f.B).all() and torch.isfinite(f.A).all()) for f in result.global_update.values()
     )

@@ -48,7 +48,7 @@ def _cancelling(u: ClientUpdate, a: float) -> ClientUpdate:
 
 
 def _max_product(s: Any) -> float:
-    _, result = s.history[-1]
+    _, result = s.server.history[-1]
     return max(float(f.delta(torch.float64).abs().max()) for f in result.global_update.values())
 
 
@@ -71,7 +71,7 @@ def test_a_huge_factor_behind_a_zero_product_is_refused(
     assert sorted(log_.rejected) == [bad.client_id]  # no honest client is blamed
     honest_max = max(float(t.abs().max()) for t in dense(ups[:-1]).values())
     assert _max_product(s) < 10 * honest_max
-    _, result = s.history[-1]
+    _, result = s.server.history[-1]
     assert all(float(f.A.abs().max()) < 1e4 for f in result.global_update.values())
 
 
@@ -125,7 +125,7 @@ def test_a_global_that_overflows_the_16_bit_wire_is_never_sent(
     assert log_.skipped is None
     assert "not finite (as rounded to the wire dtype)" in log_.rejected["client-002"]
     assert "without it the round aggregates" in log_.rejected["client-002"]
-    _, result = s.history[-1]
+    _, result = s.server.history[-1]
     assert result.is_finite()
     assert all(bool(torch.isfinite(f.B.half()).all()) for f in result.global_update.values())
 
@@ -160,7 +160,7 @@ def test_one_client_cannot_take_over_the_aggregate(shapes: dict[str, tuple[int, 
         s = FederatedLoRA(cfg, cfg.aggregation.build(), infos, shapes)
         ups = [honest(shapes, k, common=1.0) for k in range(N)]
         s.aggregate_train(ROUND, [reply(ups[0], n=1e9), *[reply(u) for u in ups[1:]]])
-        return s.history[-1][1].weights
+        return s.server.history[-1][1].weights
 
     assert run()["client-000"] > 0.9999
     capped = run("federation.max_client_weight=0.25")

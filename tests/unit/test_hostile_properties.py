@@ -113,7 +113,7 @@ def test_any_forged_field_leaves_the_server_up_and_the_honest_aggregate_intact(
         tracemalloc.stop()
     assert peak < 64e6, f"aggregation of tiny updates peaked at {peak / 1e6:.0f} MB"
     assert s.logs[ROUND].skipped is None
-    _, result = s.history[-1]
+    _, result = s.server.history[-1]
     assert _finite(result)
     if FORGED in s.logs[ROUND].rejected:
         assert_close_products(products(s), dense([u for u in honest_updates if u.client_id != FORGED]))
@@ -136,7 +136,7 @@ def test_any_magnitude_gives_a_finite_global_or_a_rejection(
     replies = [reply(x) for x in honest_updates[:2]] + [reply(replace(u, modules=mods))]
     replies += [reply(x) for x in honest_updates[3:]]
     s.aggregate_train(ROUND, replies)
-    _, result = s.history[-1]
+    _, result = s.server.history[-1]
     assert _finite(result)
 
 
@@ -179,6 +179,6 @@ def test_zero_or_cancelling_b_with_any_a_any_wire_and_any_claimed_size(
     replies += [sent(x) for x in honest_updates[3:]]
     s.aggregate_train(ROUND, replies)
     assert s.logs[ROUND].skipped is None
-    _, result = s.history[-1]
+    _, result = s.server.history[-1]
     assert result.is_finite()
     assert result.weights.get(FORGED, 0.0) <= 0.3 + 1e-9

@@ -97,7 +97,7 @@ def dense(updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
 
 
 def products(s: FederatedLoRA) -> dict[str, torch.Tensor]:
-    _, result = s.history[-1]
+    _, result = s.server.history[-1]
     return {name: f.delta(torch.float64) for name, f in result.global_update.items()}
 
 
@@ -170,7 +170,7 @@ def test_a_bad_update_leaves_its_client_out_and_the_round_goes_on(
     caplog.set_level(logging.WARNING)
     arrays, _ = s.aggregate_train(ROUND, replies)  # must not raise
     assert arrays is not None
-    _, result = s.history[-1]
+    _, result = s.server.history[-1]
     assert result.client_ids == tuple(u.client_id for u in ups if u.client_id != "client-002")
     why = s.logs[ROUND].rejected["client-002"]
     assert reason in why and "client 'client-002'" in why and "round 1" in why
@@ -197,7 +197,7 @@ def test_duplicate_error_foreign_and_impostor_replies_are_discarded(
     impostor = reply(ups[0], node=104)  # node of client-004 claims to be client-000
     replies = [reply(ups[0]), twice, reply(ups[1]), reply(ups[2]), error, foreign, impostor]
     s.aggregate_train(ROUND, replies)
-    _, result = s.history[-1]
+    _, result = s.server.history[-1]
     assert result.client_ids == ("client-000", "client-001", "client-002")
     rejected = s.logs[ROUND].rejected
     assert "duplicate reply" in rejected["client-001"]
@@ -216,7 +216,7 @@ def test_garbage_reply_is_left_out(shapes: dict[str, tuple[int, int]]) -> None:
     )
     s.aggregate_train(ROUND, [reply(ups[0]), bad])
     assert "unexpected array 'not-a-lora-key'" in s.logs[ROUND].rejected["client-001"]
-    assert s.history[-1][1].client_ids == ("client-000",)
+    assert s.server.history[-1][1].client_ids == ("client-000",)
 
 
 # ------------------------------------------------------------------ quorum
@@ -230,7 +230,7 @@ def test_too_few_usable_updates_skip_the_round(shapes: dict[str, tuple[int, int]
     nan = _nan(ups[1], "model.layers.0.self_attn.q_proj")
     arrays, metrics = s.aggregate_train(2, [reply(ups[0], merged=(1,)), reply(nan, merged=(1,))])
     assert arrays is None and metrics is not None and metrics["skipped"] == 1
-    assert [t for t, _ in s.history] == [1]  # global model unchanged
+    assert [t for t, _ in s.server.history] == [1]  # global model unchanged
     assert all(torch.equal(products(s)[k], before[k]) for k in before)
     skipped = s.logs[2].skipped
     assert skipped is not None and "1 usable update(s), 3 required" in skipped and "client-001" in skipped
@@ -241,7 +241,7 @@ def test_renormalised_weights_over_survivors(shapes: dict[str, tuple[int, int]])
     ups = [honest(shapes, k) for k in range(N)]
     survivors = [ups[0], ups[3], ups[4]]
     s.aggregate_train(ROUND, [reply(u) for u in survivors])
-    _, result = s.history[-1]
+    _, result = s.server.history[-1]
     total = sum(u.num_examples for u in survivors)
     assert result.weights == pytest.approx({u.client_id: u.num_examples / total for u in survivors})
     assert_close_products(products(s), dense(survivors))
@@ -296,7 +296,7 @@ def test_an_oversize_reply_is_left_out(shapes: dict[str, tuple[int, int]]) -> No
     s.aggregate_train(ROUND, [reply(ups[0]), reply(big)])
     assert "round 1: the reply would be" in s.logs[ROUND].rejected["client-001"]
     assert "above federation.max_message_mb" in s.logs[ROUND].rejected["client-001"]
-    assert s.history[-1][1].client_ids == ("client-000",)
+    assert s.server.history[-1][1].client_ids == ("client-000",)
 
 
 # ------------------------------------------------------------------ protocol options on the server
@@ -322,7 +322,7 @@ def test_bf16_uploads_are_decoded_counted_at_two_bytes_and_the_global_is_sent_ro
     got, want = products(s), dense(rounded)
     for name in want:  # aggregated in float32 from the rounded uploads, then the download rounded
         assert float((got[name] - want[name]).norm() / want[name].norm()) < 2**-7
-    _, result = s.history[-1]
+    _, result = s.server.history[-1]
     for f in result.global_update.values():  # what the server keeps is exactly what it sends
         assert torch.equal(f.B, f.B.to(torch.bfloat16).float()) and torch.equal(f.A, f.A.bfloat16().float())
     arr = next(iter(s.outgoing(100)[ROUND].values()))
@@ -352,7 +352,7 @@ def test_an_upload_in_another_dtype_than_the_wire_is_left_out(shapes: dict[str, 
     ups = [honest(shapes, k, common=1.0) for k in range(N)]
     s.aggregate_train(ROUND, [reply(ups[0]), *[wire_reply(u, "bfloat16") for u in ups[1:]]])
     assert "arrives as 'float32'; the run's wire dtype is bfloat16" in s.logs[ROUND].rejected["client-000"]
-    assert sorted(s.history[-1][1].client_ids) == [f"client-{k:03d}" for k in range(1, N)]
+    assert sorted(s.server.history[-1][1].client_ids) == [f"client-{k:03d}" for k in range(1, N)]
 
 
 def test_warm_start_uploads_are_corrected_by_the_warm_part_of_the_last_global(
@@ -363,7 +363,7 @@ def test_warm_start_uploads_are_corrected_by_the_warm_part_of_the_last_global(
     s = strategy(shapes, "lora.warm_start=true")
     first = [honest(shapes, k, common=1.0) for k in range(N)]
     s.aggregate_train(1, [reply(u) for u in first])
-    g1 = s.history[-1][1].global_update
+    g1 = s.server.history[-1][1].global_update
     second = [same_client(honest(shapes, 10 + k, common=0.5), k) for k in range(N)]
     s.aggregate_train(2, [reply(u, merged=(1,)) for u in second])
     want = dense([without_warm_part(u, warm_parts(g1, RANK)) for u in second])
@@ -384,7 +384,7 @@ def test_accumulated_warm_start_uploads_are_corrected_by_the_warm_part_of_every_
     for t in (1, 2):
         ups = [same_client(honest(shapes, 10 * t + k, common=1.0 / t), k) for k in range(N)]
         s.aggregate_train(t, [reply(u, merged=tuple(range(1, t))) for u in ups])
-    sent = [r.global_update for _, r in s.history[:2]]
+    sent = [r.global_update for _, r in s.server.history[:2]]
     third = [same_client(honest(shapes, 30 + k, common=0.3), k) for k in range(N)]
     s.aggregate_train(3, [reply(u, merged=(1, 2)) for u in third])
     want = dense([without_warm_part(u, warm_parts(warm_source(sent, "accumulated"), RANK)) for u in third])

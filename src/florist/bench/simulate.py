@@ -12,7 +12,6 @@ exact, not an approximation.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,8 +33,9 @@ from florist.config import FloristConfig
 from florist.data.federated import client_examples
 from florist.lora import ClientUpdate, LoraFactors
 from florist.server import checkpoint
+from florist.server.federation import Member, Server
 from florist.server.global_model import GlobalModel
-from florist.server.round import aggregate_round, round_deltas
+from florist.server.round import round_deltas
 
 log = logging.getLogger(__name__)
 Evaluate = Callable[[Any, Any], dict[str, Any]]
@@ -113,7 +113,7 @@ def round_record(
 
 
 class Variant:
-    """One method's run: its clients, aggregator, server model and the state between rounds."""
+    """One method's run: its clients and a ``Server`` (the results sent, the server's model)."""
 
     def __init__(self, cfg: FloristConfig) -> None:
         self.cfg = cfg
@@ -121,9 +121,11 @@ class Variant:
         self.rules = protocol_of(self.agg.protocol)
         self.clients = make_clients(cfg, self.agg.protocol)
         model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
-        self.server = GlobalModel(model.to(cfg.model.torch_device()), tok, self.agg.protocol)
-        self.sent: list[AggregationResult] = []  # every round's result, as sent
-        self.rank = {c.client_id: c.lora.rank for c in self.clients}
+        members = [Member(c.client_id, k, c.lora.rank) for k, c in enumerate(self.clients)]
+        self.server = Server(
+            cfg, self.agg, members, GlobalModel(model.to(cfg.model.torch_device()), tok, self.agg.protocol)
+        )
+        self.rank = self.server.ranks
 
     def uploads(
         self, t: int, round_one: list[ClientUpdate] | None
@@ -137,25 +139,27 @@ class Variant:
 
     def previous_adapter(self) -> Mapping[str, LoraFactors] | None:
         """G_{t-1} for continue protocols (what their clients started from); None for merge ones."""
-        return self.rules.round_start(self.sent)
+        return self.rules.round_start(self.server.sent())
 
     def round(self, t: int, round_one: list[ClientUpdate] | None) -> tuple[AggregationResult, dict[str, Any]]:
         start = time.perf_counter()
         uploads, train = self.uploads(t, round_one)
-        outcome = aggregate_round(self.cfg, self.agg, t, uploads, self.sent, self.rank)
+        previous = self.previous_adapter()
+        raw = None
+        if self.cfg.federation.uplink_tau is not None:  # the error against what the clients trained
+            raw = round_deltas(self.cfg, self.raw_uploads(t, round_one), self.server.sent(), self.rank)
+        outcome = self.server.round(t, uploads)
         if outcome.result is None or outcome.dropped:  # the bench's clients are honest: say so loudly
             raise RuntimeError(f"round {t}: {outcome.dropped or 'no finite aggregate'}")
         result, deltas = outcome.result, outcome.updates
         record = round_record(
-            t, result, uploads, deltas, self.previous_adapter(), self.cfg.federation.wire_dtype,
-            min(self.rank.values()),
-        )  # fmt: skip
+            t, result, uploads, deltas, previous, self.cfg.federation.wire_dtype, min(self.rank.values())
+        )
         if outcome.clip is not None:
             record["clip"] = {"threshold": outcome.clip.threshold, "factors": outcome.clip.factors}
-        if self.cfg.federation.uplink_tau is not None:  # the error against what the clients trained
-            raw = round_deltas(self.cfg, self.raw_uploads(t, round_one), self.sent, self.rank)
-            record["round_error_untruncated"] = round_error(result, raw, self.previous_adapter())
-        self.deliver(t, result)
+        if raw is not None:
+            record["round_error_untruncated"] = round_error(result, raw, previous)
+        self.deliver()
         return result, record | train | {"round_seconds": time.perf_counter() - start}
 
     def raw_uploads(self, t: int, round_one: list[ClientUpdate] | None) -> list[ClientUpdate]:
@@ -164,27 +168,31 @@ class Variant:
             return list(round_one)
         return [ClientUpdate(c.client_id, float(c.num_examples), c.raw_upload) for c in self.clients]
 
-    def deliver(self, t: int, result: AggregationResult) -> None:
-        """Every client and the server take round ``t``'s result."""
+    def deliver(self, held: bool = True) -> None:
+        """Every client takes what it is owed (``Server.owed``); with ``held = False`` (fresh clients
+        after a resume) first what the server's state says it already holds."""
         for c in self.clients:
-            c.receive(self.rules.download(result, c.client_id, c.lora.rank), round=t)
-        self.server.apply_result(t, result)
-        self.sent.append(result)
+            owed = self.server.owed(c.client_id)
+            if not held:
+                owed = self.server.held_lacking(c.client_id, ()) | owed
+            for t in sorted(owed):
+                c.receive(owed[t], round=t)
 
     def save(self, folder: Path, records: list[dict[str, Any]]) -> None:
-        """The results sent and the records so far, as a server checkpoint (the latest only)."""
-        history = list(enumerate(self.sent, start=1))
-        state = checkpoint.ServerState(len(records), history, records=json.loads(json.dumps(records)))
+        """The server's state with the records so far, as a server checkpoint (the latest only)."""
+        state = self.server.state
+        state.round, state.records = len(records), records
         checkpoint.save(folder, state, self.cfg, keep=1)
 
     def resume(self, folder: Path) -> list[dict[str, Any]]:
-        """Replay the rounds saved in ``folder`` (none there: start at round 1); their records."""
+        """Continue from the checkpoint in ``folder`` (none there: start at round 1): the server's
+        state and model, and every client caught up; returns the records so far."""
         if not checkpoint.checkpoints(folder):
             folder.mkdir(parents=True, exist_ok=True)
             return []
-        state = checkpoint.load_latest(folder, self.cfg, force=False)
-        for t, result in state.history:
-            self.deliver(t, result)
+        self.server.restore(checkpoint.load_latest(folder, self.cfg, force=False))
+        self.deliver(held=False)
+        state = self.server.state
         log.info("%s: resumed after round %d from %s", self.cfg.aggregation.method, state.round, folder)
         return state.records
 
@@ -214,7 +222,9 @@ def run_variant(
         if on_result is not None:
             on_result(t, result)
         if t in due:
-            record["eval"] = evaluate(variant.server.model, variant.server.tokenizer)
+            model = variant.server.model
+            assert model is not None
+            record["eval"] = evaluate(model.model, model.tokenizer)
         log.info("%s round %d: %s", cfg.aggregation.method, t,
                  {k: record[k] for k in ("rank_total", "bytes_up", "bytes_down", "round_error")})  # fmt: skip
         records.append(record)

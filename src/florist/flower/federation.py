@@ -28,9 +28,9 @@ from florist.flower.replies import RoundLog, short_reason, weighted_mean
 from florist.flower.strategy import FederatedLoRA
 from florist.precision import resolve
 from florist.server import checkpoint
-from florist.server.checkpoint import ServerState
 from florist.server.evaluation import Evaluator
-from florist.server.global_model import GlobalModel, adapted_shapes, final_update
+from florist.server.federation import Server
+from florist.server.global_model import GlobalModel, adapted_shapes
 from florist.server.rundir import RunDir
 from florist.server.size_guard import check_estimate, estimate
 
@@ -52,13 +52,15 @@ class Federation:
         model, tokenizer = load_model(self.base, cfg.model.torch_dtype())
         self.expected = adapted_shapes(model, cfg.lora.target_modules)
         self.preflight()
-        self.strategy = FederatedLoRA(cfg, self.aggregator, hello(grid, cfg), self.expected)
-        self.strategy.summary()
         self.model = GlobalModel(model.to(cfg.model.torch_device()), tokenizer, self.aggregator.protocol)
+        clients = hello(grid, cfg)
+        self.server = Server(cfg, self.aggregator, clients, self.model)
+        self.strategy = FederatedLoRA(cfg, self.aggregator, clients, self.expected, self.server)
+        self.strategy.summary()
         self.evaluator = Evaluator(cfg.eval, test_examples(cfg.data), cfg.data.seed, cfg.run.progress)
         self.rundir.create()  # only now: a bad model or data source leaves no directory behind
         self.exchange = Exchange(grid)
-        self.state = resumed or ServerState(round=0)
+        self.resumed = resumed
 
     def preflight(self) -> None:
         """Refuse a configuration whose messages cannot fit under federation.max_message_mb."""
@@ -78,7 +80,7 @@ class Federation:
             if self.evaluator.due(0, self.cfg.federation.rounds):
                 self._record({"round": 0, "eval": self.evaluator(self.model.model, self.model.tokenizer)})
             self.checkpoint(0)
-        for t in range(self.state.round + 1, self.cfg.federation.rounds + 1):
+        for t in range(self.server.state.round + 1, self.cfg.federation.rounds + 1):
             self.round(t)
         sync = self.sync()
         self.exchange.drain(min(self._round_timeout(), DRAIN_SECONDS))
@@ -97,12 +99,10 @@ class Federation:
         if log_.skipped is not None:
             self._skipped(t, log_, start)
             return
-        self.state.skipped_streak = 0
-        result = self.strategy.latest()
-        self.model.apply_result(t, result)
+        result = self.server.latest()
         self.rundir.global_adapter(t, result.global_update)
-        if self.cfg.run.save_client_updates:
-            self.rundir.client_updates(t, self.strategy.last_updates)
+        if self.cfg.run.save_client_updates and self.server.last is not None:
+            self.rundir.client_updates(t, self.server.last.updates)
         record = round_record(log_, result, wall)
         if self.evaluator.due(t, self.cfg.federation.rounds):
             record["eval"] = self.evaluator(self.model.model, self.model.tokenizer)
@@ -111,13 +111,13 @@ class Federation:
         self.checkpoint(t)
 
     def _skipped(self, t: int, log_: RoundLog, start: float) -> None:
-        self.state.skipped_streak += 1
         self._record(skipped_record(log_) | {"round_seconds": time.perf_counter() - start})
         self.checkpoint(t)
         limit = self.cfg.federation.max_skipped_rounds
-        if self.state.skipped_streak >= limit:
+        streak = self.server.state.skipped_streak
+        if streak >= limit:
             raise QuorumLost(
-                f"round {t}: {self.state.skipped_streak} consecutive rounds skipped "
+                f"round {t}: {streak} consecutive rounds skipped "
                 f"(federation.max_skipped_rounds = {limit}); last: {log_.skipped}. "
                 f"Checkpoint written; continue with run.resume=true (florist run ... --resume)"
             )
@@ -129,22 +129,21 @@ class Federation:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint(self, t: int) -> None:
-        self.state.round = t
-        self.state.history, self.state.synced = self.strategy.snapshot()
-        checkpoint.save(self.rundir.checkpoints, self.state, self.cfg, self.cfg.run.checkpoint_keep)
+        self.server.state.round = t
+        checkpoint.save(self.rundir.checkpoints, self.server.state, self.cfg, self.cfg.run.checkpoint_keep)
 
     def resume(self) -> None:
-        """Continue after the checkpoint in ``self.state``: history, model, metrics, what clients hold."""
-        self.strategy.restore(self.state.history, self.state.synced)
-        for t, result in self.state.history:
-            self.model.apply_result(t, result)
-        self.rundir.restore(self.state.round, self.state.records)
+        """Continue after the checkpoint read at start: history, model, metrics, what clients hold."""
+        assert self.resumed is not None
+        self.server.restore(self.resumed)
+        state = self.server.state
+        self.rundir.restore(state.round, state.records)
         restore = self.restore_clients()
-        log.info("resumed after round %d; clients restored with %d bytes", self.state.round, restore)
+        log.info("resumed after round %d; clients restored with %d bytes", state.round, restore)
 
     def restore_clients(self) -> int:
         """Bring every node back to what it held at the checkpoint (merge protocols; a no-op otherwise)."""
-        msgs = self.strategy.restore_messages(self.state.round + 1)
+        msgs = self.strategy.restore_messages(self.server.state.round + 1)
         if not msgs:
             return 0
         replies, missing = self.exchange.send_and_receive(msgs, 0, self.cfg.federation.timeout, "restore")
@@ -193,16 +192,16 @@ class Federation:
                 "no_reply": [self.strategy.client_of(n) for n in missing]}  # fmt: skip
 
     def finish(self, sync: dict[str, Any]) -> dict[str, Any]:
-        if not self.strategy.global_updates():  # every round skipped: say why, exit non-zero
-            skipped = [r for r in self.state.records if "skipped" in r]
+        records = self.server.state.records
+        if not self.server.history:  # every round skipped: say why, exit non-zero
+            skipped = [r for r in records if "skipped" in r]
             last = skipped[-1]["skipped"] if skipped else "no round ran"
             raise QuorumLost(
                 f"no round was aggregated ({len(skipped)} skipped), so there is no adapter to write; "
                 f"the last round: {str(last)[:300]}"
             )
-        total = final_update(self.strategy.global_updates(), self.strategy.aggregator.protocol)
-        adapter = self.rundir.final_adapter(total)
-        rounds = [r for r in self.state.records if r["round"] > 0]
+        adapter = self.rundir.final_adapter(self.server.final_adapter())
+        rounds = [r for r in records if r["round"] > 0]
         late = [
             {
                 "round": x.round,
@@ -218,7 +217,7 @@ class Federation:
             "method": self.aggregator.name,
             "rounds": len([r for r in rounds if "skipped" not in r]),
             "rounds_skipped": [r["round"] for r in rounds if "skipped" in r],
-            "eval_before": next((r["eval"] for r in self.state.records if r["round"] == 0), None),
+            "eval_before": next((r["eval"] for r in records if r["round"] == 0), None),
             "eval_after": next((r["eval"] for r in reversed(rounds) if "eval" in r), None),
             **byte_totals(rounds, sync),
             "late_replies": late,
@@ -237,7 +236,7 @@ class Federation:
         }
 
     def _record(self, record: dict[str, Any]) -> None:
-        self.state.records.append(record)
+        self.server.state.records.append(record)
         self.rundir.append_metrics(record)
 
 

@@ -3,29 +3,28 @@
 Per round t: sample clients; send each the global updates it is missing (merge protocols: every
 round's update since it last synced, in order, so a client that skipped rounds catches up exactly;
 other protocols: its share of the latest global adapter); receive LoRA factors; aggregate with
-``florist.aggregation``; account the bytes. The numerical work lives in ``florist.aggregation``;
-this class only moves records.
+``florist.aggregation``; account the bytes. The numerical work lives in ``florist.aggregation``,
+the federation's state and its decisions in ``florist.server.federation.Server``; this class only
+moves records.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Iterable, Mapping, Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from florist.aggregation.base import AggregationResult, Aggregator
+from florist.aggregation.base import Aggregator
 from florist.aggregation.protocols import protocol_of
 from florist.config import FloristConfig
 from florist.flower.codec import encode_factors, payload_bytes
 from florist.flower.node import GLOBAL_PREFIX
 from florist.flower.replies import ClientInfo, ReplyReader, RoundLog, weighted_mean
-from florist.lora import ClientUpdate, LoraFactors
-from florist.seeds import derive_seed
-from florist.server.round import aggregate_round
+from florist.lora import ClientUpdate
+from florist.server.federation import Server
 from florist.server.size_guard import check_message
 
 log = logging.getLogger(__name__)
@@ -52,20 +51,20 @@ class FederatedLoRA(Strategy):
         aggregator: Aggregator,
         clients: Sequence[ClientInfo],
         expected: Mapping[str, tuple[int, int]],
+        server: Server | None = None,
     ) -> None:
         self.cfg, self.aggregator, self.expected = cfg, aggregator, dict(expected)
         self.rules = protocol_of(aggregator.protocol)
         self.clients = sorted(clients, key=lambda c: c.index)
         self.by_node = {c.node_id: c for c in self.clients}
-        self.history: list[tuple[int, AggregationResult]] = []
-        self.synced = {c.node_id: 0 for c in self.clients}  # last round whose update the node holds
+        self.node_of = {c.client_id: c.node_id for c in self.clients}
+        self.server = server if server is not None else Server(cfg, aggregator, self.clients)
         self.logs: dict[int, RoundLog] = {}
-        self.last_updates: list[ClientUpdate] = []
         self.restore_bytes: dict[str, int] = {}
         shared = None if self.sends_a else (cfg.federation.seed, max(c.rank for c in self.clients))
         self.reader = ReplyReader(
             self.by_node, self.expected, cfg.federation.max_message_mb, shared,
-            self._merged_before if self.merges else None, cfg.federation.wire_dtype,
+            self.server.merged_before if self.merges else None, cfg.federation.wire_dtype,
         )  # fmt: skip
 
     @property
@@ -76,7 +75,7 @@ class FederatedLoRA(Strategy):
     def sends_a(self) -> bool:
         return self.rules.sends_a
 
-    # ------------------------------------------------------------ what the federation reads and restores
+    # ------------------------------------------------------------ what the federation reads
 
     def client_of(self, node_id: int) -> str:
         """The client id of ``node_id`` (``"node N"`` for a node that never joined)."""
@@ -88,22 +87,6 @@ class FederatedLoRA(Strategy):
     def node_ids(self) -> list[int]:
         return [c.node_id for c in self.clients]
 
-    def latest(self) -> AggregationResult:
-        """The last round's result, as it was sent."""
-        return self.history[-1][1]
-
-    def global_updates(self) -> list[dict[str, LoraFactors]]:
-        return [r.global_update for _, r in self.history]
-
-    def snapshot(self) -> tuple[list[tuple[int, AggregationResult]], dict[str, int]]:
-        """What a checkpoint keeps: the history and, per client id, the last round it holds."""
-        return list(self.history), {self.by_node[n].client_id: r for n, r in self.synced.items()}
-
-    def restore(self, history: list[tuple[int, AggregationResult]], synced: dict[str, int]) -> None:
-        """Back to a ``snapshot`` (client ids mapped to this run's nodes)."""
-        by_client = {c.client_id: c.node_id for c in self.clients}
-        self.history, self.synced = list(history), {by_client[c]: r for c, r in synced.items()}
-
     def round_log(self, round: int) -> RoundLog:
         """What round ``round`` sent, received and left out (created when the round is configured)."""
         return self.logs.setdefault(round, RoundLog(round))
@@ -114,32 +97,19 @@ class FederatedLoRA(Strategy):
     # ------------------------------------------------------------------ sampling and downloads
 
     def participants(self, round: int) -> list[ClientInfo]:
-        """Clients of ``round``: the configured schedule, else a seeded sample of ``fraction``."""
-        fed = self.cfg.federation
-        if fed.participation is not None:
-            chosen = set(fed.participation[round - 1])
-            return [c for c in self.clients if c.index in chosen]
-        k = min(len(self.clients), max(fed.min_clients, round_half_up(fed.fraction * len(self.clients))))
-        rng = random.Random(derive_seed(fed.seed, round, "sample"))
-        return sorted(rng.sample(self.clients, k), key=lambda c: c.index)
+        """Clients of ``round`` (``Server.participants``)."""
+        return [self.by_node[self.node_of[m.client_id]] for m in self.server.participants(round)]
 
     def outgoing(self, node_id: int) -> dict[int, ArrayRecord]:
-        """Global updates ``node_id`` is missing, by round."""
-        if not self.history:
-            return {}
+        """Global updates ``node_id`` is missing, by round (``Server.owed``), encoded."""
         wire = self.cfg.federation.wire_dtype
-        if self.merges:
-            since = self.synced[node_id]
-            return {t: encode_factors(r.global_update, wire=wire) for t, r in self.history if t > since}
-        t, result = self.history[-1]
-        client = self.by_node[node_id]
-        download = self.rules.download(result, client.client_id, client.rank)
-        return {t: encode_factors(download, with_a=self.sends_a, wire=wire)}
+        owed = self.server.owed(self.by_node[node_id].client_id)
+        return {t: encode_factors(f, with_a=self.sends_a, wire=wire) for t, f in owed.items()}
 
     def messages(self, round: int, nodes: Iterable[int], message_type: str, log_: RoundLog) -> list[Message]:
         """One message per node carrying ``round`` and what it is missing; bytes go to ``log_``."""
         out = []
-        latest = self.history[-1][0] if self.history else None
+        latest = self.server.history[-1][0] if self.server.history else None
         for node in nodes:
             content = RecordDict({"config": ConfigRecord({"round": round})})
             total = 0
@@ -158,16 +128,11 @@ class FederatedLoRA(Strategy):
 
     def restore_messages(self, round: int) -> list[Message]:
         """After a server restart: each node gets the rounds it held at the checkpoint and lacks now."""
-        if not self.merges:
-            return []
         out = []
         for c in self.clients:
             content = RecordDict({"config": ConfigRecord({"round": round})})
-            for t, result in self.history:
-                if t <= self.synced[c.node_id] and t not in c.held:
-                    content[f"{GLOBAL_PREFIX}{t}"] = encode_factors(
-                        result.global_update, wire=self.cfg.federation.wire_dtype
-                    )
+            for t, update in self.server.held_lacking(c.client_id, c.held).items():
+                content[f"{GLOBAL_PREFIX}{t}"] = encode_factors(update, wire=self.cfg.federation.wire_dtype)
             self.restore_bytes[c.client_id] = payload_bytes(content)
             if self.restore_bytes[c.client_id]:
                 out.append(
@@ -201,10 +166,8 @@ class FederatedLoRA(Strategy):
         need = self.cfg.federation.min_replies
         if len(updates) < need:
             return self._skip(log_, f"{len(updates)} usable update(s), {need} required ({log_.reasons()})")
-        sent = [r for _, r in self.history]
-        ranks = {c.client_id: c.rank for c in self.clients}
         try:
-            outcome = aggregate_round(self.cfg, self.aggregator, server_round, updates, sent, ranks)
+            outcome = self.server.round(server_round, updates)
         except Exception as err:  # an aggregator failure must not stop the federation
             return self._skip(log_, f"aggregation failed: {type(err).__name__}: {err}")
         for who, why in outcome.dropped.items():
@@ -212,14 +175,14 @@ class FederatedLoRA(Strategy):
         if outcome.clip is not None:
             r = outcome.clip
             log_.clip = {"threshold": r.threshold, "norms": r.norms, "factors": r.factors}
-        result, updates = outcome.result, outcome.updates
-        if result is None:
+        if outcome.result is None:
             return self._skip(
                 log_, f"no subset of the updates aggregates to finite values ({log_.reasons()})"
             )
-        self._accept(server_round, result, updates)
         loss = weighted_mean(log_.client_metrics, "train_loss")
-        return encode_factors(result.global_update, with_a=self.sends_a), MetricRecord({"train_loss": loss})
+        return encode_factors(outcome.result.global_update, with_a=self.sends_a), MetricRecord(
+            {"train_loss": loss}
+        )
 
     def _usable(self, round: int, replies: list[Message], log_: RoundLog) -> list[ClientUpdate]:
         """Decoded, checked updates of the clients sampled this round, at most one per node."""
@@ -238,25 +201,9 @@ class FederatedLoRA(Strategy):
                 updates.append(update)
         return updates
 
-    def _merged_before(self, round: int) -> list[int]:
-        """The rounds a merge-protocol client holds when it trains in ``round``."""
-        return [t for t, _ in self.history if t < round]
-
-    def _last_before(self, round: int) -> int:
-        earlier = self._merged_before(round)
-        return earlier[-1] if earlier else 0
-
-    def _accept(self, round: int, result: AggregationResult, updates: list[ClientUpdate]) -> None:
-        self.history.append((round, result))
-        self.last_updates = updates
-        if self.merges:
-            for c in self.clients:
-                if c.client_id in result.client_ids:
-                    self.synced[c.node_id] = self._last_before(round)
-
     def _skip(self, log_: RoundLog, reason: str) -> tuple[None, MetricRecord]:
         log_.skipped = reason
-        log.warning("round %d skipped, global model unchanged: %s", log_.round, reason)
+        self.server.skip(log_.round, reason)
         return None, MetricRecord({"skipped": 1})
 
     def configure_evaluate(
@@ -276,7 +223,3 @@ class FederatedLoRA(Strategy):
             len(self.clients),
             rounds,
         )
-
-
-def round_half_up(x: float) -> int:
-    return int(x + 0.5)

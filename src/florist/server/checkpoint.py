@@ -187,15 +187,44 @@ def read(path: Path) -> dict[str, Any]:
 
 
 def check_config(payload: dict[str, Any], cfg: FloristConfig, force: bool) -> None:
+    """Refuse to resume under a config other than the checkpoint's (unless ``force``), naming every
+    key that changed. Keys the checkpoint does not know (added to florist since it was written) count
+    as unchanged when they hold their default: they select what the older version did."""
     if payload["config_hash"] == config_hash(cfg):
         return
-    diff = changed_keys(_hashed(json.loads(payload["config"])), _hashed(_json_roundtrip(cfg.to_dict())))
+    stored = _hashed(json.loads(payload["config"]))
+    current = _hashed(_json_roundtrip(cfg.to_dict()))
+    added = _added_at_default(stored, current)
+    diff = changed_keys(_with(stored, added, current), current)
+    if not diff and added:
+        log.info("resuming a checkpoint written before these keys existed (at their defaults): %s",
+                 ", ".join(added))  # fmt: skip
+        return
     text = "; ".join(diff) or "(the hashes differ)"
     if not force:
         raise ConfigError(
             f"the config differs from the checkpoint's: {text}. Resume with --force to accept it"
         )
     log.warning("resuming with a changed config (--force): %s", text)
+
+
+def _added_at_default(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``section.key`` entries of ``current`` absent from ``stored`` whose value is the default."""
+    defaults = _json_roundtrip(FloristConfig().to_dict())
+    return [
+        f"{section}.{key}"
+        for section, values in current.items()
+        for key, value in values.items()
+        if key not in stored.get(section, {}) and value == defaults.get(section, {}).get(key, object())
+    ]
+
+
+def _with(stored: dict[str, Any], keys: list[str], current: dict[str, Any]) -> dict[str, Any]:
+    out = {section: dict(values) for section, values in stored.items()}
+    for item in keys:
+        section, key = item.split(".", 1)
+        out.setdefault(section, {})[key] = current[section][key]
+    return out
 
 
 def _json_roundtrip(tree: dict[str, Any]) -> dict[str, Any]:

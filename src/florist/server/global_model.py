@@ -15,7 +15,6 @@ import torch
 
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.protocols import protocol_of
-from florist.errors import ConfigError
 from florist.lora import LoraFactors
 from florist.lora.update import add_update
 
@@ -62,13 +61,3 @@ class GlobalModel:
             h.update(name.encode())
             h.update(self.weight(name).detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
-
-
-def final_update(
-    history: Sequence[Mapping[str, LoraFactors]], protocol: ClientProtocol
-) -> dict[str, LoraFactors]:
-    """The run's whole update against the base model, as one adapter: every round's global update side
-    by side (merge protocols, ``sum_t B_t A_t``), else the latest global adapter."""
-    if not history:
-        raise ConfigError("no round was aggregated; there is no adapter to write")
-    return protocol_of(protocol).final(history)

@@ -1,0 +1,188 @@
+"""The federation's live state and the server's decisions, with no transport: the one home of what
+was sent, what every client holds and the server's model. The Flower strategy and the in-process
+bench both drive a ``Server``; neither keeps a copy of its state, and a checkpoint saves its
+``state`` as it is.
+
+    participants(t)          which clients train in round t (the schedule, or a seeded sample)
+    owed(client)             what it downloads before training: merge protocols every global update
+                             since the last it holds (catch-up), else its share of the latest adapter
+    round(t, updates)        aggregate (``server.round``), then record the result, mark who holds
+                             what and fold it into the server's model; a failed round changes nothing
+    held_lacking(client, h)  after a server restart: the rounds the client held at the checkpoint
+                             and no longer holds
+    final_adapter()          the run's whole update against the base model
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from florist.aggregation.base import AggregationResult, Aggregator
+from florist.aggregation.protocols import protocol_of
+from florist.config import FloristConfig
+from florist.errors import ConfigError
+from florist.lora import ClientUpdate, LoraFactors
+from florist.seeds import derive_seed
+from florist.server.checkpoint import ServerState
+from florist.server.global_model import GlobalModel
+from florist.server.round import RoundOutcome, aggregate_round
+
+log = logging.getLogger(__name__)
+Modules = dict[str, LoraFactors]
+
+
+class Joined(Protocol):
+    """Anything that names a client, its index and rank (a Flower node's hello, a bench client)."""
+
+    @property
+    def client_id(self) -> str: ...
+    @property
+    def index(self) -> int: ...
+    @property
+    def rank(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Member:
+    """A client of the federation as the server knows it: its id, 0-based index and LoRA rank."""
+
+    client_id: str
+    index: int
+    rank: int
+
+
+class Server:
+    """The federation's state (``state``: results sent, what each client holds, metrics lines, the
+    skip streak) and the server's global model, with the decisions that read and change them.
+
+    Parameters
+    ----------
+    cfg : FloristConfig
+        The run's configuration (the federation section decides sampling and rounds).
+    aggregator : Aggregator
+        From ``cfg.aggregation.build()``; its protocol decides downloads and the model's folding.
+    members : Iterable[Member]
+        Every client of the federation (any object with ``client_id``, ``index`` and ``rank``).
+    model : GlobalModel | None
+        The server's copy of the global model; every accepted result is folded into it.
+    """
+
+    def __init__(
+        self,
+        cfg: FloristConfig,
+        aggregator: Aggregator,
+        members: Iterable[Joined],
+        model: GlobalModel | None = None,
+    ) -> None:
+        self.cfg, self.aggregator, self.model = cfg, aggregator, model
+        self.rules = protocol_of(aggregator.protocol)
+        self.members = sorted((Member(m.client_id, m.index, m.rank) for m in members), key=lambda m: m.index)
+        self.ranks = {m.client_id: m.rank for m in self.members}
+        self.state = ServerState(round=0, synced={m.client_id: 0 for m in self.members})
+        self.last: RoundOutcome | None = None  # the latest round's outcome (its updates, who was dropped)
+
+    # ------------------------------------------------------------------ reading the state
+
+    @property
+    def history(self) -> list[tuple[int, AggregationResult]]:
+        """Every result sent, with its round, oldest first."""
+        return self.state.history
+
+    def sent(self) -> list[AggregationResult]:
+        return [r for _, r in self.state.history]
+
+    def latest(self) -> AggregationResult:
+        """The last result, as it was sent."""
+        return self.state.history[-1][1]
+
+    def global_updates(self) -> list[Modules]:
+        return [r.global_update for _, r in self.state.history]
+
+    def merged_before(self, round: int) -> list[int]:
+        """The rounds a merge-protocol client holds when it trains in ``round``."""
+        return [t for t, _ in self.state.history if t < round]
+
+    def final_adapter(self) -> Modules:
+        """The run's whole update against the base model, as one adapter (``ClientRules.final``)."""
+        if not self.state.history:
+            raise ConfigError("no round was aggregated; there is no adapter to write")
+        return self.rules.final(self.global_updates())
+
+    # ------------------------------------------------------------------ decisions
+
+    def participants(self, round: int) -> list[Member]:
+        """Clients of ``round``: the configured schedule, else a seeded sample of ``fraction``."""
+        fed = self.cfg.federation
+        if fed.participation is not None:
+            chosen = set(fed.participation[round - 1])
+            return [m for m in self.members if m.index in chosen]
+        k = min(len(self.members), max(fed.min_clients, round_half_up(fed.fraction * len(self.members))))
+        rng = random.Random(derive_seed(fed.seed, round, "sample"))
+        return sorted(rng.sample(self.members, k), key=lambda m: m.index)
+
+    def owed(self, client_id: str) -> dict[int, Modules]:
+        """What ``client_id`` downloads before it trains, by round: merge protocols every global update
+        after the last it holds, in order; other protocols its share of the latest global adapter."""
+        if not self.state.history:
+            return {}
+        if self.rules.merges:
+            since = self.state.synced.get(client_id, 0)
+            return {t: r.global_update for t, r in self.state.history if t > since}
+        t, result = self.state.history[-1]
+        return {t: self.rules.download(result, client_id, self.ranks[client_id])}
+
+    def held_lacking(self, client_id: str, held: Sequence[int]) -> dict[int, Modules]:
+        """After a restart: the global updates ``client_id`` held at the checkpoint and lacks now
+        (``held``: the rounds it says it holds). Empty for protocols that do not merge."""
+        if not self.rules.merges:
+            return {}
+        since = self.state.synced.get(client_id, 0)
+        return {t: r.global_update for t, r in self.state.history if t <= since and t not in held}
+
+    def round(self, round: int, updates: Sequence[ClientUpdate]) -> RoundOutcome:
+        """Aggregate round ``round``'s checked updates (``server.round.aggregate_round``). With a
+        result, it is recorded, the clients it aggregated hold every earlier round, the model folds
+        it in and the skip streak ends; without one nothing changes but ``last``. An aggregator that
+        raises propagates, with nothing changed."""
+        outcome = aggregate_round(self.cfg, self.aggregator, round, updates, self.sent(), self.ranks)
+        self.last = outcome
+        if outcome.result is not None:
+            self.accept(round, outcome.result)
+        return outcome
+
+    def accept(self, round: int, result: AggregationResult) -> None:
+        self.state.history.append((round, result))
+        self.state.skipped_streak = 0
+        if self.rules.merges:
+            earlier = self.merged_before(round)
+            for who in result.client_ids:
+                if who in self.state.synced:
+                    self.state.synced[who] = earlier[-1] if earlier else 0
+        if self.model is not None:
+            self.model.apply_result(round, result)
+
+    def skip(self, round: int, reason: str) -> int:
+        """Round ``round`` produced nothing (``reason``); the number of consecutive skipped rounds."""
+        self.state.skipped_streak += 1
+        log.warning("round %d skipped, global model unchanged: %s", round, reason)
+        return self.state.skipped_streak
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def restore(self, state: ServerState) -> None:
+        """Continue from a checkpoint's ``state``: the results sent fold into the model again. Clients
+        the checkpoint does not name (the federation changed size) start as holding nothing."""
+        synced = {m.client_id: state.synced.get(m.client_id, 0) for m in self.members}
+        self.state = ServerState(state.round, list(state.history), synced, list(state.records),
+                                 state.skipped_streak)  # fmt: skip
+        if self.model is not None:
+            for t, result in self.state.history:
+                self.model.apply_result(t, result)
+
+
+def round_half_up(x: float) -> int:
+    return int(x + 0.5)
