@@ -1,6 +1,6 @@
 """Run configuration: frozen dataclasses (schema.py) and the TOML + key=value loader (loader.py)."""
 
-from florist.config.loader import load_config, to_toml
+from florist.config.loader import from_flower_run_config, load_config, to_toml
 from florist.config.packaged import DEMO_CONFIG, PAPER_CONFIG
 from florist.config.schema import (
     AdapterConfig,
@@ -24,6 +24,7 @@ __all__ = [
     "FloristConfig",
     "ModelConfig",
     "OutputConfig",
+    "from_flower_run_config",
     "load_config",
     "to_toml",
 ]

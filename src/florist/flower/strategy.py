@@ -11,7 +11,8 @@ moves records.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -19,53 +20,131 @@ from flwr.serverapp.strategy import Strategy
 
 from florist.aggregation.base import Aggregator
 from florist.aggregation.protocols import protocol_of
+from florist.client.model import load_model, resolve_model
 from florist.config import FloristConfig
+from florist.data.federated import test_examples
 from florist.flower.codec import encode_factors, payload_bytes
+from florist.flower.handshake import hello
 from florist.flower.node import GLOBAL_PREFIX
 from florist.flower.replies import ClientInfo, ReplyReader, RoundLog, weighted_mean
-from florist.lora import ClientUpdate
+from florist.lora import ClientUpdate, LoraFactors
+from florist.lora.peft_io import write_adapter
+from florist.server.evaluation import Evaluator
 from florist.server.federation import Server
+from florist.server.global_model import GlobalModel, adapted_shapes
 from florist.server.size_guard import check_message
 
 log = logging.getLogger(__name__)
 
 
 class FederatedLoRA(Strategy):
-    """Sampling, catch-up, decoding and aggregation of LoRA rounds.
+    """Sampling, catch-up, decoding and aggregation of LoRA rounds, as a Flower ``Strategy``.
+
+    ``florist run`` drives it from its own loop (checkpoints, round timeouts, the final sync); a
+    user's ServerApp can run it under Flower's ``Strategy.start``::
+
+        strategy = FederatedLoRA.from_config(cfg)      # loads the base model for shapes and evaluation
+        strategy.start(grid, ArrayRecord(), num_rounds=cfg.federation.rounds,
+                       evaluate_fn=strategy.evaluate_fn())
+        strategy.save_adapter("adapter")               # the run's whole update, a PEFT directory
+
+    The nodes join (``query.hello``) when the first round is configured unless ``clients`` are given.
+    ``aggregate_train`` returns the global update it aggregated, encoded as it is sent.
 
     Parameters
     ----------
     cfg : FloristConfig
         The run's configuration (federation and lora sections are read here).
     aggregator : Aggregator
-        From ``florist.aggregation.make_aggregator``.
-    clients : Sequence[ClientInfo]
-        Every node of the federation.
+        From ``cfg.aggregation.build()``.
+    clients : Sequence[ClientInfo] | None
+        Every node of the federation; None: ask them when the first round is configured.
     expected : Mapping[str, tuple[int, int]]
         Every adapted module of the model and its weight shape ``(m, n)``; an upload must match it.
+    server : Server | None
+        The federation's state; by default one is created when the nodes join, folding results into
+        ``model`` (the server's ``GlobalModel``) when one is given.
     """
 
     def __init__(
         self,
         cfg: FloristConfig,
         aggregator: Aggregator,
-        clients: Sequence[ClientInfo],
+        clients: Sequence[ClientInfo] | None,
         expected: Mapping[str, tuple[int, int]],
         server: Server | None = None,
+        model: GlobalModel | None = None,
     ) -> None:
         self.cfg, self.aggregator, self.expected = cfg, aggregator, dict(expected)
         self.rules = protocol_of(aggregator.protocol)
+        self.model = model if model is not None else (server.model if server is not None else None)
+        self._server = server
+        self.logs: dict[int, RoundLog] = {}
+        self.restore_bytes: dict[str, int] = {}
+        self.clients: list[ClientInfo] = []
+        if clients is not None:
+            self.join(clients)
+
+    @classmethod
+    def from_config(cls, cfg: FloristConfig) -> FederatedLoRA:
+        """The strategy of ``cfg``, with the server's copy of the global model (the base model of
+        ``model.name``, loaded here) for the adapted shapes and for ``evaluate_fn``."""
+        model, tokenizer = load_model(resolve_model(cfg.model.name), cfg.model.torch_dtype())
+        aggregator = cfg.aggregation.build()
+        expected = adapted_shapes(model, cfg.lora.target_modules)
+        glob = GlobalModel(model.to(cfg.model.torch_device()), tokenizer, aggregator.protocol)
+        return cls(cfg, aggregator, None, expected, model=glob)
+
+    def join(self, clients: Sequence[ClientInfo]) -> None:
+        """Take the federation's nodes (from ``query.hello``); creates the server state if none."""
+        cfg = self.cfg
         self.clients = sorted(clients, key=lambda c: c.index)
         self.by_node = {c.node_id: c for c in self.clients}
         self.node_of = {c.client_id: c.node_id for c in self.clients}
-        self.server = server if server is not None else Server(cfg, aggregator, self.clients)
-        self.logs: dict[int, RoundLog] = {}
-        self.restore_bytes: dict[str, int] = {}
+        if self._server is None:
+            self._server = Server(cfg, self.aggregator, self.clients, self.model)
         shared = None if self.sends_a else (cfg.federation.seed, max(c.rank for c in self.clients))
         self.reader = ReplyReader(
             self.by_node, self.expected, cfg.federation.max_message_mb, shared,
             self.server.merged_before if self.merges else None, cfg.federation.wire_dtype,
         )  # fmt: skip
+
+    @property
+    def server(self) -> Server:
+        """The federation's state (``florist.server.federation.Server``); exists once nodes joined."""
+        if self._server is None:
+            raise RuntimeError("no node has joined yet: the server state exists from the first round")
+        return self._server
+
+    # ------------------------------------------------------------ for a user's ServerApp
+
+    def final_adapter(self) -> dict[str, LoraFactors]:
+        """The run's whole update against the base model, as one adapter."""
+        return self.server.final_adapter()
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Write ``final_adapter()`` as a PEFT adapter directory (safetensors + adapter_config.json)."""
+        base = resolve_model(self.cfg.model.name)
+        return write_adapter(Path(path), self.final_adapter(), base_model=base, overwrite=True)
+
+    def evaluate_fn(self) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+        """For ``Strategy.start(evaluate_fn=...)``: scores the server's global model (base model plus
+        every result so far) on the held-out rows of ``cfg.data`` as ``cfg.eval`` says, in the
+        rounds ``eval.every`` selects; the numbers as a ``MetricRecord``."""
+        if self.model is None:
+            raise RuntimeError("evaluate_fn needs the server's model: build the strategy with from_config")
+        model, evaluator = (
+            self.model,
+            Evaluator(self.cfg.eval, test_examples(self.cfg.data), self.cfg.data.seed),
+        )
+
+        def evaluate(round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if not evaluator.due(round, self.cfg.federation.rounds):
+                return None
+            scores = evaluator(model.model, model.tokenizer)
+            return MetricRecord({k: float(v) for k, v in scores.items() if isinstance(v, (int, float))})
+
+        return evaluate
 
     @property
     def merges(self) -> bool:
@@ -145,6 +224,8 @@ class FederatedLoRA(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if not self.clients:
+            self.join(hello(grid, self.cfg))
         log_ = self.round_log(server_round)
         chosen = self.participants(server_round)
         log_.clients = [c.client_id for c in chosen]
