@@ -11,6 +11,7 @@ florist bench [--out DIR] [section.key=value ...]  the paper's comparison: every
 florist regime [--out DIR] [--batches 4,32] [--examples 32,128,512]  round 1: kept rank vs the training regime
 florist client-sweep [--out DIR] [--counts 4,8,16,32]  kept rank and bytes against the number of clients
 florist deploy CONFIG.toml --nodes N [section.key=value ...]  the same on a local TLS Flower deployment
+florist config [--json | --starter FILE]          every config key: type, default, help; a commented starter
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ def _add_aggregate(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("config", help="every configuration key with its type, default and help")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the keys as JSON")
+    out.add_argument("--starter", metavar="FILE", help="write a commented starter config to FILE (new file)")
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -197,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_aggregate(sub)
+    _add_config(sub)
     _add_inspect(sub)
     _add_export(sub)
     _add_report(sub)
@@ -232,6 +241,33 @@ def _aggregate(args: argparse.Namespace) -> None:
         print(json.dumps(report, indent=2))
     else:
         print_aggregation(report, args.out)
+
+
+def _config(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from florist.commands.keys import config_keys, starter_toml
+    from florist.tables import make_console
+
+    if args.starter:
+        path = Path(args.starter)
+        if path.exists():
+            raise ConfigError(f"{args.starter} exists; give a new file name")
+        path.write_text(starter_toml(), encoding="utf-8")
+        print(f"wrote {args.starter}: run it with  florist run {args.starter}")
+        return
+    rows = config_keys()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="florist configuration keys (section.key=value on any command line)")
+    for column in ("key", "type", "default", "help"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(r["key"], r["type"], json.dumps(r["default"]), r["help"])
+    make_console().print(table)
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -364,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "aggregate": _aggregate,
         "inspect": _inspect,
+        "config": _config,
         "export": _export,
         "report": _report,
         "compare": _compare,

@@ -72,18 +72,26 @@ class DataConfig:
     )
     alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration"})
     label: str = field(default="category", metadata={"help": "label column for the Dirichlet split"})
-    min_partition_size: int = 1
+    min_partition_size: int = field(
+        default=1, metadata={"help": "Dirichlet split: fewest examples a client may get (redrawn until met)"}
+    )
     test: str | None = field(default=None, metadata={"help": "held-out file; else a fraction of source"})
-    test_fraction: float = 0.05
+    test_fraction: float = field(
+        default=0.05, metadata={"help": "held-out share of source when data.test is unset"}
+    )
     exclude: tuple[str, ...] = field(default=("test.json",), metadata={"help": "files a folder source skips"})
-    max_examples_per_client: int | None = None
+    max_examples_per_client: int | None = field(
+        default=None, metadata={"help": "cap on each client's training rows (unset: all of its share)"}
+    )
     validation_per_label: int = field(
         default=0,
         metadata={"help": "withhold this many training rows per category as a validation split (0: none)"},
     )
     skills_train: int = field(default=60, metadata={"help": "skills set: train examples per skill"})
     skills_test: int = field(default=20, metadata={"help": "skills set: test examples per skill"})
-    seed: int = 0
+    seed: int = field(
+        default=0, metadata={"help": "seed of the split, the held-out draw and the evaluation subset"}
+    )
 
     def __post_init__(self) -> None:
         if self.split not in ("presplit", "iid", "dirichlet"):
@@ -107,10 +115,16 @@ class AdapterConfig:
 
     ranks: tuple[int, ...] = field(default=(16,), metadata={"help": "one rank per client, or one for all"})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; unset: alpha_ratio * rank"})
-    alpha_ratio: float = 2.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    use_rslora: bool = False
+    alpha_ratio: float = field(
+        default=2.0, metadata={"help": "alpha = alpha_ratio * rank when lora.alpha is unset"}
+    )
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout on the adapted modules' input"})
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "v_proj"), metadata={"help": "linear modules to adapt, by name or name suffix"}
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(rank) instead of alpha / rank"}
+    )
     init: str = field(
         default="shared",
         metadata={"help": "fresh LoRA A each round: 'shared' (one draw per round) or 'per_client'"},
@@ -170,14 +184,18 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    num_clients: int = 4
-    rounds: int = 3
+    num_clients: int = field(
+        default=4, metadata={"help": "clients (deployment: SuperNodes with partition-id 0..N-1)"}
+    )
+    rounds: int = field(default=3, metadata={"help": "federated rounds"})
     fraction: float = field(default=1.0, metadata={"help": "fraction of clients sampled per round"})
     min_clients: int = field(default=1, metadata={"help": "fewest clients a round may sample"})
     participation: tuple[tuple[int, ...], ...] | None = field(
         default=None, metadata={"help": "explicit client indices per round, e.g. [[0, 1], [1, 2]]"}
     )
-    seed: int = 0
+    seed: int = field(
+        default=0, metadata={"help": "seed of client sampling, LoRA initialisation and local training"}
+    )
     timeout: float = field(default=3600.0, metadata={"help": "seconds to wait for a round's replies"})
     round_timeout: float | None = field(
         default=None, metadata={"help": "seconds to wait for training replies; later ones are left out"}
@@ -264,14 +282,21 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class AggregationConfig:
-    method: str = "florist"
+    method: str = field(
+        default="florist",
+        metadata={"help": "aggregator: florist, flora, fedit, flexlora, ffa, rblora, fedex, full"},
+    )
     tau: float | None = field(default=None, metadata={"help": "florist: energy threshold (default 0.9)"})
     rank: int | None = field(default=None, metadata={"help": "florist: fixed global rank"})
     budget_mb: float | None = field(default=None, metadata={"help": "florist: download budget per round"})
-    min_rank: int = 1
-    max_rank: int | None = None
-    dtype: str = "float32"
-    basis: str = "qr"
+    min_rank: int = field(default=1, metadata={"help": "florist: fewest directions kept per module"})
+    max_rank: int | None = field(
+        default=None, metadata={"help": "florist: most directions kept per module (unset: no cap)"}
+    )
+    dtype: str = field(default="float32", metadata={"help": "aggregation compute dtype: float32 or float64"})
+    basis: str = field(
+        default="qr", metadata={"help": "florist: how the stacks are factored, 'qr' (fast) or 'svd'"}
+    )
     clip: str = field(
         default="none", metadata={"help": "robust mode: 'none', 'median' or 'fixed' norm clipping per client"}
     )
@@ -304,13 +329,17 @@ class EvalConfig:
     every: int = field(default=1, metadata={"help": "evaluate the global model every N rounds (0: never)"})
     before: bool = field(default=True, metadata={"help": "also evaluate the base model before round 1"})
     exact_match: bool = field(default=True, metadata={"help": "exact match on the held-out set"})
-    heldout_loss: bool = True
+    heldout_loss: bool = field(
+        default=True, metadata={"help": "mean token loss and perplexity of the held-out set"}
+    )
     subset: int | None = field(default=None, metadata={"help": "held-out examples to score (all if unset)"})
     mmlu: str | None = field(default=None, metadata={"help": "path to an MMLU json (mmlu_1444.json format)"})
-    mmlu_subset: int | None = 200
-    batch_size: int = 16
-    max_new_tokens: int = 12
-    max_length: int = 256
+    mmlu_subset: int | None = field(default=200, metadata={"help": "MMLU questions scored (all if unset)"})
+    batch_size: int = field(default=16, metadata={"help": "evaluation batch size"})
+    max_new_tokens: int = field(default=12, metadata={"help": "exact match: tokens generated per answer"})
+    max_length: int = field(
+        default=256, metadata={"help": "held-out loss: tokens per example (longer ones truncated)"}
+    )
     precision: str = field(
         default="auto",
         metadata={"help": "auto (bf16 autocast where native), fp32 or bf16"},
@@ -342,7 +371,7 @@ class OutputConfig:
     tensorboard: bool = field(
         default=False, metadata={"help": "also write RUN/tensorboard/ (needs tensorboard)"}
     )
-    progress: bool = True
+    progress: bool = field(default=True, metadata={"help": "progress bars on the console"})
     checkpoint_keep: int = field(default=2, metadata={"help": "server checkpoints kept (latest N rounds)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in run.dir/run.name"})
     force: bool = field(default=False, metadata={"help": "resume even if the config changed"})
@@ -364,7 +393,7 @@ class FaultsConfig:
     slow_clients: tuple[int, ...] = field(default=(), metadata={"help": "client indices that stall"})
     slow_rounds: tuple[int, ...] = field(default=(), metadata={"help": "rounds they stall in (empty: all)"})
     slow_seconds: float = field(default=0.0, metadata={"help": "how long a slow client stalls"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of the injected failures"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.drop_fraction < 1:

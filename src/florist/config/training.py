@@ -8,7 +8,7 @@ root of the import graph.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from florist.aggregation.lowrank import WARM_FROM, WARM_SPLITS
@@ -84,19 +84,41 @@ class TrainSettings:
     ``compile`` runs the decoder layers under ``torch.compile`` (``florist.client.compiled``).
     """
 
-    lr: float = 3e-4
-    steps: int | None = 10
-    epochs: float | None = None
-    examples: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 256
-    train_on_inputs: bool = False
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    precision: str = "auto"
-    batching: str = "packed"
-    compile: bool = False
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
+    steps: int | None = field(
+        default=10,
+        metadata={"help": "local budget per round in optimizer steps (give one of steps, epochs, examples)"},
+    )
+    epochs: float | None = field(
+        default=None,
+        metadata={"help": "local budget per round in passes over the client's data (fractions allowed)"},
+    )
+    examples: int | None = field(default=None, metadata={"help": "local budget per round in examples seen"})
+    batch_size: int = field(default=4, metadata={"help": "examples per forward pass"})
+    grad_accum: int = field(
+        default=1,
+        metadata={"help": "forward passes per optimizer step (effective batch: batch_size x grad_accum)"},
+    )
+    max_length: int = field(
+        default=256, metadata={"help": "tokens per training example (longer ones truncated)"}
+    )
+    train_on_inputs: bool = field(
+        default=False, metadata={"help": "also train on the prompt tokens, not only the response"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "gradient norm clipping (unset: none)"}
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "auto (bf16 autocast where the CPU/GPU has it natively), fp32 or bf16"},
+    )
+    batching: str = field(
+        default="packed", metadata={"help": "'packed' (rows side by side, no padding computed) or 'padded'"}
+    )
+    compile: bool = field(
+        default=False, metadata={"help": "decoder layers under torch.compile (a slow first round)"}
+    )
 
     def __post_init__(self) -> None:
         check_precision("train.precision", self.precision)
