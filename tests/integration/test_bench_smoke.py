@@ -231,3 +231,36 @@ def test_fair_bench_over_seeds_scores_both_splits_every_round_and_resumes_mid_va
     for a, b in zip(again[name], seeds[0][name], strict=True):
         assert {k: a.get(k) for k in keep} == {k: b.get(k) for k in keep}
         assert a["eval"]["heldout_rows"] == b["eval"]["heldout_rows"]
+
+
+def test_fedsvd_resumes_mid_run_as_if_never_stopped(tmp_path: Path) -> None:
+    """A FedSVD run stopped after round 2 of 3 continues from its checkpoint: the clients get the
+    server's latest A and B back, and round 3 trains and aggregates exactly as without the stop."""
+    from florist.bench.simulate import run_variant
+    from florist.config import load_config
+
+    model = save_tiny_model(tmp_path / "tiny")
+    cfg = load_config(None, [f"model.name={str(model)!r}", "data.skills_train=6", "data.skills_test=2",
+                             "eval.mmlu=none", "federation.num_clients=3", "federation.rounds=3",
+                             "train.steps=2", "train.batch_size=2", "lora.ranks=[4, 4, 2]",
+                             "aggregation.method='fedsvd'"])  # fmt: skip
+
+    def score(m: Any, t: object) -> dict[str, float]:  # the server's model: what resume must rebuild
+        return {"norm": sum(float(p.detach().double().square().sum()) for p in m.parameters())}
+
+    whole = run_variant(cfg, score)
+    stops = iter([False, False, True])
+
+    def stopping(m: Any, t: object) -> dict[str, float]:
+        if next(stops):
+            raise KeyboardInterrupt
+        return score(m, t)
+
+    folder = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        run_variant(cfg, stopping, checkpoint=folder)
+    resumed = run_variant(cfg, score, checkpoint=folder)
+    assert len(resumed) == 3
+    for a, b in zip(whole, resumed, strict=True):
+        for key in ("bytes_up", "bytes_down", "ranks", "round_error", "eval"):
+            assert a[key] == b[key], (a["round"], key)

@@ -84,7 +84,7 @@ def test_merge_methods_match_offline_aggregation_and_clients_catch_up(
 
 
 def test_every_method_runs_and_accounts_its_bytes(model_dir: Path, tmp_path: Path) -> None:
-    for method in ("florist", "flora", "fedit", "flexlora", "ffa", "rblora", "fedex"):
+    for method in ("florist", "flora", "fedit", "flexlora", "ffa", "rblora", "fedex", "fedsvd"):
         cfg = tiny_run_config(model_dir, tmp_path, method, f"aggregation.method={method!r}")
         summary = run_simulation(cfg)
         run = Path(summary["run_dir"])
@@ -94,7 +94,7 @@ def test_every_method_runs_and_accounts_its_bytes(model_dir: Path, tmp_path: Pat
         for r in rows[1:]:
             clients = sorted((run / "rounds" / f"round-{r['round']:03d}" / "clients").iterdir())
             assert [c.name for c in clients] == r["clients"] == ["client-000", "client-001", "client-002"]
-            sends_a = method != "ffa"
+            sends_a = method not in ("ffa", "fedsvd")  # their uploads carry B only
             want = sum(
                 f.B.numel() * 4 + (f.A.numel() * 4 if sends_a else 0)
                 for c in clients
@@ -109,6 +109,39 @@ def test_every_method_runs_and_accounts_its_bytes(model_dir: Path, tmp_path: Pat
         assert rows[2]["bytes_down"] > 0 and rows[1]["bytes_down"] == 0
         assert (run / "adapter" / "adapter_model.safetensors").is_file()
         assert load_config(run / "config.toml") == cfg  # the resolved config repeats the run
+
+
+def test_fedsvd_clients_train_b_against_the_servers_latest_a_and_catch_up(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """FedSVD under Flower, client 1 skipping round 2 and client 2 joining late: every upload's A is
+    the A the server sent last (the seeded draw in round 1), each round's global update equals the
+    offline aggregate of the saved uploads with orthonormal rows in A, and the run's adapter is the
+    last global update."""
+    cfg = tiny_run_config(model_dir, tmp_path, "fedsvd", "aggregation.method='fedsvd'", SCHEDULE,
+                          "federation.wire_dtype='bfloat16'")  # fmt: skip
+    run = Path(run_simulation(cfg)["run_dir"])
+    sent: dict[str, torch.Tensor] | None = None
+    for t in (1, 2):
+        round_dir = run / "rounds" / f"round-{t:03d}"
+        for d in sorted((round_dir / "clients").iterdir()):
+            rank = RANKS[int(d.name.removeprefix("client-"))]
+            for name, f in read_adapter(d).modules.items():
+                if sent is None:  # round 1: the one seeded draw (the leading rows of the largest)
+                    first = read_adapter(sorted((round_dir / "clients").iterdir())[0]).modules[name].A
+                    assert torch.equal(f.A, first[:rank])
+                else:
+                    assert torch.equal(f.A, sent[name][:rank].to(f.A.dtype)), (t, d.name, name)
+        want = offline(cfg, round_dir)
+        glob = read_adapter(round_dir / "adapter").modules
+        for name, g in glob.items():
+            assert_product_close(g.delta(torch.float64), want[name], rtol=2**-6)  # a bf16 download
+            A = g.A.to(torch.float64)
+            assert float((A @ A.T - torch.eye(A.shape[0], dtype=torch.float64)).abs().max()) < 2e-2
+        sent = {name: g.A for name, g in glob.items()}
+    final = adapter_deltas(run / "adapter")
+    for name, delta in adapter_deltas(run / "rounds" / "round-002" / "adapter").items():
+        torch.testing.assert_close(final[name], delta)
 
 
 def test_protocol_options_under_flower_keep_clients_and_server_in_step(

@@ -25,6 +25,8 @@ def test_every_protocol_has_rules_and_they_agree_with_its_name(kind: ClientProto
     assert isinstance(rules, ClientRules) and rules.kind is kind and protocol_of(rules) is rules
     assert rules.merges == (kind in (ClientProtocol.MERGE_AND_RESTART, ClientProtocol.MERGE_AND_CONTINUE))
     assert rules.sends_a == (kind is not ClientProtocol.FROZEN_SHARED_A)
+    b_only_up = (ClientProtocol.FROZEN_SHARED_A, ClientProtocol.TRAIN_B_ON_SERVER_A)
+    assert rules.uploads_a == (kind not in b_only_up)
     assert rules.fits_warm_start == (kind is ClientProtocol.MERGE_AND_RESTART)
 
 
@@ -47,6 +49,25 @@ def test_continue_protocols_download_their_slice_and_end_with_the_latest_adapter
     assert rules.round_start([r1, r2]) is r2.global_update
     assert rules.round_one_key("per_client") == "shared"  # FedAvg: every client from the shared draw
     assert protocol_of(ClientProtocol.FROZEN_SHARED_A).round_one_key("shared") is None
+
+
+def test_fedsvd_uploads_are_taken_against_the_last_a_sent_else_the_seeded_draw() -> None:
+    from florist.lora.seeded import seeded_a
+
+    rules = protocol_of(ClientProtocol.TRAIN_B_ON_SERVER_A)
+    assert torch.equal(rules.upload_a([], 7, 3, "m", 5), seeded_a(7, "m", 3, 5))
+    r1, r2 = (
+        _result(ClientProtocol.TRAIN_B_ON_SERVER_A, 3, 0),
+        _result(ClientProtocol.TRAIN_B_ON_SERVER_A, 3, 1),
+    )
+    assert torch.equal(rules.upload_a([r1, r2], 7, 3, "m", 5), r2.global_update["m"].A)
+    with pytest.raises(ValueError, match="columns"):
+        rules.upload_a([r1], 7, 3, "m", 6)
+    with pytest.raises(TypeError, match="upload A"):
+        protocol_of(ClientProtocol.CONTINUE_GLOBAL).upload_a([], 7, 3, "m", 5)
+    assert (
+        rules.download(r1, "c", rank=2)["m"].rank == 2 and rules.final([r1.global_update]) == r1.global_update
+    )
 
 
 def test_fedex_continues_from_its_leading_columns_and_its_change_starts_there() -> None:

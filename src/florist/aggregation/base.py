@@ -27,6 +27,9 @@ class ClientProtocol(str, Enum):
     # W0 += B_g A_g, then move the leading r_k columns of (B_g, A_g) back out of W0 into the LoRA and
     # keep training from them (FedEx-LoRA: the global update leads with the averaged adapter)
     MERGE_AND_CONTINUE = "merge_and_continue"
+    # A is the server's (a seeded draw in round 1, then re-factorised by the server every round): load
+    # the global A and B, train only B, upload only B (FedSVD)
+    TRAIN_B_ON_SERVER_A = "train_b_on_server_a"
 
     @property
     def merges(self) -> bool:
@@ -59,7 +62,8 @@ class AggregationResult:
     spectra : dict[str, Tensor] | None
         Singular values of the exact aggregate ``sum_k p_k delta W_k`` per module, when computed.
     sends_a : bool
-        False when clients exchange only B (FFA-LoRA): A is neither uploaded nor downloaded.
+        False when the download carries only B (FFA-LoRA: A is frozen and shared by seed); whether
+        uploads carry A is the protocol's (``florist.aggregation.protocols``, ``uploads_a``).
     seconds : float
         Server wall time of the aggregation.
     """
@@ -140,8 +144,17 @@ class Aggregator(ABC):
 
     @classmethod
     def sends_a(cls) -> bool:
-        """Do uploads and downloads carry A (False when A is frozen and shared by seed)?"""
-        return cls.protocol is not ClientProtocol.FROZEN_SHARED_A
+        """Do downloads carry A (False when A is frozen and shared by seed)? The protocol says."""
+        from florist.aggregation.protocols import protocol_of  # protocols builds on this module
+
+        return protocol_of(cls.protocol).sends_a
+
+    @classmethod
+    def uploads_a(cls) -> bool:
+        """Do uploads carry A (False when the server knows it: FFA-LoRA's seed, FedSVD's own A)?"""
+        from florist.aggregation.protocols import protocol_of
+
+        return protocol_of(cls.protocol).uploads_a
 
     def aggregate(self, updates: Sequence[ClientUpdate], *, round: int | None = None) -> AggregationResult:
         """Validate ``updates``, sort them by client id and aggregate them."""

@@ -1,8 +1,8 @@
 """Communication accounting: exact bytes each client uploads and downloads, per module.
 
-Uplink is what a client sends (A and B of its own rank; only B for FFA-LoRA). Downlink is what
-the server sends that client (``AggregationResult.download``). Sizes are tensor elements times the
-wire dtype's size; message framing is not counted.
+Uplink is what a client sends (A and B of its own rank; only B for FFA-LoRA and FedSVD). Downlink
+is what the server sends that client (``AggregationResult.download``; only B for FFA-LoRA). Sizes
+are tensor elements times the wire dtype's size; message framing is not counted.
 
 The paper's efficiency metric (FLoRIST, Table 1) is ``1 / sum over adapted matrices of the global
 rank``, reported x 10^-4. For methods whose clients download different ranks, the largest rank a
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from florist.aggregation.base import AggregationResult
+from florist.aggregation.protocols import protocol_of
 from florist.dtypes import itemsize
 from florist.lora.update import ClientUpdate, LoraFactors
 
@@ -59,8 +60,9 @@ def communication(
 ) -> CommReport:
     """Exact bytes of one round of ``result.method`` for the clients in ``updates``."""
     size = wire_bytes(wire_dtype)
+    up_a = protocol_of(result.protocol).uploads_a
     up = {
-        u.client_id: {n: _numel(f, result.sends_a) * size for n, f in sorted(u.modules.items())}
+        u.client_id: {n: _numel(f, up_a) * size for n, f in sorted(u.modules.items())}
         for u in sorted(updates, key=lambda u: u.client_id)
     }
     down = {

@@ -29,8 +29,11 @@ from florist.errors import InvalidUpdate
 from florist.lora.update import ClientUpdate, LoraFactors
 
 
-def shared_a(updates: Sequence[ClientUpdate], module: str, dtype: torch.dtype) -> Tensor:
-    """The shared frozen A (from the highest-rank client); every client's A must be its leading rows."""
+def shared_a(
+    updates: Sequence[ClientUpdate], module: str, dtype: torch.dtype, label: str = "FFA-LoRA"
+) -> Tensor:
+    """The shared frozen A (from the highest-rank client); every client's A must be its leading rows
+    (``label``: the method that needs it, for the refusal)."""
     ref = max(updates, key=lambda u: u.modules[module].rank)
     A_ref = ref.modules[module].A.to(dtype)  # (r_max, n)
     for update in updates:
@@ -43,7 +46,7 @@ def shared_a(updates: Sequence[ClientUpdate], module: str, dtype: torch.dtype) -
             raise InvalidUpdate(
                 update.client_id,
                 f"lora_A differs from the shared frozen A of client {ref.client_id!r} "
-                f"(max abs difference {diff:.3g}); FFA-LoRA needs every client to keep the seeded A",
+                f"(max abs difference {diff:.3g}); {label} needs every client to keep the shared frozen A",
                 module=module,
             )
     return A_ref

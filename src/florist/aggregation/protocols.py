@@ -15,6 +15,9 @@ one of the objects below, which say
     MergeAndContinue   fedex               W0 += B_g A_g; continue from the leading r_k columns
     Continue           fedit, flexlora     load the download (own slice / own truncation), continue
     FrozenSharedA      ffa                 A frozen, one seeded draw; load the global B
+    TrainBOnServerA    fedsvd              A frozen and the server's (seeded in round 1, then the
+                                           right singular vectors of the aggregate); load A and B,
+                                           train B, upload only B
 
 A new protocol is a class here plus its aggregator; nothing else needs to know its name.
 """
@@ -25,9 +28,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import ClassVar, Protocol
 
+from torch import Tensor
+
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.lowrank import leading_columns, warm_parts, warm_source, without_warm_part
 from florist.lora import ClientUpdate, LoraFactors
+from florist.lora.seeded import seeded_a
 from florist.lora.update import sum_of_rounds
 
 Modules = Mapping[str, LoraFactors]
@@ -47,7 +53,8 @@ class ClientRules:
 
     kind: ClassVar[ClientProtocol]
     merges: ClassVar[bool] = False  # clients merge every round in order: catch-up replays all missed
-    sends_a: ClassVar[bool] = True  # A travels both ways (not when frozen and shared by seed)
+    sends_a: ClassVar[bool] = True  # downloads carry A (not when frozen and shared by seed)
+    uploads_a: ClassVar[bool] = True  # uploads carry A (not when the server knows it: ``upload_a``)
     fits_warm_start: ClassVar[bool] = False  # lora.warm_start can apply
     fits_clip: ClassVar[bool] = True  # aggregation.clip is defined (the upload is the round's change)
     own_init: ClassVar[bool] = False  # lora.init applies; else every client starts from the shared draw
@@ -99,6 +106,12 @@ class ClientRules:
     def round_one_key(self, init: str) -> str | None:
         """Which round-1 uploads the bench can share (None: its own)."""
         return self.init_policy(init)
+
+    def upload_a(self, sent: Sequence[AggregationResult], seed: int, rows: int, name: str, n: int) -> Tensor:
+        """The A of module ``name`` (``rows`` x ``n``) that B-only uploads were trained against, known
+        to the server without being sent (only for protocols with ``uploads_a = False``); a client
+        of rank r used its leading r rows. ``sent``: the results sent so far."""
+        raise TypeError(f"{self.kind.value} clients upload A")
 
 
 class MergeAndRestart(ClientRules):
@@ -183,6 +196,7 @@ class FrozenSharedA(ClientRules):
 
     kind = ClientProtocol.FROZEN_SHARED_A
     sends_a = False
+    uploads_a = False
 
     def fresh(self, client: ClientSide, round: int, configured: str) -> None:
         client.fresh_lora(0, "frozen", freeze_a=True)
@@ -193,6 +207,32 @@ class FrozenSharedA(ClientRules):
     def round_one_key(self, init: str) -> str | None:
         return None
 
+    def upload_a(self, sent: Sequence[AggregationResult], seed: int, rows: int, name: str, n: int) -> Tensor:
+        return seeded_a(seed, name, rows, n)
+
+
+class TrainBOnServerA(ClientRules):
+    """FedSVD: A is frozen and chosen by the server, the seeded draw in round 1 and afterwards the
+    right singular vectors of the aggregate (``florist.aggregation.fedsvd``); a client loads the global
+    A and B (its rank's leading components), trains B and uploads only B."""
+
+    kind = ClientProtocol.TRAIN_B_ON_SERVER_A
+    uploads_a = False
+
+    def fresh(self, client: ClientSide, round: int, configured: str) -> None:
+        client.fresh_lora(0, "frozen", freeze_a=True)
+
+    def round_one_key(self, init: str) -> str | None:
+        return None
+
+    def upload_a(self, sent: Sequence[AggregationResult], seed: int, rows: int, name: str, n: int) -> Tensor:
+        if not sent:
+            return seeded_a(seed, name, rows, n)
+        A = sent[-1].global_update[name].A  # what every client loaded (its leading rows)
+        if A.shape[1] != n:
+            raise ValueError(f"module {name!r}: the server's A has {A.shape[1]} columns, not {n}")
+        return A
+
 
 _RULES: dict[ClientProtocol, ClientRules] = {
     ClientProtocol.MERGE_AND_RESTART: MergeAndRestart(),
@@ -200,6 +240,7 @@ _RULES: dict[ClientProtocol, ClientRules] = {
     ClientProtocol.CONTINUE_GLOBAL: Continue(ClientProtocol.CONTINUE_GLOBAL),
     ClientProtocol.CONTINUE_PER_CLIENT: Continue(ClientProtocol.CONTINUE_PER_CLIENT),
     ClientProtocol.FROZEN_SHARED_A: FrozenSharedA(),
+    ClientProtocol.TRAIN_B_ON_SERVER_A: TrainBOnServerA(),
 }
 
 

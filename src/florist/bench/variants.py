@@ -16,7 +16,7 @@ from florist.aggregation.base import aggregator_class
 from florist.bench import full
 from florist.errors import ConfigError
 
-BASELINES = ("fedit", "flora", "flexlora", "ffa", "rblora", "fedex")
+BASELINES = ("fedit", "flora", "flexlora", "ffa", "rblora", "fedex", "fedsvd")
 DEFAULT_TAUS = (0.95, 0.9, 0.8)
 OPTIONS = {  # name -> overrides; "all" combines the first three, "a+b" any of them
     "warm": (("lora.warm_start", True), ("lora.warm_split", "balanced")),  # the first split measured

@@ -284,7 +284,7 @@ class FederationConfig:
 class AggregationConfig:
     method: str = field(
         default="florist",
-        metadata={"help": "aggregator: florist, flora, fedit, flexlora, ffa, rblora, fedex, full"},
+        metadata={"help": "aggregator: florist, flora, fedit, flexlora, ffa, rblora, fedex, fedsvd, full"},
     )
     tau: float | None = field(default=None, metadata={"help": "florist: energy threshold (default 0.9)"})
     rank: int | None = field(default=None, metadata={"help": "florist: fixed global rank"})

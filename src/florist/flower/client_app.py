@@ -60,7 +60,7 @@ def train(cfg: FloristConfig, msg: Message, context: Context) -> Message:
     before_reply(cfg.faults, rnd, node.index, cfg.federation.num_clients)
     arrays, meta = encode_upload(
         update.modules,
-        with_a=node.client.rules.sends_a,
+        with_a=node.client.rules.uploads_a,
         wire=cfg.federation.wire_dtype,
     )
     metrics = MetricRecord(

@@ -14,7 +14,8 @@ NumPy lacks and which is sent as its raw 16-bit pattern (a uint16 array) under t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from florist.dtypes import WIRE, itemsize
 from florist.errors import InvalidUpdate
 from florist.lora import LoraFactors
-from florist.lora.seeded import seeded_a
 
 A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
 
@@ -140,17 +140,27 @@ def check_declared(
         raise InvalidUpdate(client, "lora_A and lora_B ranks differ", module=mixed[0], round=round)
 
 
+@dataclass(frozen=True)
+class KnownA:
+    """The A that B-only uploads were trained against, known to the server and never sent: ``rows``
+    (the largest client rank) and ``of(module, n)``, the (rows, n) matrix (FFA-LoRA's seeded draw,
+    FedSVD's last A; ``florist.aggregation.protocols.ClientRules.upload_a``)."""
+
+    rows: int
+    of: Callable[[str, int], torch.Tensor]
+
+
 def decode_upload(
     record: ArrayRecord,
     meta: ConfigRecord,
     client: str,
     *,
-    shared_a: tuple[int, int] | None = None,
+    known_a: KnownA | None = None,
     expected: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, LoraFactors]:
-    """A client's factors; with ``shared_a = (seed, rows)`` A is rebuilt from the seed (FFA-LoRA).
+    """A client's factors; with ``known_a`` only B was sent and A is the server's own (leading rows).
 
-    With ``expected`` (module -> weight shape), a rebuilt A is only drawn for a known module whose
+    With ``expected`` (module -> weight shape), a known A is only looked up for a known module whose
     claimed width and B agree with the model: nothing is allocated from an unchecked claim. The
     server calls ``check_declared`` first, so nothing is decoded from an unchecked claim either.
     """
@@ -160,23 +170,22 @@ def decode_upload(
     for name, (A, B) in pairs.items():
         if name not in scaling:
             raise InvalidUpdate(client, "no scaling was sent", module=name)
-        if shared_a is not None:
-            A = _rebuilt_a(meta, name, B, client, shared_a, expected)
+        if known_a is not None:
+            A = _known_a(meta, name, B, client, known_a, expected)
         elif A is None:
             raise InvalidUpdate(client, "lora_A is missing", module=name)
         out[name] = LoraFactors(A=A, B=B, scaling=scaling[name])
     return out
 
 
-def _rebuilt_a(
+def _known_a(
     meta: ConfigRecord,
     name: str,
     B: torch.Tensor,
     client: str,
-    shared_a: tuple[int, int],
+    known_a: KnownA,
     expected: Mapping[str, tuple[int, int]] | None,
 ) -> torch.Tensor:
-    seed, rows = shared_a
     n = meta.get(f"n.{name}")
     r = B.shape[1] if B.ndim == 2 else 0
     if expected is not None and (name not in expected or (B.shape[0], n) != tuple(expected[name])):
@@ -184,11 +193,11 @@ def _rebuilt_a(
         raise InvalidUpdate(
             client, f"B {tuple(B.shape)} with n={n!r} does not fit the model's weight {want}", module=name
         )
-    if not isinstance(n, int) or n < 1 or not 1 <= r <= rows:
+    if not isinstance(n, int) or n < 1 or not 1 <= r <= known_a.rows:
         raise InvalidUpdate(
-            client, f"cannot rebuild the shared A (n={n!r}, rank {r}, shared rank {rows})", module=name
+            client, f"cannot rebuild the known A (n={n!r}, rank {r}, its rank {known_a.rows})", module=name
         )
-    return seeded_a(seed, name, rows, n)[:r]  # (r, n)
+    return known_a.of(name, n)[:r]  # (r, n)
 
 
 def _pairs(record: ArrayRecord, client: str) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:

@@ -16,7 +16,7 @@ from typing import Any
 from flwr.app import Message
 
 from florist.errors import InvalidUpdate
-from florist.flower.codec import check_declared, decode_upload, payload_bytes, received_bytes
+from florist.flower.codec import KnownA, check_declared, decode_upload, payload_bytes, received_bytes
 from florist.lora import ClientUpdate
 from florist.lora.validation import check_update
 from florist.server.size_guard import MessageTooLarge, check_message
@@ -76,8 +76,8 @@ class ReplyReader:
         Every adapted module and its weight shape ``(m, n)``.
     max_message_mb : float
         Largest reply accepted, on the payload and on what its metadata claims.
-    shared_a : tuple[int, int] | None
-        ``(seed, largest rank)`` of the seeded frozen A (FFA-LoRA), None when clients send A.
+    known_a : KnownA | None
+        The A that B-only uploads were trained against (FFA-LoRA, FedSVD); None when clients send A.
     merged_rounds : Callable[[int], list[int]] | None
         Merge protocols: the rounds a client must hold when it replies in a round; None otherwise.
     wire : str
@@ -87,7 +87,7 @@ class ReplyReader:
     by_node: Mapping[int, ClientInfo]
     expected: Mapping[str, tuple[int, int]]
     max_message_mb: float
-    shared_a: tuple[int, int] | None
+    known_a: KnownA | None
     merged_rounds: Callable[[int], list[int]] | None
     wire: str = "float32"
 
@@ -128,9 +128,9 @@ class ReplyReader:
         if info is None:
             raise InvalidUpdate(who, "the reply comes from a node that did not join")
         lora = content.array_records["lora"]
-        check_declared(lora, who, self.expected, self.wire, info.rank, self.shared_a is None, round)
+        check_declared(lora, who, self.expected, self.wire, info.rank, self.known_a is None, round)
         modules = decode_upload(
-            content.array_records["lora"], content.config_records["lora_meta"], who, shared_a=self.shared_a,
+            content.array_records["lora"], content.config_records["lora_meta"], who, known_a=self.known_a,
             expected=self.expected,
         )  # fmt: skip
         n = content.metric_records["metrics"].get("num-examples")

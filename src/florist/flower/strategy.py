@@ -23,7 +23,7 @@ from florist.aggregation.protocols import protocol_of
 from florist.client.model import load_model, resolve_model
 from florist.config import FloristConfig
 from florist.data.federated import test_examples
-from florist.flower.codec import encode_factors, payload_bytes
+from florist.flower.codec import KnownA, encode_factors, payload_bytes
 from florist.flower.handshake import hello
 from florist.flower.node import GLOBAL_PREFIX
 from florist.flower.replies import ClientInfo, ReplyReader, RoundLog, weighted_mean
@@ -103,11 +103,17 @@ class FederatedLoRA(Strategy):
         self.node_of = {c.client_id: c.node_id for c in self.clients}
         if self._server is None:
             self._server = Server(cfg, self.aggregator, self.clients, self.model)
-        shared = None if self.sends_a else (cfg.federation.seed, max(c.rank for c in self.clients))
         self.reader = ReplyReader(
-            self.by_node, self.expected, cfg.federation.max_message_mb, shared,
+            self.by_node, self.expected, cfg.federation.max_message_mb, self._known_a(),
             self.server.merged_before if self.merges else None, cfg.federation.wire_dtype,
         )  # fmt: skip
+
+    def _known_a(self) -> KnownA | None:
+        """The A of B-only uploads, as the protocol says (read from the results sent when asked)."""
+        if self.rules.uploads_a:
+            return None
+        seed, rows = self.cfg.federation.seed, max(c.rank for c in self.clients)
+        return KnownA(rows, lambda name, n: self.rules.upload_a(self.server.sent(), seed, rows, name, n))
 
     @property
     def server(self) -> Server:

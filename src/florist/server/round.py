@@ -56,7 +56,7 @@ def aggregate_round(
     clipped, report = clip(cfg, deltas, round)
     averages_factors = not type(aggregator).products_only
     if report is not None and averages_factors:
-        clipped = clip_factors(clipped, cfg.aggregation.clip_value, with_a=type(aggregator).sends_a())
+        clipped = clip_factors(clipped, cfg.aggregation.clip_value, with_a=type(aggregator).uploads_a())
     fed = cfg.federation
     outcome = aggregate_finite(aggregator, round, clipped, fed.min_replies, fed.wire_dtype)
     outcome.clip = report

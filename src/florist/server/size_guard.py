@@ -47,10 +47,10 @@ def estimate(
     ``fixed_rank`` and ``budget_mb`` are FLoRIST's other rank policies (aggregation.rank, .budget_mb).
     """
     cls = aggregator_class(method)
-    r_max, full = max(ranks), cls.sends_a()
-    up = sum(r_max * ((m + n) if full else m) for m, n in shapes.values()) * bytes_per_element
+    r_max, up_a, down_a = max(ranks), cls.uploads_a(), cls.sends_a()
+    up = sum(r_max * ((m + n) if up_a else m) for m, n in shapes.values()) * bytes_per_element
     down = sum(
-        cls.download_rank(ranks, m, n, fixed_rank) * ((m + n) if full else m) for m, n in shapes.values()
+        cls.download_rank(ranks, m, n, fixed_rank) * ((m + n) if down_a else m) for m, n in shapes.values()
     )
     down *= bytes_per_element
     if cls.rank_policy and budget_mb is not None:
