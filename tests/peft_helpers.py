@@ -54,8 +54,9 @@ def write_peft_client(
         init_lora_weights=False,
         **lora,
     )
+    base = base_factory()  # it may seed torch itself: the LoRA draw below must follow ``seed``
     torch.manual_seed(seed)
-    model = get_peft_model(base_factory(), config)
+    model = get_peft_model(base, config)
     model.save_pretrained(str(path))
     return path
 

@@ -172,3 +172,35 @@ def test_run_with_an_unknown_model_exits_2_and_leaves_no_run_directory(tmp_path:
     assert main(args) == 2
     assert "model.name '/no/such/model' is not a model directory" in capsys.readouterr().err
     assert not runs.exists()
+
+
+def test_fedsvd_aggregates_adapters_that_share_a_and_refuses_others(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """``florist aggregate --method fedsvd``: adapters trained against one A (as FedSVD's clients
+    are) merge to the exact weighted sum with orthonormal rows in the written A; adapters with their
+    own A are refused in one line naming the client, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    dirs = []
+    for k in range(2):
+        d = write_peft_client(tiny_llama, tmp_path / f"site{k}", 4, seed=k)
+        (d / "florist.json").write_text(json.dumps({"num_examples": [100, 300][k]}))
+        dirs.append(str(d))
+    refused = tmp_path / "refused"
+    assert main(["aggregate", *dirs, "-o", str(refused), "--method", "fedsvd"]) == 2
+    err = capsys.readouterr().err
+    assert "FedSVD needs every client to keep the shared frozen A" in err and "site1" in err
+    assert not refused.exists()
+    first = load_file(str(Path(dirs[0]) / "adapter_model.safetensors"))
+    path = Path(dirs[1]) / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    save_file({k: first[k] if "lora_A" in k else v for k, v in tensors.items()}, str(path))
+    out = tmp_path / "global"
+    assert main(["aggregate", *dirs, "-o", str(out), "--method", "fedsvd"]) == 0
+    report = json.loads((out / "florist_aggregation.json").read_text())
+    base, merged = tiny_llama().state_dict(), merged_weights(tiny_llama(), out)
+    for name in report["modules"]:
+        assert_product_close(
+            merged[f"{name}.weight"] - base[f"{name}.weight"], _dense(dirs, [100, 300], name), 1e-4
+        )
+        A = read_adapter(out).modules[name].A.to(torch.float64)
+        torch.testing.assert_close(A @ A.T, torch.eye(A.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
