@@ -41,12 +41,13 @@ CANDIDATES = {  # --extra-baselines specs and FLoRIST variant names, per the ben
         "flexlora+bf16",
         "flexlora+bf16+uplink",
         "fedex+bf16",
+        "fedsvd+bf16",
     ),
     "florist": ("all+orth", "all+orth+chg", "bf16+orth"),
 }
 NAMES = ("FedIT +bf16", "FLoRA +bf16", "FLoRA +bf16 +orth", "FlexLoRA +bf16", "FlexLoRA +bf16 +uplink",
-         "FedEx-LoRA +bf16", "FLoRIST tau=0.90 +all +orth", "FLoRIST tau=0.90 +all +orth +chg",
-         "FLoRIST tau=0.90 +bf16 +orth")  # fmt: skip
+         "FedEx-LoRA +bf16", "FedSVD +bf16", "FLoRIST tau=0.90 +all +orth",
+         "FLoRIST tau=0.90 +all +orth +chg", "FLoRIST tau=0.90 +bf16 +orth")  # fmt: skip
 
 
 def bench_command(

@@ -43,7 +43,7 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
     base = results["homogeneous"].pop("base model (round 0)")
     assert [r["round"] for r in base] == [0] and base[0]["eval"]["heldout_loss"] > 0
     homo = results["homogeneous"]
-    assert set(homo) == {"FedIT", "FLoRA", "FlexLoRA", "FFA-LoRA", "RB-LoRA", "FedEx-LoRA", "FedAvg (full weights)", "FLoRIST tau=1.00", "FLoRIST tau=0.80",
+    assert set(homo) == {"FedIT", "FLoRA", "FlexLoRA", "FFA-LoRA", "RB-LoRA", "FedEx-LoRA", "FedSVD", "FedAvg (full weights)", "FLoRIST tau=1.00", "FLoRIST tau=0.80",
                          "FLoRIST tau=0.80 +warm", "FLoRIST tau=0.80 +all", "FedIT +bf16"}  # fmt: skip
     assert all(len(records) == 2 for records in homo.values())
     assert all("heldout_rows" in records[-1]["eval"] for records in homo.values())  # for paired differences
@@ -58,6 +58,9 @@ def test_bench_writes_table_plots_and_picks(tmp_path: Path) -> None:
     )
     assert r1["FLoRA"]["bytes_up"] == r1["FedIT"]["bytes_up"]  # the same shared round-1 uploads
     assert r1["FFA-LoRA"]["bytes_up"] < r1["FedIT"]["bytes_up"]  # FFA-LoRA uploads B only
+    assert (
+        r1["FedSVD"]["bytes_up"] == r1["FFA-LoRA"]["bytes_up"] < r1["FedSVD"]["bytes_down"]
+    )  # B up, B and A down
     assert r1["FedIT +bf16"]["bytes_up"] * 2 == r1["FedIT"]["bytes_up"]  # bytes as sent
     assert r1["FLoRIST tau=0.80 +all"]["bytes_up"] < r1["FedIT +bf16"]["bytes_up"]  # uplink cut, bf16
     assert homo["FLoRIST tau=0.80 +warm"][-1]["options"]["lora.warm_start"] is True

@@ -52,6 +52,13 @@ def test_refactorise_keeps_the_product_and_fixes_signs() -> None:
     Z = refactorise(torch.cat([B[:, :1], torch.zeros(12, 2, dtype=F64)], 1), A)
     assert Z.A.shape == (3, 7) and Z.B.shape == (12, 3)
     torch.testing.assert_close(Z.B @ Z.A, B[:, :1] @ A[:1], atol=1e-12, rtol=0)
+    # a rank above min(m, n) (LoRA rank 8 on a 5 x 6 weight): the shapes stay, the extra rows are zero
+    B8, A8 = torch.randn(5, 8, generator=g, dtype=F64), torch.randn(8, 6, generator=g, dtype=F64)
+    W = refactorise(B8, A8)
+    assert W.A.shape == (8, 6) and W.B.shape == (5, 8)
+    torch.testing.assert_close(W.B @ W.A, B8 @ A8)
+    assert float(W.A[5:].abs().max()) == 0.0 and float(W.B[:, 5:].abs().max()) == 0.0
+    torch.testing.assert_close(W.A[:5] @ W.A[:5].T, torch.eye(5, dtype=F64))
 
 
 def test_lower_rank_clients_download_the_best_approximation_of_their_rank() -> None:

@@ -51,12 +51,19 @@ from florist.lora.update import ClientUpdate, LoraFactors
 
 def refactorise(B: Tensor, A: Tensor) -> LoraFactors:
     """``B @ A`` (m x r, r x n) as ``B' @ A'`` with orthonormal rows in ``A'`` and the singular
-    values in ``B'`` (the same rank r; zero singular values kept so every round has the same shapes)."""
-    Q, R = torch.linalg.qr(B)  # (m, r), (r, r)
-    U, S, Vh = torch.linalg.svd(R @ A, full_matrices=False)  # (r, r), (r,), (r, n)
+    values in ``B'``, of the same rank r so every round has the same shapes: zero singular values are
+    kept, and where r exceeds min(m, n) the rows beyond it are zero (nothing to train against)."""
+    r = A.shape[0]
+    Q, R = torch.linalg.qr(B)  # (m, k), (k, r), k = min(m, r)
+    U, S, Vh = torch.linalg.svd(R @ A, full_matrices=False)  # (k, p), (p,), (p, n), p = min(k, n)
     signs = torch.sign(Vh.gather(1, Vh.abs().argmax(dim=1, keepdim=True))).squeeze(1)
     signs[signs == 0] = 1.0
-    return LoraFactors(A=Vh * signs[:, None], B=(Q @ U) * (S * signs))
+    A_new, B_new = Vh * signs[:, None], (Q @ U) * (S * signs)
+    p = A_new.shape[0]
+    if p < r:
+        A_new = torch.cat([A_new, A_new.new_zeros(r - p, A_new.shape[1])])
+        B_new = torch.cat([B_new, B_new.new_zeros(B_new.shape[0], r - p)], dim=1)
+    return LoraFactors(A=A_new, B=B_new)
 
 
 @register("fedsvd")
