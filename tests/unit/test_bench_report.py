@@ -90,7 +90,7 @@ def test_variant_names_and_options() -> None:
     assert v.overrides()["federation.uplink_tau"] == 0.9 and v.overrides()["lora.warm_start"] is True
     assert v.overrides()["federation.wire_dtype"] == "bfloat16"
     names = [x.name for x in sweep(taus=(0.9,), option_taus=(0.9,), options=("warm", "uplink"))]
-    assert names == ["FedIT", "FLoRA", "FlexLoRA", "FFA-LoRA", "RB-LoRA", "FedEx-LoRA", "FedAvg (full weights)", "FLoRIST tau=0.90", "FLoRIST tau=0.90 +warm",
+    assert names == ["FedIT", "FLoRA", "FlexLoRA", "FFA-LoRA", "RB-LoRA", "FedEx-LoRA", "FedSVD", "FedAvg (full weights)", "FLoRIST tau=0.90", "FLoRIST tau=0.90 +warm",
                      "FLoRIST tau=0.90 +uplink"]  # fmt: skip
 
 
