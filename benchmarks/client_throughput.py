@@ -47,7 +47,8 @@ from florist.client.compiled import compiled_layers
 from florist.client.lora_state import reinit
 from florist.client.model import load_model
 from florist.client.packed_attention import packed_attention
-from florist.client.train import BatchStream, LoraSettings, TrainSettings, encode_all, train
+from florist.client.train import BatchStream, TrainSettings, encode_all, train
+from florist.config.schema import AdapterConfig
 from florist.data.loaders import load_examples
 from florist.data.records import Example
 from florist.data.skills import make_skills_dataset
@@ -59,7 +60,7 @@ from florist.precision import Precision, resolve
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "client_throughput.json"
 DOLLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly-8clients"
-LORA = LoraSettings(rank=16, alpha=32, dropout=0.05, target_modules=("q_proj", "v_proj"))
+LORA = AdapterConfig(ranks=(16,), alpha=32, dropout=0.05, target_modules=("q_proj", "v_proj"))
 MAX_LENGTH = 256
 GOAL = 2.5  # useful tokens/s of the fastest exact configuration over fp32 padded, training
 

@@ -219,23 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _aggregate(args: argparse.Namespace) -> None:
-    from florist.commands.aggregate import run_aggregate
-    from florist.config.aggregate_options import AggregateOptions
+    from florist.commands.aggregate import AggregateJob, run_aggregate
+    from florist.config.schema import AggregationConfig
     from florist.tables import print_aggregation
 
-    opts = AggregateOptions(
-        method=args.method,
-        tau=args.tau,
-        rank=args.rank,
-        budget_mb=args.budget_mb,
-        min_rank=args.min_rank,
-        max_rank=args.max_rank,
-        weights=args.weights,
-        wire_dtype=args.wire_dtype,
-        dtype=args.dtype,
-        basis=args.basis,
-        overwrite=args.overwrite,
-    )
+    aggregation = AggregationConfig(
+        method=args.method, tau=args.tau, rank=args.rank, budget_mb=args.budget_mb,
+        min_rank=args.min_rank, max_rank=args.max_rank, dtype=args.dtype, basis=args.basis,
+    )  # fmt: skip
+    opts = AggregateJob(aggregation, args.weights, args.wire_dtype, args.overwrite)
     report = run_aggregate(args.dirs, args.out, opts)
     if args.json:
         print(json.dumps(report, indent=2))

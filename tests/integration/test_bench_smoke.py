@@ -153,7 +153,7 @@ def test_aggregation_clip_applies_in_the_bench_as_in_the_strategy(tmp_path: Path
     plain = run_variant(load_config(None, base), lambda m, t: {})
     assert "clip" not in plain[0]
     cfg = load_config(None, [*base, "aggregation.clip='fixed'", "aggregation.clip_value=1e-6"])
-    agg = cfg.aggregation.build()
+    agg = cfg.aggregator()
     assert aggregate_round(cfg, agg, 1, [], [], {}).result is None  # nothing to aggregate: no result
 
 

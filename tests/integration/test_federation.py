@@ -49,7 +49,7 @@ def offline(cfg: FloristConfig, round_dir: Path, previous: Path | None = None) -
             rank = RANKS[int(d.name.removeprefix("client-"))]
             update = replace(update, start=leading_columns(read_adapter(previous).modules, rank))
         updates.append(update)
-    agg = cfg.aggregation.build()
+    agg = cfg.aggregator()
     result = agg.aggregate(updates)
     return {name: f.delta(torch.float64) for name, f in result.global_update.items()}
 

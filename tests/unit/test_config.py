@@ -150,3 +150,22 @@ def test_a_packaged_config_loads_by_name_and_a_missing_one_is_named(tmp_path: Pa
 def test_the_new_config_keys_refuse_bad_values_by_name(override: str, why: str) -> None:
     with pytest.raises(ConfigError, match=why):
         load_config(None, [override])
+
+
+def test_a_runs_byte_budget_is_priced_at_its_wire_dtype() -> None:
+    """``aggregation.budget_mb`` buys directions at the run's wire price: on a bf16 wire twice as many
+    bytes' worth of rank as on float32 (it was priced at float32 whatever the wire)."""
+    from florist.aggregation import communication
+    from tests.helpers import make_updates
+
+    updates = make_updates([8, 8, 8])
+    down = {}
+    for wire in ("float32", "bfloat16"):
+        cfg = load_config(None, [f"federation.wire_dtype={wire!r}", "aggregation.budget_mb=0.0012"])
+        agg = cfg.aggregator()
+        assert agg.wire_bytes == {"float32": 4, "bfloat16": 2}[wire]  # type: ignore[attr-defined]
+        result = agg.aggregate(updates)
+        per_client = communication(updates[:1], result, wire).downlink_total
+        assert per_client <= 1200
+        down[wire] = sum(result.ranks.values())
+    assert down["bfloat16"] > down["float32"]

@@ -224,7 +224,7 @@ def test_a_huge_scaling_is_refused_and_the_global_stays_finite(
     cfg = load_config(
         None, [f"federation.num_clients={N}", f"lora.ranks=[{RANK}]", f"aggregation.method={method!r}"]
     )
-    agg = cfg.aggregation.build()
+    agg = cfg.aggregator()
     s = FederatedLoRA(cfg, agg, clients(), shapes)
     ups = [honest(shapes, k, common=1.0) for k in range(N)]
     replies = [reply(u) for u in ups[:2]] + [reply(_scaled(ups[2], scaling))] + [reply(u) for u in ups[3:]]

@@ -157,7 +157,7 @@ def test_one_client_cannot_take_over_the_aggregate(shapes: dict[str, tuple[int, 
         cfg = config(*overrides)
         infos = [ClientInfo(c.node_id, c.client_id, c.index, c.rank, 10**9 if c.index == 0 else c.num_examples)
                  for c in clients()]  # fmt: skip
-        s = FederatedLoRA(cfg, cfg.aggregation.build(), infos, shapes)
+        s = FederatedLoRA(cfg, cfg.aggregator(), infos, shapes)
         ups = [honest(shapes, k, common=1.0) for k in range(N)]
         s.aggregate_train(ROUND, [reply(ups[0], n=1e9), *[reply(u) for u in ups[1:]]])
         return s.server.history[-1][1].weights

@@ -8,7 +8,8 @@ import torch
 from florist.aggregation import EnergyThreshold, make_aggregator
 from florist.client.local import LocalClient
 from florist.client.lora_state import extract, lora_layers
-from florist.client.train import LoraSettings, TrainSettings
+from florist.client.train import TrainSettings
+from florist.config.schema import AdapterConfig
 from florist.data.records import Example
 from florist.errors import ConfigError
 from tests.peft_helpers import tiny_llama
@@ -37,8 +38,8 @@ def _clients(
             tiny_llama(vocab_size=VOCAB_SIZE),
             tiny_tokenizer(),
             DATA[k],
-            LoraSettings(
-                rank=r,
+            AdapterConfig(
+                ranks=(r,),
                 alpha=2 * r,
                 dropout=0.0,
                 target_modules=("q_proj", "v_proj"),
@@ -67,7 +68,7 @@ def test_training_lowers_the_loss_and_reports_tokens() -> None:
         tiny_llama(vocab_size=VOCAB_SIZE, initializer_range=0.3),  # at 0.02, logits cannot get confident
         tiny_tokenizer(),
         DATA[0],
-        LoraSettings(rank=8, alpha=16, dropout=0.0, target_modules=targets),
+        AdapterConfig(ranks=(8,), alpha=16, dropout=0.0, target_modules=targets),
         TrainSettings(lr=1e-2, steps=40, batch_size=4, max_length=256),
         make_aggregator("florist").protocol,
         seed=0,
@@ -158,8 +159,8 @@ def test_bad_training_settings_are_named() -> None:
         TrainSettings(steps=None)
     with pytest.raises(ConfigError, match="batch_size must be at least 1, got 0"):
         TrainSettings(batch_size=0)
-    with pytest.raises(ConfigError, match="lora rank must be at least 1, got 0"):
-        LoraSettings(rank=0)
+    with pytest.raises(ConfigError, match=r"lora.ranks must be positive integers, got \[0\]"):
+        AdapterConfig(ranks=(0,))
     assert TrainSettings(steps=None, epochs=1.5, batch_size=4, grad_accum=2).num_steps(20) == 4
     # the paper's terms: effective batch 32 (4 x 8), 1/8 epoch or 64 examples per round
     eighth = TrainSettings(steps=None, epochs=0.125, batch_size=4, grad_accum=8)

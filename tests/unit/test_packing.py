@@ -15,7 +15,8 @@ import torch
 
 from florist.client.lm_loss import mean_token_loss
 from florist.client.packed_attention import boundaries, packed_attention
-from florist.client.train import LoraSettings, TrainSettings, encode_all, train
+from florist.client.train import TrainSettings, encode_all, train
+from florist.config.schema import AdapterConfig
 from florist.data.records import Example
 from florist.data.tokenize import IGNORE, collate, example_of_position, make_batch, pack, real_tokens
 from florist.errors import ConfigError
@@ -36,7 +37,7 @@ def _peft(dtype: torch.dtype = torch.float32, dropout: float = 0.0) -> Any:
 
     from florist.client.lora_state import reinit
 
-    lora = LoraSettings(rank=4, alpha=8, dropout=dropout, target_modules=("q_proj", "v_proj"))
+    lora = AdapterConfig(ranks=(4,), alpha=8, dropout=dropout, target_modules=("q_proj", "v_proj"))
     base = tiny_llama(vocab_size=VOCAB_SIZE, initializer_range=0.2).to(dtype)
     model = get_peft_model(base, lora.peft_config())
     reinit(model, 0)

@@ -8,8 +8,9 @@ import torch
 from florist import precision as prec
 from florist.client.lm_loss import mean_token_loss
 from florist.client.lora_state import extract
-from florist.client.train import LoraSettings, TrainSettings, encode_all, train
+from florist.client.train import TrainSettings, encode_all, train
 from florist.config import load_config
+from florist.config.schema import AdapterConfig
 from florist.data.records import Example
 from florist.data.tokenize import collate
 from florist.errors import ConfigError
@@ -25,7 +26,7 @@ def _peft(seed: int = 0) -> torch.nn.Module:
 
     from florist.client.lora_state import reinit
 
-    lora = LoraSettings(rank=4, alpha=8, dropout=0.05, target_modules=("q_proj", "v_proj"))
+    lora = AdapterConfig(ranks=(4,), alpha=8, dropout=0.05, target_modules=("q_proj", "v_proj"))
     model = get_peft_model(tiny_llama(vocab_size=VOCAB_SIZE, initializer_range=0.2), lora.peft_config())
     reinit(model, seed)
     return model

@@ -45,7 +45,7 @@ def products(modules: dict) -> dict[str, torch.Tensor]:  # type: ignore[type-arg
 
 def test_merge_protocol_catch_up_is_every_round_since_the_last_one_held() -> None:
     cfg = config("aggregation.tau=1.0")
-    server = Server(cfg, cfg.aggregation.build(), members())
+    server = Server(cfg, cfg.aggregator(), members())
     assert server.owed("client-0") == {}
     server.round(1, uploads(1, [0, 1, 2]))
     server.round(2, uploads(2, [0, 1]))  # client-2 sat out round 2
@@ -66,7 +66,7 @@ def test_merge_protocol_catch_up_is_every_round_since_the_last_one_held() -> Non
 
 def test_continue_protocol_downloads_the_latest_adapter_only() -> None:
     cfg = config("aggregation.method=fedit")
-    server = Server(cfg, cfg.aggregation.build(), members())
+    server = Server(cfg, cfg.aggregator(), members())
     server.round(1, uploads(1, [0, 1, 2]))
     server.round(2, uploads(2, [0, 2]))
     assert sorted(server.owed("client-1")) == [2]
@@ -76,7 +76,7 @@ def test_continue_protocol_downloads_the_latest_adapter_only() -> None:
 
 def test_a_round_without_a_result_changes_nothing_but_the_skip_streak() -> None:
     cfg = config("federation.min_replies=2")
-    server = Server(cfg, cfg.aggregation.build(), members())
+    server = Server(cfg, cfg.aggregator(), members())
     server.round(1, uploads(1, [0, 1]))
     before = (list(server.history), dict(server.state.synced))
     bad = uploads(2, [0, 1])
@@ -93,24 +93,24 @@ def test_a_round_without_a_result_changes_nothing_but_the_skip_streak() -> None:
 
 def test_participants_follow_the_schedule_or_a_seeded_sample() -> None:
     cfg = config("federation.participation=[[0, 2], [1]]", "federation.rounds=2")
-    server = Server(cfg, cfg.aggregation.build(), members())
+    server = Server(cfg, cfg.aggregator(), members())
     assert [m.client_id for m in server.participants(1)] == ["client-0", "client-2"]
     assert [m.client_id for m in server.participants(2)] == ["client-1"]
     sampled = config("federation.fraction=0.5")
-    one, two = (Server(sampled, sampled.aggregation.build(), members()) for _ in range(2))
+    one, two = (Server(sampled, sampled.aggregator(), members()) for _ in range(2))
     assert [one.participants(t) for t in range(1, 6)] == [two.participants(t) for t in range(1, 6)]
     assert all(len(one.participants(t)) == 2 for t in range(1, 6))  # round half up of 1.5
 
 
 def test_a_restored_server_owes_and_holds_what_the_one_that_never_stopped_does(tmp_path: Path) -> None:
     cfg = config()
-    live = Server(cfg, cfg.aggregation.build(), members())
+    live = Server(cfg, cfg.aggregator(), members())
     live.round(1, uploads(1, [0, 1, 2]))
     live.round(2, uploads(2, [1, 2]))
     live.state.round = 2
     live.state.records.append({"round": 2})
     checkpoint.save(tmp_path, live.state, cfg, keep=2)
-    back = Server(cfg, cfg.aggregation.build(), members())
+    back = Server(cfg, cfg.aggregator(), members())
     back.restore(checkpoint.load_latest(tmp_path, cfg, force=False))
     assert back.state.synced == live.state.synced and back.state.records == [{"round": 2}]
     for who in ("client-0", "client-1"):

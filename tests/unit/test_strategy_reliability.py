@@ -45,7 +45,7 @@ def clients(n: int = N) -> list[ClientInfo]:
 
 def strategy(shapes: dict[str, tuple[int, int]], *overrides: str, n: int = N) -> FederatedLoRA:
     cfg = config(*overrides, n=n)
-    agg = cfg.aggregation.build()
+    agg = cfg.aggregator()
     return FederatedLoRA(cfg, agg, clients(n), shapes)
 
 

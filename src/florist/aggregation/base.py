@@ -97,7 +97,7 @@ class AggregationResult:
         else the leading ``rank`` components of the global update (zero-padded if it has fewer)."""
         if self.per_client is not None and client_id in self.per_client:
             return self.per_client[client_id]
-        return {name: _leading(f, rank) for name, f in self.global_update.items()}
+        return {name: f.leading(rank, pad=True) for name, f in self.global_update.items()}
 
     def is_finite(self) -> bool:
         """Every factor of the global update and of every per-client download is finite."""
@@ -105,17 +105,6 @@ class AggregationResult:
         for per in (self.per_client or {}).values():
             modules += list(per.values())
         return all(bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all()) for f in modules)
-
-
-def _leading(f: LoraFactors, r: int) -> LoraFactors:
-    """Leading ``r`` components of ``f`` (effective factors), zero-padded when it has fewer."""
-    B, A = f.effective()  # (m, p), (p, n)
-    if A.shape[0] >= r:
-        return LoraFactors(A=A[:r].clone(), B=B[:, :r].clone())
-    pad = r - A.shape[0]
-    return LoraFactors(
-        A=torch.cat([A, A.new_zeros(pad, A.shape[1])]), B=torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
-    )
 
 
 class Aggregator(ABC):
@@ -191,10 +180,7 @@ def per_client_slices(
     if all(u.ranks == updates[0].ranks for u in updates):
         return None
     return {
-        u.client_id: {
-            name: LoraFactors(A=g.A[: u.modules[name].rank], B=g.B[:, : u.modules[name].rank])
-            for name, g in global_update.items()
-        }
+        u.client_id: {name: g.leading(u.modules[name].rank) for name, g in global_update.items()}
         for u in updates
     }
 

@@ -120,11 +120,7 @@ def warm_source(merged: Sequence[Mapping[str, LoraFactors]], warm_from: str) -> 
 def leading_columns(global_update: Mapping[str, LoraFactors], rank: int) -> dict[str, LoraFactors]:
     """The leading ``rank`` components of each module's factors as sent (no SVD): what a
     merge-and-continue client (FedEx-LoRA) moves back into its LoRA after merging ``global_update``."""
-    out = {}
-    for name, f in global_update.items():
-        B, A = f.effective(torch.float32)  # (m, p), (p, n)
-        out[name] = LoraFactors(A=A[:rank].contiguous(), B=B[:, :rank].contiguous())
-    return out
+    return {name: f.leading(rank) for name, f in global_update.items()}
 
 
 def without_warm_part(update: ClientUpdate, warm: Mapping[str, LoraFactors]) -> ClientUpdate:

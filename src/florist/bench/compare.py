@@ -99,8 +99,7 @@ def round_one_key(cfg: FloristConfig, method: str) -> str | None:
 
 def matched_budget_mb(cfg: FloristConfig, round_one: list[ClientUpdate], tau: float) -> float:
     """Download bytes of FLoRIST at ``tau`` on round 1's shared uploads, in MB (the budget to match)."""
-    agg_cfg = variant_config(cfg, Variant("", "florist", tau=tau)).aggregation
-    result = agg_cfg.build().aggregate(round_one)
+    result = variant_config(cfg, Variant("", "florist", tau=tau)).aggregator().aggregate(round_one)
     return communication(round_one[:1], result).downlink_total / 1e6
 
 

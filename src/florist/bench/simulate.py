@@ -117,7 +117,7 @@ class Variant:
 
     def __init__(self, cfg: FloristConfig) -> None:
         self.cfg = cfg
-        self.agg = cfg.aggregation.build()
+        self.agg = cfg.aggregator()
         self.rules = protocol_of(self.agg.protocol)
         self.clients = make_clients(cfg, self.agg.protocol)
         model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())

@@ -48,8 +48,9 @@ from florist.client.lora_state import (
     reinit,
     set_base_weights,
 )
-from florist.client.train import LoraSettings, TrainSettings, TrainStats, encode_all, train
+from florist.client.train import TrainSettings, TrainStats, encode_all, train
 from florist.config import FloristConfig
+from florist.config.schema import AdapterConfig
 from florist.data.records import Example
 from florist.lora import ClientUpdate, LoraFactors
 from florist.seeds import derive_seed
@@ -66,8 +67,8 @@ class LocalClient:
         A transformers causal LM and its tokenizer.
     examples : Sequence[Example]
         The client's training data.
-    lora, training : LoraSettings, TrainSettings
-        Its adapter and local budget.
+    lora, training : AdapterConfig, TrainSettings
+        Its adapter (one rank: ``AdapterConfig.settings``) and local budget.
     protocol : ClientProtocol
         What to do with downloads (from the aggregator).
     seed : int
@@ -88,7 +89,7 @@ class LocalClient:
         base_model: Any,
         tokenizer: Any,
         examples: Sequence[Example],
-        lora: LoraSettings,
+        lora: AdapterConfig,
         training: TrainSettings,
         protocol: ClientProtocol,
         seed: int,

@@ -25,7 +25,7 @@ from florist.client.compiled import compiled_layers
 from florist.client.lm_loss import mean_token_loss
 from florist.client.packed_attention import packed_attention
 from florist.client.progress import StepBar
-from florist.config.training import LORA_INITS, LoraSettings, TrainSettings
+from florist.config.training import LORA_INITS, TrainSettings
 from florist.data.records import Example
 from florist.data.tokenize import IGNORE, Encoded, computed_positions, encode, make_batch, real_tokens
 from florist.errors import ConfigError
@@ -33,7 +33,7 @@ from florist.precision import Precision, log_choice, resolve
 from florist.seeds import derive_seed
 
 log = logging.getLogger(__name__)
-__all__ = ["LORA_INITS", "LoraSettings", "TrainSettings", "TrainStats", "encode_all", "train"]
+__all__ = ["LORA_INITS", "TrainSettings", "TrainStats", "encode_all", "train"]
 
 
 @dataclass

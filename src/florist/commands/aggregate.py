@@ -14,6 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from florist.aggregation import (
     communication,
     efficiency,
 )
-from florist.config.aggregate_options import AggregateOptions
+from florist.config.schema import AggregationConfig
 from florist.errors import ConfigError, InvalidUpdate
 from florist.fsutil import atomic_dir, write_json_atomic
 from florist.lora import ClientUpdate
@@ -133,9 +134,28 @@ def _same_base(a: str | None, b: str | None) -> bool:
     return False
 
 
-def run_aggregate(dirs: Sequence[str], out: str, opts: AggregateOptions) -> dict[str, Any]:
+@dataclass(frozen=True)
+class AggregateJob:
+    """What ``florist aggregate`` does: the ``[aggregation]`` options (the config's own type) and the
+    command's: client weights (else each adapter's ``florist.json``), the wire dtype bytes are counted
+    in (and a byte budget priced at), and whether ``out`` may be replaced."""
+
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    weights: tuple[float, ...] | None = None
+    wire_dtype: str = "float32"
+    overwrite: bool = False
+
+    def options(self) -> dict[str, Any]:
+        """The options as the report lists them."""
+        a = self.aggregation
+        return {"method": a.method, "tau": a.tau, "rank": a.rank, "budget_mb": a.budget_mb,
+                "min_rank": a.min_rank, "max_rank": a.max_rank, "weights": self.weights,
+                "wire_dtype": self.wire_dtype, "dtype": a.dtype, "basis": a.basis}  # fmt: skip
+
+
+def run_aggregate(dirs: Sequence[str], out: str, opts: AggregateJob) -> dict[str, Any]:
     """Aggregate ``dirs`` into ``out``; returns the report (also written to ``out/{REPORT}``)."""
-    aggregator = opts.build()
+    aggregator = opts.aggregation.build(opts.wire_dtype)
     check_output(out, dirs)
     updates, first = load_clients(dirs, opts.weights)
     result = aggregator.aggregate(updates)
@@ -162,7 +182,7 @@ def _client_dir_names(client_ids: Sequence[str]) -> dict[str, str]:
 
 
 def build_report(
-    updates: Sequence[ClientUpdate], result: AggregationResult, comm: CommReport, opts: AggregateOptions
+    updates: Sequence[ClientUpdate], result: AggregationResult, comm: CommReport, opts: AggregateJob
 ) -> dict[str, Any]:
     """A JSON-serialisable summary: per-module ranks, energy and bytes, totals, efficiency, time."""
     by_id = {u.client_id: u for u in updates}
@@ -181,7 +201,7 @@ def build_report(
     return {
         "method": result.method,
         "protocol": result.protocol.value,
-        "options": {k: v for k, v in vars(opts).items() if k != "overwrite"},
+        "options": opts.options(),
         "clients": [{"id": c, "weight": result.weights[c]} for c in result.client_ids],
         "modules": modules,
         "wire_dtype": comm.wire_dtype,

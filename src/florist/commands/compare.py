@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ import torch
 from rich.table import Table
 from tqdm import tqdm
 
-from florist.commands.aggregate import run_aggregate
-from florist.config.aggregate_options import AggregateOptions
+from florist.commands.aggregate import AggregateJob, run_aggregate
+from florist.config.schema import AggregationConfig
 from florist.fsutil import atomic_dir, write_json_atomic
 from florist.lora import LoraFactors, distance
 from florist.lora.peft_io import read_adapter
@@ -31,13 +32,13 @@ log = logging.getLogger(__name__)
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4]
 DOLLY_SIZES = [1579, 685, 3775, 1830, 2152, 1776, 2531, 607]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-RUNS: list[tuple[str, AggregateOptions]] = [
-    ("FedIT", AggregateOptions(method="fedit")),
-    ("FlexLoRA", AggregateOptions(method="flexlora")),
-    ("FLoRA", AggregateOptions(method="flora")),
-    ("FLoRIST tau=1.00", AggregateOptions(tau=1.0)),
-    ("FLoRIST tau=0.90", AggregateOptions(tau=0.9)),
-    ("FLoRIST tau=0.80", AggregateOptions(tau=0.8)),
+RUNS: list[tuple[str, AggregateJob]] = [
+    ("FedIT", AggregateJob(AggregationConfig(method="fedit"))),
+    ("FlexLoRA", AggregateJob(AggregationConfig(method="flexlora"))),
+    ("FLoRA", AggregateJob(AggregationConfig(method="flora"))),
+    ("FLoRIST tau=1.00", AggregateJob(AggregationConfig(tau=1.0))),
+    ("FLoRIST tau=0.90", AggregateJob(AggregationConfig(tau=0.9))),
+    ("FLoRIST tau=0.80", AggregateJob(AggregationConfig(tau=0.8))),
 ]
 
 
@@ -85,13 +86,13 @@ def run_all(dirs: list[str], out: Path) -> list[dict[str, Any]]:
         rows.append({"label": label, "dir": target, "report": report})
         if label == "FLoRIST tau=0.90":  # the byte budget at the same bytes as tau = 0.9
             per_client = report["downlink_bytes"] / len(dirs)
-            budget = AggregateOptions(budget_mb=per_client / 1e6)
+            budget = AggregateJob(AggregationConfig(budget_mb=per_client / 1e6))
             runs.append(("FLoRIST budget=tau0.9 bytes", budget))
     return rows
 
 
-def _overwrite(opts: AggregateOptions) -> AggregateOptions:
-    return AggregateOptions(**{**vars(opts), "overwrite": True})
+def _overwrite(opts: AggregateJob) -> AggregateJob:
+    return replace(opts, overwrite=True)
 
 
 def comparison_table(rows: list[dict[str, Any]], exact: dict[str, torch.Tensor], k: int) -> Table:

@@ -14,19 +14,26 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from florist.aggregation import available
+from florist.aggregation import (
+    ByteBudget,
+    EnergyThreshold,
+    FixedRank,
+    RankPolicy,
+    available,
+    make_aggregator,
+    wire_bytes,
+)
 from florist.aggregation.base import Aggregator, aggregator_class
 from florist.aggregation.lowrank import WARM_FROM, WARM_SPLITS
 from florist.aggregation.protocols import protocol_of
 from florist.aggregation.robust import CLIP_MODES
-from florist.config.aggregate_options import AggregateOptions
-from florist.config.training import LORA_INITS, LoraSettings, TrainSettings, check_batching
-from florist.dtypes import MODEL, WIRE, torch_dtype
+from florist.config.training import LORA_INITS, TrainSettings, check_batching
+from florist.dtypes import COMPUTE, MODEL, WIRE, torch_dtype
 from florist.errors import ConfigError
 from florist.precision import check_precision
 
@@ -111,7 +118,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """[lora]: each client's LoRA adapter (named so that it does not shadow ``peft.LoraConfig``)."""
+    """[lora]: each client's LoRA adapter (named so that it does not shadow ``peft.LoraConfig``).
+
+    One client's adapter is the same type with its one rank and its alpha resolved (``settings``):
+    what ``florist.client.local.LocalClient`` trains, validated here once.
+    """
 
     ranks: tuple[int, ...] = field(default=(16,), metadata={"help": "one rank per client, or one for all"})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; unset: alpha_ratio * rank"})
@@ -158,6 +169,8 @@ class AdapterConfig:
         _positive("lora.alpha_ratio", self.alpha_ratio)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules is empty")
 
     def rank_of(self, client: int, num_clients: int) -> int:
         if len(self.ranks) not in (1, num_clients):
@@ -166,19 +179,29 @@ class AdapterConfig:
             )
         return self.ranks[0] if len(self.ranks) == 1 else self.ranks[client]
 
-    def settings(self, client: int, num_clients: int) -> LoraSettings:
+    def settings(self, client: int, num_clients: int) -> AdapterConfig:
+        """Client ``client``'s adapter: its one rank, its alpha resolved."""
         r = self.rank_of(client, num_clients)
-        alpha = self.alpha if self.alpha is not None else self.alpha_ratio * r
-        return LoraSettings(
-            r,
-            alpha,
-            self.dropout,
-            self.target_modules,
-            self.use_rslora,
-            self.init,
-            self.warm_start,
-            self.warm_split,
-            self.warm_from,
+        return replace(self, ranks=(r,), alpha=self.alpha if self.alpha is not None else self.alpha_ratio * r)
+
+    @property
+    def rank(self) -> int:
+        """The rank of one client's adapter (``settings``)."""
+        if len(self.ranks) != 1:
+            raise ConfigError(f"lora.ranks holds {len(self.ranks)} ranks; one client's adapter has one")
+        return self.ranks[0]
+
+    def peft_config(self) -> Any:
+        """One client's adapter as a ``peft.LoraConfig``."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha if self.alpha is not None else self.alpha_ratio * self.rank,  # type: ignore[arg-type]  # peft annotates int, accepts float
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            use_rslora=self.use_rslora,
+            task_type="CAUSAL_LM",
         )
 
 
@@ -311,17 +334,37 @@ class AggregationConfig:
             raise ConfigError(f"aggregation.clip must be one of {list(CLIP_MODES)}, got {self.clip!r}")
         if not self.clip_value > 0:
             raise ConfigError(f"aggregation.clip_value must be > 0, got {self.clip_value}")
-        self.options().aggregator_options()  # validates tau/rank/budget against the method
+        self.aggregator_options()  # validates tau/rank/budget against the method
 
-    def build(self) -> Aggregator:
-        """The aggregator this section describes: the one place a run, the bench or a test makes it."""
-        return self.options().build()
+    def policy(self) -> RankPolicy:
+        """FLoRIST's rank policy: a fixed rank, a byte budget per client, or the energy threshold tau."""
+        chosen = [x is not None for x in (self.tau, self.rank, self.budget_mb)]
+        if sum(chosen) > 1:
+            raise ConfigError("give at most one of tau, rank and budget_mb (--tau, --rank, --budget-mb)")
+        if self.rank is not None:
+            return FixedRank(self.rank)
+        if self.budget_mb is not None:
+            if not (math.isfinite(self.budget_mb) and self.budget_mb > 0):
+                raise ConfigError(
+                    f"budget_mb (--budget-mb, aggregation.budget_mb) must be > 0, got {self.budget_mb!r}"
+                )
+            budget = int(self.budget_mb * 1_000_000)
+            return ByteBudget(budget, min_rank=self.min_rank, max_rank=self.max_rank)
+        return EnergyThreshold(0.9 if self.tau is None else self.tau, self.min_rank, self.max_rank)
 
-    def options(self) -> AggregateOptions:
-        return AggregateOptions(
-            self.method, self.tau, self.rank, self.budget_mb, self.min_rank, self.max_rank,
-            dtype=self.dtype, basis=self.basis,
-        )  # fmt: skip
+    def aggregator_options(self, wire_dtype: str = "float32") -> dict[str, Any]:
+        """The method's keyword options; a byte budget is priced at ``wire_dtype``'s element size."""
+        opts: dict[str, Any] = {"dtype": torch_dtype(self.dtype, "--dtype (aggregation.dtype)", COMPUTE)}
+        if aggregator_class(self.method).rank_policy:
+            opts |= {"policy": self.policy(), "basis": self.basis, "wire_bytes": wire_bytes(wire_dtype)}
+        elif (self.tau, self.rank, self.budget_mb) != (None, None, None):
+            raise ConfigError(f"--tau, --rank and --budget-mb apply to --method florist, not {self.method!r}")
+        return opts
+
+    def build(self, wire_dtype: str = "float32") -> Aggregator:
+        """The aggregator this section describes, sending in ``wire_dtype`` (a run's:
+        ``FloristConfig.aggregator``): the one place an aggregator is made from options."""
+        return make_aggregator(self.method, **self.aggregator_options(wire_dtype))
 
 
 @dataclass(frozen=True)
@@ -443,6 +486,10 @@ class FloristConfig:
                 f"federation.uplink_tau needs a method that aggregates products B_k A_k (florist, flora, "
                 f"flexlora); {self.aggregation.method!r} uses the factors themselves"
             )
+
+    def aggregator(self) -> Aggregator:
+        """The run's aggregator: ``[aggregation]`` with a byte budget priced at the run's wire dtype."""
+        return self.aggregation.build(self.federation.wire_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict

@@ -1,17 +1,12 @@
-"""What a client trains and how much per round: the LoRA adapter and the local budget.
-
-These settings are read from the config's ``[lora]`` and ``[train]`` sections
-(``florist.config.schema``) and used by ``florist.client``; they live here so that the config is the
-root of the import graph.
+"""How much a client trains per round: the local budget (the config's ``[train]`` section, used by
+``florist.client``; the adapter it trains is ``[lora]``, ``florist.config.schema.AdapterConfig``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
-from florist.aggregation.lowrank import WARM_FROM, WARM_SPLITS
 from florist.errors import ConfigError
 from florist.precision import check_precision
 
@@ -23,49 +18,6 @@ def check_batching(key: str, value: str) -> None:
     """Raise ``ConfigError`` naming ``key`` unless ``value`` is one of ``BATCHINGS``."""
     if value not in BATCHINGS:
         raise ConfigError(f"{key} must be one of {list(BATCHINGS)}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """The LoRA adapter a client trains."""
-
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    use_rslora: bool = False
-    init: str = "shared"
-    warm_start: bool = False
-    warm_split: str = "orthonormal"
-    warm_from: str = "last"
-
-    def __post_init__(self) -> None:
-        if self.warm_split not in WARM_SPLITS:
-            raise ConfigError(f"lora warm split must be one of {list(WARM_SPLITS)}, got {self.warm_split!r}")
-        if self.warm_from not in WARM_FROM:
-            raise ConfigError(f"lora warm_from must be one of {list(WARM_FROM)}, got {self.warm_from!r}")
-        if self.init not in LORA_INITS:
-            raise ConfigError(f"lora init must be one of {list(LORA_INITS)}, got {self.init!r}")
-        if self.rank < 1:
-            raise ConfigError(f"lora rank must be at least 1, got {self.rank}")
-        if not self.alpha > 0:
-            raise ConfigError(f"lora alpha must be positive, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ConfigError("target_modules is empty")
-
-    def peft_config(self) -> Any:
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
-            lora_dropout=self.dropout,
-            target_modules=list(self.target_modules),
-            use_rslora=self.use_rslora,
-            task_type="CAUSAL_LM",
-        )
 
 
 @dataclass(frozen=True)

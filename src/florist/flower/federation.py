@@ -43,7 +43,7 @@ class Federation:
 
     def __init__(self, cfg: FloristConfig, grid: Grid) -> None:
         self.cfg, self.grid = cfg, grid
-        self.aggregator = cfg.aggregation.build()
+        self.aggregator = cfg.aggregator()
         self.base = resolve_model(cfg.model.name)
         self.rundir = RunDir(cfg, self.base)
         resumed = (

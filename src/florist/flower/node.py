@@ -62,7 +62,7 @@ def node_examples(cfg: FloristConfig, context: Context) -> list[Example]:
 
 
 def protocol_of(cfg: FloristConfig) -> ClientProtocol:
-    return cfg.aggregation.build().protocol
+    return cfg.aggregator().protocol
 
 
 def configure_threads(cfg: FloristConfig) -> None:

@@ -56,7 +56,7 @@ class FederatedLoRA(Strategy):
     cfg : FloristConfig
         The run's configuration (federation and lora sections are read here).
     aggregator : Aggregator
-        From ``cfg.aggregation.build()``.
+        From ``cfg.aggregator()``.
     clients : Sequence[ClientInfo] | None
         Every node of the federation; None: ask them when the first round is configured.
     expected : Mapping[str, tuple[int, int]]
@@ -90,7 +90,7 @@ class FederatedLoRA(Strategy):
         """The strategy of ``cfg``, with the server's copy of the global model (the base model of
         ``model.name``, loaded here) for the adapted shapes and for ``evaluate_fn``."""
         model, tokenizer = load_model(resolve_model(cfg.model.name), cfg.model.torch_dtype())
-        aggregator = cfg.aggregation.build()
+        aggregator = cfg.aggregator()
         expected = adapted_shapes(model, cfg.lora.target_modules)
         glob = GlobalModel(model.to(cfg.model.torch_device()), tokenizer, aggregator.protocol)
         return cls(cfg, aggregator, None, expected, model=glob)

@@ -53,6 +53,19 @@ class LoraFactors:
         B = self.B.to(dtype) * self.scaling  # (m, r)
         return B, self.A.to(dtype)  # (r, n)
 
+    def leading(self, r: int, *, pad: bool = False) -> LoraFactors:
+        """The leading ``r`` components as effective factors (scaling folded into B, in B's dtype),
+        copied; with ``pad``, zero-padded to rank ``r`` when there are fewer. The one "leading r" slice:
+        a continue client's share of a global update, FedEx-LoRA's continuation, per-client slices."""
+        B, A = self.effective(self.B.dtype)  # (m, p), (p, n)
+        if A.shape[0] >= r or not pad:
+            return LoraFactors(A=A[:r].clone(), B=B[:, :r].clone())
+        extra = r - A.shape[0]
+        return LoraFactors(
+            A=torch.cat([A, A.new_zeros(extra, A.shape[1])]),
+            B=torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1),
+        )
+
     def delta(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Dense ``scaling * B @ A``, ``(m, n)``. For tests and small matrices only."""
         B, A = self.effective(dtype)

@@ -64,7 +64,7 @@ class Server:
     cfg : FloristConfig
         The run's configuration (the federation section decides sampling and rounds).
     aggregator : Aggregator
-        From ``cfg.aggregation.build()``; its protocol decides downloads and the model's folding.
+        From ``cfg.aggregator()``; its protocol decides downloads and the model's folding.
     members : Iterable[Member]
         Every client of the federation (any object with ``client_id``, ``index`` and ``rank``).
     model : GlobalModel | None
