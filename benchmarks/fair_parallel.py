@@ -4,10 +4,10 @@
 
 Stage 1 runs every candidate configuration of every method (``CANDIDATES``) in both rank settings
 with training seed 0; stage 2 runs the configuration each method chose on validation
-(``florist.bench.fair.choose``) with the seeds ``--more-seeds``. Each stage's (setting, variant)
+(``florist.studies.fair.choose``) with the seeds ``--more-seeds``. Each stage's (setting, variant)
 jobs go round-robin to ``--workers`` processes, each a plain ``florist bench --seeds S --variants ...``
 with its own output and cache folder under ``OUT/work/`` (so they never write the same file); their
-``results.json`` are merged into ``OUT/seed-S/results.json`` and ``florist.bench.fair`` writes
+``results.json`` are merged into ``OUT/seed-S/results.json`` and ``florist.studies.fair`` writes
 ``OUT/fair.md``, ``fair.json`` and the curves. Every bench checkpoints each round, so the same
 command continues a killed run (finished variants are skipped, a half-done one resumes at its last
 round). On a 2-core CPU use one worker; on a GPU host several share the GPU.
@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from florist.bench.fair import choose, write_fair_report
 from florist.fsutil import write_json_atomic
+from florist.studies.fair import choose, write_fair_report
 
 REGIME = ("data.validation_per_label=10", "federation.rounds=10", "train.steps=8")
 SETTINGS = ("homogeneous", "heterogeneous")

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from florist.bench.compare import Bench, BenchOptions
-from florist.bench.report import loss_of
 from florist.eval.paired import paired_difference
 from florist.fsutil import write_json_atomic
+from florist.studies.headline import Bench, BenchOptions
+from florist.studies.report import loss_of
 
 VARIANTS = ("FLoRA", "FLoRIST tau=0.90")
 

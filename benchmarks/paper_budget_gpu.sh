@@ -42,7 +42,7 @@ stage() {  # device, first call
     cp .gpu1/gguf.part1 "$STAGE/"
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu1/whl/*.whl
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    PYTHONPATH=$SITE:src $PY -c "import sys, torch, transformers, peft, gguf, florist.bench.compare
+    PYTHONPATH=$SITE:src $PY -c "import sys, torch, transformers, peft, gguf, florist.studies.headline
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       'transformers', transformers.__version__, 'peft', peft.__version__)"
 }

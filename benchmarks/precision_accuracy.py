@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from florist.bench.simulate import run_variant
 from florist.config import DEMO_CONFIG, FloristConfig, load_config
 from florist.data.federated import test_examples
 from florist.eval import exact_match
@@ -38,6 +37,7 @@ from florist.eval.heldout import LossResult, heldout_loss
 from florist.eval.paired import paired_difference
 from florist.fsutil import write_json_atomic
 from florist.precision import Precision, resolve
+from florist.studies.simulate import run_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "precision_accuracy.json"
@@ -59,7 +59,7 @@ def dolly_config(steps: int) -> FloristConfig:
 
 
 def final_model_scores(cfg: FloristConfig, score: Callable[[Any, Any], None]) -> None:
-    """Train ``cfg`` in-process (florist.bench.simulate); ``score(model, tok)`` after the last round."""
+    """Train ``cfg`` in-process (florist.studies.simulate); ``score(model, tok)`` after the last round."""
     rounds_seen = 0
 
     def evaluate(model: Any, tok: Any) -> dict[str, float]:

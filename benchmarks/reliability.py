@@ -29,11 +29,11 @@ from tests.flower_helpers import save_tiny_model, tiny_run_config  # noqa: E402
 from tests.integration.test_reliability import records, survivors_dense  # noqa: E402
 from tests.unit import test_strategy_reliability as fab  # noqa: E402
 
+from florist.client.faults import dropped_clients  # noqa: E402
 from florist.errors import QuorumLost  # noqa: E402
 from florist.flower.simulation import run_simulation  # noqa: E402
 from florist.lora.distance import relative_error  # noqa: E402
 from florist.lora.peft_io import read_adapter  # noqa: E402
-from florist.server.faults import dropped_clients  # noqa: E402
 
 deviation = relative_error  # sqrt(sum ||got - want||^2 / sum ||want||^2) over modules
 

@@ -321,13 +321,13 @@ def _names(text: str) -> tuple[str, ...]:
 def _bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from florist.bench import report
-    from florist.bench.compare import Bench, BenchOptions
-    from florist.bench.fair import write_fair_report
     from florist.config import PAPER_CONFIG
+    from florist.studies import report
+    from florist.studies.fair import write_fair_report
+    from florist.studies.headline import Bench, BenchOptions
 
     if args.report_only and args.seeds:
-        from florist.bench.compare import setting_config
+        from florist.studies.headline import setting_config
 
         cfg_opts = BenchOptions(config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides))
         rounds = setting_config(cfg_opts, "homogeneous").federation.rounds
@@ -355,8 +355,8 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _regime(args: argparse.Namespace) -> None:
-    from florist.bench.regime import TAUS, RegimeOptions, run, write_report
     from florist.config import PAPER_CONFIG
+    from florist.studies.regime import TAUS, RegimeOptions, run, write_report
 
     opts = RegimeOptions(
         config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides), out=args.out,
@@ -369,8 +369,8 @@ def _regime(args: argparse.Namespace) -> None:
 
 
 def _client_sweep(args: argparse.Namespace) -> None:
-    from florist.bench.clients import SweepOptions, run, write_report
     from florist.config import PAPER_CONFIG
+    from florist.studies.client_sweep import SweepOptions, run, write_report
 
     if args.total_examples < 1:
         raise ConfigError(f"--total-examples must be >= 1, got {args.total_examples}")

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from florist.bench.compare import Bench, BenchOptions
 from florist.errors import ConfigError
+from florist.studies.headline import Bench, BenchOptions
 from tests.flower_helpers import save_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -134,9 +134,9 @@ def check_golden(results: dict[str, Any]) -> None:
 def test_aggregation_clip_applies_in_the_bench_as_in_the_strategy(tmp_path: Path) -> None:
     """The bench and the Flower strategy share one round function (``server.round``): robust mode
     clips the bench's uploads too, with the same threshold and factors the strategy would log."""
-    from florist.bench.simulate import run_variant
     from florist.config import load_config
     from florist.server.round import aggregate_round
+    from florist.studies.simulate import run_variant
 
     model = save_tiny_model(tmp_path / "tiny")
     base = [f"model.name={str(model)!r}", "data.skills_train=6", "data.skills_test=2", "eval.mmlu=none",
@@ -178,7 +178,7 @@ def test_fair_bench_over_seeds_scores_both_splits_every_round_and_resumes_mid_va
 ) -> None:
     """Two seeds, every round scored on validation and test, the fair report; a run killed after
     round 2 of a variant continues from its checkpoint and ends with the same records."""
-    from florist.bench import simulate
+    from florist.studies import simulate
 
     model = save_tiny_model(tmp_path / "tiny")
     opts = _fair_opts(tmp_path, model)
@@ -239,8 +239,8 @@ def test_fair_bench_over_seeds_scores_both_splits_every_round_and_resumes_mid_va
 def test_fedsvd_resumes_mid_run_as_if_never_stopped(tmp_path: Path) -> None:
     """A FedSVD run stopped after round 2 of 3 continues from its checkpoint: the clients get the
     server's latest A and B back, and round 3 trains and aggregates exactly as without the stop."""
-    from florist.bench.simulate import run_variant
     from florist.config import load_config
+    from florist.studies.simulate import run_variant
 
     model = save_tiny_model(tmp_path / "tiny")
     cfg = load_config(None, [f"model.name={str(model)!r}", "data.skills_train=6", "data.skills_test=2",

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from florist.bench.clients import SweepOptions, run, write_report
 from florist.errors import ConfigError
 from florist.lora.peft_io import read_adapter
+from florist.studies.client_sweep import SweepOptions, run, write_report
 from tests.flower_helpers import save_tiny_model
 
 pytestmark = pytest.mark.integration

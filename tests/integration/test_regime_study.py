@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from florist.bench.regime import RegimeOptions, run, write_report
 from florist.errors import ConfigError
+from florist.studies.regime import RegimeOptions, run, write_report
 from tests.flower_helpers import save_tiny_model
 
 pytestmark = pytest.mark.integration

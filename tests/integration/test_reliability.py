@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from florist.cli import main
+from florist.client.faults import dropped_clients
 from florist.config import to_toml
 from florist.flower.simulation import run_simulation
 from florist.lora.peft_io import read_adapter
-from florist.server.faults import dropped_clients
 from tests.flower_helpers import save_tiny_model, tiny_run_config
 
 pytestmark = pytest.mark.integration

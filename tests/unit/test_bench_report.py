@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from florist.bench import report
-from florist.bench.compare import BenchOptions
-from florist.bench.variants import florist, sweep
 from florist.errors import ConfigError
+from florist.studies import report
+from florist.studies.headline import BenchOptions
+from florist.studies.variants import florist, sweep
 
 ROWS = 6
 
@@ -111,7 +111,7 @@ def test_option_combinations_and_unknown_options() -> None:
 
 
 def test_the_goal_is_not_called_missed_when_its_references_did_not_run() -> None:
-    from florist.bench.report import goal_verdict
+    from florist.studies.report import goal_verdict
 
     assert goal_verdict([], {"FLoRA": [], "FLoRIST tau=0.90": []}) == "cannot be judged: FedIT not run"
     assert goal_verdict([], {"FLoRA": [], "FedIT": []}) == "not met"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from florist.bench.full import FullClient, full_round
 from florist.client.train import TrainSettings
 from florist.data.records import Example
+from florist.studies.full import FullClient, full_round
 from tests.peft_helpers import tiny_llama
 from tests.tiny_tokenizer import VOCAB_SIZE, tiny_tokenizer
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from florist.bench.provenance import MANIFEST, check_meta, claim, differences, fingerprint
 from florist.config import load_config
 from florist.errors import ConfigError
+from florist.studies.provenance import MANIFEST, check_meta, claim, differences, fingerprint
 
 
 def test_fingerprint_holds_what_training_depends_on_and_not_what_acts_after_the_upload() -> None:

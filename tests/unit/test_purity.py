@@ -54,7 +54,7 @@ def _package_graph() -> dict[str, set[str]]:
 def test_server_imports_no_flower_and_config_no_client_data_or_commands() -> None:
     imports = _imports()
     assert not [m for m in imports["server"] if m.split(".")[0] == "flwr"]
-    banned = {"florist.client", "florist.data", "florist.tools", "florist.bench", "florist.flower"}
+    banned = {"florist.client", "florist.data", "florist.tools", "florist.studies", "florist.flower"}
     assert not [m for m in imports["config"] if any(m == b or m.startswith(b + ".") for b in banned)]
 
 

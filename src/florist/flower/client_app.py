@@ -17,6 +17,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from florist.client.faults import before_reply
 from florist.client.local import client_id
 from florist.config import FloristConfig
 from florist.config.loader import from_flower_run_config
@@ -29,7 +30,6 @@ from florist.flower.node import (
     partition_id,
     stored_globals,
 )
-from florist.server.faults import before_reply
 
 log = logging.getLogger(__name__)
 

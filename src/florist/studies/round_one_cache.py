@@ -1,7 +1,7 @@
 """Round 1's raw uploads, trained once per (rank setting, init) and shared by the bench's variants.
 
 Kept as PEFT dirs under ``<cache>/<setting>/<init>/<client>/`` beside ``provenance.json``, the config
-keys round-1 training depended on (``florist.bench.provenance``): a cache trained under other values is
+keys round-1 training depended on (``florist.studies.provenance``): a cache trained under other values is
 refused with the keys that differ, never reused.
 """
 
@@ -12,13 +12,13 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from florist.bench.provenance import claim, fingerprint
-from florist.bench.simulate import shared_round_one
 from florist.client.local import client_id
 from florist.config import FloristConfig
 from florist.fsutil import atomic_dir, write_json_atomic
 from florist.lora import ClientUpdate
 from florist.lora.peft_io import read_adapter, save_adapter_files
+from florist.studies.provenance import claim, fingerprint
+from florist.studies.simulate import shared_round_one
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from florist.bench.report import BASE, loss_of, total_bytes
 from florist.eval.heldout import LossResult
 from florist.eval.paired import PairedDifference, paired_over_seeds
 from florist.fsutil import write_json_atomic, write_text_atomic
+from florist.studies.report import BASE, loss_of, total_bytes
 
 OURS = "FLoRIST"
 SEED_DIR = re.compile(r"seed-(\d+)$")

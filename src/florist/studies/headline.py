@@ -25,14 +25,6 @@ from typing import Any
 from florist.aggregation import communication, make_aggregator
 from florist.aggregation.base import AggregationResult
 from florist.aggregation.protocols import protocol_of
-from florist.bench import report
-from florist.bench.fair import write_fair_report
-from florist.bench.full import METHOD as FULL
-from florist.bench.full import run_full_variant
-from florist.bench.provenance import check_meta
-from florist.bench.round_one_cache import RoundOneCache
-from florist.bench.simulate import Evaluate, run_variant
-from florist.bench.variants import DEFAULT_TAUS, Variant, budget, check_options, parse_baseline, sweep
 from florist.client.model import load_model
 from florist.config import PAPER_CONFIG, FloristConfig, load_config
 from florist.config.loader import build, set_dotted
@@ -40,6 +32,14 @@ from florist.data.federated import test_examples, validation_examples
 from florist.fsutil import write_json_atomic, write_text_atomic
 from florist.lora import ClientUpdate
 from florist.server.evaluation import Evaluator
+from florist.studies import report
+from florist.studies.fair import write_fair_report
+from florist.studies.full import METHOD as FULL
+from florist.studies.full import run_full_variant
+from florist.studies.provenance import check_meta
+from florist.studies.round_one_cache import RoundOneCache
+from florist.studies.simulate import Evaluate, run_variant
+from florist.studies.variants import DEFAULT_TAUS, Variant, budget, check_options, parse_baseline, sweep
 
 log = logging.getLogger(__name__)
 HETERO = (64, 32, 16, 16, 8, 8, 4, 4)
@@ -187,7 +187,7 @@ class Bench:
 
     def run_seeds(self) -> dict[str, Any]:
         """One bench per training seed (``federation.seed``) under ``OUT/seed-N`` with its own cache,
-        then the fair report across them (``florist.bench.fair``)."""
+        then the fair report across them (``florist.studies.fair``)."""
         start = time.perf_counter()
         for seed in self.opts.seeds:
             Bench(seed_options(self.opts, seed)).run()

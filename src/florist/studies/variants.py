@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from florist.aggregation.base import aggregator_class
-from florist.bench import full
 from florist.errors import ConfigError
+from florist.studies import full
 
 BASELINES = ("fedit", "flora", "flexlora", "ffa", "rblora", "fedex", "fedsvd")
 DEFAULT_TAUS = (0.95, 0.9, 0.8)
@@ -91,7 +91,7 @@ def parse_baseline(spec: str) -> Variant:
 
 
 def full_finetune() -> Variant:
-    """FedAvg on the full weights of the adapted modules (``florist.bench.full``), not an aggregator."""
+    """FedAvg on the full weights of the adapted modules (``florist.studies.full``), not an aggregator."""
     return Variant(full.LABEL, full.METHOD)
 
 

@@ -33,8 +33,6 @@ from typing import Any
 from florist.aggregation import communication, make_aggregator
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.rank_policy import EnergyThreshold
-from florist.bench.provenance import check_meta, claim, fingerprint
-from florist.bench.regime import methods
 from florist.client.local import client_from_config, client_id
 from florist.client.lora_state import extract
 from florist.client.model import load_model
@@ -43,6 +41,8 @@ from florist.data.federated import client_examples
 from florist.fsutil import atomic_dir, write_json_atomic
 from florist.lora import ClientUpdate, LoraFactors
 from florist.lora.peft_io import read_adapter, save_adapter_files
+from florist.studies.provenance import check_meta, claim, fingerprint
+from florist.studies.regime import methods
 
 log = logging.getLogger(__name__)
 MICRO_BATCH = 4

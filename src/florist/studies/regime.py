@@ -36,8 +36,6 @@ from tqdm import tqdm
 from florist.aggregation import communication, make_aggregator
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.rank_policy import EnergyThreshold
-from florist.bench.provenance import check_meta, claim, fingerprint
-from florist.bench.simulate import round_error
 from florist.client.local import LocalClient, client_from_config, client_id
 from florist.client.lora_state import extract
 from florist.client.model import load_model
@@ -52,6 +50,8 @@ from florist.lora import ClientUpdate
 from florist.lora.peft_io import read_adapter, save_adapter_files
 from florist.precision import resolve
 from florist.server.global_model import GlobalModel
+from florist.studies.provenance import check_meta, claim, fingerprint
+from florist.studies.simulate import round_error
 
 log = logging.getLogger(__name__)
 TAUS = (0.99, 0.95, 0.9, 0.87, 0.8)
@@ -243,8 +243,8 @@ def run(opts: RegimeOptions) -> dict[str, Any]:
 
 def write_report(opts: RegimeOptions) -> str:
     """table.md and kept_rank.png from results.json; returns the table."""
-    from florist.bench import regime_report
     from florist.fsutil import write_text_atomic
+    from florist.studies import regime_report
 
     out = Path(opts.out)
     results = json.loads((out / "results.json").read_text())
