@@ -40,6 +40,29 @@ def test_flora_is_exact_with_stacked_rank(hetero_updates: list[ClientUpdate]) ->
         assert_product_close(result.global_update[name].delta(), dense_reference(hetero_updates, name))
 
 
+def test_flora_passes_on_no_clients_factorisation() -> None:
+    """A client whose B is near zero beside a huge A (within the factor bounds), or whose columns
+    cancel, changes FLoRA's download only through its product: the stack holds balanced factors of
+    each client's update, the product stays exact and the rank stays the sum of the ranks."""
+    updates = make_updates([4, 4, 2], dtype=torch.float64)
+    odd = updates[1].modules["layers.0.q_proj"]
+    b, a = odd.B[:, :2], odd.A[:2]
+    skewed = LoraFactors(A=torch.cat([1e3 * a, 1e3 * a]), B=torch.cat([1e-3 * b, -1e-3 * b], 1), scaling=2.0)
+    mods = {**updates[1].modules, "layers.0.q_proj": skewed}  # its product is zero
+    updates[1] = ClientUpdate(updates[1].client_id, updates[1].num_examples, mods)
+    result = make_aggregator("flora", dtype=torch.float64).aggregate(updates)
+    for name in SHAPES:
+        g = result.global_update[name]
+        assert g.rank == 10
+        exact = dense_reference(updates, name)
+        assert float((g.delta(torch.float64) - exact).norm() / exact.norm()) < 1e-10
+        assert float(g.A.abs().max()) < 50 and float(g.B.abs().max()) < 50  # nothing of the 1e3 A
+    honest = make_updates([4, 4, 2], dtype=torch.float64)
+    plain = make_aggregator("flora", dtype=torch.float64).aggregate(honest)
+    for name in SHAPES:  # an honest round: the same product as stacking the raw factors
+        assert_product_close(plain.global_update[name].delta(), dense_reference(honest, name))
+
+
 def test_fedit_differs_from_exact_when_clients_differ(hetero_updates: list[ClientUpdate]) -> None:
     result = make_aggregator("fedit").aggregate(hetero_updates)
     for name in SHAPES:

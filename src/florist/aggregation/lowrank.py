@@ -52,7 +52,9 @@ def truncate_update(f: LoraFactors, tau: float) -> tuple[LoraFactors, float]:
     return LoraFactors(A=A_up.contiguous(), B=B_up.contiguous()), kept
 
 
-def leading_split(f: LoraFactors, r: int, split: str = "balanced") -> LoraFactors:
+def leading_split(
+    f: LoraFactors, r: int, split: str = "balanced", dtype: torch.dtype = torch.float32
+) -> LoraFactors:
     """The best rank-``min(r, rank)`` part of ``s B A = U S V^T``, as effective factors.
 
     ``split`` puts the singular values on both sides (``"balanced"``: ``B = U sqrt(S)``,
@@ -60,7 +62,7 @@ def leading_split(f: LoraFactors, r: int, split: str = "balanced") -> LoraFactor
     the paper's global split, whose A rows have unit norm like a fresh LoRA's A rather than
     ``sqrt(sigma)``). The product is the same either way; only the training that follows differs.
     """
-    B, A = f.effective(torch.float32)
+    B, A = f.effective(dtype)
     svd = factored_svd(B, A)
     p = min(r, int(svd.S.numel()))
     U, Vh = basis_times(svd.left, svd.U[:, :p]), basis_times(svd.right, svd.Vh[:p].mT).mT  # (m, p), (p, n)
@@ -71,6 +73,14 @@ def leading_split(f: LoraFactors, r: int, split: str = "balanced") -> LoraFactor
         raise ConfigError(f"warm split must be one of {list(WARM_SPLITS)}, got {split!r}")
     root = S.sqrt()
     return LoraFactors(A=(root[:, None] * Vh).contiguous(), B=(U * root).contiguous())
+
+
+def rebalanced(f: LoraFactors, dtype: torch.dtype = torch.float32) -> LoraFactors:
+    """The same product ``s B A`` as balanced factors of the same rank (``B = U sqrt(S)``,
+    ``A = sqrt(S) V^T``, zero columns where the product has lower rank): whatever factorisation a
+    client chose (a tiny B with a huge A, columns that cancel), no factor is larger than the product
+    needs. For methods that pass received factors on (FLoRA's stack)."""
+    return leading_split(f, f.rank, "balanced", dtype).leading(f.rank, pad=True)
 
 
 def prepare_upload(
