@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,50 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float
     tokenizer = AutoTokenizer.from_pretrained(source)
     model.train(False)
     return model, tokenizer
+
+
+def check_targets(name_or_path: str | None, targets: Sequence[str]) -> None:
+    """Refuse, before any process starts, ``lora.target_modules`` the model does not have or that
+    florist cannot adapt (it adapts ``torch.nn.Linear``; GPT-2's ``Conv1D`` is not one), naming them.
+    The model is built on the meta device from its config: no weights are read. A hub id that is not
+    on this machine cannot be checked here; its clients check it when they load it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if isinstance(targets, str) or any(t == "all-linear" for t in targets):
+        raise ConfigError(
+            "lora.target_modules must list module names, e.g. ['q_proj', 'v_proj'] (peft's 'all-linear' "
+            "is not supported: every client and the server must adapt the same named modules)"
+        )
+    source = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except OSError:
+        return
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    modules = dict(model.named_modules())
+    for t in targets:
+        found = {n: m for n, m in modules.items() if n == t or n.endswith("." + t)}
+        if not found:
+            linear = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
+            )
+            raise ConfigError(
+                f"lora.target_modules: {t!r} matches no module of {source}; its linear modules are {linear}"
+            )
+        other = sorted({type(m).__name__ for m in found.values() if not isinstance(m, torch.nn.Linear)})
+        if other:
+            name = next(n for n, m in found.items() if type(m).__name__ == other[0])
+            raise ConfigError(
+                f"lora.target_modules: {t!r} matches {', '.join(other)} modules (e.g. {name}); florist "
+                "adapts torch.nn.Linear modules only"
+            )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""``florist run`` refuses target modules the model lacks or florist cannot adapt, in one line and
+before any process starts or any run directory is made."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from florist.cli import main
+from florist.client.model import check_targets
+from florist.errors import ConfigError
+from tests.flower_helpers import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def test_targets_the_model_has_pass(llama: Path) -> None:
+    check_targets(str(llama), ("q_proj", "v_proj"))
+    check_targets(str(llama), ("self_attn.o_proj",))  # a suffix of the full name, as peft matches
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (
+            ("q_proj", "nope_proj"),
+            r"'nope_proj' matches no module of .*; its linear modules are \[.*'q_proj'",
+        ),
+        (
+            ("mlp",),
+            r"'mlp' matches LlamaMLP modules \(e\.g\. model\.layers\.0\.mlp\); florist adapts torch\.nn\.Linear",
+        ),
+        (("all-linear",), r"must list module names.*'all-linear' is not supported"),
+    ],
+)
+def test_targets_it_lacks_or_cannot_adapt_are_named(
+    llama: Path, targets: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_targets(str(llama), targets)
+
+
+def test_gpt2_conv1d_is_refused_by_name(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
+    ).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(
+        ConfigError, match=r"'c_attn' matches Conv1D modules \(e\.g\. transformer\.h\.0\.attn\.c_attn\)"
+    ):
+        check_targets(str(tmp_path / "gpt2"), ("c_attn",))
+
+
+def test_florist_run_stops_in_one_line_before_anything_starts(
+    llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["run", "demo", f"model.name={str(llama)!r}", f"run.dir={str(tmp_path / 'runs')!r}",
+            "lora.target_modules=['nope_proj']"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("florist run: error: lora.target_modules: 'nope_proj'")
+    assert not (tmp_path / "runs").exists()
