@@ -252,7 +252,11 @@ class FederationConfig:
         },
     )
     cpus_per_client: float = field(default=2.0, metadata={"help": "simulation: CPU cores per client"})
-    gpus_per_client: float = field(default=0.0, metadata={"help": "simulation: GPU fraction per client"})
+    gpus_per_client: float | str = field(
+        default="auto",
+        metadata={"help": "simulation: GPU fraction per client; 'auto': the visible GPUs shared by the "
+                  "clients that run at once (0 without CUDA)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.num_clients < 1 or self.rounds < 1:
@@ -270,8 +274,11 @@ class FederationConfig:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"federation.fraction must be in (0, 1], got {self.fraction}")
         _positive("federation.cpus_per_client", self.cpus_per_client)
-        if not (math.isfinite(self.gpus_per_client) and self.gpus_per_client >= 0):
-            raise ConfigError(f"federation.gpus_per_client must be >= 0, got {self.gpus_per_client}")
+        g = self.gpus_per_client
+        if (isinstance(g, str) and g != "auto") or (
+            isinstance(g, float) and not (math.isfinite(g) and g >= 0)
+        ):
+            raise ConfigError(f"federation.gpus_per_client must be 'auto' or a number >= 0, got {g!r}")
         if self.wire_dtype not in WIRE:
             raise ConfigError(f"federation.wire_dtype must be one of {list(WIRE)}, got {self.wire_dtype!r}")
         if self.max_client_weight is not None and not 0 < self.max_client_weight <= 1:

@@ -5,19 +5,42 @@ deployment (README, "Flower").
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from florist.config import FloristConfig
 
+log = logging.getLogger(__name__)
 
-def backend_config(cfg: FloristConfig) -> dict[str, Any]:
-    """Ray resources: each client gets ``cpus_per_client`` cores (at most all of them) and its GPU share."""
-    cores = os.cpu_count() or 1
-    cpus = min(float(cores), cfg.federation.cpus_per_client)
-    resources: dict[str, Any] = {"num_cpus": cpus, "num_gpus": cfg.federation.gpus_per_client}
-    return {"client_resources": resources, "init_args": {"num_cpus": cores, "log_to_driver": True}}
+
+def backend_config(cfg: FloristConfig, cores: int | None = None, gpus: int | None = None) -> dict[str, Any]:
+    """Ray resources: each client gets ``cpus_per_client`` cores (at most all of them) and its GPU
+    share (``gpus_per_client``; "auto": the visible GPUs split between the clients that run at once,
+    as many as the cores allow, at most one GPU each). ``cores`` / ``gpus``: this machine's, by default."""
+    import torch
+
+    cores = cores if cores is not None else os.cpu_count() or 1
+    gpus = gpus if gpus is not None else torch.cuda.device_count()
+    fed = cfg.federation
+    cpus = min(float(cores), fed.cpus_per_client)
+    share = fed.gpus_per_client
+    if share == "auto":
+        at_once = max(1, min(fed.num_clients, int(cores // cpus)))
+        share = min(1.0, gpus / at_once) if gpus else 0.0
+    assert isinstance(share, float)
+    if gpus and share == 0.0:
+        log.warning(
+            "federation.gpus_per_client = 0: the clients train on the CPU although %d GPU(s) are visible "
+            "(the server uses CUDA); set it to 'auto' or a fraction to use them",
+            gpus,
+        )
+    resources: dict[str, Any] = {"num_cpus": cpus, "num_gpus": share}
+    init: dict[str, Any] = {"num_cpus": cores, "log_to_driver": True}
+    if gpus:
+        init["num_gpus"] = gpus
+    return {"client_resources": resources, "init_args": init}
 
 
 def run_simulation(cfg: FloristConfig) -> dict[str, Any]:
