@@ -198,11 +198,23 @@ def _add_client_sweep(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("florist")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="florist", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog="florist",
+        description="Federated LoRA fine-tuning with FLoRIST aggregation.\n\n" + __doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"florist {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_aggregate(sub)
     _add_config(sub)
@@ -405,6 +417,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         commands[args.command](args)
+    except BrokenPipeError:  # `florist inspect --json | head`: the reader has gone, nothing is wrong
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except QuorumLost as err:
         print(f"florist {args.command}: stopped: {err}", file=sys.stderr)
         return 3

@@ -81,6 +81,8 @@ class LocalClient:
         Dtype of the upload on the wire: "float32", "bfloat16" or "float16".
     uplink_cut : str
         With warm start and ``uplink_tau``: truncate the round's "change" or the whole "adapter".
+    progress : bool
+        A step bar while it trains, where one can be drawn (``run.progress``).
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class LocalClient:
         uplink_tau: float | None = None,
         wire: str = "float32",
         uplink_cut: str = "adapter",
+        progress: bool = True,
     ) -> None:
         from peft import get_peft_model
 
@@ -111,6 +114,7 @@ class LocalClient:
             self.model = get_peft_model(base_model, lora.peft_config())
         self.shared_rank = shared_a_rank or lora.rank
         self.uplink_tau, self.wire, self.uplink_cut = uplink_tau, wire, uplink_cut
+        self.progress = progress  # a step bar while it trains (run.progress)
         self.warm: Mapping[str, LoraFactors] | None = None  # the warm part this round began from
         self.raw_upload: dict[str, LoraFactors] = {}  # what the upload was cut from (round errors)
         self.pending_warm: Mapping[str, LoraFactors] | None = None
@@ -182,6 +186,7 @@ class LocalClient:
             data_seed=derive_seed(self.seed, self.client_id, "data"),
             start=max(0, round - 1) * per_round,
             on_step=on_step,
+            progress=self.progress,
         )
         return ClientUpdate(self.client_id, float(self.num_examples), self._upload()), stats
 
@@ -244,4 +249,5 @@ def client_from_config(
         client_id(index), model, tokenizer, examples, cfg.lora.settings(index, n), cfg.train, protocol,
         fed.seed, shared_rank, uplink_tau=None if as_trained else fed.uplink_tau,
         wire="float32" if as_trained else fed.wire_dtype, uplink_cut=fed.uplink_cut,
+        progress=cfg.run.progress,
     )  # fmt: skip

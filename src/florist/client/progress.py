@@ -2,7 +2,9 @@
 
 In a Ray actor (``florist run``'s simulation) a plain tqdm bar reaches the terminal as one long line
 prefixed ``(ClientAppActor pid=...)``; Ray's own ``tqdm_ray`` sends the bar's state to the driver,
-which draws it as a normal bar. Everywhere else (a SuperNode, the bench, a test) it is plain tqdm.
+which draws it as a normal bar. Everywhere else (a SuperNode, the bench, a test) it is plain tqdm,
+drawn only on a terminal: written to a log file, every redraw would be one more line. ``run.progress
+= false`` turns it off everywhere.
 """
 
 from __future__ import annotations
@@ -23,16 +25,21 @@ def _in_ray_worker() -> bool:
 class StepBar:
     """``total`` steps named ``desc``; ``step(loss)`` advances it and shows the last loss."""
 
-    def __init__(self, total: int, desc: str) -> None:
+    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
         self.desc, self.ray = desc, _in_ray_worker()
-        if self.ray:
+        self.bar: Any
+        if not enabled or (not self.ray and not sys.stderr.isatty()):
+            self.bar = None
+        elif self.ray:
             from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
-            self.bar: Any = ray_tqdm(total=total, desc=desc, unit="step")
+            self.bar = ray_tqdm(total=total, desc=desc, unit="step")
         else:
             self.bar = tqdm(total=total, desc=desc, leave=False, unit="step")
 
     def step(self, loss: float) -> None:
+        if self.bar is None:
+            return
         if self.ray:
             self.bar.set_description(f"{self.desc} loss={loss:.3f}")
         else:
@@ -40,4 +47,5 @@ class StepBar:
         self.bar.update(1)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()

@@ -112,8 +112,10 @@ def train(
     data_seed: int | None = None,
     start: int = 0,
     on_step: Callable[[TrainStats], None] | None = None,
+    progress: bool = True,
 ) -> TrainStats:
-    """Run ``s.num_steps`` optimizer steps on the trainable parameters of ``model``.
+    """Run ``s.num_steps`` optimizer steps on the trainable parameters of ``model`` (``progress``: a
+    step bar where one can be drawn, ``florist.client.progress``).
 
     ``seed`` drives dropout; batches come from ``BatchStream(encoded, ..., data_seed, start)``
     (``data_seed`` defaults to ``seed``). ``on_step(stats)`` is called after every optimizer step
@@ -131,7 +133,7 @@ def train(
     torch.manual_seed(seed)  # dropout masks
     model.train()
     steps = s.num_steps(len(encoded))
-    bar = StepBar(steps, desc)
+    bar = StepBar(steps, desc, progress)
     with (
         precision.frozen_weights_cast(model),
         packed_attention(model),

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from florist.config import FloristConfig
+from florist.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,11 @@ def run_simulation(cfg: FloristConfig) -> dict[str, Any]:
     if cfg.run.resume:  # refuse a changed config or a missing checkpoint before Ray starts
         from florist.server.checkpoint import load_latest
 
+        if not cfg.run.name:
+            raise ConfigError(
+                "run.resume needs run.name, the run directory to continue (or: florist run RUN/config.toml "
+                "--resume, whose saved config names its directory)"
+            )
         load_latest(Path(cfg.run.dir) / str(cfg.run.name) / "checkpoints", cfg, cfg.run.force)
     summary: dict[str, Any] = {}
     errors: list[BaseException] = []

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,9 @@ class RunDir:
         if self.cfg.run.resume and not self.cfg.run.force:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path / "config.toml", to_toml(self.cfg))
-        write_json_atomic(self.path / "config.json", self.cfg.to_dict())
+        named = replace(self.cfg, run=replace(self.cfg.run, name=self.path.name))  # RUN/config.toml --resume
+        write_text_atomic(self.path / "config.toml", to_toml(named))
+        write_json_atomic(self.path / "config.json", named.to_dict())
 
     @property
     def checkpoints(self) -> Path:

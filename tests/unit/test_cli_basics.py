@@ -1,0 +1,87 @@
+"""The command line's own manners: --version, a plain --help, and a reader that goes away."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from florist.cli import main
+
+
+def test_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("florist ") and len(out.split()) >= 2
+
+
+def test_help_starts_with_what_florist_is_without_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "Federated LoRA fine-tuning with FLoRIST aggregation." in out and "``" not in out
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    """``florist config --json | head -1``: the reader closes the pipe; no traceback, exit 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "florist.cli", "config", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before it writes a byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_step_bars_only_on_a_terminal_and_never_when_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client's step bar: drawn on a terminal, not into a log file (every redraw a line there),
+    and not at all with ``run.progress = false``."""
+    from florist.client import progress
+
+    class Stream:
+        def __init__(self, tty: bool) -> None:
+            self.tty, self.text = tty, ""
+
+        def isatty(self) -> bool:
+            return self.tty
+
+        def write(self, s: str) -> int:
+            self.text += s
+            return len(s)
+
+        def flush(self) -> None:
+            pass
+
+    for tty, enabled, drawn in ((True, True, True), (False, True, False), (True, False, False)):
+        stream = Stream(tty)
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = progress.StepBar(3, "client-000 round 1", enabled)
+        for loss in (2.0, 1.5, 1.0):
+            bar.step(loss)
+        bar.close()
+        assert ("client-000 round 1" in stream.text) == drawn, (tty, enabled)
+
+
+def test_a_saved_config_names_its_run_directory_so_it_resumes(tmp_path: Path) -> None:
+    """``florist run RUN/config.toml --resume``: an unnamed run's saved config holds the name it was
+    given, so it points back at its own directory; a resume with no name says what it needs."""
+    from florist.config import load_config
+    from florist.errors import ConfigError
+    from florist.flower.simulation import run_simulation
+    from florist.server.rundir import RunDir
+
+    cfg = load_config(None, [f"run.dir={str(tmp_path)!r}"])
+    assert cfg.run.name is None
+    run = RunDir(cfg, "base")
+    run.create()
+    saved = load_config(str(run.path / "config.toml"), ["run.resume=true"])
+    assert saved.run.name == run.path.name and RunDir(saved, "base").path == run.path
+    with pytest.raises(ConfigError, match="run.resume needs run.name"):
+        run_simulation(load_config(None, [f"run.dir={str(tmp_path)!r}", "run.resume=true"]))
