@@ -85,3 +85,28 @@ def test_a_saved_config_names_its_run_directory_so_it_resumes(tmp_path: Path) ->
     assert saved.run.name == run.path.name and RunDir(saved, "base").path == run.path
     with pytest.raises(ConfigError, match="run.resume needs run.name"):
         run_simulation(load_config(None, [f"run.dir={str(tmp_path)!r}", "run.resume=true"]))
+
+
+def test_inspect_takes_a_run_directory_as_export_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from florist.cli import main
+    from tests.peft_helpers import tiny_llama, write_peft_client
+
+    write_peft_client(tiny_llama, tmp_path / "run" / "adapter", 4, seed=0)
+    assert main(["inspect", str(tmp_path / "run"), "--json"]) == 0
+    assert [m["rank"] for m in json.loads(capsys.readouterr().out)["modules"]] == [4] * 4
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert (
+        "is neither a run directory (with adapter/) nor a PEFT adapter directory" in capsys.readouterr().err
+    )
+
+
+def test_sparse_evaluations_are_not_drawn_as_measured_between() -> None:
+    from florist.commands.report import line_style
+
+    assert line_style([0, 1, 2, 3]) == "-"
+    assert line_style([0, 2, 4]) == ":" and line_style([1, 2, 5]) == ":"
+    assert line_style([3]) == "-"

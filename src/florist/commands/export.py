@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,23 +27,11 @@ from florist.commands.aggregate import check_output
 from florist.errors import ConfigError
 from florist.fsutil import atomic_dir, write_json_atomic
 from florist.lora import LoraFactors
-from florist.lora.peft_io import read_adapter, save_adapter_files
+from florist.lora.peft_io import adapter_dir, read_adapter, save_adapter_files
 from florist.lora.validation import validate_updates
 
 log = logging.getLogger(__name__)
 REPORT = "export_report.json"
-
-
-def adapter_dir(source: str | Path) -> Path:
-    """A run directory's final adapter (``RUN/adapter``), or ``source`` itself if it is an adapter."""
-    root = Path(source)
-    if (root / "adapter" / "adapter_config.json").is_file():
-        return root / "adapter"
-    if (root / "adapter_config.json").is_file():
-        return root
-    raise ConfigError(
-        f"{str(source)!r} is neither a run directory (with adapter/) nor a PEFT adapter directory"
-    )
 
 
 def compress(f: LoraFactors, max_rank: int | None, tau: float | None) -> tuple[LoraFactors, float]:

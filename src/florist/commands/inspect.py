@@ -9,12 +9,13 @@ import torch
 
 from florist.aggregation.linalg import factored_svd
 from florist.aggregation.rank_policy import rank_for_energy
-from florist.lora.peft_io import read_adapter
+from florist.lora.peft_io import adapter_dir, read_adapter
 from florist.lora.validation import validate_updates
 
 
 def inspect_adapter(path: str) -> dict[str, Any]:
     """Per module: shape, rank, scaling, Frobenius norm of scaling*B@A and its singular values."""
+    path = str(adapter_dir(path))  # a run directory's final adapter, or an adapter
     adapter = read_adapter(path)
     validate_updates([adapter.to_update(path, 1.0)])  # NaN, Inf or an overflowing scale: named, not printed
     rows = []

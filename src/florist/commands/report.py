@@ -7,6 +7,7 @@ ranks.png    the global rank of every adapted module in every round (one colour 
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str) -> None:
         idx, vals = series(records, key, in_eval)
         for col, (xs, xlabel) in enumerate(((rounds, "round"), (mb, "cumulative bytes sent (MB)"))):
             ax = axes[row][col]
-            ax.plot([xs[i] for i in idx], vals, marker="o")
+            ax.plot([xs[i] for i in idx], vals, marker="o", linestyle=line_style([rounds[i] for i in idx]))
             ax.set_xlabel(xlabel)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
@@ -73,6 +74,13 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)
+
+
+def line_style(measured_rounds: list[Any]) -> str:
+    """Solid where every round between two points was measured; dotted where rounds were skipped
+    (``eval.every`` > 1), so no line claims values between evaluations."""
+    gaps = any(b - a > 1 for a, b in pairwise(measured_rounds))
+    return ":" if gaps else "-"
 
 
 def plot_ranks(records: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -239,3 +239,15 @@ def write_adapter(
     with atomic_dir(path, overwrite=overwrite) as tmp:
         save_adapter_files(tmp, modules, base_model=base_model, fan_in_fan_out=fan_in_fan_out, dtype=dtype)
     return Path(path)
+
+
+def adapter_dir(source: str | Path) -> Path:
+    """A run directory's final adapter (``RUN/adapter``), or ``source`` itself if it is an adapter."""
+    root = Path(source)
+    if (root / "adapter" / "adapter_config.json").is_file():
+        return root / "adapter"
+    if (root / "adapter_config.json").is_file():
+        return root
+    raise ConfigError(
+        f"{str(source)!r} is neither a run directory (with adapter/) nor a PEFT adapter directory"
+    )
