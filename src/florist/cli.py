@@ -11,7 +11,7 @@ florist bench [--out DIR] [section.key=value ...]  the paper's comparison: every
 florist regime [--out DIR] [--batches 4,32] [--examples 32,128,512]  round 1: kept rank vs the training regime
 florist client-sweep [--out DIR] [--counts 4,8,16,32]  kept rank and bytes against the number of clients
 florist deploy CONFIG.toml --nodes N [section.key=value ...]  the same on a local TLS Flower deployment
-florist config [--json | --starter FILE]          every config key: type, default, help; a commented starter
+florist config [--json | --starter FILE | --app-dir]  every config key with help; a starter; the Flower App
 """
 
 from __future__ import annotations
@@ -80,6 +80,9 @@ def _add_config(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the keys as JSON")
     out.add_argument("--starter", metavar="FILE", help="write a commented starter config to FILE (new file)")
+    out.add_argument(
+        "--app-dir", action="store_true", help="print the folder of florist's Flower App (for flwr run)"
+    )
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -255,6 +258,11 @@ def _config(args: argparse.Namespace) -> None:
     from florist.commands.keys import config_keys, starter_toml
     from florist.tables import make_console
 
+    if args.app_dir:
+        from florist.deploy.runconfig import DEFAULT_APP
+
+        print(DEFAULT_APP)
+        return
     if args.starter:
         path = Path(args.starter)
         if path.exists():

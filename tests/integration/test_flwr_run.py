@@ -17,10 +17,10 @@ import httpx
 import psutil
 import pytest
 
+from florist.deploy.runconfig import DEFAULT_APP
 from tests.flower_helpers import save_tiny_model
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 LOCAL_SUPERLINK = "http://127.0.0.1:39091/health"
 
 
@@ -67,7 +67,7 @@ def test_flwr_run_local_simulation(tmp_path: Path) -> None:
     assert flwr is not None
     try:
         proc = subprocess.run(
-            [flwr, "run", str(REPO / "flower-app"), "local", "--stream",
+            [flwr, "run", str(DEFAULT_APP), "local", "--stream",
              "--federation-config", "num-supernodes=3", "--run-config", overrides],
             env=env, capture_output=True, text=True, timeout=600,
         )  # fmt: skip

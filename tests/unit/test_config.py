@@ -107,8 +107,9 @@ def test_flower_app_declares_every_config_key() -> None:
     import tomllib
 
     from florist.config.loader import flat_defaults
+    from florist.deploy.runconfig import DEFAULT_APP
 
-    app = Path(__file__).resolve().parents[2] / "flower-app" / "pyproject.toml"
+    app = DEFAULT_APP / "pyproject.toml"
     declared = tomllib.loads(app.read_text())["tool"]["flwr"]["app"]["config"]
     assert set(declared) == set(flat_defaults())
     cfg = from_flower_run_config(declared)

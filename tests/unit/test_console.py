@@ -4,6 +4,7 @@ for the in-process simulation dropped, everything back with --verbose; a host's 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -77,9 +78,16 @@ def test_flowers_deprecation_of_run_simulation_is_dropped_and_other_warnings_kep
     assert kept == ["DEPRECATED FEATURE: something else"]
 
 
-def test_the_step_bar_outside_ray_is_plain_tqdm() -> None:
+def test_the_step_bar_outside_ray_is_plain_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
     from florist.client.progress import StepBar
 
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())  # drawn only on a terminal
     bar = StepBar(3, "client-000 round 1")
     for loss in (1.0, 0.5, 0.25):
         bar.step(loss)

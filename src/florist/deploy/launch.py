@@ -11,7 +11,7 @@ Everything runs on 127.0.0.1 as separate processes, the way separate sites would
 2. ``flower-superlink`` with TLS and ``--enable-supernode-auth`` on 127.0.0.1:PORT.
 3. ``flwr supernode register keys/node-K.pub florist-deploy`` for every node.
 4. N ``flower-supernode`` processes, node K with ``partition-id=K num-partitions=N``.
-5. ``flwr run flower-app florist-deploy --stream --run-config WORKDIR/run-config.toml``, to its end.
+5. ``flwr run APP florist-deploy --stream --run-config WORKDIR/run-config.toml``, to its end.
 6. Every process stopped by pid (WORKDIR/pids.json lists them); RUN/summary.json read and printed.
 
 Logs of every process are in WORKDIR/logs. The command exits non-zero when the federation fails.
@@ -59,7 +59,7 @@ class DeploySettings:
     nodes : int
         Number of SuperNodes (the run's ``federation.num_clients``).
     app : Path
-        The Flower App directory passed to ``flwr run`` (florist's ``flower-app/``).
+        The Flower App directory passed to ``flwr run`` (florist's ``flower_app/``, shipped in the package).
     port : int | None
         The SuperLink's port on 127.0.0.1 (Fleet, Control and Runtime APIs); None: a free port.
     connection : str
@@ -81,7 +81,9 @@ class DeploySettings:
         if self.port is not None and not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
         if not (self.app / "pyproject.toml").is_file():
-            raise ConfigError(f"Flower App {str(self.app)!r} has no pyproject.toml; pass the flower-app dir")
+            raise ConfigError(
+                f"Flower App {str(self.app)!r} has no pyproject.toml; pass florist config --app-dir"
+            )
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from florist.config import FloristConfig, load_config
 from florist.config.loader import flat_defaults
 from florist.errors import ConfigError
 
-DEFAULT_APP = Path(__file__).resolve().parents[3] / "flower-app"  # the Flower App in this repository
+DEFAULT_APP = Path(__file__).resolve().parents[1] / "flower_app"  # the Flower App, shipped in the wheel
 
 
 def app_config(app: Path) -> dict[str, Any]:
