@@ -129,3 +129,57 @@ def test_dolly_validation_split_is_80_rows_disjoint_from_test() -> None:
     assert sum(sizes) == 1579 + 685 + 3775 + 1830 + 2152 + 1776 + 2531 + 607 - 80
     test = {(e.instruction, e.context, e.response) for e in heldout_examples(cfg.data)}
     assert not test & {(e.instruction, e.context, e.response) for e in val}
+
+
+def _sites(tmp_path: Path) -> Path:
+    """One JSONL file whose rows carry a ``site`` column: 3 sites of 4, 5 and 6 rows."""
+    rows = [
+        {
+            "instruction": f"q{s}-{i}",
+            "context": "",
+            "response": f"a{i}",
+            "category": "qa",
+            "site": f"site-{s}",
+        }
+        for s, n in enumerate([4, 5, 6])
+        for i in range(n)
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_by_label_gives_each_value_of_any_column_its_own_client(tmp_path: Path) -> None:
+    """``data.split = "by_label"`` with ``data.label = "site"``: client k holds every training row of
+    the k-th site (sorted), whatever column it is; the Dirichlet split groups by that column too."""
+    source = _sites(tmp_path)
+    base = [
+        f"data.source={str(source)!r}",
+        "data.label='site'",
+        "data.test_fraction=0.01",
+        "federation.num_clients=3",
+    ]
+    cfg = load_config(None, [*base, "data.split='by_label'"])
+    parts = [client_examples(cfg.data, k, 3) for k in range(3)]
+    held = heldout_examples(cfg.data)
+    assert [{ex.category for ex in p} for p in parts] == [{"site-0"}, {"site-1"}, {"site-2"}]
+    assert sum(len(p) for p in parts) + len(held) == 15
+    assert all(ex.instruction.startswith(f"q{k}-") for k, p in enumerate(parts) for ex in p)
+    dirichlet = load_config(None, [*base, "data.split='dirichlet'", "data.alpha=0.01"])
+    labels = Counter(ex.category for k in range(3) for ex in client_examples(dirichlet.data, k, 3))
+    assert set(labels) <= {"site-0", "site-1", "site-2"}
+
+
+def test_by_label_names_the_mismatch_and_a_missing_column(tmp_path: Path) -> None:
+    source = _sites(tmp_path)
+    cfg = load_config(None, [f"data.source={str(source)!r}", "data.label='site'", "data.split='by_label'",
+                             "federation.num_clients=4"])  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"one client per value of 'site': 3 values .* federation.num_clients = 4"
+    ):
+        client_examples(cfg.data, 0, 4)
+    cfg = load_config(
+        None, [f"data.source={str(source)!r}", "data.label='hospital'", "federation.num_clients=3"]
+    )
+    with pytest.raises(ConfigError, match=r"row 0 has no value in column 'hospital' \(data.label\)"):
+        client_examples(cfg.data, 0, 3)

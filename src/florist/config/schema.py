@@ -75,10 +75,15 @@ class DataConfig:
     source: str = field(default="skills", metadata={"help": "'skills' (embedded), a file, folder or hub id"})
     format: str | None = field(default=None, metadata={"help": "dolly, alpaca or wizard; detected if unset"})
     split: str = field(
-        default="dirichlet", metadata={"help": "presplit (one file per client), iid, dirichlet"}
+        default="dirichlet",
+        metadata={
+            "help": "presplit (one file per client), iid, dirichlet, by_label (one client per label value)"
+        },
     )
     alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration"})
-    label: str = field(default="category", metadata={"help": "label column for the Dirichlet split"})
+    label: str = field(
+        default="category", metadata={"help": "the column the Dirichlet and by_label splits group rows by"}
+    )
     min_partition_size: int = field(
         default=1, metadata={"help": "Dirichlet split: fewest examples a client may get (redrawn until met)"}
     )
@@ -101,8 +106,8 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.split not in ("presplit", "iid", "dirichlet"):
-            raise ConfigError(f"data.split must be presplit, iid or dirichlet, got {self.split!r}")
+        if self.split not in ("presplit", "iid", "dirichlet", "by_label"):
+            raise ConfigError(f"data.split must be presplit, iid, dirichlet or by_label, got {self.split!r}")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
         _positive("data.alpha", self.alpha)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from florist.config.schema import DataConfig
 from florist.data.loaders import SUFFIXES, load_examples, looks_like_hub_id
-from florist.data.partition import dirichlet_partition, iid_partition
+from florist.data.partition import dirichlet_partition, iid_partition, label_partition
 from florist.data.records import Example
 from florist.data.skills import make_skills_dataset
 from florist.errors import ConfigError
@@ -98,22 +98,22 @@ def _partitions(cfg: DataConfig, num_clients: int) -> tuple[tuple[Example, ...],
     train = _skills(cfg)[0] if cfg.source == "skills" else list(_pooled(cfg)[0])
     if cfg.split == "iid":
         parts = iid_partition(train, num_clients, cfg.seed, cfg.min_partition_size)
+    elif cfg.split == "by_label":
+        parts = label_partition(train, num_clients, _label, cfg.label)
     else:
-        label = cfg.label
-        parts = dirichlet_partition(
-            train, num_clients, cfg.alpha, lambda ex: _label(ex, label), cfg.seed, cfg.min_partition_size
-        )
+        parts = dirichlet_partition(train, num_clients, cfg.alpha, _label, cfg.seed, cfg.min_partition_size)
     return tuple(tuple(p) for p in parts)
 
 
-def _label(ex: Example, column: str) -> str:
-    if column != "category":
-        raise ConfigError(f"data.label {column!r}: only 'category' is kept on loaded examples")
+def _label(ex: Example) -> str:
+    """The example's label: its ``data.label`` column, read when it was loaded."""
     return ex.category or "none"
 
 
 def _presplit(cfg: DataConfig, num_clients: int) -> tuple[tuple[Example, ...], ...]:
-    return tuple(tuple(load_examples(f, fmt=cfg.format)) for f in client_files(cfg, num_clients))
+    return tuple(
+        tuple(load_examples(f, fmt=cfg.format, label=cfg.label)) for f in client_files(cfg, num_clients)
+    )
 
 
 def client_files(cfg: DataConfig, num_clients: int) -> list[Path]:
@@ -166,7 +166,7 @@ def _skills(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
 @lru_cache(maxsize=2)
 def _pooled(cfg: DataConfig) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
     """(train, held-out): the held-out part is a seeded fraction unless data.test names a file."""
-    examples = load_examples(cfg.source, fmt=cfg.format, exclude=cfg.exclude)
+    examples = load_examples(cfg.source, fmt=cfg.format, exclude=cfg.exclude, label=cfg.label)
     if cfg.test is not None:
         return tuple(examples), ()
     order = list(range(len(examples)))

@@ -65,29 +65,37 @@ def _json_rows(path: Path, text: str) -> list[Any]:
 
 
 def load_examples(
-    source: str | Path, *, fmt: str | None = None, split: str = "train", exclude: Sequence[str] = ()
+    source: str | Path,
+    *,
+    fmt: str | None = None,
+    split: str = "train",
+    exclude: Sequence[str] = (),
+    label: str = "category",
 ) -> list[Example]:
-    """Examples from a local file, a local folder (sorted files) or a hub data set id."""
+    """Examples from a local file, a local folder (sorted files) or a hub data set id; each example's
+    label is its row's ``label`` column (``data.label``)."""
     path = Path(source)
     if path.is_file():
-        return _from_rows(read_rows(path), fmt, str(path))
+        return _from_rows(read_rows(path), fmt, str(path), label)
     if path.is_dir() and any((path / name).is_file() for name in SAVED):
-        return _from_saved(path, fmt, split)
+        return _from_saved(path, fmt, split, label)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.name not in exclude)
         if not files:
             raise ConfigError(f"folder {str(path)!r} has no .json, .jsonl or .parquet files")
-        return [ex for f in files for ex in _from_rows(read_rows(f), fmt, str(f))]
+        return [ex for f in files for ex in _from_rows(read_rows(f), fmt, str(f), label)]
     if looks_like_hub_id(str(source)):
-        return _from_hub(str(source), fmt, split)
+        return _from_hub(str(source), fmt, split, label)
     raise ConfigError(f"data source {str(source)!r} is neither a file, a folder nor a hub data set id")
 
 
-def _from_rows(rows: list[dict[str, Any]], fmt: str | None, where: str) -> list[Example]:
+def _from_rows(
+    rows: list[dict[str, Any]], fmt: str | None, where: str, label: str = "category"
+) -> list[Example]:
     if not rows:
         raise ConfigError(f"{where!r} holds no examples")
     fmt = fmt or detect_format(rows[0])
-    return [to_example(r, fmt, f"{where} row {i}") for i, r in enumerate(rows)]
+    return [to_example(r, fmt, f"{where} row {i}", label) for i, r in enumerate(rows)]
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -106,7 +114,7 @@ def _datasets() -> Any:
     return datasets
 
 
-def _from_hub(repo_id: str, fmt: str | None, split: str) -> list[Example]:
+def _from_hub(repo_id: str, fmt: str | None, split: str, label: str = "category") -> list[Example]:
     datasets = _datasets()
     try:
         data = datasets.load_dataset(repo_id, split=split)
@@ -118,17 +126,17 @@ def _from_hub(repo_id: str, fmt: str | None, split: str) -> list[Example]:
         ) from err
     except ValueError as err:  # e.g. an unknown split
         raise ConfigError(f"hub data set {repo_id!r}: {err}") from err
-    return _from_rows([dict(r) for r in data], fmt, repo_id)
+    return _from_rows([dict(r) for r in data], fmt, repo_id, label)
 
 
-def _from_saved(path: Path, fmt: str | None, split: str) -> list[Example]:
+def _from_saved(path: Path, fmt: str | None, split: str, label: str = "category") -> list[Example]:
     """A folder written by ``Dataset.save_to_disk`` (or a ``DatasetDict``'s: ``split`` picks one)."""
     data = _datasets().load_from_disk(str(path))
     if hasattr(data, "keys"):  # a DatasetDict
         if split not in data:
             raise ConfigError(f"{str(path)!r} holds splits {sorted(data.keys())}, not {split!r}")
         data = data[split]
-    return _from_rows([dict(r) for r in data], fmt, str(path))
+    return _from_rows([dict(r) for r in data], fmt, str(path), label)
 
 
 def _parquet_rows(path: Path) -> list[dict[str, Any]]:

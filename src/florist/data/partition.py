@@ -52,6 +52,22 @@ def dirichlet_partition(
     )
 
 
+def label_partition(
+    items: Sequence[T], num_clients: int, label_of: Callable[[T], str], column: str = "label"
+) -> list[list[T]]:
+    """A natural split: one client per distinct label (``column``'s values, sorted), all its rows."""
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        groups.setdefault(label_of(item), []).append(item)
+    if len(groups) != num_clients:
+        shown = sorted(groups)[:8]
+        raise ConfigError(
+            f"data.split = 'by_label' gives one client per value of {column!r}: {len(groups)} values "
+            f"({shown}{' ...' if len(groups) > 8 else ''}) for federation.num_clients = {num_clients}"
+        )
+    return [groups[key] for key in sorted(groups)]
+
+
 def _draw(by_label: dict[str, list[int]], k: int, alpha: float, rng: np.random.Generator) -> list[list[int]]:
     parts: list[list[int]] = [[] for _ in range(k)]
     for name in sorted(by_label):

@@ -8,7 +8,7 @@ WizardLM evol-instruct: instruction, output  (or ShareGPT-style "conversations")
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from florist.errors import ConfigError
@@ -36,8 +36,9 @@ def detect_format(row: Mapping[str, Any]) -> str:
     raise ConfigError(f"cannot tell the data format from the fields {sorted(keys)}; pass format=")
 
 
-def to_example(row: Mapping[str, Any], fmt: str, where: str = "") -> Example:
-    """Map a raw row of format ``fmt`` to an ``Example``; ``where`` names the row in errors."""
+def to_example(row: Mapping[str, Any], fmt: str, where: str = "", label: str = "category") -> Example:
+    """Map a raw row of format ``fmt`` to an ``Example``; ``where`` names the row in errors. The
+    example's label (``category``) is the row's ``label`` column: any column can drive the split."""
     where = where or "row"
     try:
         if fmt == "dolly":
@@ -52,6 +53,11 @@ def to_example(row: Mapping[str, Any], fmt: str, where: str = "") -> Example:
             raise ConfigError(f"unknown data format {fmt!r}; choose one of {FORMATS}")
     except KeyError as err:
         raise ConfigError(f"{where} has no field {err.args[0]!r} required by the {fmt} format") from err
+    if label != "category":
+        value = row.get(label)
+        if value is None or isinstance(value, (dict, list)):
+            raise ConfigError(f"{where} has no value in column {label!r} (data.label) to split by")
+        ex = replace(ex, category=str(value))
     return checked(ex, where)
 
 

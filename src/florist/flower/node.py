@@ -58,7 +58,7 @@ def node_examples(cfg: FloristConfig, context: Context) -> list[Example]:
         return client_examples(cfg.data, k, n)
     if not Path(str(path)).exists():
         raise ConfigError(f"node {k}: data-path {str(path)!r} (its --node-config) does not exist")
-    return subsample(load_examples(str(path), fmt=cfg.data.format), cfg.data, k)
+    return subsample(load_examples(str(path), fmt=cfg.data.format, label=cfg.data.label), cfg.data, k)
 
 
 def protocol_of(cfg: FloristConfig) -> ClientProtocol:
