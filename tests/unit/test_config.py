@@ -60,7 +60,7 @@ def test_flower_run_config_reads_lists_from_strings() -> None:
         ("federation.participation=[[0]]", r"participation lists 1 rounds; rounds = 3"),
         ("federation.fraction=0", r"federation\.fraction must be in \(0, 1\], got 0"),
         ("model.dtype='float8'", r"model\.dtype must be one of"),
-        ("data.split='random'", r"data\.split must be presplit, iid or dirichlet, got 'random'"),
+        ("data.split='random'", r"data\.split must be presplit, iid, dirichlet or by_label, got 'random'"),
         ("lora.warm_from='first'", r"lora\.warm_from must be one of \['last', 'accumulated'\], got 'first'"),
         ("lora.warm_from='accumulated'", r"lora\.warm_from = 'accumulated' needs lora\.warm_start = true"),
     ],
