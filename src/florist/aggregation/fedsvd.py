@@ -44,8 +44,7 @@ from florist.aggregation.base import (
     per_client_slices,
     register,
 )
-from florist.aggregation.ffa import shared_a
-from florist.aggregation.linalg import pad_cols
+from florist.aggregation.ffa import averaged_b
 from florist.lora.update import ClientUpdate, LoraFactors
 
 
@@ -87,10 +86,8 @@ class FedSVD(Aggregator):
     def _aggregate(self, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
         global_update = {}
         for name in module_names(updates):
-            A = shared_a(updates, name, self.dtype, self.label)  # (r_max, n): the A the round trained against
-            Bs = [pad_cols(u.modules[name].effective(self.dtype)[0], A.shape[0]) for u in updates]
-            B_avg = (torch.stack(Bs) * weights.to(self.dtype)[:, None, None]).sum(0)  # (m, r_max)
-            global_update[name] = refactorise(B_avg, A)
+            avg = averaged_b(updates, name, weights, self.dtype, self.label)  # B_avg against the round's A
+            global_update[name] = refactorise(avg.B, avg.A)
         return AggregationResult(
             method=self.name,
             protocol=self.protocol,

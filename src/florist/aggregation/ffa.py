@@ -52,6 +52,17 @@ def shared_a(
     return A_ref
 
 
+def averaged_b(
+    updates: Sequence[ClientUpdate], name: str, weights: Tensor, dtype: torch.dtype, label: str
+) -> LoraFactors:
+    """``sum_k p_k pad(s_k B_k)`` against the shared frozen A of module ``name``: ``B_g @ A`` is the
+    exact weighted sum because every client's A is the leading rows of that one A."""
+    A = shared_a(updates, name, dtype, label)  # (r_max, n)
+    Bs = [pad_cols(u.modules[name].effective(dtype)[0], A.shape[0]) for u in updates]
+    B_g = (torch.stack(Bs) * weights.to(dtype)[:, None, None]).sum(0)  # (m, r_max)
+    return LoraFactors(A=A, B=B_g)
+
+
 @register("ffa")
 @dataclass(frozen=True)
 class FFALoRA(Aggregator):
@@ -71,12 +82,9 @@ class FFALoRA(Aggregator):
     label = "FFA-LoRA"
 
     def _aggregate(self, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
-        global_update = {}
-        for name in module_names(updates):
-            A = shared_a(updates, name, self.dtype)  # (r_max, n)
-            Bs = [pad_cols(u.modules[name].effective(self.dtype)[0], A.shape[0]) for u in updates]
-            B_g = (torch.stack(Bs) * weights.to(self.dtype)[:, None, None]).sum(0)  # (m, r_max)
-            global_update[name] = LoraFactors(A=A, B=B_g)
+        global_update = {
+            name: averaged_b(updates, name, weights, self.dtype, self.label) for name in module_names(updates)
+        }
         return AggregationResult(
             method=self.name,
             protocol=self.protocol,
