@@ -42,12 +42,22 @@ CANDIDATES = {  # --extra-baselines specs and FLoRIST variant names, per the ben
         "flexlora+bf16+uplink",
         "fedex+bf16",
         "fedsvd+bf16",
+        "fedsb+bf16",
+        "fedsb+bf16+r64",
     ),
     "florist": ("all+orth", "all+orth+chg", "bf16+orth"),
 }
 NAMES = ("FedIT +bf16", "FLoRA +bf16", "FLoRA +bf16 +orth", "FlexLoRA +bf16", "FlexLoRA +bf16 +uplink",
          "FedEx-LoRA +bf16", "FedSVD +bf16", "FLoRIST tau=0.90 +all +orth",
-         "FLoRIST tau=0.90 +all +orth +chg", "FLoRIST tau=0.90 +bf16 +orth")  # fmt: skip
+         "FLoRIST tau=0.90 +all +orth +chg", "FLoRIST tau=0.90 +bf16 +orth",
+         "Fed-SB +bf16", "Fed-SB +bf16 +r64")  # fmt: skip
+# Fed-SB trains one r x r core on every client: it has no heterogeneous-rank form (r 16 as the others'
+# LoRA, and r 64; its rank is chosen on validation like any option)
+HOMOGENEOUS_ONLY = ("Fed-SB +bf16", "Fed-SB +bf16 +r64")
+
+
+def applies(setting: str, name: str) -> bool:
+    return setting == "homogeneous" or name not in HOMOGENEOUS_ONLY
 
 
 def bench_command(
@@ -135,7 +145,7 @@ def main() -> None:
             rounds = int(o.split("=")[1])
     if args.stage in ("all", "select"):
         names = [n for n in args.names.split(",") if n]
-        run_stage(args, [(0, s, v) for s in SETTINGS for v in names], deadline)
+        run_stage(args, [(0, s, v) for s in SETTINGS for v in names if applies(s, v)], deadline)
     per_seed = merge(args)
     if args.stage in ("all", "seeds") and 0 in per_seed:
         chosen = {s: sorted(set(choose(per_seed, s, rounds)[0].values())) for s in SETTINGS}

@@ -114,7 +114,7 @@ def golden_figures(results: dict[str, Any]) -> dict[str, list[list[float]]]:
 def check_golden(results: dict[str, Any]) -> None:
     """The bench's figures on a fixed seed stay what they were when the golden file was written (the
     #12 refactor was checked bit for bit against the code before it; this keeps later changes honest).
-    Bytes and ranks exactly, losses and errors to 1e-4 relative. ``FLORIST_WRITE_GOLDEN=1`` rewrites
+    Bytes and ranks exactly, losses to 1e-4 relative, round errors to 1e-4 absolute. ``FLORIST_WRITE_GOLDEN=1`` rewrites
     the file and fails, so a rewrite never passes unnoticed."""
     got = golden_figures(results)
     if os.environ.get("FLORIST_WRITE_GOLDEN") == "1":
@@ -127,8 +127,12 @@ def check_golden(results: dict[str, Any]) -> None:
         assert len(got[key]) == len(rounds), key
         for r, (g, w) in enumerate(zip(got[key], rounds, strict=True), start=1):
             assert g[:3] == w[:3], f"{key}, round {r}: bytes up/down, rank {g[:3]} != {w[:3]}"
-            for what, a, b in zip(("round error", "held-out loss"), g[3:], w[3:], strict=True):
-                assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-7), f"{key}, round {r}: {what} {a} != {b}"
+            # a round error is a float32 ratio of small differences (FlexLoRA's 0.0030 came out 0.00305
+            # and 0.00308 on two CPUs of this project's machines, fp32 both): 1e-4 absolute
+            for what, a, b, tol in zip(
+                ("round error", "held-out loss"), g[3:], w[3:], (1e-4, 1e-7), strict=True
+            ):
+                assert math.isclose(a, b, rel_tol=1e-4, abs_tol=tol), f"{key}, round {r}: {what} {a} != {b}"
 
 
 def test_aggregation_clip_applies_in_the_bench_as_in_the_strategy(tmp_path: Path) -> None:
@@ -266,4 +270,45 @@ def test_fedsvd_resumes_mid_run_as_if_never_stopped(tmp_path: Path) -> None:
     assert len(resumed) == 3
     for a, b in zip(whole, resumed, strict=True):
         for key in ("bytes_up", "bytes_down", "ranks", "round_error", "eval"):
+            assert a[key] == b[key], (a["round"], key)
+
+
+def test_fedsb_round_zero_counts_its_bytes_and_resumes_mid_run(tmp_path: Path) -> None:
+    """Fed-SB in the bench: round 0 (the clients' gradients up, the basis down) is counted in round
+    1's bytes, every later round moves r^2 numbers per module each way, and a run stopped after round
+    2 continues from its checkpoint (the basis and the core restored) exactly as without the stop."""
+    from florist.config import load_config
+    from florist.studies.simulate import run_variant
+
+    model = save_tiny_model(tmp_path / "tiny")
+    cfg = load_config(None, [f"model.name={str(model)!r}", "data.skills_train=6", "data.skills_test=2",
+                             "eval.mmlu=none", "federation.num_clients=3", "federation.rounds=3",
+                             "train.steps=2", "train.batch_size=2", "lora.ranks=[4]", "lora.alpha=8",
+                             "federation.wire_dtype='bfloat16'", "aggregation.method='fedsb'",
+                             "aggregation.init_samples=6"])  # fmt: skip
+
+    def score(m: Any, t: object) -> dict[str, float]:
+        return {"norm": sum(float(p.detach().double().square().sum()) for p in m.parameters())}
+
+    whole = run_variant(cfg, score)
+    shapes = [(32, 32), (16, 32)] * 2  # tiny llama: q (32, 32), v (16, 32) in two layers
+    per_round = 3 * len(shapes) * 4 * 4 * 2  # 3 clients, r^2 bf16 per module
+    assert whole[0]["init_bytes_up"] == 3 * sum(m * n for m, n in shapes) * 2
+    assert whole[0]["init_bytes_down"] == 3 * sum(4 * (m + n) + 16 for m, n in shapes) * 2
+    assert whole[0]["bytes_up"] == per_round + whole[0]["init_bytes_up"]
+    assert [r["bytes_up"] for r in whole[1:]] == [per_round] * 2 == [r["bytes_down"] for r in whole[1:]]
+    assert whole[0]["eval"] != whole[2]["eval"]  # it trains
+    stops = iter([False, False, True])
+
+    def stopping(m: Any, t: object) -> dict[str, float]:
+        if next(stops):
+            raise KeyboardInterrupt
+        return score(m, t)
+
+    folder = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        run_variant(cfg, stopping, checkpoint=folder)
+    resumed = run_variant(cfg, score, checkpoint=folder)
+    for a, b in zip(whole, resumed, strict=True):
+        for key in ("bytes_up", "bytes_down", "round_error", "eval"):
             assert a[key] == b[key], (a["round"], key)

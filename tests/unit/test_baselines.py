@@ -12,7 +12,17 @@ from tests.helpers import SHAPES, assert_product_close, best_rank_p, dense_refer
 
 
 def test_registry_lists_every_method() -> None:
-    assert available() == ["fedex", "fedit", "fedsvd", "ffa", "flexlora", "flora", "florist", "rblora"]
+    assert available() == [
+        "fedex",
+        "fedit",
+        "fedsb",
+        "fedsvd",
+        "ffa",
+        "flexlora",
+        "flora",
+        "florist",
+        "rblora",
+    ]
     with pytest.raises(ConfigError, match="unknown aggregation method 'fedavg'"):
         make_aggregator("fedavg")
     with pytest.raises(ConfigError, match="bad options for method 'flora'"):
@@ -30,6 +40,7 @@ def test_protocols() -> None:
         "rblora": ClientProtocol.CONTINUE_GLOBAL,
         "fedex": ClientProtocol.MERGE_AND_CONTINUE,
         "fedsvd": ClientProtocol.TRAIN_B_ON_SERVER_A,
+        "fedsb": ClientProtocol.TRAIN_CORE,
     }
 
 

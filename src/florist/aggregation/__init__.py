@@ -5,7 +5,7 @@
 >>> result = agg.aggregate(client_updates)          # doctest: +SKIP
 """
 
-from florist.aggregation import fedex, fedit, fedsvd, ffa, flexlora, flora, florist, rblora  # noqa: F401  (registers methods)
+from florist.aggregation import fedex, fedit, fedsb, fedsvd, ffa, flexlora, flora, florist, rblora  # noqa: F401  (registers methods)
 from florist.aggregation.base import (
     AggregationResult,
     Aggregator,

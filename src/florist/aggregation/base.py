@@ -30,6 +30,10 @@ class ClientProtocol(str, Enum):
     # A is the server's (a seeded draw in round 1, then re-factorised by the server every round): load
     # the global A and B, train only B, upload only B (FedSVD)
     TRAIN_B_ON_SERVER_A = "train_b_on_server_a"
+    # B and A are a frozen basis the server sets once from the clients' summed gradient (round 0);
+    # clients train only the r x r core R between them, starting from the global core, and send only R
+    # (Fed-SB)
+    TRAIN_CORE = "train_core"
 
     @property
     def merges(self) -> bool:
@@ -104,7 +108,7 @@ class AggregationResult:
         modules = list(self.global_update.values())
         for per in (self.per_client or {}).values():
             modules += list(per.values())
-        return all(bool(torch.isfinite(f.A).all()) and bool(torch.isfinite(f.B).all()) for f in modules)
+        return all(bool(torch.isfinite(t).all()) for f in modules for t in f.tensors())
 
 
 class Aggregator(ABC):
@@ -144,6 +148,13 @@ class Aggregator(ABC):
         from florist.aggregation.protocols import protocol_of
 
         return protocol_of(cls.protocol).uploads_a
+
+    def initial(
+        self, gradients: Sequence[Mapping[str, Tensor]], rank: int, lr: float, wire: str = "float32"
+    ) -> AggregationResult:
+        """Round 0, for protocols that need one (``ClientRules.needs_init``): the run's starting
+        adapter from the clients' summed gradients of their base weights."""
+        raise TypeError(f"{self.name} has no round 0")
 
     def aggregate(self, updates: Sequence[ClientUpdate], *, round: int | None = None) -> AggregationResult:
         """Validate ``updates``, sort them by client id and aggregate them."""

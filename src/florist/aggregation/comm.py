@@ -11,8 +11,10 @@ client downloads for a module is counted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from torch import Tensor
 
 from florist.aggregation.base import AggregationResult
 from florist.aggregation.protocols import protocol_of
@@ -52,6 +54,10 @@ class CommReport:
 
 
 def _numel(f: LoraFactors, with_a: bool) -> int:
+    """Elements that travel: the core alone when there is one (both sides hold B and A), else B and
+    A (A only ``with_a``)."""
+    if f.core is not None:
+        return f.core.numel()
     return f.B.numel() + (f.A.numel() if with_a else 0)
 
 
@@ -70,6 +76,17 @@ def communication(
         for cid in sorted(up)
     }
     return CommReport(wire_dtype=wire_dtype, uplink=up, downlink=down)
+
+
+def init_bytes(
+    gradients: Mapping[str, Mapping[str, Tensor]], start: AggregationResult, wire_dtype: str
+) -> tuple[int, int]:
+    """Bytes of a round 0 (Fed-SB): each client's gradient up (m x n per module) and the starting
+    adapter down to each (the basis B and A and the core R_0); ``gradients`` by client id."""
+    size = wire_bytes(wire_dtype)
+    up = sum(g.numel() for grads in gradients.values() for g in grads.values()) * size
+    each = sum(t.numel() for f in start.global_update.values() for t in f.tensors()) * size
+    return up, each * len(gradients)
 
 
 def download_ranks(result: AggregationResult) -> dict[str, int]:

@@ -151,6 +151,9 @@ def without_warm_part(update: ClientUpdate, warm: Mapping[str, LoraFactors]) -> 
 
 
 def to_wire(f: LoraFactors, wire_dtype: str) -> LoraFactors:
-    """``f`` as it arrives after a trip through ``wire_dtype``: rounded, then float32 again."""
+    """``f`` as it arrives after a trip through ``wire_dtype``: rounded, then float32 again. With a
+    core only the core travels (B and A are the basis both sides already hold, as it was sent)."""
     dt = torch_dtype(wire_dtype, "wire dtype", WIRE)
+    if f.core is not None:
+        return replace(f, core=f.core.to(dt).float())
     return LoraFactors(A=f.A.to(dt).float(), B=f.B.to(dt).float(), scaling=f.scaling)

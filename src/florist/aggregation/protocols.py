@@ -18,6 +18,8 @@ one of the objects below, which say
     TrainBOnServerA    fedsvd              A frozen and the server's (seeded in round 1, then the
                                            right singular vectors of the aggregate); load A and B,
                                            train B, upload only B
+    TrainCore          fedsb               B and A a frozen basis set in round 0 from the clients'
+                                           summed gradient; load and train only the r x r core R
 
 A new protocol is a class here plus its aggregator; nothing else needs to know its name.
 """
@@ -32,6 +34,7 @@ from torch import Tensor
 
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.lowrank import leading_columns, warm_parts, warm_source, without_warm_part
+from florist.errors import InvalidUpdate
 from florist.lora import ClientUpdate, LoraFactors
 from florist.lora.seeded import seeded_a
 from florist.lora.update import sum_of_rounds
@@ -58,6 +61,9 @@ class ClientRules:
     fits_warm_start: ClassVar[bool] = False  # lora.warm_start can apply
     fits_clip: ClassVar[bool] = True  # aggregation.clip is defined (the upload is the round's change)
     own_init: ClassVar[bool] = False  # lora.init applies; else every client starts from the shared draw
+    # a round 0 before training: clients send the summed gradient of their base weights and the
+    # server answers with the run's starting adapter (``florist.aggregation.fedsb``)
+    needs_init: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ client side
 
@@ -234,6 +240,45 @@ class TrainBOnServerA(ClientRules):
         return A
 
 
+class TrainCore(ClientRules):
+    """Fed-SB: B and A are the basis the server set in round 0 (LoRA-SB's initialisation from the
+    clients' summed gradient), frozen; a client loads the global core R and trains only R. Uploads
+    and downloads carry R alone (``LoraFactors.core``); the server puts its own basis back around a
+    client's R, so no client can change the basis."""
+
+    kind = ClientProtocol.TRAIN_CORE
+    needs_init = True
+    fits_clip = False  # the upload is the whole adapter's core, not the round's change
+
+    def fresh(self, client: ClientSide, round: int, configured: str) -> None:
+        client.fresh_lora(0, "frozen", freeze_a=True)  # B = 0 until round 0's basis arrives
+
+    def round_one_key(self, init: str) -> str | None:
+        return None
+
+    def download(self, result: AggregationResult, client_id: str, rank: int) -> dict[str, LoraFactors]:
+        return result.global_update
+
+    def deltas(
+        self,
+        uploads: Sequence[ClientUpdate],
+        history: Sequence[AggregationResult],
+        ranks: Mapping[str, int],
+        warm_from: str | None = None,
+    ) -> list[ClientUpdate]:
+        """Each upload's core between the server's basis (what the last result sent)."""
+        basis = history[-1].global_update
+        out = []
+        for u in uploads:
+            modules = {}
+            for name, f in u.modules.items():
+                if f.core is None or name not in basis:
+                    raise InvalidUpdate(u.client_id, "a Fed-SB upload carries the core R", module=name)
+                modules[name] = LoraFactors(A=basis[name].A, B=basis[name].B, core=f.core, scaling=f.scaling)
+            out.append(replace(u, modules=modules))
+        return out
+
+
 _RULES: dict[ClientProtocol, ClientRules] = {
     ClientProtocol.MERGE_AND_RESTART: MergeAndRestart(),
     ClientProtocol.MERGE_AND_CONTINUE: MergeAndContinue(),
@@ -241,6 +286,7 @@ _RULES: dict[ClientProtocol, ClientRules] = {
     ClientProtocol.CONTINUE_PER_CLIENT: Continue(ClientProtocol.CONTINUE_PER_CLIENT),
     ClientProtocol.FROZEN_SHARED_A: FrozenSharedA(),
     ClientProtocol.TRAIN_B_ON_SERVER_A: TrainBOnServerA(),
+    ClientProtocol.TRAIN_CORE: TrainCore(),
 }
 
 

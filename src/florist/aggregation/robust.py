@@ -126,8 +126,11 @@ def cap_weights(updates: Sequence[ClientUpdate], max_weight: float) -> list[Clie
 
 
 def scale_update(update: ClientUpdate, s: float) -> ClientUpdate:
-    """The update times ``s`` (B scaled; A and the scaling untouched)."""
+    """The update times ``s`` (B, or the core when there is one, scaled; A and the scaling untouched)."""
     if s == 1.0:
         return update
-    modules = {name: replace(f, B=f.B * s) for name, f in update.modules.items()}
+    modules = {
+        name: replace(f, B=f.B * s) if f.core is None else replace(f, core=f.core * s)
+        for name, f in update.modules.items()
+    }
     return replace(update, modules=modules)

@@ -44,11 +44,12 @@ from florist.client.lora_state import (
     assign_leading,
     base_weights,
     extract,
+    lora_layers,
     merge_into_base,
     reinit,
     set_base_weights,
 )
-from florist.client.train import TrainSettings, TrainStats, encode_all, train
+from florist.client.train import TrainSettings, TrainStats, encode_all, gradient_sum, train
 from florist.config import FloristConfig
 from florist.config.schema import AdapterConfig
 from florist.data.records import Example
@@ -189,6 +190,15 @@ class LocalClient:
             progress=self.progress,
         )
         return ClientUpdate(self.client_id, float(self.num_examples), self._upload()), stats
+
+    def init_gradient(self, rows: int) -> dict[str, torch.Tensor]:
+        """Round 0 of a protocol that needs one (Fed-SB): the summed gradient of every adapted base
+        weight over the first ``rows`` rows of this client's data stream (``gradient_sum``)."""
+        return gradient_sum(
+            self.model, self.encoded, self.training, dict(lora_layers(self.model)),
+            rows=min(rows, len(self.encoded)), pad_id=self.pad_id,
+            data_seed=derive_seed(self.seed, self.client_id, "init"),
+        )  # fmt: skip
 
     def _warm_start(self, download: Mapping[str, LoraFactors]) -> None:
         """Move the leading r_k directions of ``download`` from the base weights into the LoRA.

@@ -4,6 +4,10 @@ A peft LoRA layer computes ``x -> W0 x + s * B A x`` with ``s = layer.scaling[ad
 ``extract`` returns ``LoraFactors(A, B, s)``; ``assign`` writes effective factors back as
 ``B = B_eff / s`` so ``s * B @ A`` is what the server sent; ``merge_into_base`` adds
 ``B_g @ A_g`` to ``W0`` (the FLoRA / FLoRIST protocol) and ``reinit`` starts a fresh LoRA.
+
+Factors with a core (Fed-SB: ``s B R A``) load as a frozen basis: A is lora_A's weight, frozen, and
+lora_B's weight becomes ``B @ R`` (a parametrization) with R, r x r, its only trainable parameter;
+``extract`` returns such a layer's basis and R as ``LoraFactors(A, B, s, core=R)``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.nn.utils import parametrize
 
 from florist.errors import ConfigError
 from florist.lora import LoraFactors
@@ -31,17 +36,62 @@ def lora_layers(peft_model: Any) -> Iterator[tuple[str, Any]]:
     yield from sorted(found, key=lambda t: t[0])
 
 
+class BasisTimesCore(torch.nn.Module):
+    """lora_B's weight as ``basis @ R``: the basis (m, r) a buffer, R (r, r) the trained parameter."""
+
+    def __init__(self, basis: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("basis", basis)
+
+    def forward(self, core: torch.Tensor) -> torch.Tensor:
+        return self.basis.to(core.dtype) @ core  # type: ignore[operator]
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().cpu().clone()
+
+
 def extract(peft_model: Any) -> dict[str, LoraFactors]:
-    """Detached float32 CPU copies of every layer's ``(A, B, scaling)``: what a client uploads and
-    the server aggregates, wherever the model runs."""
-    return {
-        name: LoraFactors(
-            A=layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),  # (r, n)
-            B=layer.lora_B[ADAPTER].weight.detach().float().cpu().clone(),  # (m, r)
-            scaling=float(layer.scaling[ADAPTER]),
+    """Detached float32 CPU copies of every layer's ``(A, B, scaling)`` (and core, ``has_core``):
+    what a client uploads and the server aggregates, wherever the model runs."""
+    out = {}
+    for name, layer in lora_layers(peft_model):
+        A, s, lora_B = layer.lora_A[ADAPTER].weight, float(layer.scaling[ADAPTER]), layer.lora_B[ADAPTER]
+        if has_core(lora_B):
+            core = lora_B.parametrizations.weight
+            out[name] = LoraFactors(A=_copy(A), B=_copy(core[0].basis), scaling=s, core=_copy(core.original))
+        else:
+            out[name] = LoraFactors(A=_copy(A), B=_copy(lora_B.weight), scaling=s)  # (r, n), (m, r)
+    return out
+
+
+def has_core(lora_B: Any) -> bool:
+    """Is this lora_B a basis times a trained core (``load_core``)?"""
+    return parametrize.is_parametrized(lora_B, "weight")
+
+
+def _load_core(layer: Any, name: str, f: LoraFactors) -> None:
+    """Fed-SB's layer: A and B the frozen basis of ``f``, R = its effective core / the layer's scaling."""
+    A_w, lora_B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER]
+    m, r = lora_B.weight.shape
+    assert f.core is not None
+    if tuple(f.B.shape) != (m, r) or tuple(f.A.shape) != tuple(A_w.shape):
+        raise ConfigError(
+            f"module {name!r}: cannot load a basis B {tuple(f.B.shape)}, A {tuple(f.A.shape)} into a LoRA "
+            f"layer of B {(m, r)}, A {tuple(A_w.shape)}"
         )
-        for name, layer in lora_layers(peft_model)
-    }
+    device = A_w.device
+    if not has_core(lora_B):
+        lora_B.weight.requires_grad_(False)
+        parametrize.register_parametrization(
+            lora_B, "weight", BasisTimesCore(f.B.float().to(device)), unsafe=True
+        )
+        lora_B.parametrizations.weight.original = torch.nn.Parameter(torch.zeros(r, r, device=device))
+    params = lora_B.parametrizations.weight
+    params[0].basis.copy_(f.B)
+    A_w.copy_(f.A)
+    A_w.requires_grad_(False)
+    params.original.copy_(f.core * (f.scaling / float(layer.scaling[ADAPTER])))
 
 
 def assign(peft_model: Any, factors: Mapping[str, LoraFactors], *, b_only: bool = False) -> None:
@@ -51,6 +101,9 @@ def assign(peft_model: Any, factors: Mapping[str, LoraFactors], *, b_only: bool 
     with torch.no_grad():
         for name, f in factors.items():
             layer = layers[name]
+            if f.core is not None:
+                _load_core(layer, name, f)
+                continue
             B_eff, A = f.effective()
             A_w, B_w = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
             if B_w.shape != B_eff.shape or (not b_only and A_w.shape != A.shape):

@@ -163,6 +163,44 @@ def train(
     return stats
 
 
+def gradient_sum(
+    model: Any, encoded: Sequence[Encoded], s: TrainSettings, layers: dict[str, Any], *, rows: int,
+    pad_id: int, data_seed: int,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The sum over batches of each batch's mean-loss gradient with respect to the base weight of
+    every layer in ``layers`` (name -> LoRA layer), over the first ``rows`` rows of the client's data
+    stream (float32, on the CPU): Fed-SB's round 0. Nothing trains; the weights are left as found."""
+    weights = {name: layer.get_base_layer().weight for name, layer in layers.items()}
+    device = next(model.parameters()).device
+    precision = resolve(s.precision, device)
+    stream = BatchStream(encoded, s.batch_size, data_seed)
+    total = {name: torch.zeros(w.shape, dtype=torch.float32) for name, w in weights.items()}
+    was_training = model.training
+    model.train()
+    try:
+        for w in weights.values():
+            w.requires_grad_(True)
+        done = 0
+        while done < rows:
+            batch_rows = stream.next()[: rows - done]
+            batch = {k: v.to(device) for k, v in make_batch(batch_rows, pad_id, s.batching).items()}
+            with precision.autocast():
+                loss = mean_token_loss(model, batch)
+            loss.backward()  # type: ignore[no-untyped-call]
+            for name, w in weights.items():
+                assert w.grad is not None
+                total[name] += w.grad.detach().float().cpu()
+                w.grad = None
+            done += len(batch_rows)
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+            w.grad = None
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return total
+
+
 def _undoer(
     opt: torch.optim.Optimizer, stream: BatchStream, stats: TrainStats, keep_rng: bool
 ) -> Callable[[], None]:

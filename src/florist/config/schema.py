@@ -319,7 +319,9 @@ class FederationConfig:
 class AggregationConfig:
     method: str = field(
         default="florist",
-        metadata={"help": "aggregator: florist, flora, fedit, flexlora, ffa, rblora, fedex, fedsvd, full"},
+        metadata={
+            "help": "aggregator: florist, flora, fedit, flexlora, ffa, rblora, fedex, fedsvd, fedsb, full"
+        },
     )
     tau: float | None = field(default=None, metadata={"help": "florist: energy threshold (default 0.9)"})
     rank: int | None = field(default=None, metadata={"help": "florist: fixed global rank"})
@@ -338,6 +340,17 @@ class AggregationConfig:
     clip_value: float = field(
         default=1.0, metadata={"help": "'median': threshold = value x median client norm; 'fixed': the norm"}
     )
+    init_samples: int = field(
+        default=170,
+        metadata={"help": "fedsb: rows (over all clients, by size) whose summed gradient sets the basis"},
+    )
+    init_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "fedsb: size of the sign step the basis approximates "
+            "(unset: train.lr / (0.02 x rounds x steps per round), the reference's)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in available():
@@ -346,6 +359,14 @@ class AggregationConfig:
             raise ConfigError(f"aggregation.clip must be one of {list(CLIP_MODES)}, got {self.clip!r}")
         if not self.clip_value > 0:
             raise ConfigError(f"aggregation.clip_value must be > 0, got {self.clip_value}")
+        if (
+            isinstance(self.init_samples, bool)
+            or not isinstance(self.init_samples, int)
+            or self.init_samples < 1
+        ):
+            raise ConfigError(f"aggregation.init_samples must be an integer >= 1, got {self.init_samples!r}")
+        if self.init_lr is not None and not (math.isfinite(self.init_lr) and self.init_lr > 0):
+            raise ConfigError(f"aggregation.init_lr must be > 0, got {self.init_lr!r}")
         self.aggregator_options()  # validates tau/rank/budget against the method
 
     def policy(self) -> RankPolicy:
@@ -490,8 +511,14 @@ class FloristConfig:
             )
         if self.aggregation.clip != "none" and not rules.fits_clip:
             raise ConfigError(
-                f"aggregation.clip is not defined for {self.aggregation.method!r}: its clients' change is "
-                "their upload less the averages they continued from, and clipping scales the upload"
+                f"aggregation.clip is not defined for {self.aggregation.method!r}: its clients' upload is "
+                "not their round's change (what they continued from is in it), and clipping scales the upload"
+            )
+        n = self.federation.num_clients
+        if rules.needs_init and len({self.lora.rank_of(k, n) for k in range(n)}) > 1:
+            raise ConfigError(
+                f"{self.aggregation.method!r} trains one r x r core shared by every client: "
+                "give every client one rank (lora.ranks = [r])"
             )
         if self.federation.uplink_tau is not None and not cls.products_only:
             raise ConfigError(
@@ -502,6 +529,15 @@ class FloristConfig:
     def aggregator(self) -> Aggregator:
         """The run's aggregator: ``[aggregation]`` with a byte budget priced at the run's wire dtype."""
         return self.aggregation.build(self.federation.wire_dtype)
+
+    def init_lr(self, num_examples: int) -> float:
+        """Fed-SB's sign-step size: ``aggregation.init_lr``, else the reference's ``lr / (0.02 x total
+        steps)`` with the run's local steps (a client of ``num_examples`` rows, every round)."""
+        if self.aggregation.init_lr is not None:
+            return self.aggregation.init_lr
+        from florist.aggregation.fedsb import default_init_lr
+
+        return default_init_lr(self.train.lr, self.federation.rounds * self.train.num_steps(num_examples))
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict

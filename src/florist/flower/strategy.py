@@ -23,6 +23,7 @@ from florist.aggregation.protocols import protocol_of
 from florist.client.model import load_model, resolve_model
 from florist.config import FloristConfig
 from florist.data.federated import test_examples
+from florist.errors import ConfigError
 from florist.flower.codec import KnownA, encode_factors, payload_bytes
 from florist.flower.handshake import hello
 from florist.flower.node import GLOBAL_PREFIX
@@ -35,6 +36,19 @@ from florist.server.global_model import GlobalModel, adapted_shapes
 from florist.server.size_guard import check_message
 
 log = logging.getLogger(__name__)
+
+
+def check_runs_on_flower(method: str) -> None:
+    """A ``ConfigError`` for a method whose protocol needs a round 0 (Fed-SB), which the Flower
+    runtime does not run yet; ``florist bench`` runs it in process."""
+    from florist.aggregation.base import aggregator_class
+
+    if protocol_of(aggregator_class(method).protocol).needs_init:
+        raise ConfigError(
+            f"aggregation.method = {method!r} needs a round 0 (each client's gradient, then the server's "
+            "basis), which the Flower runtime does not run yet; compare it with `florist bench "
+            f"--extra-baselines {method}+bf16`"
+        )
 
 
 class FederatedLoRA(Strategy):
@@ -75,6 +89,7 @@ class FederatedLoRA(Strategy):
         server: Server | None = None,
         model: GlobalModel | None = None,
     ) -> None:
+        check_runs_on_flower(aggregator.name)
         self.cfg, self.aggregator, self.expected = cfg, aggregator, dict(expected)
         self.rules = protocol_of(aggregator.protocol)
         self.model = model if model is not None else (server.model if server is not None else None)

@@ -216,6 +216,7 @@ def save_adapter_files(
         raise ConfigError("refusing to write an adapter with no modules")
     tensors = {}
     for name, f in sorted(modules.items()):
+        f = f if f.core is None else f.folded()  # a PEFT LoRA has no core
         tensors[f"{PREFIX}{name}.lora_A.weight"] = f.A.detach().to(dtype).contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = f.B.detach().to(dtype).contiguous()
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})

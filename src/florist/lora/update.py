@@ -23,7 +23,9 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
 
 @dataclass(frozen=True)
 class LoraFactors:
-    """LoRA factors of one adapted matrix: ``delta W = scaling * B @ A``.
+    """LoRA factors of one adapted matrix: ``delta W = scaling * B @ A``, or, with a ``core``,
+    ``scaling * B @ core @ A`` (Fed-SB: B and A a frozen basis both sides hold, only the r x r core
+    trains and travels). ``effective`` folds the core into B, so code that reads products never sees it.
 
     Attributes
     ----------
@@ -33,11 +35,14 @@ class LoraFactors:
         ``(m, r)`` up-projection.
     scaling : float
         Factor applied to ``B @ A`` (PEFT's ``alpha / r``); 1.0 for effective factors.
+    core : Tensor | None
+        ``(r, r)`` between B and A, or None.
     """
 
     A: Tensor  # (r, n)
     B: Tensor  # (m, r)
     scaling: float = 1.0
+    core: Tensor | None = None  # (r, r)
 
     @property
     def rank(self) -> int:
@@ -49,9 +54,20 @@ class LoraFactors:
         return int(self.B.shape[0]), int(self.A.shape[1])
 
     def effective(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-        """``(scaling * B, A)`` in ``dtype``: the factors aggregators work on."""
-        B = self.B.to(dtype) * self.scaling  # (m, r)
-        return B, self.A.to(dtype)  # (r, n)
+        """``(scaling * B [@ core], A)`` in ``dtype``: the factors aggregators work on."""
+        B = self.B.to(dtype) if self.core is None else self.B.to(dtype) @ self.core.to(dtype)
+        return B * self.scaling, self.A.to(dtype)  # (m, r), (r, n)
+
+    def folded(self) -> LoraFactors:
+        """The same product as plain effective factors (no core, scaling 1) in B's dtype."""
+        if self.core is None and self.scaling == 1.0:
+            return self
+        B, A = self.effective(self.B.dtype)
+        return LoraFactors(A=A, B=B)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor it holds: A, B and the core if any."""
+        return (self.A, self.B) if self.core is None else (self.A, self.B, self.core)
 
     def leading(self, r: int, *, pad: bool = False) -> LoraFactors:
         """The leading ``r`` components as effective factors (scaling folded into B, in B's dtype),

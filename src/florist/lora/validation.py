@@ -151,14 +151,18 @@ def _check_factors(cid: str, name: str, f: LoraFactors, round: int | None, max_r
         raise fail(f"rank {f.rank} exceeds the allowed maximum {max_rank}")
     if not math.isfinite(f.scaling):
         raise fail(f"scaling must be finite, got {f.scaling!r}")
-    for label, t in (("lora_A", f.A), ("lora_B", f.B)):
+    if f.core is not None and (f.core.ndim != 2 or tuple(f.core.shape) != (f.rank, f.rank)):
+        raise fail(f"the core must be ({f.rank}, {f.rank}) between B and A, got {tuple(f.core.shape)}")
+    for label, t in (("lora_A", f.A), ("lora_B", f.B), ("core", f.core)):
+        if t is None:
+            continue
         if not t.is_floating_point():
             raise fail(f"{label} must be a floating-point tensor, got dtype {t.dtype}")
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             nans = int(torch.isnan(t).sum())
             raise fail(f"{label} has {bad} non-finite values ({nans} NaN, {bad - nans} Inf)")
-    _check_magnitude(f, fail)
+    _check_magnitude(f if f.core is None else f.folded(), fail)
 
 
 def _check_magnitude(f: LoraFactors, fail: Callable[[str], InvalidUpdate]) -> None:

@@ -120,6 +120,10 @@ def _result_dict(round: int, r: AggregationResult) -> dict[str, Any]:
 def _factors(modules: dict[str, LoraFactors]) -> dict[str, dict[str, torch.Tensor]]:
     out = {}
     for name, f in modules.items():
+        if f.core is not None:  # the basis and the effective core (Fed-SB)
+            core = (f.core.float() * f.scaling).contiguous()
+            out[name] = {"A": f.A.float().contiguous(), "B": f.B.float().contiguous(), "core": core}
+            continue
         B, A = f.effective()  # (m, p), (p, n)
         out[name] = {"A": A.contiguous(), "B": B.contiguous()}
     return out
@@ -260,7 +264,7 @@ def _result_of(h: dict[str, Any]) -> AggregationResult:
 
 
 def _modules(tree: dict[str, dict[str, torch.Tensor]]) -> dict[str, LoraFactors]:
-    return {name: LoraFactors(A=t["A"], B=t["B"]) for name, t in tree.items()}
+    return {name: LoraFactors(A=t["A"], B=t["B"], core=t.get("core")) for name, t in tree.items()}
 
 
 def restore_rng(rng: dict[str, Any]) -> None:

@@ -154,6 +154,13 @@ class Server:
             self.accept(round, outcome.result)
         return outcome
 
+    def begin(self, result: AggregationResult) -> None:
+        """Round 0 of a protocol that needs one (``ClientRules.needs_init``): its result, the run's
+        starting adapter, opens the history; every client owes it before round 1."""
+        if self.state.history:
+            raise RuntimeError("round 0 comes before every other round")
+        self.accept(0, result)
+
     def accept(self, round: int, result: AggregationResult) -> None:
         self.state.history.append((round, result))
         self.state.skipped_streak = 0

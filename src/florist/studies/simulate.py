@@ -23,7 +23,8 @@ import torch
 
 from florist.aggregation import communication, efficiency
 from florist.aggregation.base import AggregationResult, ClientProtocol
-from florist.aggregation.comm import download_ranks
+from florist.aggregation.comm import download_ranks, init_bytes
+from florist.aggregation.fedsb import init_shares
 from florist.aggregation.linalg import energy_beyond
 from florist.aggregation.lowrank import prepare_upload
 from florist.aggregation.protocols import protocol_of
@@ -126,6 +127,20 @@ class Variant:
             cfg, self.agg, members, GlobalModel(model.to(cfg.model.torch_device()), tok, self.agg.protocol)
         )
         self.rank = self.server.ranks
+        self.init_bytes: tuple[int, int] | None = None  # round 0's (up, down), counted in round 1
+
+    def begin(self) -> None:
+        """Round 0 where the protocol needs one (Fed-SB): every client's summed gradient over its share
+        of ``aggregation.init_samples`` rows, the server's starting adapter, delivered to every client."""
+        cfg, clients = self.cfg, self.clients
+        shares = init_shares(cfg.aggregation.init_samples, [c.num_examples for c in clients])
+        gradients = {c.client_id: c.init_gradient(k) for c, k in zip(clients, shares, strict=True)}
+        lr = cfg.init_lr(max(c.num_examples for c in clients))
+        rank = max(self.rank.values())
+        start = self.agg.initial(list(gradients.values()), rank, lr, cfg.federation.wire_dtype)
+        self.server.begin(start)
+        self.init_bytes = init_bytes(gradients, start, cfg.federation.wire_dtype)
+        self.deliver()
 
     def uploads(
         self, t: int, round_one: list[ClientUpdate] | None
@@ -159,6 +174,10 @@ class Variant:
             record["clip"] = {"threshold": outcome.clip.threshold, "factors": outcome.clip.factors}
         if raw is not None:
             record["round_error_untruncated"] = round_error(result, raw, previous)
+        if t == 1 and self.init_bytes is not None:  # round 0's bytes count with round 1's
+            record["init_bytes_up"], record["init_bytes_down"] = self.init_bytes
+            record["bytes_up"] += self.init_bytes[0]
+            record["bytes_down"] += self.init_bytes[1]
         self.deliver()
         return result, record | train | {"round_seconds": time.perf_counter() - start}
 
@@ -217,6 +236,8 @@ def run_variant(
     rounds = cfg.federation.rounds
     due = set(range(1, rounds + 1) if eval_rounds is None else eval_rounds)
     records = variant.resume(checkpoint) if checkpoint is not None else []
+    if variant.rules.needs_init and not variant.server.history:
+        variant.begin()
     for t in range(len(records) + 1, rounds + 1):
         result, record = variant.round(t, round_one)
         if on_result is not None:

@@ -17,6 +17,9 @@ from florist.errors import ConfigError
 from florist.studies import full
 
 BASELINES = ("fedit", "flora", "flexlora", "ffa", "rblora", "fedex", "fedsvd")
+# runnable by name (--extra-baselines) but not in the default sweep: Fed-SB needs one rank for every
+# client, which the heterogeneous setting does not have
+KNOWN = (*BASELINES, "fedsb")
 DEFAULT_TAUS = (0.95, 0.9, 0.8)
 OPTIONS = {  # name -> overrides; "all" combines the first three, "a+b" any of them
     "warm": (("lora.warm_start", True), ("lora.warm_split", "balanced")),  # the first split measured
@@ -72,10 +75,17 @@ def budget(mb: float, matched: str) -> Variant:
 
 
 def baseline(method: str, options: Sequence[str] = (), uplink_tau: float = UPLINK_TAU) -> Variant:
-    """A baseline with protocol ``options`` (names of ``OPTIONS``): "FLoRA +bf16 +orth"."""
-    tokens = check_options(options)
+    """A baseline with protocol ``options`` (names of ``OPTIONS``, or ``rN``: every client's LoRA rank
+    N, e.g. Fed-SB's r): "FLoRA +bf16 +orth", "Fed-SB +bf16 +r64"."""
+    ranks = [t for o in options for t in o.split("+") if t[:1] == "r" and t[1:].isdigit() and int(t[1:]) > 0]
+    tokens = check_options([t for o in options for t in o.split("+") if t not in ranks])
     names = [*(ALL if "all" in tokens else ()), *(t for t in tokens if t != "all")]
-    pairs = dict((k, uplink_tau if k == "federation.uplink_tau" else v) for n in names for k, v in OPTIONS[n])
+    pairs: dict[str, Any] = {
+        k: uplink_tau if k == "federation.uplink_tau" else v for n in names for k, v in OPTIONS[n]
+    }
+    if ranks:
+        pairs["lora.ranks"] = (int(ranks[-1][1:]),)
+    tokens += ranks[-1:]
     label = aggregator_class(method).label
     return Variant(
         label + "".join(f" +{n}" for n in dict.fromkeys(tokens)), method, options=tuple(pairs.items())
@@ -85,8 +95,8 @@ def baseline(method: str, options: Sequence[str] = (), uplink_tau: float = UPLIN
 def parse_baseline(spec: str) -> Variant:
     """``"flora+bf16+orth"`` -> ``baseline("flora", ["bf16", "orth"])``; a ``ConfigError`` names a bad one."""
     method, *options = spec.split("+")
-    if method not in BASELINES:
-        raise ConfigError(f"unknown baseline {method!r} in {spec!r}; known: {list(BASELINES)}")
+    if method not in KNOWN:
+        raise ConfigError(f"unknown baseline {method!r} in {spec!r}; known: {list(KNOWN)}")
     return baseline(method, options)
 
 
