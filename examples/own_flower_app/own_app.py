@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from florist.config import FloristConfig, from_flower_run_config
-from florist.flower import FederatedLoRA, client_hello, client_train
+from florist.flower import FederatedLoRA, client_hello, client_init, client_train
 
 log = logging.getLogger("own_app")
 
@@ -65,6 +65,10 @@ def client_app_for(cfg: FloristConfig | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         # your own code can go around this: logging, a custom data loader in the node's state, ...
         return client_train(config(context), msg, context)
+
+    @app.query("init")  # only methods with a round 0 (Fed-SB) send it
+    def init(msg: Message, context: Context) -> Message:
+        return client_init(config(context), msg, context)
 
     return app
 

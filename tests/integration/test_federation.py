@@ -179,3 +179,43 @@ def test_protocol_options_under_flower_keep_clients_and_server_in_step(
     )
     assert rows[1]["bytes_up"] < sum(r * sum(f.A.shape[1] + f.B.shape[0] for f in sent[0].modules.values()) * 2
                                      for r in full.values())  # fmt: skip  # tau_up = 0.9 cut some rank
+
+
+def test_fedsb_round_zero_basis_once_cores_after_and_resume(model_dir: Path, tmp_path: Path) -> None:
+    """Fed-SB under Flower, client 1 skipping round 2 and client 2 joining late: round 0's gradients
+    are counted in round 1, the basis goes to each client once (client 2 gets it in round 2), every
+    other message carries r x r cores only; each round's global update is B (sum p_k R_k) A, the
+    offline aggregate of the saved uploads; a run resumed after round 1 ends with the same adapter."""
+    over = ["aggregation.method='fedsb'", "aggregation.tau=none", SCHEDULE, "federation.wire_dtype='bfloat16'",
+            "lora.ranks=[4]", "aggregation.init_samples=6", "run.checkpoint_keep=5"]  # fmt: skip
+    cfg = tiny_run_config(model_dir, tmp_path, "fedsb", *over)
+    summary = run_simulation(cfg)
+    run = Path(summary["run_dir"])
+    rows = {r["round"]: r for r in records(run)}
+    shapes = [(32, 32), (16, 32)] * 2  # tiny llama: q, v in two layers
+    core, basis = len(shapes) * 16 * 2, sum(4 * (m + n) for m, n in shapes) * 2  # bf16 bytes
+    assert rows[1]["init_bytes_up"] == 3 * sum(m * n for m, n in shapes) * 2
+    assert rows[1]["bytes_up"] == rows[1]["init_bytes_up"] + 2 * core
+    assert rows[1]["bytes_down"] == 2 * (core + basis)  # clients 0 and 1 get the basis with R_0
+    assert rows[2]["bytes_up"] == 2 * core and rows[2]["bytes_down"] == core + (core + basis)
+    for t in (1, 2):
+        round_dir = run / "rounds" / f"round-{t:03d}"
+        ups = {d.name: read_adapter(d).modules for d in sorted((round_dir / "clients").iterdir())}
+        sizes = {d.name: json.loads((d / "florist.json").read_text())["num_examples"]
+                 for d in (round_dir / "clients").iterdir()}  # fmt: skip
+        total = sum(sizes.values())
+        for name, g in read_adapter(round_dir / "adapter").modules.items():
+            want = sum(sizes[c] / total * m[name].delta(torch.float64) for c, m in ups.items())
+            assert_product_close(g.delta(torch.float64), want, rtol=2**-6)  # a bf16 core
+            bases = {c: m[name].A for c, m in ups.items()}
+            assert all(torch.equal(a, next(iter(bases.values()))) for a in bases.values())  # one basis
+    final = adapter_deltas(run / "adapter")
+    for name, delta in adapter_deltas(run / "rounds" / "round-002" / "adapter").items():
+        torch.testing.assert_close(final[name], delta)
+    # resume after round 1 (the round-2 checkpoint removed): fresh nodes get the basis again
+    for path in (run / "checkpoints").glob("round-002.pt*"):
+        path.unlink()
+    resumed = run_simulation(replace(cfg, run=replace(cfg.run, resume=True)))
+    for name, delta in adapter_deltas(Path(resumed["adapter"])).items():
+        torch.testing.assert_close(delta, final[name])
+    assert {r["round"]: r for r in records(run)}[2]["bytes_down"] == 2 * (core + basis)

@@ -45,7 +45,7 @@ def test_own_app_under_strategy_start_writes_the_adapter_florist_run_writes(
     imported = [line for line in source.splitlines() if line.startswith(("from florist", "import florist"))]
     assert imported == [
         "from florist.config import FloristConfig, from_flower_run_config",
-        "from florist.flower import FederatedLoRA, client_hello, client_train",
+        "from florist.flower import FederatedLoRA, client_hello, client_init, client_train",
     ]  # the public API only
 
     schedule = "federation.participation=[[0, 1, 2], [0, 2], [0, 1, 2]]"  # client 1 catches up in round 3

@@ -172,3 +172,61 @@ def test_config_refuses_what_fedsb_cannot_do() -> None:
         load_config(None, ["aggregation.method='fedsb'", "aggregation.init_samples=0"])
     with pytest.raises(ConfigError, match="init_lr"):
         load_config(None, ["aggregation.method='fedsb'", "aggregation.init_lr=-1.0"])
+
+
+def test_wire_carries_the_core_and_the_basis_once() -> None:
+    from flwr.app import ArrayRecord
+
+    from florist.flower.codec import (
+        basis_of,
+        check_declared_cores,
+        decode_cores,
+        encode_factors,
+        encode_upload,
+    )
+
+    result = make_aggregator("fedsb").aggregate(_updates(3, (1.0, 2.0)))
+    g = result.global_update
+    first = encode_factors(g, wire="bfloat16")  # to a node without the basis
+    later = encode_factors(g, wire="bfloat16", with_basis=False)
+    assert sorted(later) == sorted(f"{n}.lora_R" for n in SHAPES) and len(first) == 3 * len(SHAPES)
+    held = basis_of(first)
+    whole = decode_cores(first, "server")  # the basis as rounded (a run's basis is rounded once, in round 0)
+    for name, f in decode_cores(later, "server", basis=held).items():
+        assert torch.equal(f.delta(), whole[name].delta())
+        torch.testing.assert_close(f.core, g[name].core.to(torch.bfloat16).float())  # type: ignore[union-attr]
+    with pytest.raises(InvalidUpdate, match="without its basis"):
+        decode_cores(later, "server")
+    arrays, _ = encode_upload(_updates(3, (1.0,))[0].modules, wire="bfloat16")
+    check_declared_cores(arrays, "c0", SHAPES, "bfloat16", 3)
+    with pytest.raises(InvalidUpdate, match="claims shape"):
+        check_declared_cores(arrays, "c0", SHAPES, "bfloat16", 2)
+    forged = ArrayRecord(array_dict={**dict(arrays.items()), **dict(first.items())})  # a basis of its own
+    with pytest.raises(InvalidUpdate, match="unexpected array"):
+        check_declared_cores(forged, "c0", SHAPES, "bfloat16", 3)
+
+
+def test_round_zero_replies_are_checked_before_they_count() -> None:
+    from flwr.app import ArrayRecord
+
+    from florist.flower.codec import decode_gradient, encode_gradient
+
+    grads = {name: torch.randn(m, n) for name, (m, n) in SHAPES.items()}
+    record = encode_gradient(grads, "bfloat16")
+    got = decode_gradient(record, "c0", SHAPES, "bfloat16")
+    assert all(torch.equal(got[n], grads[n].to(torch.bfloat16).float()) for n in SHAPES)
+    with pytest.raises(InvalidUpdate, match="takes bfloat16"):
+        decode_gradient(encode_gradient(grads, "float32"), "c0", SHAPES, "bfloat16")
+    with pytest.raises(InvalidUpdate, match="lacks a gradient"):
+        decode_gradient(encode_gradient({"a": grads["a"]}, "bfloat16"), "c0", SHAPES, "bfloat16")
+    with pytest.raises(InvalidUpdate, match="out of range"):
+        decode_gradient(
+            encode_gradient({**grads, "a": grads["a"] * 1e9}, "bfloat16"), "c0", SHAPES, "bfloat16"
+        )
+    with pytest.raises(InvalidUpdate, match="takes bfloat16"):
+        decode_gradient(
+            encode_gradient({**grads, "a": torch.zeros(3, 3)}, "bfloat16"), "c0", SHAPES, "bfloat16"
+        )
+    extra = ArrayRecord(array_dict={**dict(record.items()), "../x.grad": next(iter(record.values()))})
+    with pytest.raises(InvalidUpdate, match="unexpected array"):
+        decode_gradient(extra, "c0", SHAPES, "bfloat16")

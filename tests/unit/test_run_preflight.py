@@ -67,19 +67,6 @@ def test_florist_run_stops_in_one_line_before_anything_starts(
     assert not (tmp_path / "runs").exists()
 
 
-def test_florist_run_refuses_a_method_the_flower_runtime_cannot_start(
-    llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Fed-SB needs a round 0 the Flower runtime does not run yet: one line that says where it runs."""
-    args = ["run", "demo", f"model.name={str(llama)!r}", f"run.dir={str(tmp_path / 'runs')!r}",
-            "aggregation.method='fedsb'", "aggregation.tau=none", "lora.ranks=[4]",
-            "lora.warm_start=false", "federation.uplink_tau=none"]  # fmt: skip
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "needs a round 0" in err[0] and "florist bench" in err[0]
-    assert not (tmp_path / "runs").exists()
-
-
 def test_a_baseline_spec_can_set_every_clients_rank() -> None:
     from florist.studies.variants import parse_baseline
 

@@ -11,7 +11,9 @@ averages the cores.
 Each client's model is ``W0 + s B R A`` with R its own; the server's is ``W0 + B R_t A``; both start at
 ``W0 + B R_0 A``, the rank-r approximation of the sign step (about one Adam step of full fine-tuning).
 Bytes: the gradient (m x n per module) up once per client, the basis (B, A) and R_0 down once; then
-R each way every round.
+R each way every round. Under Flower round 0 is a ``query.init`` message before round 1
+(``florist.flower.strategy.FederatedLoRA.initialise``), and a client gets the basis with its first
+download (again after a server restart).
 
 Where florist follows the reference code (``putssander/fed-sb``, a fork of ``CERT-Lab/fed-sb``:
 ``utils/gradient_utils.py::estimate_and_process_grads_torch``, ``utils/initialization_utils.py``,

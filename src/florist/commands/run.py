@@ -9,7 +9,6 @@ from florist.client.model import check_targets
 from florist.config import DEMO_CONFIG, load_config
 from florist.data.federated import check_data
 from florist.flower.simulation import run_simulation
-from florist.flower.strategy import check_runs_on_flower
 from florist.tables import print_summary
 
 
@@ -18,7 +17,6 @@ def run(config: str, overrides: Sequence[str], resume: bool = False, force: bool
     cfg = load_config(config, [*overrides, *flags])
     check_data(cfg.data, cfg.federation.num_clients)  # a bad data file: one line, before any node starts
     check_targets(cfg.model.name, cfg.lora.target_modules)  # modules the model lacks or cannot adapt
-    check_runs_on_flower(cfg.aggregation.method)
     print_summary(run_simulation(cfg))
 
 

@@ -4,6 +4,7 @@ Messages it answers (see server_app.py for the other side):
     query.hello   -> its client id, index, rank and number of examples
     train         <- the global updates it is missing; -> its trained LoRA factors and metrics
     query.sync    <- the global updates it is missing; -> a digest of its merged weights
+    query.init    <- rows (Fed-SB's round 0); -> the summed gradient of its adapted base weights
 
     flwr run / deployment:   clientapp = "florist.flower.client_app:app"  (config from the run config)
     florist run:             make_client_app(cfg)
@@ -21,7 +22,7 @@ from florist.client.faults import before_reply
 from florist.client.local import client_id
 from florist.config import FloristConfig
 from florist.config.loader import from_flower_run_config
-from florist.flower.codec import encode_upload
+from florist.flower.codec import encode_gradient, encode_upload
 from florist.flower.node import (
     Node,
     get_node,
@@ -85,6 +86,13 @@ def sync(cfg: FloristConfig, msg: Message, context: Context) -> Message:
     return Message(RecordDict({"client": identity}), reply_to=msg)
 
 
+def init(cfg: FloristConfig, msg: Message, context: Context) -> Message:
+    node = get_node(cfg, context)
+    rows = int(msg.content.config_records["config"]["rows"])  # type: ignore[arg-type]
+    gradient = encode_gradient(node.client.init_gradient(rows), cfg.federation.wire_dtype)
+    return Message(RecordDict({"gradient": gradient, "client": _identity(node)}), reply_to=msg)
+
+
 def _identity(node: Node) -> ConfigRecord:
     return ConfigRecord({"client_id": node.client.client_id, "merged": [int(r) for r in node.merged]})
 
@@ -107,6 +115,10 @@ def make_client_app(cfg: FloristConfig | None = None) -> ClientApp:
     @app.query("sync")
     def _sync(msg: Message, context: Context) -> Message:
         return sync(config_of(context), msg, context)
+
+    @app.query("init")
+    def _init(msg: Message, context: Context) -> Message:
+        return init(config_of(context), msg, context)
 
     return app
 

@@ -5,6 +5,8 @@ Upload (client -> server), one ``ArrayRecord`` under ``"lora"``:
     and a ``ConfigRecord`` "lora_meta" with the scaling and, when A is not sent (FFA-LoRA), n.
 Download (server -> client), one ``ArrayRecord`` per global update under ``"global.{round}"``:
     effective factors (scaling 1.0); B only for FFA-LoRA.
+Factors with a core (Fed-SB): "{module}.lora_R" (r, r) alone, up and down; a download also carries
+    the basis "{module}.lora_A", "{module}.lora_B" to a node that does not hold it yet.
 
 Arrays travel in the wire dtype (``federation.wire_dtype``): float32, float16, or bfloat16, which
 NumPy lacks and which is sent as its raw 16-bit pattern (a uint16 array) under the dtype name
@@ -26,7 +28,7 @@ from florist.dtypes import WIRE, itemsize
 from florist.errors import InvalidUpdate
 from florist.lora import LoraFactors
 
-A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
+A_SUFFIX, B_SUFFIX, R_SUFFIX = ".lora_A", ".lora_B", ".lora_R"
 
 
 BF16 = "bfloat16"
@@ -62,11 +64,17 @@ def _tensor(a: Array) -> torch.Tensor:
 
 
 def encode_factors(
-    modules: Mapping[str, LoraFactors], *, with_a: bool = True, wire: str = "float32"
+    modules: Mapping[str, LoraFactors], *, with_a: bool = True, wire: str = "float32", with_basis: bool = True
 ) -> ArrayRecord:
-    """Factors as an ``ArrayRecord`` in dtype ``wire``, sorted by module; A left out unless ``with_a``."""
+    """Factors as an ``ArrayRecord`` in dtype ``wire``, sorted by module; A left out unless ``with_a``.
+    Factors with a core: the effective core, and the basis (B, A) only ``with_basis``."""
     arrays: dict[str, Array] = {}
     for name, f in sorted(modules.items()):
+        if f.core is not None:
+            arrays[name + R_SUFFIX] = _array(f.core * f.scaling, wire)
+            if with_basis:
+                arrays[name + A_SUFFIX], arrays[name + B_SUFFIX] = _array(f.A, wire), _array(f.B, wire)
+            continue
         if with_a:
             arrays[name + A_SUFFIX] = _array(f.A, wire)
         arrays[name + B_SUFFIX] = _array(f.B, wire)
@@ -76,13 +84,127 @@ def encode_factors(
 def encode_upload(
     modules: Mapping[str, LoraFactors], *, with_a: bool = True, wire: str = "float32"
 ) -> tuple[ArrayRecord, ConfigRecord]:
-    """A client's raw factors and their scaling (and A's width when A stays home)."""
+    """A client's raw factors and their scaling (and A's width when A stays home); a core alone, its
+    scaling folded in, when the factors have one (the server holds the basis)."""
     meta: dict[str, Any] = {}
     for name, f in sorted(modules.items()):
-        meta[f"scaling.{name}"] = float(f.scaling)
+        meta[f"scaling.{name}"] = 1.0 if f.core is not None else float(f.scaling)
         if not with_a:
             meta[f"n.{name}"] = int(f.A.shape[1])
-    return encode_factors(modules, with_a=with_a, wire=wire), ConfigRecord(meta)
+    return encode_factors(modules, with_a=with_a, wire=wire, with_basis=False), ConfigRecord(meta)
+
+
+def decode_cores(
+    record: ArrayRecord, client: str, basis: Mapping[str, LoraFactors] | None = None
+) -> dict[str, LoraFactors]:
+    """Cores on a basis: the record's own ("lora_A", "lora_B" beside "lora_R") or ``basis``'s."""
+    cores: dict[str, torch.Tensor] = {}
+    own: dict[str, dict[str, torch.Tensor]] = {}
+    for key, arr in record.items():
+        for suffix in (R_SUFFIX, A_SUFFIX, B_SUFFIX):
+            if key.endswith(suffix):
+                name = key.removesuffix(suffix)
+                if suffix == R_SUFFIX:
+                    cores[name] = _tensor(arr)
+                else:
+                    own.setdefault(name, {})[suffix] = _tensor(arr)
+                break
+        else:
+            raise InvalidUpdate(client, f"unexpected array {key[:120]!r}")
+    out = {}
+    for name, core in sorted(cores.items()):
+        if name in own and len(own[name]) == 2:
+            A, B = own[name][A_SUFFIX], own[name][B_SUFFIX]
+        elif basis is not None and name in basis:
+            A, B = basis[name].A, basis[name].B
+        else:
+            raise InvalidUpdate(client, "a core arrived without its basis", module=name)
+        out[name] = LoraFactors(A=A, B=B, core=core)
+    if set(own) - set(cores):
+        raise InvalidUpdate(
+            client, "a basis arrived without its core", module=sorted(set(own) - set(cores))[0]
+        )
+    return out
+
+
+GRAD_SUFFIX = ".grad"
+MAX_GRADIENT = 1e6  # largest |entry| of a round-0 gradient sum accepted
+
+
+def basis_of(record: ArrayRecord) -> dict[str, LoraFactors]:
+    """The basis (B, A) a core download carries, by module (empty when it carries none)."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, arr in record.items():
+        for suffix in (A_SUFFIX, B_SUFFIX):
+            if key.endswith(suffix):
+                pairs.setdefault(key.removesuffix(suffix), {})[suffix] = _tensor(arr)
+    return {name: LoraFactors(A=p[A_SUFFIX], B=p[B_SUFFIX]) for name, p in pairs.items() if len(p) == 2}
+
+
+def encode_gradient(gradients: Mapping[str, torch.Tensor], wire: str) -> ArrayRecord:
+    """A round-0 gradient sum per module, (m, n), in the wire dtype."""
+    return ArrayRecord(
+        array_dict={name + GRAD_SUFFIX: _array(g, wire) for name, g in sorted(gradients.items())}
+    )
+
+
+def decode_gradient(
+    record: ArrayRecord, client: str, expected: Mapping[str, tuple[int, int]], wire: str
+) -> dict[str, torch.Tensor]:
+    """A round-0 reply's gradients: exactly one (m, n) array per adapted module, in the wire dtype
+    (checked before anything is decoded), finite and at most ``MAX_GRADIENT`` in magnitude."""
+    names = {}
+    for key, arr in record.items():
+        name = key.removesuffix(GRAD_SUFFIX)
+        if not key.endswith(GRAD_SUFFIX) or name not in expected:
+            raise InvalidUpdate(client, f"unexpected array {key[:120]!r} in the round-0 reply", round=0)
+        if arr.dtype != wire or tuple(int(d) for d in arr.shape) != tuple(expected[name]):
+            raise InvalidUpdate(
+                client, f"{key} is {str(arr.dtype)[:20]} {tuple(arr.shape)}; the run takes {wire} "
+                f"{tuple(expected[name])}", round=0,
+            )  # fmt: skip
+        names[name] = arr
+    missing = sorted(set(expected) - set(names))
+    if missing:
+        raise InvalidUpdate(client, "the round-0 reply lacks a gradient", module=missing[0], round=0)
+    out = {}
+    for name, arr in sorted(names.items()):
+        g = _tensor(arr)
+        top = float(g.abs().max()) if g.numel() else 0.0
+        if not (math.isfinite(top) and top <= MAX_GRADIENT):
+            raise InvalidUpdate(
+                client,
+                f"gradient out of range: max|G| = {top:.3g} exceeds {MAX_GRADIENT:.0e}",
+                module=name,
+                round=0,
+            )
+        out[name] = g
+    return out
+
+
+def check_declared_cores(
+    record: ArrayRecord, client: str, expected: Mapping[str, tuple[int, int]], wire: str, rank: int,
+    round: int | None = None,
+) -> None:  # fmt: skip
+    """A core upload's arrays as declared: one "{module}.lora_R" of shape (rank, rank) in the wire
+    dtype per known module, nothing else, checked before anything is decoded."""
+    seen = set()
+    for key, arr in record.items():
+        name = key.removesuffix(R_SUFFIX)
+        if not key.endswith(R_SUFFIX) or name not in expected or name in seen:
+            raise InvalidUpdate(client, f"unexpected array {key[:120]!r} in the upload", round=round)
+        if arr.dtype != wire:
+            raise InvalidUpdate(
+                client,
+                f"{key} arrives as {str(arr.dtype)[:20]!r}; the run's wire dtype is {wire}",
+                round=round,
+            )
+        shape = tuple(int(d) for d in arr.shape)
+        if shape != (rank, rank):
+            raise InvalidUpdate(
+                client, f"{key} claims shape {shape}; the core is {(rank, rank)}", round=round
+            )
+        seen.add(name)
 
 
 def decode_factors(record: ArrayRecord, client: str, *, b_only: bool = False) -> dict[str, LoraFactors]:

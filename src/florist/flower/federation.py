@@ -79,6 +79,7 @@ class Federation:
         else:
             if self.evaluator.due(0, self.cfg.federation.rounds):
                 self._record({"round": 0, "eval": self.evaluator(self.model.model, self.model.tokenizer)})
+            self.strategy.initialise(self.grid)  # round 0, for a protocol that needs one
             self.checkpoint(0)
         for t in range(self.server.state.round + 1, self.cfg.federation.rounds + 1):
             self.round(t)
@@ -280,9 +281,10 @@ def round_record(log_: RoundLog, result: Any, wall: float) -> dict[str, Any]:
         "clients": log_.clients,
         "aggregated": list(result.client_ids),
         "train_loss": weighted_mean(log_.client_metrics, "train_loss"),
-        "bytes_up": log_.bytes_up,
+        "bytes_up": log_.bytes_up + log_.bytes_init_up,
         "bytes_down": log_.bytes_down,
         "bytes_catchup": log_.bytes_catchup,
+        **({"init_bytes_up": log_.bytes_init_up} if log_.bytes_init_up else {}),
         "ranks": result.ranks,
         "rank_total": sum(result.ranks.values()),
         "efficiency_e-4": efficiency(result),

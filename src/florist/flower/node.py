@@ -27,10 +27,11 @@ from florist.data.federated import client_examples, subsample
 from florist.data.loaders import load_examples
 from florist.data.records import Example
 from florist.errors import ConfigError
-from florist.flower.codec import decode_factors
+from florist.flower.codec import basis_of, decode_cores, decode_factors
 
 log = logging.getLogger(__name__)
 GLOBAL_PREFIX = "global."
+BASIS_KEY = "basis"  # a core protocol's basis, kept in the node's state for a restarted process
 
 
 def partition_id(context: Context, num_clients: int) -> int:
@@ -99,6 +100,13 @@ class Node:
                 if rnd not in self.merged:
                     self.client.receive(decode_factors(record, "server"), round=rnd)
                     self.merged.append(rnd)
+        elif downloads and self.client.rules.needs_init:  # a core; the basis when it comes with it
+            rnd = max(downloads)
+            if basis_of(downloads[rnd]):
+                state.state[BASIS_KEY] = downloads[rnd]
+            held = state.state.get(BASIS_KEY)
+            basis = basis_of(held) if isinstance(held, ArrayRecord) else None
+            self.client.receive(decode_cores(downloads[rnd], "server", basis=basis), round=rnd)
         elif downloads:
             rnd = max(downloads)
             b_only = not self.client.rules.sends_a

@@ -16,8 +16,16 @@ from typing import Any
 from flwr.app import Message
 
 from florist.errors import InvalidUpdate
-from florist.flower.codec import KnownA, check_declared, decode_upload, payload_bytes, received_bytes
-from florist.lora import ClientUpdate
+from florist.flower.codec import (
+    KnownA,
+    check_declared,
+    check_declared_cores,
+    decode_cores,
+    decode_upload,
+    payload_bytes,
+    received_bytes,
+)
+from florist.lora import ClientUpdate, LoraFactors
 from florist.lora.validation import check_update
 from florist.server.size_guard import MessageTooLarge, check_message
 
@@ -45,6 +53,7 @@ class RoundLog:
     bytes_down: int = 0  # the latest global update, sent at the start of this round
     bytes_catchup: int = 0  # older global updates sent to clients that skipped rounds
     bytes_up: int = 0
+    bytes_init_up: int = 0  # round 0's gradients (Fed-SB), counted with round 1
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     timed_out: list[str] = field(default_factory=list)  # sampled clients whose reply came too late
@@ -82,6 +91,8 @@ class ReplyReader:
         Merge protocols: the rounds a client must hold when it replies in a round; None otherwise.
     wire : str
         The run's wire dtype: every uploaded array must arrive in it.
+    basis : Callable[[], Mapping[str, LoraFactors]] | None
+        Core protocols (Fed-SB): the basis the server sent last; uploads carry only the core.
     """
 
     by_node: Mapping[int, ClientInfo]
@@ -90,6 +101,7 @@ class ReplyReader:
     known_a: KnownA | None
     merged_rounds: Callable[[int], list[int]] | None
     wire: str = "float32"
+    basis: Callable[[], Mapping[str, LoraFactors]] | None = None
 
     def who(self, node: int) -> str:
         info = self.by_node.get(node)
@@ -128,13 +140,17 @@ class ReplyReader:
         if info is None:
             raise InvalidUpdate(who, "the reply comes from a node that did not join")
         lora = content.array_records["lora"]
+        n = content.metric_records["metrics"].get("num-examples")
+        examples = float(n) if isinstance(n, (int, float)) else float("nan")
+        if self.basis is not None:  # a core on the server's basis
+            check_declared_cores(lora, who, self.expected, self.wire, info.rank, round)
+            return ClientUpdate(who, examples, decode_cores(lora, who, basis=self.basis()))
         check_declared(lora, who, self.expected, self.wire, info.rank, self.known_a is None, round)
         modules = decode_upload(
             content.array_records["lora"], content.config_records["lora_meta"], who, known_a=self.known_a,
             expected=self.expected,
         )  # fmt: skip
-        n = content.metric_records["metrics"].get("num-examples")
-        return ClientUpdate(who, float(n) if isinstance(n, (int, float)) else float("nan"), modules)
+        return ClientUpdate(who, examples, modules)
 
     def _check(self, round: int, msg: Message, update: ClientUpdate) -> None:
         info = self.by_node.get(msg.metadata.src_node_id)

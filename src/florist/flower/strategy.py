@@ -1,6 +1,8 @@
 """A Flower strategy that runs any aggregator from florist's registry on LoRA uploads.
 
-Per round t: sample clients; send each the global updates it is missing (merge protocols: every
+Before round 1, for a protocol that needs one (Fed-SB): round 0, each node's gradient sum
+(``query.init``) and the server's starting adapter. Per round t: sample clients; send each the global
+updates it is missing (merge protocols: every
 round's update since it last synced, in order, so a client that skipped rounds catches up exactly;
 other protocols: its share of the latest global adapter); receive LoRA factors; aggregate with
 ``florist.aggregation``; account the bytes. The numerical work lives in ``florist.aggregation``,
@@ -19,15 +21,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from florist.aggregation.base import Aggregator
+from florist.aggregation.fedsb import init_shares
 from florist.aggregation.protocols import protocol_of
 from florist.client.model import load_model, resolve_model
 from florist.config import FloristConfig
 from florist.data.federated import test_examples
-from florist.errors import ConfigError
-from florist.flower.codec import KnownA, encode_factors, payload_bytes
+from florist.errors import InvalidUpdate
+from florist.flower.codec import KnownA, decode_gradient, encode_factors, payload_bytes, received_bytes
 from florist.flower.handshake import hello
 from florist.flower.node import GLOBAL_PREFIX
-from florist.flower.replies import ClientInfo, ReplyReader, RoundLog, weighted_mean
+from florist.flower.replies import ClientInfo, ReplyReader, RoundLog, printable, short_reason, weighted_mean
 from florist.lora import ClientUpdate, LoraFactors
 from florist.lora.peft_io import write_adapter
 from florist.server.evaluation import Evaluator
@@ -36,19 +39,6 @@ from florist.server.global_model import GlobalModel, adapted_shapes
 from florist.server.size_guard import check_message
 
 log = logging.getLogger(__name__)
-
-
-def check_runs_on_flower(method: str) -> None:
-    """A ``ConfigError`` for a method whose protocol needs a round 0 (Fed-SB), which the Flower
-    runtime does not run yet; ``florist bench`` runs it in process."""
-    from florist.aggregation.base import aggregator_class
-
-    if protocol_of(aggregator_class(method).protocol).needs_init:
-        raise ConfigError(
-            f"aggregation.method = {method!r} needs a round 0 (each client's gradient, then the server's "
-            "basis), which the Flower runtime does not run yet; compare it with `florist bench "
-            f"--extra-baselines {method}+bf16`"
-        )
 
 
 class FederatedLoRA(Strategy):
@@ -89,12 +79,12 @@ class FederatedLoRA(Strategy):
         server: Server | None = None,
         model: GlobalModel | None = None,
     ) -> None:
-        check_runs_on_flower(aggregator.name)
         self.cfg, self.aggregator, self.expected = cfg, aggregator, dict(expected)
         self.rules = protocol_of(aggregator.protocol)
         self.model = model if model is not None else (server.model if server is not None else None)
         self._server = server
         self.logs: dict[int, RoundLog] = {}
+        self.holds_basis: set[str] = set()  # core protocols: clients known to hold the server's basis
         self.restore_bytes: dict[str, int] = {}
         self.clients: list[ClientInfo] = []
         if clients is not None:
@@ -121,6 +111,7 @@ class FederatedLoRA(Strategy):
         self.reader = ReplyReader(
             self.by_node, self.expected, cfg.federation.max_message_mb, self._known_a(),
             self.server.merged_before if self.merges else None, cfg.federation.wire_dtype,
+            (lambda: self.server.latest().global_update) if self.rules.needs_init else None,
         )  # fmt: skip
 
     def _known_a(self) -> KnownA | None:
@@ -201,10 +192,13 @@ class FederatedLoRA(Strategy):
         return [self.by_node[self.node_of[m.client_id]] for m in self.server.participants(round)]
 
     def outgoing(self, node_id: int) -> dict[int, ArrayRecord]:
-        """Global updates ``node_id`` is missing, by round (``Server.owed``), encoded."""
-        wire = self.cfg.federation.wire_dtype
-        owed = self.server.owed(self.by_node[node_id].client_id)
-        return {t: encode_factors(f, with_a=self.sends_a, wire=wire) for t, f in owed.items()}
+        """Global updates ``node_id`` is missing, by round (``Server.owed``), encoded; a core protocol's
+        basis goes to a client until one of its replies shows it holds it."""
+        wire, who = self.cfg.federation.wire_dtype, self.by_node[node_id].client_id
+        owed, basis = self.server.owed(who), who not in self.holds_basis
+        return {
+            t: encode_factors(f, with_a=self.sends_a, wire=wire, with_basis=basis) for t, f in owed.items()
+        }
 
     def messages(self, round: int, nodes: Iterable[int], message_type: str, log_: RoundLog) -> list[Message]:
         """One message per node carrying ``round`` and what it is missing; bytes go to ``log_``."""
@@ -247,6 +241,7 @@ class FederatedLoRA(Strategy):
     ) -> Iterable[Message]:
         if not self.clients:
             self.join(hello(grid, self.cfg))
+        self.initialise(grid)
         log_ = self.round_log(server_round)
         chosen = self.participants(server_round)
         log_.clients = [c.client_id for c in chosen]
@@ -301,7 +296,51 @@ class FederatedLoRA(Strategy):
             update = self.reader.read(round, msg, log_)
             if update is not None:
                 updates.append(update)
+                self.holds_basis.add(update.client_id)  # it trained on the basis, so it holds it
         return updates
+
+    def initialise(self, grid: Grid) -> None:
+        """Round 0 where the protocol needs one and none ran (Fed-SB): every node sums the gradient of
+        its adapted base weights over its share of ``aggregation.init_samples`` rows (``query.init``);
+        the server builds the starting adapter from the sums that pass the checks (a bad reply leaves
+        its node out, logged) and opens the history with it. The gradients' bytes count in round 1."""
+        if not self.rules.needs_init or self.server.history:
+            return
+        cfg, fed = self.cfg, self.cfg.federation
+        shares = init_shares(cfg.aggregation.init_samples, [c.num_examples for c in self.clients])
+        msgs = [
+            Message(RecordDict({"config": ConfigRecord({"rows": k})}), dst_node_id=c.node_id,
+                    message_type=f"{MessageType.QUERY}.init")
+            for c, k in zip(self.clients, shares, strict=True)
+        ]  # fmt: skip
+        log_, gradients = self.round_log(1), {}
+        for reply in grid.send_and_receive(msgs, timeout=fed.timeout):
+            who = self.reader.who(reply.metadata.src_node_id)
+            try:
+                if reply.has_error():
+                    raise InvalidUpdate(who, f"client error: {short_reason(reply.error.reason)}", round=0)
+                size = payload_bytes(reply.content)
+                check_message(
+                    max(size, received_bytes(reply.content)), fed.max_message_mb, "round 0: the reply"
+                )
+                if reply.metadata.src_node_id not in self.by_node or who in gradients:
+                    raise InvalidUpdate(who, "a round-0 reply from a node that did not join, or a second one")
+                record = reply.content.array_records["gradient"]
+                gradients[who] = decode_gradient(record, who, self.expected, fed.wire_dtype)
+                log_.bytes_init_up += size
+            except Exception as err:  # any bytes: leave the node out of round 0, never stop the run
+                log.warning("round 0: %s left out: %s", who, printable(str(err)))
+        if len(gradients) < fed.min_replies:
+            raise RuntimeError(
+                f"round 0 of {self.aggregator.name}: {len(gradients)} usable gradient(s), "
+                f"{fed.min_replies} required (federation.min_replies); see the round 0 log lines"
+            )
+        lr = cfg.init_lr(max(c.num_examples for c in self.clients))
+        rank = max(c.rank for c in self.clients)
+        self.server.begin(
+            self.aggregator.initial([gradients[k] for k in sorted(gradients)], rank, lr, fed.wire_dtype)
+        )
+        log.info("round 0: the starting adapter from %d clients' gradients", len(gradients))
 
     def _skip(self, log_: RoundLog, reason: str) -> tuple[None, MetricRecord]:
         log_.skipped = reason
