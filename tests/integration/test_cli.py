@@ -206,7 +206,7 @@ def test_fedsvd_aggregates_adapters_that_share_a_and_refuses_others(tmp_path: Pa
         torch.testing.assert_close(A @ A.T, torch.eye(A.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
 
 
-def test_fedsb_is_refused_on_peft_adapters_in_one_line(client_dirs: list[str], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_fedsb_refuses_peft_adapters_in_one_line(client_dirs: list[str], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """A PEFT adapter has no core between its factors, so Fed-SB cannot aggregate it: one line, exit 2."""
     out = tmp_path / "global"
     assert main(["aggregate", *client_dirs, "-o", str(out), "--method", "fedsb"]) == 2
