@@ -219,3 +219,20 @@ def test_fedsb_round_zero_basis_once_cores_after_and_resume(model_dir: Path, tmp
     for name, delta in adapter_deltas(Path(resumed["adapter"])).items():
         torch.testing.assert_close(delta, final[name])
     assert {r["round"]: r for r in records(run)}[2]["bytes_down"] == 2 * (core + basis)
+
+
+def test_client_level_dp_under_flower_reports_epsilon_per_round(model_dir: Path, tmp_path: Path) -> None:
+    """privacy.mode = 'client' with FLoRIST's noise rule: the run trains, every round's line and the
+    summary carry the epsilon the accountant gives for the rounds so far."""
+    from florist.privacy.accountant import Accountant
+
+    cfg = tiny_run_config(model_dir, tmp_path, "dp", "privacy.mode='client'", "privacy.noise_multiplier=2.0",
+                          "privacy.clip=0.5", "aggregation.rank_policy='noise'", "aggregation.tau=none",
+                          "lora.warm_start=false")  # fmt: skip
+    summary = run_simulation(cfg)
+    rows = {r["round"]: r for r in records(Path(summary["run_dir"]))}
+    acc = Accountant(2.0, 1.0, 1e-5)
+    assert [rows[t]["epsilon"] for t in (1, 2)] == [acc.epsilon(1), acc.epsilon(2)]
+    assert summary["privacy"] == {"mode": "client", "epsilon": acc.epsilon(2), "delta": 1e-5,
+                                  "noise_multiplier": 2.0, "clip": 0.5, "sample_rate": 1.0}  # fmt: skip
+    assert rows[2]["aggregated"] == ["dp-noised-mean"]  # the aggregator saw the noised mean only

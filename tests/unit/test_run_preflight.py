@@ -75,3 +75,17 @@ def test_a_baseline_spec_can_set_every_clients_rank() -> None:
     assert v.overrides()["federation.wire_dtype"] == "bfloat16"
     with pytest.raises(ConfigError, match="unknown FLoRIST option"):
         parse_baseline("fedsb+r0")
+
+
+def test_a_run_beyond_its_privacy_budget_is_refused_before_it_starts(
+    llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["run", "demo", f"model.name={str(llama)!r}", f"run.dir={str(tmp_path / 'runs')!r}",
+            "privacy.mode='client'", "privacy.noise_multiplier=0.3", "privacy.target_epsilon=1.0",
+            "lora.warm_start=false", "privacy.delta=1e-3"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "beyond privacy.target_epsilon = 1" in err[0] and "noise multiplier 0.3" in err[0]
+    )
+    assert not (tmp_path / "runs").exists()

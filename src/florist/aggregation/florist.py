@@ -23,7 +23,8 @@ from torch import Tensor
 
 from florist.aggregation.base import AggregationResult, Aggregator, ClientProtocol, module_names, register
 from florist.aggregation.linalg import Basis, ThinSVD, energy_fraction, factored_svd, stack_module
-from florist.aggregation.rank_policy import EnergyThreshold, RankPolicy
+from florist.aggregation.rank_policy import EnergyThreshold, NoiseThreshold, RankPolicy
+from florist.errors import ConfigError
 from florist.lora.update import ClientUpdate, LoraFactors
 
 WIRE_BYTES_DEFAULT = 4
@@ -71,7 +72,14 @@ class Florist(Aggregator):
             B, A = stack_module(updates, weights, name, self.dtype)  # (m, R), (R, n)
             svds[name] = factored_svd(B, A, self.basis)
         cost = {n: sum(s.shape) * self.wire_bytes for n, s in svds.items()}
-        ranks = self.policy.choose({n: s.S for n, s in svds.items()}, cost)
+        spectra = {n: s.S for n, s in svds.items()}
+        if isinstance(self.policy, NoiseThreshold):  # the noised mean of client-level DP, alone
+            std = updates[0].noise_std if len(updates) == 1 else None
+            if std is None:
+                raise ConfigError("the noise rule ranks the one noised update of client-level DP")
+            ranks = self.policy.ranks(spectra, {n: updates[0].modules[n].shape for n in svds}, std)
+        else:
+            ranks = self.policy.choose(spectra, cost)
         global_update = {}
         for name, svd in svds.items():
             B_g, A_g = svd.truncate(ranks[name])  # (m, p), (p, n)

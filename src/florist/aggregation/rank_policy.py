@@ -6,6 +6,8 @@ Every policy maps ``{module: singular values}`` (descending) and ``{module: byte
 - ``EnergyThreshold(tau)``: per module, the smallest ``p`` with
   ``sum(S[:p]^2) >= tau * sum(S^2)`` (the paper's rule), clamped to ``[min_rank, max_rank]``.
 - ``FixedRank(rank)``: the same ``p`` everywhere (capped by the available rank).
+- ``NoiseThreshold()``: under client-level DP, per module the singular values above Gavish and
+  Donoho's optimal hard threshold for the known noise level (``florist.privacy.client_level``).
 - ``ByteBudget(budget_bytes)``: ranks of all modules chosen jointly so the download fits the
   budget and the kept energy ``sum_j sum_{i<p_j} S_j[i]^2`` is maximal (a knapsack, see below).
 """
@@ -69,6 +71,41 @@ class EnergyThreshold:
             name: _clamp(rank_for_energy(S, self.tau), S.numel(), self.min_rank, self.max_rank)
             for name, S in spectra.items()
         }
+
+
+def hard_threshold(m: int, n: int, std: float) -> float:
+    """Gavish and Donoho's optimal hard threshold for the singular values of an m x n matrix with
+    i.i.d. N(0, std^2) noise: lambda*(beta) sqrt(max(m, n)) std, beta = min / max,
+    lambda*(beta) = sqrt(2 (beta + 1) + 8 beta / ((beta + 1) + sqrt(beta^2 + 14 beta + 1)))."""
+    beta = min(m, n) / max(m, n)
+    lam = math.sqrt(2 * (beta + 1) + 8 * beta / ((beta + 1) + math.sqrt(beta * beta + 14 * beta + 1)))
+    return lam * math.sqrt(max(m, n)) * std
+
+
+@dataclass(frozen=True)
+class NoiseThreshold:
+    """Keep the singular values above the optimal hard threshold of the noise (client-level DP): the
+    aggregator gives the noise's per-entry std and each module's shape (``ranks``)."""
+
+    min_rank: int = 1
+    max_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_rank_bounds(self.min_rank, self.max_rank)
+
+    def choose(self, spectra: Mapping[str, Tensor], bytes_per_rank: Mapping[str, int]) -> dict[str, int]:
+        raise ConfigError(
+            "aggregation.rank_policy = 'noise' needs the noise level: it applies with privacy.mode = 'client'"
+        )
+
+    def ranks(
+        self, spectra: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, int]], std: float
+    ) -> dict[str, int]:
+        out = {}
+        for name, S in spectra.items():
+            cut = hard_threshold(*shapes[name], std)
+            out[name] = _clamp(int((cut < S).sum()), S.numel(), self.min_rank, self.max_rank)
+        return out
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,14 @@
 [eval]         server-side evaluation of the global model
 [run]          where the run directory goes, checkpoints and resume
 [faults]       injected client failures and delays (reliability drills and tests)
+[privacy]      differential privacy: client-level DP on the server (florist.privacy)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,11 +32,15 @@ from florist.aggregation import (
 from florist.aggregation.base import Aggregator, aggregator_class
 from florist.aggregation.lowrank import WARM_FROM, WARM_SPLITS
 from florist.aggregation.protocols import protocol_of
+from florist.aggregation.rank_policy import NoiseThreshold
 from florist.aggregation.robust import CLIP_MODES
 from florist.config.training import LORA_INITS, TrainSettings, check_batching
 from florist.dtypes import COMPUTE, MODEL, WIRE, torch_dtype
 from florist.errors import ConfigError
 from florist.precision import check_precision
+
+if TYPE_CHECKING:
+    from florist.privacy.accountant import Accountant
 
 UPLINK_CUTS = ("adapter", "change")  # what uplink thresholding cuts (florist.client.local)
 
@@ -340,6 +345,13 @@ class AggregationConfig:
     clip_value: float = field(
         default=1.0, metadata={"help": "'median': threshold = value x median client norm; 'fixed': the norm"}
     )
+    rank_policy: str = field(
+        default="auto",
+        metadata={
+            "help": "florist: 'auto' (tau, rank or budget_mb as given) or 'noise' (with privacy.mode = "
+            "'client': the singular values above the optimal hard threshold of the DP noise)"
+        },
+    )
     init_samples: int = field(
         default=170,
         metadata={"help": "fedsb: rows (over all clients, by size) whose summed gradient sets the basis"},
@@ -365,6 +377,14 @@ class AggregationConfig:
             or self.init_samples < 1
         ):
             raise ConfigError(f"aggregation.init_samples must be an integer >= 1, got {self.init_samples!r}")
+        if self.rank_policy not in RANK_POLICIES:
+            raise ConfigError(
+                f"aggregation.rank_policy must be one of {list(RANK_POLICIES)}, got {self.rank_policy!r}"
+            )
+        if self.rank_policy == "noise" and not aggregator_class(self.method).rank_policy:
+            raise ConfigError(
+                f"aggregation.rank_policy = 'noise' applies to method florist, not {self.method!r}"
+            )
         if self.init_lr is not None and not (math.isfinite(self.init_lr) and self.init_lr > 0):
             raise ConfigError(f"aggregation.init_lr must be > 0, got {self.init_lr!r}")
         self.aggregator_options()  # validates tau/rank/budget against the method
@@ -383,6 +403,10 @@ class AggregationConfig:
                 )
             budget = int(self.budget_mb * 1_000_000)
             return ByteBudget(budget, min_rank=self.min_rank, max_rank=self.max_rank)
+        if self.rank_policy == "noise":
+            if sum(chosen):
+                raise ConfigError("aggregation.rank_policy = 'noise' takes no tau, rank or budget_mb")
+            return NoiseThreshold(self.min_rank, self.max_rank)
         return EnergyThreshold(0.9 if self.tau is None else self.tau, self.min_rank, self.max_rank)
 
     def aggregator_options(self, wire_dtype: str = "float32") -> dict[str, Any]:
@@ -398,6 +422,52 @@ class AggregationConfig:
         """The aggregator this section describes, sending in ``wire_dtype`` (a run's:
         ``FloristConfig.aggregator``): the one place an aggregator is made from options."""
         return make_aggregator(self.method, **self.aggregator_options(wire_dtype))
+
+
+RANK_POLICIES = ("auto", "noise")
+PRIVACY_MODES = ("none", "client")
+CLIENT_DP_METHODS = ("florist", "flora")  # products of the clients' changes: the noised sum is theirs
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy (``florist.privacy``): ``mode = "client"`` is client-level DP on a trusted
+    server, each client's round change clipped to ``clip`` and Gaussian noise of std
+    ``noise_multiplier x clip`` on their sum; give the noise multiplier or a ``target_epsilon`` it is
+    calibrated to, at ``delta``."""
+
+    mode: str = field(
+        default="none", metadata={"help": "'none' or 'client' (client-level DP, trusted server)"}
+    )
+    clip: float = field(
+        default=1.0, metadata={"help": "client: Frobenius bound C on each client's round change, all modules"}
+    )
+    noise_multiplier: float | None = field(
+        default=None, metadata={"help": "client: noise std / C (unset: calibrated to target_epsilon)"}
+    )
+    target_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "client: epsilon the whole run may spend (a run beyond it is refused)"},
+    )
+    delta: float = field(default=1e-5, metadata={"help": "client: delta of the (epsilon, delta) guarantee"})
+    noise_seed: int | None = field(
+        default=None,
+        metadata={"help": "reproducible noise for studies and tests: NOT private (unset: OS randomness)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode not in PRIVACY_MODES:
+            raise ConfigError(f"privacy.mode must be one of {list(PRIVACY_MODES)}, got {self.mode!r}")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ConfigError(f"privacy.clip must be > 0, got {self.clip!r}")
+        if self.noise_multiplier is not None and not (
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0
+        ):
+            raise ConfigError(f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier!r}")
+        if self.target_epsilon is not None and not (self.target_epsilon > 0):
+            raise ConfigError(f"privacy.target_epsilon must be > 0, got {self.target_epsilon!r}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"privacy.delta must be in (0, 1), got {self.delta!r}")
 
 
 @dataclass(frozen=True)
@@ -492,11 +562,13 @@ class FloristConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: OutputConfig = field(default_factory=OutputConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         n = self.federation.num_clients
         self.lora.rank_of(0, n)  # ranks list length matches the number of clients
         self._check_protocol_options()
+        self._check_privacy()
         if self.data.split == "presplit" and self.data.source == "skills":
             raise ConfigError("data.split = 'presplit' needs a folder source with one file per client")
 
@@ -525,6 +597,62 @@ class FloristConfig:
                 f"federation.uplink_tau needs a method that aggregates products B_k A_k (florist, flora, "
                 f"flexlora); {self.aggregation.method!r} uses the factors themselves"
             )
+
+    def _check_privacy(self) -> None:
+        p, method = self.privacy, self.aggregation.method
+        if self.aggregation.rank_policy == "noise" and p.mode != "client":
+            raise ConfigError(
+                "aggregation.rank_policy = 'noise' needs privacy.mode = 'client' (a known noise level)"
+            )
+        if p.mode != "client":
+            return
+        if method not in CLIENT_DP_METHODS:
+            raise ConfigError(
+                f"privacy.mode = 'client' is implemented for {list(CLIENT_DP_METHODS)} (their server "
+                f"needs only the sum of the clients' changes), not yet for {method!r}"
+            )
+        if self.aggregation.clip != "none":
+            raise ConfigError(
+                "privacy.mode = 'client' clips every change to privacy.clip: set aggregation.clip = 'none'"
+            )
+        if p.noise_multiplier is None and p.target_epsilon is None:
+            raise ConfigError(
+                "privacy.mode = 'client' needs privacy.noise_multiplier or privacy.target_epsilon"
+            )
+        if p.delta >= 1 / self.federation.num_clients:
+            raise ConfigError(
+                f"privacy.delta = {p.delta:g} is not below 1 / num_clients = "
+                f"{1 / self.federation.num_clients:g}"
+            )
+        acc = self.accountant()
+        assert acc is not None
+        spent = acc.epsilon(self.federation.rounds)
+        if p.target_epsilon is not None and spent > p.target_epsilon * (1 + 1e-9):
+            raise ConfigError(
+                f"privacy: {self.federation.rounds} rounds at noise multiplier {acc.sigma:g}, sample rate "
+                f"{acc.q:.3g} spend epsilon {spent:.3g} at delta {p.delta:g}, beyond privacy.target_epsilon "
+                f"= {p.target_epsilon:g}"
+            )
+
+    def accountant(self) -> Accountant | None:
+        """Client-level DP's accountant: the noise multiplier (given, or the smallest reaching
+        ``target_epsilon`` over the run's rounds) and the sample rate, the most clients a round samples
+        over all of them; None without client-level DP."""
+        p, fed = self.privacy, self.federation
+        if p.mode != "client":
+            return None
+        from florist.privacy.accountant import Accountant, noise_for
+
+        n = fed.num_clients
+        if fed.participation is not None:
+            q = max(len(set(r)) for r in fed.participation) / n
+        else:
+            q = min(n, max(fed.min_clients, int(fed.fraction * n + 0.5))) / n
+        sigma = p.noise_multiplier
+        if sigma is None:
+            assert p.target_epsilon is not None
+            sigma = noise_for(p.target_epsilon, p.delta, q, fed.rounds)
+        return Accountant(sigma, q, p.delta)
 
     def aggregator(self) -> Aggregator:
         """The run's aggregator: ``[aggregation]`` with a byte budget priced at the run's wire dtype."""

@@ -105,6 +105,8 @@ class Federation:
         if self.cfg.run.save_client_updates and self.server.last is not None:
             self.rundir.client_updates(t, self.server.last.updates)
         record = round_record(log_, result, wall)
+        if (acc := self.cfg.accountant()) is not None:  # client-level DP: what the run spent so far
+            record["epsilon"] = acc.epsilon(t)
         if self.evaluator.due(t, self.cfg.federation.rounds):
             record["eval"] = self.evaluator(self.model.model, self.model.tokenizer)
         record["round_seconds"] = time.perf_counter() - start
@@ -224,6 +226,7 @@ class Federation:
             "late_replies": late,
             "sync": sync,
             "precision": self.precision(),
+            **privacy_summary(self.cfg, len(rounds)),
         }
         self.rundir.summary(summary)
         return summary
@@ -239,6 +242,15 @@ class Federation:
     def _record(self, record: dict[str, Any]) -> None:
         self.server.state.records.append(record)
         self.rundir.append_metrics(record)
+
+
+def privacy_summary(cfg: FloristConfig, rounds: int) -> dict[str, Any]:
+    """Client-level DP's guarantee for the run (empty without it)."""
+    acc = cfg.accountant()
+    if acc is None:
+        return {}
+    spent = {"epsilon": acc.epsilon(rounds), "delta": acc.delta, "noise_multiplier": acc.sigma}
+    return {"privacy": {"mode": cfg.privacy.mode, **spent, "clip": cfg.privacy.clip, "sample_rate": acc.q}}
 
 
 def sync_digest(reply: Any) -> str | None:

@@ -104,6 +104,9 @@ class ClientUpdate:
         The adapter the client's LoRA began the round from, when it did not begin at ``B = 0``
         and the aggregator needs the factors as trained (FedEx-LoRA); set by the server, never sent.
         The round's change is then ``s B A - B_start A_start`` (``change``).
+    noise_std : float | None
+        Client-level DP (``florist.privacy.client_level``): the per-entry std of the Gaussian noise in
+        this update, the noised mean of the round's changes; set by the server, never sent.
     lora_rank : int | None
         The rank of the client's LoRA, set by the server from the client's config, never sent; the
         factors' own rank when None. It differs when the client cut its upload (uplink thresholding),
@@ -115,6 +118,7 @@ class ClientUpdate:
     modules: Mapping[str, LoraFactors] = field(default_factory=dict)
     start: Mapping[str, LoraFactors] | None = None
     lora_rank: int | None = None
+    noise_std: float | None = None
 
     def rank_of(self, name: str) -> int:
         """The rank of the client's LoRA on module ``name``: ``lora_rank`` if set, else the factors'."""

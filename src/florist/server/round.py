@@ -20,6 +20,7 @@ from florist.aggregation.protocols import protocol_of
 from florist.aggregation.robust import ClipReport, cap_weights, clip_factors, clip_updates, update_norm
 from florist.config import FloristConfig
 from florist.lora import ClientUpdate
+from florist.privacy.client_level import NOISED, noise_generator, noised_mean
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ def aggregate_round(
     if cfg.federation.max_client_weight is not None and uploads:
         uploads = cap_weights(uploads, cfg.federation.max_client_weight)
     deltas = round_deltas(cfg, uploads, history, ranks)
+    if cfg.privacy.mode == "client":
+        return private_round(cfg, aggregator, round, deltas)
     clipped, report = clip(cfg, deltas, round)
     averages_factors = not type(aggregator).products_only
     if report is not None and averages_factors:
@@ -61,6 +64,24 @@ def aggregate_round(
     outcome = aggregate_finite(aggregator, round, clipped, fed.min_replies, fed.wire_dtype)
     outcome.clip = report
     return outcome
+
+
+def private_round(
+    cfg: FloristConfig, aggregator: Aggregator, round: int, deltas: Sequence[ClientUpdate]
+) -> RoundOutcome:
+    """Client-level DP (``florist.privacy.client_level``): the aggregator sees only the noised mean of
+    the clipped changes, one update carrying its noise level; no client is left out after the noise
+    (the mechanism's output is released as it is, or the round is skipped)."""
+    if len(deltas) < cfg.federation.min_replies:
+        return RoundOutcome(None, list(deltas))
+    acc = cfg.accountant()
+    assert acc is not None
+    noised, std = noised_mean(
+        deltas, cfg.privacy.clip, acc.sigma, noise_generator(cfg.privacy.noise_seed, round)
+    )
+    noised = replace(noised, noise_std=std)
+    result, why = attempt(aggregator, round, [noised], cfg.federation.wire_dtype)
+    return RoundOutcome(result, [noised], {} if result is not None else {NOISED: f"round {round}: {why}"})
 
 
 def round_deltas(

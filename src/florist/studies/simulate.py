@@ -174,6 +174,8 @@ class Variant:
             record["clip"] = {"threshold": outcome.clip.threshold, "factors": outcome.clip.factors}
         if raw is not None:
             record["round_error_untruncated"] = round_error(result, raw, previous)
+        if (acc := self.cfg.accountant()) is not None:  # client-level DP: what the run spent so far
+            record["epsilon"] = acc.epsilon(t)
         if t == 1 and self.init_bytes is not None:  # round 0's bytes count with round 1's
             record["init_bytes_up"], record["init_bytes_down"] = self.init_bytes
             record["bytes_up"] += self.init_bytes[0]

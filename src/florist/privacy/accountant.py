@@ -1,0 +1,56 @@
+"""The privacy accountant of client-level DP: the subsampled Gaussian mechanism composed over rounds,
+with Opacus's RDP accountant (``opacus.accountants.analysis.rdp``: Mironov 2017 and the subsampled
+RDP bound of Mironov, Talwar and Zhang 2019; the RDP-to-(epsilon, delta) conversion of Balle et al.
+2020).
+
+One round releases the noised sum of the sampled clients' clipped changes: a Gaussian mechanism of
+noise multiplier sigma (noise std sigma C for sensitivity C) on a sample of rate q = sampled / K. The
+accountant treats the sample as Poisson with that rate; florist samples exactly ``round(fraction K)``
+clients, which the Poisson analysis approximates (with every client in every round, q = 1, it is
+exact and there is no amplification).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))  # Opacus's default RDP orders
+
+
+@dataclass(frozen=True)
+class Accountant:
+    """Epsilon after ``rounds`` rounds of noise multiplier ``sigma`` at sample rate ``q``, at ``delta``."""
+
+    sigma: float
+    q: float
+    delta: float
+
+    def epsilon(self, rounds: int) -> float:
+        """The (epsilon, delta) guarantee after ``rounds`` rounds; 0 before any, inf without noise."""
+        if rounds <= 0:
+            return 0.0
+        if self.sigma <= 0:
+            return math.inf
+        from opacus.accountants.analysis import rdp
+
+        with warnings.catch_warnings():  # opacus warns when the best order is at the grid's edge
+            warnings.simplefilter("ignore")
+            curve = rdp.compute_rdp(q=self.q, noise_multiplier=self.sigma, steps=rounds, orders=list(ORDERS))
+            eps, _ = rdp.get_privacy_spent(orders=list(ORDERS), rdp=curve, delta=self.delta)
+        return float(eps)
+
+
+def noise_for(target_epsilon: float, delta: float, q: float, rounds: int) -> float:
+    """The smallest noise multiplier (to 0.01) whose ``rounds`` rounds at rate ``q`` stay within
+    ``target_epsilon`` at ``delta`` (a bisection on ``Accountant.epsilon``)."""
+    lo, hi = 0.0, 1.0
+    while Accountant(hi, q, delta).epsilon(rounds) > target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > 1e6:
+            raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} in {rounds} rounds")
+    while hi - lo > 0.005:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if Accountant(mid, q, delta).epsilon(rounds) > target_epsilon else (lo, mid)
+    return math.ceil(hi * 100) / 100

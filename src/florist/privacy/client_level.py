@@ -1,0 +1,78 @@
+"""Client-level differential privacy on a trusted server (DP-FedAvg, McMahan et al. 2018, for
+products of LoRA factors).
+
+Per round, with the m sampled clients' changes Delta W_k = s B_k A_k (less any warm part):
+
+    clip    Delta W_k <- Delta W_k min(1, C / ||Delta W_k||)   one norm over all modules together;
+            ||s B A||_F^2 = tr((s^2 B^T B)(A A^T)) from r x r Gram matrices, B scaled: never m x n
+    noise   S = (sum_k Delta W_k + Z) / m,  Z_ij ~ N(0, (sigma C)^2) per entry of every module
+    release S, factored by its SVD, as the one update the aggregator sees
+
+Adding or removing one client moves ``sum_k Delta W_k`` by at most C (in the norm over all modules),
+so releasing it with N(0, sigma^2 C^2) noise is the Gaussian mechanism of noise multiplier sigma;
+dividing by m (public: who was sampled) and everything the aggregator then does (stacking, SVD, a
+rank from the noised spectrum) are post-processing. Every client gets weight 1 / m: weighting by
+n_k would let one client's share, and so the sensitivity, grow with its data. The noise is dense:
+m x n per module at the server (float64: 128 MiB for a 4096 x 4096 matrix, one module at a time).
+
+The noise comes from the operating system's randomness unless ``privacy.noise_seed`` is set, which
+makes it reproducible by anyone who has the config: for studies and tests only, not private.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from florist.lora import ClientUpdate, LoraFactors
+
+NOISED = "dp-noised-mean"  # the client id of the one update the aggregator sees
+
+
+def change_norm(update: ClientUpdate) -> float:
+    """``||Delta W||_F`` over all modules, from r x r Gram matrices in float64 (``ClientUpdate.change``
+    without an m x n matrix; a start, FedEx-LoRA's, is not supported)."""
+    total = 0.0
+    for f in update.modules.values():
+        B, A = f.effective(torch.float64)  # (m, r), (r, n)
+        total += float(torch.trace((B.T @ B) @ (A @ A.T)))
+    return math.sqrt(max(total, 0.0))
+
+
+def clip_change(update: ClientUpdate, bound: float) -> tuple[ClientUpdate, float]:
+    """The update with its whole change scaled to norm at most ``bound`` (B scaled), and its norm."""
+    norm = change_norm(update)
+    if norm <= bound:
+        return update, norm
+    s = bound / norm
+    return replace(update, modules={n: replace(f, B=f.B * s) for n, f in update.modules.items()}), norm
+
+
+def noise_generator(seed: int | None, round: int) -> torch.Generator:
+    """The round's noise source: OS randomness, or (``privacy.noise_seed``, not private) a seeded one."""
+    g = torch.Generator()
+    g.manual_seed(secrets.randbits(63) if seed is None else (seed * 1_000_003 + round) % 2**63)
+    return g
+
+
+def noised_mean(
+    updates: Sequence[ClientUpdate], bound: float, sigma: float, generator: torch.Generator
+) -> tuple[ClientUpdate, float]:
+    """``(sum_k clip(Delta W_k) + Z) / m`` per module as one update (factored by its SVD), and the
+    per-entry noise std of that mean, ``sigma C / m``."""
+    if not updates:
+        raise ValueError("client-level DP needs at least one update")
+    clipped = [clip_change(u, bound)[0] for u in updates]
+    m, std = len(clipped), sigma * bound
+    modules = {}
+    for name in sorted(clipped[0].modules):
+        total = sum(u.modules[name].delta(torch.float64) for u in clipped)
+        assert isinstance(total, torch.Tensor)
+        noise = torch.randn(total.shape, generator=generator, dtype=torch.float64) * std
+        U, S, Vh = torch.linalg.svd((total + noise) / m, full_matrices=False)
+        modules[name] = LoraFactors(A=Vh.float(), B=(U * S).float())
+    return ClientUpdate(NOISED, 1.0, modules), std / m

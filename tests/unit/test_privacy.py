@@ -1,0 +1,160 @@
+"""Client-level DP: the factored clip against a dense float64 reference, the noise's std, the
+accountant against the Gaussian mechanism's closed-form RDP, the optimal hard threshold, that the
+aggregator sees only the noised mean, and the config's refusals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from florist.aggregation import make_aggregator
+from florist.aggregation.rank_policy import NoiseThreshold, hard_threshold
+from florist.config import load_config
+from florist.errors import ConfigError
+from florist.lora import ClientUpdate, LoraFactors
+from florist.privacy.accountant import ORDERS, Accountant, noise_for
+from florist.privacy.client_level import NOISED, change_norm, clip_change, noise_generator, noised_mean
+from florist.server.round import aggregate_round
+
+F64 = torch.float64
+SHAPES = {"a": (20, 12), "b": (8, 12)}
+
+
+def _update(cid: str, seed: int, rank: int = 3, scale: float = 1.0) -> ClientUpdate:
+    g = torch.Generator().manual_seed(seed)
+    modules = {
+        name: LoraFactors(
+            A=torch.randn(rank, n, generator=g), B=scale * torch.randn(m, rank, generator=g), scaling=2.0
+        )
+        for name, (m, n) in SHAPES.items()
+    }
+    return ClientUpdate(cid, 10.0, modules)
+
+
+def test_factored_clip_equals_the_dense_frobenius_clip() -> None:
+    u = _update("c0", 1)
+    dense = {n: f.delta(F64) for n, f in u.modules.items()}
+    norm = math.sqrt(sum(float(d.square().sum()) for d in dense.values()))  # over all modules together
+    assert change_norm(u) == pytest.approx(norm, rel=1e-12)
+    clipped, seen = clip_change(u, norm / 4)
+    assert seen == pytest.approx(norm, rel=1e-12)
+    for name, d in dense.items():
+        torch.testing.assert_close(clipped.modules[name].delta(F64), d / 4, rtol=1e-6, atol=1e-9)
+    same, _ = clip_change(u, 2 * norm)  # within the bound: untouched
+    assert same is u
+
+
+def test_noised_mean_is_the_mean_of_clipped_changes_plus_noise_of_std_sigma_c_over_m() -> None:
+    ups = [_update(f"c{k}", k) for k in range(4)]
+    exact, std0 = noised_mean(ups, 5.0, 0.0, noise_generator(0, 1))
+    for name in SHAPES:
+        want = sum(clip_change(u, 5.0)[0].modules[name].delta(F64) for u in ups) / 4
+        torch.testing.assert_close(exact.modules[name].delta(F64), want, rtol=1e-5, atol=1e-6)
+    assert exact.client_id == NOISED and std0 == 0.0
+    big = {"a": (300, 200)}
+    zero = [ClientUpdate(u.client_id, 1.0, {"a": LoraFactors(A=torch.zeros(2, 200), B=torch.zeros(300, 2))})
+            for u in ups]  # fmt: skip
+    noised, std = noised_mean(zero, 2.0, 1.5, noise_generator(7, 3))
+    assert std == pytest.approx(1.5 * 2.0 / 4)
+    sample = noised.modules["a"].delta(F64)
+    assert sample.shape == big["a"]
+    assert float(sample.std()) == pytest.approx(std, rel=0.02)  # 60,000 draws
+    assert abs(float(sample.mean())) < 4 * std / math.sqrt(sample.numel())
+    again, _ = noised_mean(zero, 2.0, 1.5, noise_generator(7, 3))
+    assert torch.equal(again.modules["a"].B, noised.modules["a"].B)  # a seed reproduces (not private)
+    fresh, _ = noised_mean(zero, 2.0, 1.5, noise_generator(None, 3))
+    assert not torch.equal(fresh.modules["a"].B, noised.modules["a"].B)  # OS randomness by default
+
+
+def _closed_form(sigma: float, rounds: int, delta: float) -> float:
+    """The Gaussian mechanism without sampling: RDP T alpha / (2 sigma^2) (Mironov 2017), converted
+    with Balle et al. (2020)'s bound, the best order of the grid."""
+    best = math.inf
+    for a in ORDERS:
+        rdp = rounds * a / (2 * sigma**2)
+        eps = rdp - (math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a)
+        best = min(best, eps)
+    return best
+
+
+@pytest.mark.parametrize(("sigma", "rounds"), [(1.0, 10), (2.0, 50), (0.8, 3)])
+def test_accountant_reproduces_the_gaussian_mechanisms_closed_form(sigma: float, rounds: int) -> None:
+    assert Accountant(sigma, 1.0, 1e-5).epsilon(rounds) == pytest.approx(
+        _closed_form(sigma, rounds, 1e-5), rel=1e-9
+    )
+    assert Accountant(sigma, 1.0, 1e-5).epsilon(0) == 0.0
+    assert Accountant(0.0, 1.0, 1e-5).epsilon(1) == math.inf
+
+
+def test_sampling_amplifies_and_calibration_meets_the_target() -> None:
+    full, sampled = Accountant(1.0, 1.0, 1e-5).epsilon(20), Accountant(1.0, 0.1, 1e-5).epsilon(20)
+    assert sampled < full / 3
+    sigma = noise_for(3.0, 1e-5, 0.1, 50)
+    assert Accountant(sigma, 0.1, 1e-5).epsilon(50) <= 3.0 < Accountant(sigma - 0.01, 0.1, 1e-5).epsilon(50)
+
+
+def test_hard_threshold_and_the_noise_rule() -> None:
+    assert hard_threshold(100, 100, 1.0) == pytest.approx(4 / math.sqrt(3) * 10)  # lambda*(1) = 4 / sqrt 3
+    g = torch.Generator().manual_seed(0)
+    m, n, nu = 120, 80, 0.05
+    signal = sum(s * torch.randn(m, 1, generator=g, dtype=F64) @ torch.randn(1, n, generator=g, dtype=F64) / math.sqrt(m * n)
+                 for s in (40.0, 25.0, 15.0))  # fmt: skip
+    noisy = signal + nu * torch.randn(m, n, generator=g, dtype=F64)
+    S = torch.linalg.svdvals(noisy)
+    assert NoiseThreshold().ranks({"w": S}, {"w": (m, n)}, nu) == {"w": 3}
+    pure = torch.linalg.svdvals(nu * torch.randn(m, n, generator=g, dtype=F64))
+    assert NoiseThreshold().ranks({"w": pure}, {"w": (m, n)}, nu) == {"w": 1}  # nothing above: min_rank
+
+
+def test_the_aggregator_sees_only_the_noised_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(None, ["privacy.mode='client'", "privacy.noise_multiplier=1.0", "privacy.noise_seed=3",
+                             "aggregation.rank_policy='noise'", "aggregation.tau=none", "federation.num_clients=4",
+                             "lora.warm_start=false"])  # fmt: skip
+    agg = cfg.aggregator()
+    seen: list[list[str]] = []
+    original = type(agg).aggregate
+
+    def spy(self, updates, *, round=None):  # type: ignore[no-untyped-def]
+        seen.append([u.client_id for u in updates])
+        return original(self, updates, round=round)
+
+    monkeypatch.setattr(type(agg), "aggregate", spy)
+    ups = [_update(f"c{k}", k, scale=0.01) for k in range(4)]
+    out = aggregate_round(cfg, agg, 1, ups, [], {u.client_id: 3 for u in ups})
+    assert seen == [[NOISED]] and out.result is not None
+    assert [u.client_id for u in out.updates] == [NOISED] and out.updates[0].noise_std == pytest.approx(
+        1.0 / 4
+    )
+    # the noise dominates these tiny changes: the noise rule keeps one direction per module
+    assert set(out.result.ranks.values()) == {1}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["privacy.target_epsilon=0.0"], "target_epsilon must be > 0"),
+        (["privacy.delta=1.0"], r"delta must be in \(0, 1\)"),
+        (["privacy.clip=0.0"], "clip must be > 0"),
+        (["privacy.mode='local'"], "privacy.mode must be one of"),
+        (["privacy.mode='client'"], "needs privacy.noise_multiplier or privacy.target_epsilon"),
+        (["privacy.mode='client'", "privacy.noise_multiplier=1.0", "aggregation.method='fedit'", "aggregation.tau=none"],
+         "not yet for 'fedit'"),
+        (["privacy.mode='client'", "privacy.noise_multiplier=1.0", "privacy.delta=0.3"], "not below 1 / num_clients"),
+        (["privacy.mode='client'", "privacy.noise_multiplier=0.5", "privacy.target_epsilon=1.0"],
+         r"spend epsilon .* beyond privacy.target_epsilon = 1"),
+        (["aggregation.rank_policy='noise'", "aggregation.tau=none"], "needs privacy.mode = 'client'"),
+    ],
+)  # fmt: skip
+def test_bad_privacy_settings_are_named(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["lora.warm_start=false", *overrides])
+
+
+def test_a_target_epsilon_calibrates_the_noise() -> None:
+    cfg = load_config(None, ["privacy.mode='client'", "privacy.target_epsilon=8.0", "federation.rounds=5",
+                             "federation.num_clients=10", "federation.fraction=0.5"])  # fmt: skip
+    acc = cfg.accountant()
+    assert acc is not None and acc.q == 0.5 and acc.epsilon(5) <= 8.0
+    assert make_aggregator("florist").name == "florist"
