@@ -236,3 +236,17 @@ def test_client_level_dp_under_flower_reports_epsilon_per_round(model_dir: Path,
     assert summary["privacy"] == {"mode": "client", "epsilon": acc.epsilon(2), "delta": 1e-5,
                                   "noise_multiplier": 2.0, "clip": 0.5, "sample_rate": 1.0}  # fmt: skip
     assert rows[2]["aggregated"] == ["dp-noised-mean"]  # the aggregator saw the noised mean only
+
+
+def test_dp_sgd_clients_under_flower_report_their_epsilon(model_dir: Path, tmp_path: Path) -> None:
+    """privacy.mode = 'dp-sgd' with FedIT (any method: the server only post-processes): every client's
+    reply carries the epsilon its plan gives after the round."""
+    cfg = tiny_run_config(model_dir, tmp_path, "dpsgd", "privacy.mode='dp-sgd'", "privacy.noise_multiplier=1.0",
+                          "privacy.delta=1e-2", "aggregation.method='fedit'", "aggregation.tau=none",
+                          "lora.warm_start=false")  # fmt: skip
+    rows = {r["round"]: r for r in records(Path(run_simulation(cfg)["run_dir"]))}
+    for t in (1, 2):
+        eps = [m["epsilon"] for m in rows[t]["client_metrics"].values()]
+        assert len(eps) == 3 and all(0 < e < 100 for e in eps)
+    assert all(rows[2]["client_metrics"][c]["epsilon"] > rows[1]["client_metrics"][c]["epsilon"]
+               for c in rows[1]["client_metrics"])  # fmt: skip

@@ -46,3 +46,15 @@ def mean_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions of ``batch`` (a scalar)."""
     logits, targets, _ = labelled_logits(model, batch)
     return F.cross_entropy(logits.float(), targets)
+
+
+def per_example_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean over examples of each example's mean labelled-token loss (a padded batch): DP-SGD's
+    loss, where one example's gradient must not depend on the others' lengths."""
+    logits, targets, keep = labelled_logits(model, batch)  # (K, V), (K,), (B, T)
+    token = F.cross_entropy(logits.float(), targets, reduction="none")  # (K,)
+    rows = keep.nonzero()[:, 0]  # the example of each labelled position
+    b = keep.shape[0]
+    total = torch.zeros(b, dtype=token.dtype, device=token.device).index_add(0, rows, token)
+    count = torch.zeros(b, dtype=token.dtype, device=token.device).index_add(0, rows, torch.ones_like(token))
+    return (total / count.clamp(min=1)).mean()

@@ -51,9 +51,10 @@ from florist.client.lora_state import (
 )
 from florist.client.train import TrainSettings, TrainStats, encode_all, gradient_sum, train
 from florist.config import FloristConfig
-from florist.config.schema import AdapterConfig
+from florist.config.schema import AdapterConfig, PrivacyConfig
 from florist.data.records import Example
 from florist.lora import ClientUpdate, LoraFactors
+from florist.privacy.sample_level import SamplePlan, plan
 from florist.seeds import derive_seed
 
 
@@ -84,6 +85,11 @@ class LocalClient:
         With warm start and ``uplink_tau``: truncate the round's "change" or the whole "adapter".
     progress : bool
         A step bar while it trains, where one can be drawn (``run.progress``).
+    privacy : PrivacyConfig | None
+        With ``mode = "dp-sgd"``, every step is DP-SGD's (``florist.privacy.sample_level``), planned
+        over ``rounds`` rounds: its noise multiplier given or calibrated to the target epsilon.
+    rounds : int
+        The run's rounds (DP-SGD's accounting).
     """
 
     def __init__(
@@ -101,6 +107,8 @@ class LocalClient:
         wire: str = "float32",
         uplink_cut: str = "adapter",
         progress: bool = True,
+        privacy: PrivacyConfig | None = None,
+        rounds: int = 1,
     ) -> None:
         from peft import get_peft_model
 
@@ -122,6 +130,13 @@ class LocalClient:
         self.unsplit: dict[str, torch.Tensor] | None = None  # merged base weights before a warm split
         self.merged: list[Mapping[str, LoraFactors]] = []  # global updates merged (warm_from accumulated)
         self.upload_energy: dict[str, float] = {}
+        self.dp: SamplePlan | None = None
+        self.dp_seed = privacy.noise_seed if privacy is not None else None
+        if privacy is not None and privacy.mode == "dp-sgd":
+            steps = rounds * training.num_steps(self.num_examples)
+            p = privacy
+            self.dp = plan(self.num_examples, training.batch_size, steps, p.max_grad_norm, p.delta,
+                           p.noise_multiplier, p.target_epsilon)  # fmt: skip
         self._fresh_lora(round=0)
 
     @property
@@ -188,7 +203,11 @@ class LocalClient:
             start=max(0, round - 1) * per_round,
             on_step=on_step,
             progress=self.progress,
+            dp=self.dp,
+            dp_seed=None if self.dp_seed is None else derive_seed(self.dp_seed, self.client_id, round),
         )
+        if self.dp is not None:
+            stats.epsilon = self.dp.epsilon(round * self.training.num_steps(self.num_examples))
         return ClientUpdate(self.client_id, float(self.num_examples), self._upload()), stats
 
     def init_gradient(self, rows: int) -> dict[str, torch.Tensor]:
@@ -259,5 +278,5 @@ def client_from_config(
         client_id(index), model, tokenizer, examples, cfg.lora.settings(index, n), cfg.train, protocol,
         fed.seed, shared_rank, uplink_tau=None if as_trained else fed.uplink_tau,
         wire="float32" if as_trained else fed.wire_dtype, uplink_cut=fed.uplink_cut,
-        progress=cfg.run.progress,
+        progress=cfg.run.progress, privacy=cfg.privacy, rounds=fed.rounds,
     )  # fmt: skip

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from florist.client.compiled import compiled_layers
-from florist.client.lm_loss import mean_token_loss
+from florist.client.lm_loss import mean_token_loss, per_example_loss
 from florist.client.packed_attention import packed_attention
 from florist.client.progress import StepBar
 from florist.config.training import LORA_INITS, TrainSettings
@@ -30,6 +31,8 @@ from florist.data.records import Example
 from florist.data.tokenize import IGNORE, Encoded, computed_positions, encode, make_batch, real_tokens
 from florist.errors import ConfigError
 from florist.precision import Precision, log_choice, resolve
+from florist.privacy.client_level import noise_generator
+from florist.privacy.sample_level import SamplePlan, poisson_rows, private_gradients
 from florist.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ class TrainStats:
     label_tokens: int = 0  # tokens the loss was taken on
     seconds: float = 0.0
     compile_seconds: float = 0.0  # estimated time the first step spent compiling (train.compile)
+    epsilon: float | None = None  # DP-SGD: the client's epsilon after this round (privacy.mode = dp-sgd)
     losses: list[float] = field(default_factory=list)
 
     @property
@@ -113,13 +117,17 @@ def train(
     start: int = 0,
     on_step: Callable[[TrainStats], None] | None = None,
     progress: bool = True,
+    dp: SamplePlan | None = None,
+    dp_seed: int | None = None,
 ) -> TrainStats:
     """Run ``s.num_steps`` optimizer steps on the trainable parameters of ``model`` (``progress``: a
     step bar where one can be drawn, ``florist.client.progress``).
 
     ``seed`` drives dropout; batches come from ``BatchStream(encoded, ..., data_seed, start)``
     (``data_seed`` defaults to ``seed``). ``on_step(stats)`` is called after every optimizer step
-    (``stats.steps`` of them so far), e.g. to snapshot the adapter part-way through a round.
+    (``stats.steps`` of them so far), e.g. to snapshot the adapter part-way through a round. With
+    ``dp`` the steps are DP-SGD's (``florist.privacy.sample_level``): Poisson batches, per-example
+    clipping and noise, float32; ``dp_seed`` makes its sampling and noise reproducible (not private).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -129,6 +137,8 @@ def train(
     device = next(model.parameters()).device
     precision = resolve(s.precision, device)
     log_choice("training", precision)
+    if dp is not None:
+        return _train_private(model, encoded, s, dp, seed, pad_id, desc, on_step, progress, dp_seed)
     stats, began = TrainStats(), time.perf_counter()
     torch.manual_seed(seed)  # dropout masks
     model.train()
@@ -160,6 +170,59 @@ def train(
     model.eval()
     stats.seconds = time.perf_counter() - began
     stats.loss = sum(stats.losses) / len(stats.losses)
+    return stats
+
+
+def _train_private(
+    model: Any, encoded: Sequence[Encoded], s: TrainSettings, dp: SamplePlan, seed: int, pad_id: int,
+    desc: str, on_step: Callable[[TrainStats], None] | None, progress: bool, dp_seed: int | None,
+) -> TrainStats:  # fmt: skip
+    """DP-SGD steps (``florist.privacy.sample_level``): Opacus's per-example gradients of the LoRA
+    parameters, clipped and noised here; padded batches, float32."""
+    from opacus import GradSampleModule
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    device = next(model.parameters()).device
+    generator = noise_generator(dp_seed, seed)
+    stats, began, n = TrainStats(), time.perf_counter(), len(encoded)
+    torch.manual_seed(seed)  # dropout masks
+    steps = s.num_steps(n)
+    bar = StepBar(steps, desc, progress)
+    wrapped = GradSampleModule(model, loss_reduction="mean")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus's, every step
+            wrapped.train()
+            for _ in range(steps):
+                rows = poisson_rows(n, dp.q, generator)
+                loss = float("nan")
+                if rows:
+                    padded = make_batch([encoded[i] for i in rows], pad_id, "padded")
+                    batch = {k: v.to(device) for k, v in padded.items()}
+                    value = per_example_loss(wrapped, batch)
+                    value.backward()  # type: ignore[no-untyped-call]
+                    loss = float(value.detach())
+                    stats.tokens += real_tokens(batch)
+                    stats.positions += computed_positions(batch)
+                    stats.label_tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
+                private_gradients(params, dp.q * n, dp.clip, dp.sigma, generator)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                stats.steps += 1
+                stats.losses.append(loss)
+                bar.step(loss)
+                if on_step is not None:
+                    on_step(stats)
+    finally:
+        wrapped._close()  # the hooks go; the model stays the client's across rounds
+        for p in params:
+            p.grad_sample = None
+    bar.close()
+    model.eval()
+    stats.seconds = time.perf_counter() - began
+    seen = [x for x in stats.losses if x == x]
+    stats.loss = sum(seen) / len(seen) if seen else float("nan")
     return stats
 
 

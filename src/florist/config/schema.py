@@ -425,7 +425,7 @@ class AggregationConfig:
 
 
 RANK_POLICIES = ("auto", "noise")
-PRIVACY_MODES = ("none", "client")
+PRIVACY_MODES = ("none", "client", "dp-sgd")
 CLIENT_DP_METHODS = ("florist", "flora")  # products of the clients' changes: the noised sum is theirs
 
 
@@ -433,17 +433,23 @@ CLIENT_DP_METHODS = ("florist", "flora")  # products of the clients' changes: th
 class PrivacyConfig:
     """Differential privacy (``florist.privacy``): ``mode = "client"`` is client-level DP on a trusted
     server, each client's round change clipped to ``clip`` and Gaussian noise of std
-    ``noise_multiplier x clip`` on their sum; give the noise multiplier or a ``target_epsilon`` it is
+    ``noise_multiplier x clip`` on their sum; ``mode = "dp-sgd"`` is sample-level DP on every client,
+    each example's gradient clipped to ``max_grad_norm`` and noise of std ``noise_multiplier x
+    max_grad_norm`` on the batch's sum. Give the noise multiplier or a ``target_epsilon`` it is
     calibrated to, at ``delta``."""
 
     mode: str = field(
-        default="none", metadata={"help": "'none' or 'client' (client-level DP, trusted server)"}
+        default="none",
+        metadata={"help": "'none', 'client' (client-level DP, trusted server) or 'dp-sgd' (on every client)"},
     )
     clip: float = field(
         default=1.0, metadata={"help": "client: Frobenius bound C on each client's round change, all modules"}
     )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "dp-sgd: bound on each example's gradient (all LoRA parameters)"}
+    )
     noise_multiplier: float | None = field(
-        default=None, metadata={"help": "client: noise std / C (unset: calibrated to target_epsilon)"}
+        default=None, metadata={"help": "noise std / the bound (unset: calibrated to target_epsilon)"}
     )
     target_epsilon: float | None = field(
         default=None,
@@ -460,6 +466,8 @@ class PrivacyConfig:
             raise ConfigError(f"privacy.mode must be one of {list(PRIVACY_MODES)}, got {self.mode!r}")
         if not (math.isfinite(self.clip) and self.clip > 0):
             raise ConfigError(f"privacy.clip must be > 0, got {self.clip!r}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ConfigError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm!r}")
         if self.noise_multiplier is not None and not (
             math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0
         ):
@@ -604,6 +612,17 @@ class FloristConfig:
             raise ConfigError(
                 "aggregation.rank_policy = 'noise' needs privacy.mode = 'client' (a known noise level)"
             )
+        if p.mode == "dp-sgd":
+            if p.noise_multiplier is None and p.target_epsilon is None:
+                raise ConfigError(
+                    "privacy.mode = 'dp-sgd' needs privacy.noise_multiplier or privacy.target_epsilon"
+                )
+            if protocol_of(aggregator_class(method).protocol).needs_init:
+                raise ConfigError(
+                    f"privacy.mode = 'dp-sgd' does not cover {method!r}: its round 0 sends each client's raw "
+                    "gradient sum"
+                )
+            return
         if p.mode != "client":
             return
         if method not in CLIENT_DP_METHODS:
@@ -639,7 +658,7 @@ class FloristConfig:
         ``target_epsilon`` over the run's rounds) and the sample rate, the most clients a round samples
         over all of them; None without client-level DP."""
         p, fed = self.privacy, self.federation
-        if p.mode != "client":
+        if p.mode != "client":  # dp-sgd: each client's own (florist.privacy.sample_level.plan)
             return None
         from florist.privacy.accountant import Accountant, noise_for
 

@@ -72,6 +72,7 @@ def train(cfg: FloristConfig, msg: Message, context: Context) -> Message:
             "tokens": stats.tokens,
             "label_tokens": stats.label_tokens,
             "train_seconds": stats.seconds,
+            **({"epsilon": stats.epsilon} if stats.epsilon is not None else {}),
         }
     )
     content = RecordDict({"lora": arrays, "lora_meta": meta, "metrics": metrics, "client": _identity(node)})

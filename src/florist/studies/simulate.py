@@ -55,15 +55,18 @@ def make_clients(cfg: FloristConfig, protocol: ClientProtocol) -> list[LocalClie
 
 
 def train_round(clients: Sequence[LocalClient], round: int) -> tuple[list[ClientUpdate], dict[str, Any]]:
-    updates, seconds, loss, tokens = [], 0.0, 0.0, {}
+    updates, seconds, loss, tokens, eps = [], 0.0, 0.0, {}, []
     for c in clients:
         update, stats = c.fit(round)
         updates.append(update)
+        if stats.epsilon is not None:
+            eps.append(stats.epsilon)
         seconds += stats.seconds
         loss += stats.loss * c.num_examples
         tokens[c.client_id] = stats.tokens
     total = sum(c.num_examples for c in clients)
-    return updates, {"train_loss": loss / total, "train_seconds": seconds, "train_tokens": tokens}
+    out = {"train_loss": loss / total, "train_seconds": seconds, "train_tokens": tokens}
+    return updates, out | ({"epsilon_max": max(eps)} if eps else {})  # DP-SGD: the worst client's
 
 
 def dense(factors: Mapping[str, LoraFactors], name: str) -> torch.Tensor:
