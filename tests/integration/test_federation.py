@@ -250,3 +250,15 @@ def test_dp_sgd_clients_under_flower_report_their_epsilon(model_dir: Path, tmp_p
         assert len(eps) == 3 and all(0 < e < 100 for e in eps)
     assert all(rows[2]["client_metrics"][c]["epsilon"] > rows[1]["client_metrics"][c]["epsilon"]
                for c in rows[1]["client_metrics"])  # fmt: skip
+
+
+def test_ffa_under_client_level_dp_trains_from_the_noised_mean(model_dir: Path, tmp_path: Path) -> None:
+    """FFA-LoRA with client-level DP: each round's global B is the start plus the noised mean of the
+    clients' clipped B changes; every round is aggregated from that one update."""
+    cfg = tiny_run_config(model_dir, tmp_path, "dp-ffa", "privacy.mode='client'", "privacy.noise_multiplier=1.0",
+                          "privacy.clip=0.1", "aggregation.method='ffa'", "aggregation.tau=none", "lora.ranks=[4]",
+                          "lora.warm_start=false")  # fmt: skip
+    summary = run_simulation(cfg)
+    rows = {r["round"]: r for r in records(Path(summary["run_dir"]))}
+    assert [rows[t]["aggregated"] for t in (1, 2)] == [["dp-noised-mean"]] * 2
+    assert summary["privacy"]["epsilon"] == rows[2]["epsilon"] > rows[1]["epsilon"] > 0

@@ -15,7 +15,14 @@ from florist.config import load_config
 from florist.errors import ConfigError
 from florist.lora import ClientUpdate, LoraFactors
 from florist.privacy.accountant import ORDERS, Accountant, noise_for
-from florist.privacy.client_level import NOISED, change_norm, clip_change, noise_generator, noised_mean
+from florist.privacy.client_level import (
+    NOISED,
+    change_norm,
+    clip_change,
+    noise_generator,
+    noised_mean,
+    noised_mean_factor,
+)
 from florist.server.round import aggregate_round
 
 F64 = torch.float64
@@ -158,3 +165,54 @@ def test_a_target_epsilon_calibrates_the_noise() -> None:
     acc = cfg.accountant()
     assert acc is not None and acc.q == 0.5 and acc.epsilon(5) <= 8.0
     assert make_aggregator("florist").name == "florist"
+
+
+def test_factor_dp_is_the_start_plus_the_noised_mean_of_clipped_b_changes() -> None:
+    """FFA-LoRA / FedSVD: the changes of B from the global the round began at, clipped over all
+    modules, averaged with N(0, sigma^2 C^2) / m noise, added back to the start (dense reference)."""
+    g = torch.Generator().manual_seed(4)
+    A = {name: torch.randn(3, n, generator=g) for name, (m, n) in SHAPES.items()}
+    start = {
+        name: LoraFactors(A=A[name], B=torch.randn(m, 3, generator=g)) for name, (m, n) in SHAPES.items()
+    }
+    ups = [ClientUpdate(f"c{k}", 5.0, {name: LoraFactors(A=A[name], B=torch.randn(m, 3, generator=g), scaling=2.0)
+                                       for name, (m, n) in SHAPES.items()}) for k in range(3)]  # fmt: skip
+    out, std = noised_mean_factor(ups, start, 1.5, 0.0, noise_generator(0, 1))
+    changes = [{n: 2.0 * u.modules[n].B.double() - start[n].B.double() for n in SHAPES} for u in ups]
+    norms = [math.sqrt(sum(float(c[n].square().sum()) for n in SHAPES)) for c in changes]
+    assert max(norms) > 1.5  # the bound bites
+    for name in SHAPES:
+        want = (
+            start[name].B.double()
+            + sum(c[name] * min(1.0, 1.5 / k) for c, k in zip(changes, norms, strict=True)) / 3
+        )
+        torch.testing.assert_close(out.modules[name].B.double(), want, rtol=1e-6, atol=1e-6)
+        assert out.modules[name].A is A[name]
+    assert std == 0.0 and out.client_id == NOISED
+    _, std = noised_mean_factor(ups, None, 1.5, 2.0, noise_generator(1, 1))
+    assert std == pytest.approx(2.0 * 1.5 / 3)
+
+
+def test_ffa_under_client_dp_aggregates_only_the_noised_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(None, ["privacy.mode='client'", "privacy.noise_multiplier=1.0", "privacy.noise_seed=3",
+                             "aggregation.method='ffa'", "aggregation.tau=none", "federation.num_clients=4",
+                             "lora.warm_start=false", "lora.ranks=[3]"])  # fmt: skip
+    agg = cfg.aggregator()
+    seen: list[list[str]] = []
+    original = type(agg).aggregate
+
+    def spy(self, updates, *, round=None):  # type: ignore[no-untyped-def]
+        seen.append([u.client_id for u in updates])
+        return original(self, updates, round=round)
+
+    monkeypatch.setattr(type(agg), "aggregate", spy)
+    g = torch.Generator().manual_seed(0)
+    A = {name: torch.randn(3, n, generator=g) for name, (m, n) in SHAPES.items()}
+    ups = [ClientUpdate(f"c{k}", 5.0, {name: LoraFactors(A=A[name], B=torch.randn(m, 3, generator=g))
+                                       for name, (m, n) in SHAPES.items()}) for k in range(4)]  # fmt: skip
+    out = aggregate_round(cfg, agg, 1, ups, [], {u.client_id: 3 for u in ups})
+    assert seen == [[NOISED]] and out.result is not None
+    with pytest.raises(ConfigError, match="needs one rank for every client"):
+        load_config(None, ["privacy.mode='client'", "privacy.noise_multiplier=1.0", "aggregation.method='ffa'",
+                           "aggregation.tau=none", "lora.warm_start=false", "federation.num_clients=2",
+                           "lora.ranks=[4, 2]"])  # fmt: skip

@@ -426,7 +426,8 @@ class AggregationConfig:
 
 RANK_POLICIES = ("auto", "noise")
 PRIVACY_MODES = ("none", "client", "dp-sgd")
-CLIENT_DP_METHODS = ("florist", "flora")  # products of the clients' changes: the noised sum is theirs
+# products of the clients' changes (florist, flora), or one factor against a shared A (ffa, fedsvd)
+CLIENT_DP_METHODS = ("florist", "flora", "ffa", "fedsvd")
 
 
 @dataclass(frozen=True)
@@ -630,6 +631,9 @@ class FloristConfig:
                 f"privacy.mode = 'client' is implemented for {list(CLIENT_DP_METHODS)} (their server "
                 f"needs only the sum of the clients' changes), not yet for {method!r}"
             )
+        n = self.federation.num_clients
+        if method in ("ffa", "fedsvd") and len({self.lora.rank_of(k, n) for k in range(n)}) > 1:
+            raise ConfigError(f"privacy.mode = 'client' with {method!r} needs one rank for every client")
         if self.aggregation.clip != "none":
             raise ConfigError(
                 "privacy.mode = 'client' clips every change to privacy.clip: set aggregation.clip = 'none'"

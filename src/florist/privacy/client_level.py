@@ -1,5 +1,7 @@
-"""Client-level differential privacy on a trusted server (DP-FedAvg, McMahan et al. 2018, for
-products of LoRA factors).
+"""Client-level differential privacy on a trusted server (DP-FedAvg, McMahan et al. 2018), for the
+products of LoRA factors (FLoRIST, FLoRA: ``noised_mean``) and for the one factor a method trains
+against a shared A (FFA-LoRA, FedSVD: ``noised_mean_factor``, the same steps on B's change from the
+global the round began at).
 
 Per round, with the m sampled clients' changes Delta W_k = s B_k A_k (less any warm part):
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -76,3 +78,40 @@ def noised_mean(
         U, S, Vh = torch.linalg.svd((total + noise) / m, full_matrices=False)
         modules[name] = LoraFactors(A=Vh.float(), B=(U * S).float())
     return ClientUpdate(NOISED, 1.0, modules), std / m
+
+
+def noised_mean_factor(
+    updates: Sequence[ClientUpdate],
+    start: Mapping[str, LoraFactors] | None,
+    bound: float,
+    sigma: float,
+    generator: torch.Generator,
+) -> tuple[ClientUpdate, float]:
+    """DP-FedAvg on the one factor a method trains and averages (FFA-LoRA's and FedSVD's B against a
+    shared A): each client's change ``s B_k - B_start`` (``start``: the global the round began from;
+    None: B = 0) clipped to ``bound`` over all modules, the sum noised with N(0, sigma^2 C^2) per
+    entry, divided by m and added back to the start. The A's must agree (the method's shared A)."""
+    if not updates:
+        raise ValueError("client-level DP needs at least one update")
+    changes = []
+    for u in updates:
+        modules = {}
+        for name, f in u.modules.items():
+            B = f.effective()[0]
+            base = start[name].effective()[0] if start is not None else torch.zeros_like(B)
+            if base.shape != B.shape:
+                raise ValueError(f"module {name!r}: the start's B {tuple(base.shape)} is not the upload's")
+            modules[name] = B - base
+        changes.append(modules)
+    m, std = len(changes), sigma * bound
+    norms = [math.sqrt(sum(float(t.double().square().sum()) for t in c.values())) for c in changes]
+    first = updates[0].modules
+    out = {}
+    for name in sorted(first):
+        total = sum(c[name].double() * min(1.0, bound / n) if n > 0 else c[name].double()
+                    for c, n in zip(changes, norms, strict=True))  # fmt: skip
+        assert isinstance(total, torch.Tensor)
+        noise = torch.randn(total.shape, generator=generator, dtype=torch.float64) * std
+        base = start[name].effective()[0].double() if start is not None else torch.zeros_like(total)
+        out[name] = LoraFactors(A=first[name].A, B=(base + (total + noise) / m).float())
+    return ClientUpdate(NOISED, 1.0, out), std / m

@@ -20,7 +20,7 @@ from florist.aggregation.protocols import protocol_of
 from florist.aggregation.robust import ClipReport, cap_weights, clip_factors, clip_updates, update_norm
 from florist.config import FloristConfig
 from florist.lora import ClientUpdate
-from florist.privacy.client_level import NOISED, noise_generator, noised_mean
+from florist.privacy.client_level import NOISED, noise_generator, noised_mean, noised_mean_factor
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def aggregate_round(
         uploads = cap_weights(uploads, cfg.federation.max_client_weight)
     deltas = round_deltas(cfg, uploads, history, ranks)
     if cfg.privacy.mode == "client":
-        return private_round(cfg, aggregator, round, deltas)
+        return private_round(cfg, aggregator, round, deltas, history)
     clipped, report = clip(cfg, deltas, round)
     averages_factors = not type(aggregator).products_only
     if report is not None and averages_factors:
@@ -67,7 +67,11 @@ def aggregate_round(
 
 
 def private_round(
-    cfg: FloristConfig, aggregator: Aggregator, round: int, deltas: Sequence[ClientUpdate]
+    cfg: FloristConfig,
+    aggregator: Aggregator,
+    round: int,
+    deltas: Sequence[ClientUpdate],
+    history: Sequence[AggregationResult],
 ) -> RoundOutcome:
     """Client-level DP (``florist.privacy.client_level``): the aggregator sees only the noised mean of
     the clipped changes, one update carrying its noise level; no client is left out after the noise
@@ -76,9 +80,12 @@ def private_round(
         return RoundOutcome(None, list(deltas))
     acc = cfg.accountant()
     assert acc is not None
-    noised, std = noised_mean(
-        deltas, cfg.privacy.clip, acc.sigma, noise_generator(cfg.privacy.noise_seed, round)
-    )
+    noise = noise_generator(cfg.privacy.noise_seed, round)
+    if type(aggregator).products_only:
+        noised, std = noised_mean(deltas, cfg.privacy.clip, acc.sigma, noise)
+    else:  # the B a method averages against its shared A, from the global the round began at
+        start = protocol_of(aggregator.protocol).round_start(history)
+        noised, std = noised_mean_factor(deltas, start, cfg.privacy.clip, acc.sigma, noise)
     noised = replace(noised, noise_std=std)
     result, why = attempt(aggregator, round, [noised], cfg.federation.wire_dtype)
     return RoundOutcome(result, [noised], {} if result is not None else {NOISED: f"round {round}: {why}"})
