@@ -10,6 +10,7 @@ florist compare                                   every aggregator on 8 syntheti
 florist bench [--out DIR] [section.key=value ...]  the paper's comparison: every method, a table and plots
 florist regime [--out DIR] [--batches 4,32] [--examples 32,128,512]  round 1: kept rank vs the training regime
 florist client-sweep [--out DIR] [--counts 4,8,16,32]  kept rank and bytes against the number of clients
+florist privacy-study [--out DIR] [--epsilons 1,3,8,inf]  loss and a membership attack against epsilon
 florist deploy CONFIG.toml --nodes N [section.key=value ...]  the same on a local TLS Flower deployment
 florist config [--json | --starter FILE | --app-dir]  every config key with help; a starter; the Flower App
 """
@@ -201,6 +202,61 @@ def _add_client_sweep(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     )
 
 
+def _epsilons(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epsilons (or inf), got {text!r}") from err
+    if not values or not all(v > 0 and not math.isnan(v) for v in values):
+        raise argparse.ArgumentTypeError(f"epsilons must be > 0 (inf: no DP), got {text!r}")
+    return values
+
+
+def _add_privacy_study(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "privacy-study", help="held-out loss and a membership attack against epsilon, per method"
+    )
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the study config")
+    p.add_argument("--config", default=None, help="base config (default: the packaged paper_cpu.toml)")
+    p.add_argument(
+        "--out", default="docs/results/privacy", help="output directory (results.json, table.md, plot)"
+    )
+    p.add_argument("--cache", default="runs/privacy-cache", help="per-round checkpoints of unfinished cells")
+    p.add_argument(
+        "--epsilons", type=_epsilons, default=(1.0, 3.0, 8.0, math.inf), help="targets; inf: no DP"
+    )
+    p.add_argument("--modes", default="dp-sgd,client", help="privacy modes: dp-sgd, client")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per cell")
+    p.add_argument("--clients", type=int, default=100, help="client mode: clients re-split from the pool")
+    p.add_argument("--fraction", type=float, default=0.1, help="client mode: clients sampled per round")
+    p.add_argument(
+        "--report-only", action="store_true", help="redraw table.md and the plot from results.json"
+    )
+
+
+def _privacy_study(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from florist.config import PAPER_CONFIG
+    from florist.studies.privacy import StudyOptions, run, write_report
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not modes or set(modes) - {"dp-sgd", "client"}:
+        raise ConfigError(f"--modes takes dp-sgd and client, got {args.modes!r}")
+    if args.rounds < 1 or args.clients < 2 or not 0 < args.fraction <= 1:
+        raise ConfigError("--rounds must be >= 1, --clients >= 2 and --fraction in (0, 1]")
+    opts = StudyOptions(
+        config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides), out=args.out, cache=args.cache,
+        epsilons=args.epsilons, modes=modes, rounds=args.rounds, clients=args.clients, fraction=args.fraction,
+    )  # fmt: skip
+    if args.report_only:
+        path = Path(opts.out) / "results.json"
+        write_report(Path(opts.out), json.loads(path.read_text()) if path.is_file() else {})
+    else:
+        run(opts)
+    print((Path(opts.out) / "table.md").read_text())
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -229,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_regime(sub)
     _add_client_sweep(sub)
+    _add_privacy_study(sub)
     deploy.add_parser(sub)
     return parser
 
@@ -418,6 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "compare": _compare,
         "regime": _regime,
         "client-sweep": _client_sweep,
+        "privacy-study": _privacy_study,
         "run": _run,
         "demo": _demo,
         "bench": _bench,

@@ -1,0 +1,209 @@
+"""The privacy-utility study: final held-out loss against epsilon per method, in both privacy modes, with
+a membership-inference check.
+
+    florist privacy-study [--out docs/results/privacy] [--cache runs/privacy-cache]
+                          [--epsilons 1,3,8,inf] [--modes dp-sgd,client] [--rounds 3] [k=v ...]
+
+Cells are (mode, method, epsilon); epsilon = inf is the same method without DP, in the same regime
+(the reference each row is paired against):
+
+    dp-sgd   the paper's 8 Dolly clients (paper_cpu.toml), DP-SGD on every client at delta 1e-5;
+             FedIT, FFA-LoRA, FLoRA, FLoRIST tau = 0.9 (every method keeps sample-level DP)
+    client   the Dolly pool re-split over ``--clients`` (100) by category, ``--fraction`` (0.1)
+             sampled per round, client-level DP at delta 1e-3; FFA-LoRA, FLoRA, FLoRIST tau = 0.9
+             and FLoRIST with the noise rule (``aggregation.rank_policy = "noise"``)
+
+Every cell trains ``--rounds`` rounds with warm start off and the bf16 wire, scored on the test rows
+after the last; its final global model is attacked (``florist.eval.membership``): client 0's first
+training rows (as many as the test rows) against the test rows. Each finished cell is kept in
+``results.json`` and every finished round checkpointed under ``--cache``, so the same command
+continues a killed study. ``table.md`` and ``loss_vs_epsilon.png`` are rewritten from the results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from florist.config import PAPER_CONFIG, FloristConfig, load_config
+from florist.data.federated import client_examples
+from florist.eval.membership import loss_threshold_attack
+from florist.eval.paired import paired_difference
+from florist.fsutil import write_json_atomic
+from florist.server.evaluation import Evaluator
+from florist.studies.fair import split_loss
+from florist.studies.headline import split_evaluator
+
+log = logging.getLogger(__name__)
+METHODS = {  # mode -> (label, config keys)
+    "dp-sgd": (
+        ("FedIT", ("aggregation.method='fedit'", "aggregation.tau=none")),
+        ("FFA-LoRA", ("aggregation.method='ffa'", "aggregation.tau=none")),
+        ("FLoRA", ("aggregation.method='flora'", "aggregation.tau=none")),
+        ("FLoRIST tau=0.90", ("aggregation.method='florist'", "aggregation.tau=0.9")),
+    ),
+    "client": (
+        ("FFA-LoRA", ("aggregation.method='ffa'", "aggregation.tau=none")),
+        ("FLoRA", ("aggregation.method='flora'", "aggregation.tau=none")),
+        ("FLoRIST tau=0.90", ("aggregation.method='florist'", "aggregation.tau=0.9")),
+        ("FLoRIST noise rule", ("aggregation.method='florist'", "aggregation.tau=none",
+                                "aggregation.rank_policy='noise'")),
+    ),
+}  # fmt: skip
+DELTA = {"dp-sgd": 1e-5, "client": 1e-3}
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    config: str = PAPER_CONFIG
+    overrides: tuple[str, ...] = ()
+    out: str = "docs/results/privacy"
+    cache: str = "runs/privacy-cache"
+    epsilons: tuple[float, ...] = (1.0, 3.0, 8.0, math.inf)
+    modes: tuple[str, ...] = ("dp-sgd", "client")
+    rounds: int = 3
+    clients: int = 100  # client mode's federation
+    fraction: float = 0.1
+    clip: float = 0.5  # client mode's bound on a client's change (C)
+    max_grad_norm: float = 1.0  # dp-sgd's bound on an example's gradient
+
+
+def cell_key(mode: str, label: str, epsilon: float) -> str:
+    return f"{mode} / {label} / eps={'inf' if math.isinf(epsilon) else f'{epsilon:g}'}"
+
+
+def cell_config(opts: StudyOptions, mode: str, keys: Sequence[str], epsilon: float) -> FloristConfig:
+    """The cell's config: the regime, the method's keys and the privacy keys (none at epsilon = inf)."""
+    regime = [f"federation.rounds={opts.rounds}", "lora.warm_start=false", "federation.wire_dtype='bfloat16'",
+              "aggregation.rank_policy='auto'"]  # fmt: skip
+    if mode == "client":
+        regime += ["data.split='dirichlet'", f"federation.num_clients={opts.clients}",
+                   f"federation.fraction={opts.fraction}", "data.min_partition_size=8"]  # fmt: skip
+    privacy: list[str] = []
+    if not math.isinf(epsilon):
+        privacy = [f"privacy.mode={mode!r}", f"privacy.target_epsilon={epsilon}",
+                   f"privacy.delta={DELTA[mode]}", f"privacy.clip={opts.clip}",
+                   f"privacy.max_grad_norm={opts.max_grad_norm}"]  # fmt: skip
+    elif "aggregation.rank_policy='noise'" in keys:
+        keys = [k for k in keys if "rank_policy" not in k] + ["aggregation.tau=0.9"]  # no noise: tau
+        keys = [k for k in keys if k != "aggregation.tau=none"]
+    return load_config(opts.config, [*opts.overrides, *regime, *keys, *privacy])
+
+
+def attack(cfg: FloristConfig, model: Any, tokenizer: Any, test_rows: int) -> dict[str, Any]:
+    """The loss-threshold attack on ``model``: client 0's first ``test_rows`` training rows against
+    the test rows (``florist.eval.membership``)."""
+    members = client_examples(cfg.data, 0, cfg.federation.num_clients)[:test_rows]
+    ev = replace(cfg.eval, mmlu=None, exact_match=False, subset=None)
+    scores = Evaluator(ev, members, cfg.data.seed, False, rows=True)(model, tokenizer)
+    return {"member_rows": scores["heldout_rows"]}
+
+
+def run_cell(
+    opts: StudyOptions, mode: str, key: str, keys: Sequence[str], eps: float
+) -> list[dict[str, Any]]:
+    """One cell's rounds (checkpointed under ``--cache``), scored and attacked after the last."""
+    from florist.studies.simulate import run_variant
+
+    cfg = cell_config(opts, mode, keys, eps)
+    evaluate = split_evaluator(cfg)
+
+    def score(model: Any, tokenizer: Any) -> dict[str, Any]:
+        scores = evaluate(model, tokenizer)
+        return scores | attack(cfg, model, tokenizer, len(scores["heldout_rows"]))
+
+    folder = Path(opts.cache) / key.replace(" / ", "__").replace("=", "-").replace(" ", "_")
+    records = run_variant(cfg, score, eval_rounds=[opts.rounds], checkpoint=folder)
+    acc = cfg.accountant()
+    target = None if math.isinf(eps) else eps
+    # client mode: the server's noise multiplier; dp-sgd: each client plans its own (the worst's epsilon)
+    spent = acc.epsilon(opts.rounds) if acc else records[-1].get("epsilon_max")
+    records[-1]["privacy"] = {"mode": mode, "target_epsilon": target, "epsilon": spent,
+                              "sigma": acc.sigma if acc else None}  # fmt: skip
+    return records
+
+
+def run(opts: StudyOptions) -> dict[str, Any]:
+    """Every cell not yet in ``results.json``, one after another (resumable per cell and round)."""
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    for mode in opts.modes:
+        for label, keys in METHODS[mode]:
+            for eps in opts.epsilons:
+                key = cell_key(mode, label, eps)
+                if key in results:
+                    continue
+                log.info("privacy study: %s", key)
+                records = run_cell(opts, mode, key, keys, eps)
+                results[key] = records
+                write_json_atomic(path, results)
+    write_report(out, results)
+    return results
+
+
+def write_report(out: Path, results: Mapping[str, Any]) -> None:
+    """``table.md``: per cell the final test loss, its paired difference against the same method
+    without DP, bytes and the attack's AUC and advantage; ``loss_vs_epsilon.png``."""
+    lines = ["| mode | method | epsilon | test loss | vs no DP | MB | attack AUC | advantage |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, records in results.items():
+        mode, label, eps = key.split(" / ")
+        last = records[-1]
+        loss = split_loss(last, "test")
+        ref = results.get(f"{mode} / {label} / eps=inf")
+        versus = ""
+        if ref is not None and loss is not None and (base := split_loss(ref[-1], "test")) is not None:
+            versus = paired_difference(base, loss).describe() if key != f"{mode} / {label} / eps=inf" else "-"
+        mb = sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in records) / 1e6
+        ev = last.get("eval", {})
+        mia = loss_threshold_attack(ev.get("member_rows", []), ev.get("heldout_rows", [])) if ev else None
+        auc = f"{mia.auc:.3f}" if mia else ""
+        adv = f"{mia.advantage:.3f}" if mia else ""
+        value = f"{loss.loss:.4f}" if loss else ""
+        e = eps.removeprefix("eps=")
+        lines.append(f"| {mode} | {label} | {e} | {value} | {versus} | {mb:.1f} | {auc} | {adv} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    _plot(out, results)
+
+
+def _plot(out: Path, results: Mapping[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({k.split(" / ")[0] for k in results})
+    if not modes:
+        return
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        series: dict[str, list[tuple[float, float]]] = {}
+        for key, records in results.items():
+            m, label, eps = key.split(" / ")
+            final = split_loss(records[-1], "test")
+            if m == mode and final is not None:
+                series.setdefault(label, []).append((float(eps.removeprefix("eps=")), final.loss))
+        for label, points in sorted(series.items()):
+            finite = sorted(p for p in points if not math.isinf(p[0]))
+            if finite:
+                ax.plot([p[0] for p in finite], [p[1] for p in finite], marker="o", label=label)
+            for e, loss in points:
+                if math.isinf(e):
+                    ax.axhline(
+                        loss, linestyle=":", linewidth=1, color=ax.lines[-1].get_color() if finite else None
+                    )
+        ax.set_xscale("log")
+        ax.set_xlabel("epsilon (dotted: no DP)")
+        ax.set_ylabel("test loss (nats)")
+        ax.set_title(f"{mode} DP")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_epsilon.png", dpi=120)
+    plt.close(fig)
