@@ -262,3 +262,22 @@ def test_ffa_under_client_level_dp_trains_from_the_noised_mean(model_dir: Path, 
     rows = {r["round"]: r for r in records(Path(summary["run_dir"]))}
     assert [rows[t]["aggregated"] for t in (1, 2)] == [["dp-noised-mean"]] * 2
     assert summary["privacy"]["epsilon"] == rows[2]["epsilon"] > rows[1]["epsilon"] > 0
+
+
+def test_chat_data_trains_through_the_models_chat_template(tmp_path: Path) -> None:
+    """A ``messages`` file and ``data.template = 'chat'`` on a tiny model whose tokenizer has a chat
+    template: the run trains and scores, and the adapter says which template it trained on."""
+    from tests.unit.test_chat_data import ROW, chat_tokenizer
+
+    model = save_tiny_model(tmp_path / "tiny-chat")
+    chat_tokenizer().save_pretrained(model)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(ROW | {"category": f"c{i % 3}"}) for i in range(30)) + "\n")
+    cfg = tiny_run_config(model, tmp_path, "chat", f"data.source={str(data)!r}", "data.template='chat'",
+                          "data.split='iid'", "eval.exact_match=false")  # fmt: skip
+    summary = run_simulation(cfg)
+    assert (
+        summary["rounds"] == 2
+        and summary["eval_after"]["heldout_loss"] < summary["eval_before"]["heldout_loss"]
+    )
+    assert json.loads((Path(summary["adapter"]) / "florist_prompt.json").read_text()) == {"template": "chat"}

@@ -75,10 +75,21 @@ class ModelConfig:
         return torch.device(self.device)
 
 
+TEMPLATES = ("alpaca", "chat")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = field(default="skills", metadata={"help": "'skills' (embedded), a file, folder or hub id"})
-    format: str | None = field(default=None, metadata={"help": "dolly, alpaca or wizard; detected if unset"})
+    format: str | None = field(
+        default=None, metadata={"help": "dolly, alpaca, wizard or chat (messages); detected if unset"}
+    )
+    template: str = field(
+        default="alpaca",
+        metadata={
+            "help": "prompt template: 'alpaca' or 'chat' (the model's chat template; recorded in the adapter)"
+        },
+    )
     split: str = field(
         default="dirichlet",
         metadata={
@@ -111,6 +122,8 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"data.template must be one of {list(TEMPLATES)}, got {self.template!r}")
         if self.split not in ("presplit", "iid", "dirichlet", "by_label"):
             raise ConfigError(f"data.split must be presplit, iid, dirichlet or by_label, got {self.split!r}")
         if not 0 < self.test_fraction < 1:

@@ -17,6 +17,8 @@ Dolly 8-client split, n = 10 withholds 80 rows (10 from each of the 8 categories
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,7 +40,7 @@ def client_examples(cfg: DataConfig, client: int, num_clients: int) -> list[Exam
 
 def validation_examples(cfg: DataConfig, num_clients: int) -> list[Example]:
     """The rows withheld from the clients for choosing settings (empty without a validation split)."""
-    return list(_validation(cfg, num_clients)[1])
+    return templated(_validation(cfg, num_clients)[1], cfg)
 
 
 def subsample(examples: list[Example], cfg: DataConfig, client: int) -> list[Example]:
@@ -47,11 +49,21 @@ def subsample(examples: list[Example], cfg: DataConfig, client: int) -> list[Exa
     if cap is not None and len(examples) > cap:
         rng = random.Random(f"{cfg.seed}:subsample:{client}")
         examples = [examples[i] for i in sorted(rng.sample(range(len(examples)), cap))]
-    return list(examples)
+    return templated(examples, cfg)
+
+
+def templated(examples: Sequence[Example], cfg: DataConfig) -> list[Example]:
+    """The examples in ``data.template``: every source of rows (a client's, a node's own file, the
+    validation and the test rows) passes here, so training and scoring write the same prompts."""
+    return [ex if ex.template == cfg.template else replace(ex, template=cfg.template) for ex in examples]
 
 
 def test_examples(cfg: DataConfig) -> list[Example]:
     """The held-out set the server evaluates on."""
+    return templated(_test(cfg), cfg)
+
+
+def _test(cfg: DataConfig) -> list[Example]:
     if cfg.source == "skills":
         return _skills(cfg)[1]
     if cfg.test is not None:

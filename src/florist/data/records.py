@@ -3,6 +3,9 @@
 Dolly:   instruction, context, response, category
 Alpaca:  instruction, input, output
 WizardLM evol-instruct: instruction, output  (or ShareGPT-style "conversations")
+Chat:    messages: [{"role": "system" | "user" | "assistant", "content": ...}, ...], the last turn the
+         assistant's (the response), the one before it the user's (the instruction), any earlier
+         ones the conversation so far (``Example.history``)
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from typing import Any
 
 from florist.errors import ConfigError
 
-FORMATS = ("dolly", "alpaca", "wizard")
+FORMATS = ("dolly", "alpaca", "wizard", "chat")
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -22,11 +26,15 @@ class Example:
     response: str
     context: str = ""
     category: str = ""
+    history: tuple[tuple[str, str], ...] = ()  # (role, content) turns before the instruction (chat)
+    template: str = "alpaca"  # how its prompt is written: "alpaca" or the model's "chat" template
 
 
 def detect_format(row: Mapping[str, Any]) -> str:
     """Guess the format of a raw row from its keys."""
     keys = set(row)
+    if "messages" in keys:
+        return "chat"
     if {"instruction", "response"} <= keys:
         return "dolly"
     if {"instruction", "output"} <= keys and "input" in keys:
@@ -49,6 +57,8 @@ def to_example(row: Mapping[str, Any], fmt: str, where: str = "", label: str = "
             ex = Example(row["instruction"], row["output"], row.get("input") or "", row.get("category") or "")
         elif fmt == "wizard":
             ex = _wizard(row, where)
+        elif fmt == "chat":
+            ex = _chat(row, where)
         else:
             raise ConfigError(f"unknown data format {fmt!r}; choose one of {FORMATS}")
     except KeyError as err:
@@ -72,6 +82,22 @@ def checked(ex: Example, where: str) -> Example:
         if not getattr(ex, name).strip():
             raise ConfigError(f"{where}: field {name!r} is empty")
     return ex
+
+
+def _chat(row: Mapping[str, Any], where: str) -> Example:
+    turns = row["messages"]
+    ok = isinstance(turns, list) and all(
+        isinstance(t, Mapping) and t.get("role") in ROLES and isinstance(t.get("content"), str) for t in turns
+    )
+    if not ok:
+        raise ConfigError(
+            f"{where}: 'messages' must be a list of {{'role': system|user|assistant, 'content': text}}"
+        )
+    if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
+        raise ConfigError(f"{where}: 'messages' must end with a user turn and then the assistant's answer")
+    history = tuple((t["role"], t["content"]) for t in turns[:-2])
+    return Example(turns[-2]["content"], turns[-1]["content"], category=str(row.get("category") or ""),
+                   history=history)  # fmt: skip
 
 
 def _wizard(row: Mapping[str, Any], where: str) -> Example:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from florist.config.training import BATCHINGS
-from florist.data.prompt import prompt
+from florist.data.prompt import chat_prompt, prompt
 from florist.data.records import Example
 
 IGNORE = -100
@@ -53,9 +53,18 @@ def prompt_token_ids(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
+def prompt_ids(tokenizer: Any, ex: Example) -> list[int]:
+    """The prompt's token ids in the example's template: Alpaca (a bos in front where the tokenizer
+    asks for one) or the model's chat template (its own special tokens, nothing added)."""
+    if ex.template == "chat":
+        ids: list[int] = tokenizer(chat_prompt(ex, tokenizer), add_special_tokens=False)["input_ids"]
+        return ids
+    return prompt_token_ids(tokenizer, prompt(ex))
+
+
 def encode(ex: Example, tokenizer: Any, max_length: int, train_on_inputs: bool = False) -> Encoded:
     """Token ids and labels of one example (loss on the response tokens only by default)."""
-    p = prompt_token_ids(tokenizer, prompt(ex))
+    p = prompt_ids(tokenizer, ex)
     r = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if train_on_inputs:
         ids = (p + r)[:max_length]

@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from florist.data.prompt import prompt
 from florist.data.records import Example
-from florist.data.tokenize import prompt_token_ids
+from florist.data.tokenize import prompt_ids as encoded_prompt
 from florist.errors import ConfigError
 from florist.eval.heldout import evaluating
 
@@ -115,7 +114,7 @@ def score(examples: Sequence[Example], answers: Sequence[str]) -> EMResult:
 
 def prompt_ids(ex: Example, tokenizer: Any) -> list[int]:
     """Token ids of the prompt exactly as ``florist.data.tokenize.encode`` builds them (bos included)."""
-    return prompt_token_ids(tokenizer, prompt(ex))
+    return encoded_prompt(tokenizer, ex)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

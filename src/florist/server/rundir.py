@@ -31,6 +31,9 @@ def default_name(cfg: FloristConfig) -> str:
     return f"{cfg.aggregation.method}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
 
+PROMPT_FILE = "florist_prompt.json"  # in an adapter dir: the prompt template it trained on
+
+
 class RunDir:
     """Writes one run's outputs under ``path``, refusing to reuse a non-empty directory.
 
@@ -100,7 +103,11 @@ class RunDir:
             self.tracker.record(record)
 
     def final_adapter(self, modules: Mapping[str, LoraFactors]) -> Path:
-        return write_adapter(self.path / "adapter", modules, base_model=self.base_model, overwrite=True)
+        """The run's adapter, with ``florist_prompt.json`` saying which prompt template it trained on
+        (``data.template``: serve it with the same one)."""
+        path = write_adapter(self.path / "adapter", modules, base_model=self.base_model, overwrite=True)
+        write_json_atomic(path / PROMPT_FILE, {"template": self.cfg.data.template})
+        return path
 
     def summary(self, data: Mapping[str, Any]) -> None:
         write_json_atomic(self.path / "summary.json", data)
