@@ -7,7 +7,7 @@ Flower prints its records through its own handler; ours does not repeat them. On
 dropped on purpose: ``florist run`` calls ``flwr.simulation.run_simulation``, which Flower marks
 deprecated in favour of the ``flwr run`` CLI. florist keeps it because the ServerApp must run in this
 process to hand its summary back; ``flwr run`` and ``florist deploy`` remain the supported
-multi-process paths (README, "Flower").
+multi-process paths (docs/flower.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Flower's simulation runtime, in this process: the ServerApp here, each client node's ClientApp in a
 Ray actor that keeps its model loaded across rounds. The same apps run under ``flwr run`` and on a
-deployment (README, "Flower").
+deployment (docs/flower.md).
 """
 
 from __future__ import annotations

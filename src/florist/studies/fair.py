@@ -262,7 +262,7 @@ def write_fair_report(out: Path, settings: Sequence[str], rounds: int) -> dict[s
     seeds = sorted(per_seed)
     text = [
         "# The fair headline: every method at its best, chosen on validation, over training seeds\n",
-        f"Seeds found: {seeds}; rounds: {rounds}. Produced by `florist bench --seeds ...` (see README).",
+        f"Seeds found: {seeds}; rounds: {rounds}. Made by `florist bench --seeds ...` (docs/benchmarks.md).",
     ]
     summary: dict[str, Any] = {"seeds": seeds, "rounds": rounds}
     for setting in settings:
