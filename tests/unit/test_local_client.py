@@ -400,3 +400,27 @@ def test_flexlora_downloads_fit_the_client_lora_when_uploads_were_cut() -> None:
         assert {f.rank for f in download.values()} == {c.lora.rank}
         c.receive(download, round=1)  # loads without a shape error
         c.fit(2)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter() -> None:
+    """Recomputing the activations (train.gradient_checkpointing) gives the same losses and LoRA factors
+    as keeping them, dropout included (fp32), and is off again after the round."""
+    from dataclasses import replace
+
+    out = []
+    for on in (False, True):
+        settings = replace(TRAIN, precision="fp32", gradient_checkpointing=on)
+        lora = AdapterConfig(ranks=(4,), alpha=8, dropout=0.1, target_modules=("q_proj", "v_proj"))
+        client = LocalClient("c0", tiny_llama(vocab_size=VOCAB_SIZE), tiny_tokenizer(), DATA[0], lora, settings,
+                             make_aggregator("florist").protocol, seed=0)  # fmt: skip
+        inner = client.model.base_model.model
+        during: list[bool] = []
+        update, stats = client.fit(
+            1, on_step=lambda _, d=during, m=inner: d.append(m.is_gradient_checkpointing)
+        )
+        out.append((update, stats.losses))
+        assert set(during) == {on} and not inner.is_gradient_checkpointing
+    (plain, plain_losses), (ckpt, ckpt_losses) = out
+    assert ckpt_losses == pytest.approx(plain_losses, rel=1e-5)
+    for name, f in plain.modules.items():
+        torch.testing.assert_close(ckpt.modules[name].B, f.B, rtol=1e-4, atol=1e-6)

@@ -152,6 +152,9 @@ def test_the_aggregator_sees_only_the_noised_mean(monkeypatch: pytest.MonkeyPatc
         (["privacy.mode='client'", "privacy.noise_multiplier=0.5", "privacy.target_epsilon=1.0"],
          r"spend epsilon .* beyond privacy.target_epsilon = 1"),
         (["aggregation.rank_policy='noise'", "aggregation.tau=none"], "needs privacy.mode = 'client'"),
+        (["privacy.mode='dp-sgd'", "privacy.noise_multiplier=1.0", "train.gradient_checkpointing=true"],
+         "cannot use train.gradient_checkpointing"),
+        (["privacy.mode='dp-sgd'"], "dp-sgd' needs privacy.noise_multiplier"),
     ],
 )  # fmt: skip
 def test_bad_privacy_settings_are_named(overrides: list[str], message: str) -> None:

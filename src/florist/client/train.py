@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +149,7 @@ def train(
         precision.frozen_weights_cast(model),
         packed_attention(model),
         compiled_layers(model, s.compile) as compiled,
+        checkpointed(model, s.gradient_checkpointing),
     ):
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -262,6 +264,22 @@ def gradient_sum(
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return total
+
+
+@contextmanager
+def checkpointed(model: Any, on: bool) -> Iterator[None]:
+    """With ``on``, transformers' gradient checkpointing (non-reentrant: the frozen embeddings need no
+    grad hook) for the duration: each decoder layer's activations are recomputed in the backward pass
+    instead of kept, the same gradients for less memory. Off again on exit (evaluation keeps nothing)."""
+    inner = getattr(getattr(model, "base_model", model), "model", model)  # peft -> the transformers model
+    if not on or not hasattr(inner, "gradient_checkpointing_enable"):
+        yield
+        return
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        inner.gradient_checkpointing_disable()
 
 
 def _undoer(

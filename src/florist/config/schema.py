@@ -627,6 +627,11 @@ class FloristConfig:
                 "aggregation.rank_policy = 'noise' needs privacy.mode = 'client' (a known noise level)"
             )
         if p.mode == "dp-sgd":
+            if self.train.gradient_checkpointing:
+                raise ConfigError(
+                    "privacy.mode = 'dp-sgd' cannot use train.gradient_checkpointing: recomputing a layer "
+                    "runs Opacus's per-example hooks twice"
+                )
             if p.noise_multiplier is None and p.target_epsilon is None:
                 raise ConfigError(
                     "privacy.mode = 'dp-sgd' needs privacy.noise_multiplier or privacy.target_epsilon"

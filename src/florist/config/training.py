@@ -71,6 +71,12 @@ class TrainSettings:
     compile: bool = field(
         default=False, metadata={"help": "decoder layers under torch.compile (a slow first round)"}
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute the decoder layers' activations in the backward pass: less memory, more time"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_precision("train.precision", self.precision)
