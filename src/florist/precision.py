@@ -75,7 +75,9 @@ class Precision:
             return
         saved = {}
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and (everything or not module.weight.requires_grad):
+            if not isinstance(module, torch.nn.Linear) or is_quantized(module.weight):
+                continue  # a 4-bit or 8-bit base (bitsandbytes) computes in its own dtype
+            if everything or not module.weight.requires_grad:
                 saved[name] = module.weight
                 module.weight = torch.nn.Parameter(
                     module.weight.detach().to(torch.bfloat16), requires_grad=False
@@ -85,6 +87,11 @@ class Precision:
         finally:
             for name, weight in saved.items():
                 model.get_submodule(name).weight = weight
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """A bitsandbytes weight (4-bit ``Params4bit`` or 8-bit ``Int8Params``), which must not be cast."""
+    return hasattr(weight, "quant_state") or type(weight).__name__ == "Int8Params"
 
 
 def check_precision(key: str, value: str) -> None:

@@ -281,3 +281,14 @@ def test_chat_data_trains_through_the_models_chat_template(tmp_path: Path) -> No
         and summary["eval_after"]["heldout_loss"] < summary["eval_before"]["heldout_loss"]
     )
     assert json.loads((Path(summary["adapter"]) / "florist_prompt.json").read_text()) == {"template": "chat"}
+
+
+def test_fedit_on_nf4_clients_under_flower(model_dir: Path, tmp_path: Path) -> None:
+    """Clients on a 4-bit NF4 base (model.quantization) train and upload under Flower; the server
+    scores the adapter on the full-precision base, as QLoRA adapters are served."""
+    pytest.importorskip("bitsandbytes", reason="model.quantization needs bitsandbytes (make install has it)")
+    cfg = tiny_run_config(model_dir, tmp_path, "nf4", "model.quantization='nf4'", "aggregation.method='fedit'",
+                          "aggregation.tau=none", "lora.warm_start=false")  # fmt: skip
+    summary = run_simulation(cfg)
+    assert summary["rounds"] == 2
+    assert summary["eval_after"]["heldout_loss"] < summary["eval_before"]["heldout_loss"]

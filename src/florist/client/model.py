@@ -16,11 +16,14 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from florist.errors import ConfigError
+
+if TYPE_CHECKING:
+    from florist.config import FloristConfig
 from florist.fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -104,7 +107,36 @@ def resolve_model(name_or_path: str | None) -> str:
     return name_or_path
 
 
-def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_client_model(cfg: FloristConfig) -> tuple[Any, Any]:
+    """A client's ``(model, tokenizer)`` on its device: the base as ``model.quantization`` says (a
+    4-bit NF4 or 8-bit base through bitsandbytes, computing in ``model.dtype``), else as loaded."""
+    quant = cfg.model.quantization
+    if quant == "none":
+        model, tokenizer = load_model(cfg.model.name, cfg.model.torch_dtype())
+        return model.to(cfg.model.torch_device()), tokenizer
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            f"model.quantization = {quant!r} needs bitsandbytes: pip install bitsandbytes==0.50.2 "
+            "(it has CPU and CUDA backends)"
+        ) from err
+    from transformers import BitsAndBytesConfig
+
+    dtype = cfg.model.torch_dtype()
+    if quant == "nf4":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)  # type: ignore[no-untyped-call]
+    else:
+        q = BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+    return load_model(cfg.model.name, dtype, quantization=q, device=str(cfg.model.torch_device()))
+
+
+def load_model(
+    name_or_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    quantization: Any = None,
+    device: str = "cpu",
+) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a hub id, a local directory or the embedded SmolLM2 (default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -112,7 +144,11 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float
     source = resolve_model(name_or_path)
     if Path(source).is_dir():  # a local load's per-tensor bar is noise; hub downloads keep theirs
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if quantization is None:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    else:  # bitsandbytes places the weights where they are computed
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, quantization_config=quantization,
+                                                     device_map=device)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(source)
     model.train(False)
     return model, tokenizer

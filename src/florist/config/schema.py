@@ -55,14 +55,27 @@ def _at_least_one(key: str, value: int) -> None:
         raise ConfigError(f"{key} must be >= 1, got {value}")
 
 
+QUANTIZATIONS = ("none", "nf4", "int8")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = field(default="smollm2", metadata={"help": "'smollm2' (embedded), a hub id or a local dir"})
     dtype: str = field(default="float32", metadata={"help": "weight dtype: float32, bfloat16 or float16"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when present), cpu or cuda"})
+    quantization: str = field(
+        default="none",
+        metadata={
+            "help": "the clients' frozen base: 'none', 'nf4' or 'int8' (bitsandbytes; continue protocols)"
+        },
+    )
 
     def __post_init__(self) -> None:
         torch_dtype(self.dtype, "model.dtype", MODEL)
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"model.quantization must be one of {list(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"model.device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -607,6 +620,13 @@ class FloristConfig:
             raise ConfigError(
                 f"aggregation.clip is not defined for {self.aggregation.method!r}: its clients' upload is "
                 "not their round's change (what they continued from is in it), and clipping scales the upload"
+            )
+        if self.model.quantization != "none" and (rules.merges or rules.needs_init):
+            raise ConfigError(
+                f"model.quantization = {self.model.quantization!r} works with methods whose clients never "
+                "change their base weights (fedit, flexlora, ffa, fedsvd, rblora); "
+                f"{self.aggregation.method!r} merges into them (or takes their gradient), which a quantized "
+                "base cannot absorb exactly"
             )
         n = self.federation.num_clients
         if rules.needs_init and len({self.lora.rank_of(k, n) for k in range(n)}) > 1:

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, Context, RecordDict
 from florist.aggregation.base import ClientProtocol
 from florist.client.local import LocalClient, client_from_config
 from florist.client.lora_state import lora_layers
-from florist.client.model import load_model
+from florist.client.model import load_client_model
 from florist.config import FloristConfig
 from florist.data.federated import client_examples, subsample
 from florist.data.loaders import load_examples
@@ -83,8 +83,7 @@ class Node:
     @classmethod
     def create(cls, cfg: FloristConfig, index: int, examples: list[Example]) -> Node:
         configure_threads(cfg)
-        model, tokenizer = load_model(cfg.model.name, cfg.model.torch_dtype())
-        model.to(cfg.model.torch_device())
+        model, tokenizer = load_client_model(cfg)
         client = client_from_config(cfg, index, model, tokenizer, examples, protocol_of(cfg))
         log.info(
             "%s: model loaded, %d examples, rank %d", client.client_id, client.num_examples, client.lora.rank

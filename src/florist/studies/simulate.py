@@ -29,7 +29,7 @@ from florist.aggregation.linalg import energy_beyond
 from florist.aggregation.lowrank import prepare_upload
 from florist.aggregation.protocols import protocol_of
 from florist.client.local import LocalClient, client_from_config
-from florist.client.model import load_model
+from florist.client.model import load_client_model, load_model
 from florist.config import FloristConfig
 from florist.data.federated import client_examples
 from florist.lora import ClientUpdate, LoraFactors
@@ -46,8 +46,7 @@ def make_clients(cfg: FloristConfig, protocol: ClientProtocol) -> list[LocalClie
     n = cfg.federation.num_clients
     clients = []
     for k in range(n):
-        model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
-        device_model = model.to(cfg.model.torch_device())
+        device_model, tok = load_client_model(cfg)
         clients.append(
             client_from_config(cfg, k, device_model, tok, client_examples(cfg.data, k, n), protocol)
         )
