@@ -256,17 +256,7 @@ def test_fedsvd_resumes_mid_run_as_if_never_stopped(tmp_path: Path) -> None:
         return {"norm": sum(float(p.detach().double().square().sum()) for p in m.parameters())}
 
     whole = run_variant(cfg, score)
-    stops = iter([False, False, True])
-
-    def stopping(m: Any, t: object) -> dict[str, float]:
-        if next(stops):
-            raise KeyboardInterrupt
-        return score(m, t)
-
-    folder = tmp_path / "ckpt"
-    with pytest.raises(KeyboardInterrupt):
-        run_variant(cfg, stopping, checkpoint=folder)
-    resumed = run_variant(cfg, score, checkpoint=folder)
+    resumed = stop_after_two_rounds_and_resume(cfg, score, tmp_path / "ckpt")
     assert len(resumed) == 3
     for a, b in zip(whole, resumed, strict=True):
         for key in ("bytes_up", "bytes_down", "ranks", "round_error", "eval"):
@@ -298,17 +288,24 @@ def test_fedsb_round_zero_counts_its_bytes_and_resumes_mid_run(tmp_path: Path) -
     assert whole[0]["bytes_up"] == per_round + whole[0]["init_bytes_up"]
     assert [r["bytes_up"] for r in whole[1:]] == [per_round] * 2 == [r["bytes_down"] for r in whole[1:]]
     assert whole[0]["eval"] != whole[2]["eval"]  # it trains
+    resumed = stop_after_two_rounds_and_resume(cfg, score, tmp_path / "ckpt")
+    for a, b in zip(whole, resumed, strict=True):
+        for key in ("bytes_up", "bytes_down", "round_error", "eval"):
+            assert a[key] == b[key], (a["round"], key)
+
+
+def stop_after_two_rounds_and_resume(cfg: Any, score: Any, folder: Path) -> list[dict[str, Any]]:
+    """A 3-round ``run_variant`` stopped while scoring round 3 (its round-2 checkpoint on disk), then
+    run again from ``folder``: the records of the resumed run."""
+    from florist.studies.simulate import run_variant
+
     stops = iter([False, False, True])
 
     def stopping(m: Any, t: object) -> dict[str, float]:
         if next(stops):
             raise KeyboardInterrupt
-        return score(m, t)
+        return score(m, t)  # type: ignore[no-any-return]
 
-    folder = tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
         run_variant(cfg, stopping, checkpoint=folder)
-    resumed = run_variant(cfg, score, checkpoint=folder)
-    for a, b in zip(whole, resumed, strict=True):
-        for key in ("bytes_up", "bytes_down", "round_error", "eval"):
-            assert a[key] == b[key], (a["round"], key)
+    return run_variant(cfg, score, checkpoint=folder)

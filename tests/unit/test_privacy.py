@@ -5,6 +5,7 @@ aggregator sees only the noised mean, and the config's refusals."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -115,11 +116,8 @@ def test_hard_threshold_and_the_noise_rule() -> None:
     assert NoiseThreshold().ranks({"w": pure}, {"w": (m, n)}, nu) == {"w": 1}  # nothing above: min_rank
 
 
-def test_the_aggregator_sees_only_the_noised_mean(monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = load_config(None, ["privacy.mode='client'", "privacy.noise_multiplier=1.0", "privacy.noise_seed=3",
-                             "aggregation.rank_policy='noise'", "aggregation.tau=none", "federation.num_clients=4",
-                             "lora.warm_start=false"])  # fmt: skip
-    agg = cfg.aggregator()
+def spy_on(agg: Any, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The client ids of every call to ``agg``'s ``aggregate``, in order, as the calls happen."""
     seen: list[list[str]] = []
     original = type(agg).aggregate
 
@@ -128,6 +126,15 @@ def test_the_aggregator_sees_only_the_noised_mean(monkeypatch: pytest.MonkeyPatc
         return original(self, updates, round=round)
 
     monkeypatch.setattr(type(agg), "aggregate", spy)
+    return seen
+
+
+def test_the_aggregator_sees_only_the_noised_mean(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(None, ["privacy.mode='client'", "privacy.noise_multiplier=1.0", "privacy.noise_seed=3",
+                             "aggregation.rank_policy='noise'", "aggregation.tau=none", "federation.num_clients=4",
+                             "lora.warm_start=false"])  # fmt: skip
+    agg = cfg.aggregator()
+    seen = spy_on(agg, monkeypatch)
     ups = [_update(f"c{k}", k, scale=0.01) for k in range(4)]
     out = aggregate_round(cfg, agg, 1, ups, [], {u.client_id: 3 for u in ups})
     assert seen == [[NOISED]] and out.result is not None
@@ -201,14 +208,7 @@ def test_ffa_under_client_dp_aggregates_only_the_noised_mean(monkeypatch: pytest
                              "aggregation.method='ffa'", "aggregation.tau=none", "federation.num_clients=4",
                              "lora.warm_start=false", "lora.ranks=[3]"])  # fmt: skip
     agg = cfg.aggregator()
-    seen: list[list[str]] = []
-    original = type(agg).aggregate
-
-    def spy(self, updates, *, round=None):  # type: ignore[no-untyped-def]
-        seen.append([u.client_id for u in updates])
-        return original(self, updates, round=round)
-
-    monkeypatch.setattr(type(agg), "aggregate", spy)
+    seen = spy_on(agg, monkeypatch)
     g = torch.Generator().manual_seed(0)
     A = {name: torch.randn(3, n, generator=g) for name, (m, n) in SHAPES.items()}
     ups = [ClientUpdate(f"c{k}", 5.0, {name: LoraFactors(A=A[name], B=torch.randn(m, 3, generator=g))

@@ -116,9 +116,7 @@ class FedSB(Aggregator):
                         u.client_id, "a Fed-SB update is a core R on the shared basis (a PEFT LoRA has none)",
                         module=name,
                     )  # fmt: skip
-                if not (f.B is first.B or torch.equal(f.B, first.B)):
-                    raise InvalidUpdate(u.client_id, "Fed-SB needs every core on one basis", module=name)
-                if not (f.A is first.A or torch.equal(f.A, first.A)):
+                if not all(a is b or torch.equal(a, b) for a, b in ((f.B, first.B), (f.A, first.A))):
                     raise InvalidUpdate(u.client_id, "Fed-SB needs every core on one basis", module=name)
                 cores.append(f.core.to(self.dtype) * f.scaling)
             core = (torch.stack(cores) * weights.to(self.dtype)[:, None, None]).sum(0)

@@ -182,6 +182,14 @@ def decode_gradient(
     return out
 
 
+def check_wire(arr: Array, key: str, client: str, wire: str, round: int | None) -> None:
+    """An uploaded array must be declared in the run's wire dtype."""
+    if arr.dtype != wire:
+        raise InvalidUpdate(
+            client, f"{key} arrives as {str(arr.dtype)[:20]!r}; the run's wire dtype is {wire}", round=round
+        )
+
+
 def check_declared_cores(
     record: ArrayRecord, client: str, expected: Mapping[str, tuple[int, int]], wire: str, rank: int,
     round: int | None = None,
@@ -193,12 +201,7 @@ def check_declared_cores(
         name = key.removesuffix(R_SUFFIX)
         if not key.endswith(R_SUFFIX) or name not in expected or name in seen:
             raise InvalidUpdate(client, f"unexpected array {key[:120]!r} in the upload", round=round)
-        if arr.dtype != wire:
-            raise InvalidUpdate(
-                client,
-                f"{key} arrives as {str(arr.dtype)[:20]!r}; the run's wire dtype is {wire}",
-                round=round,
-            )
+        check_wire(arr, key, client, wire, round)
         shape = tuple(int(d) for d in arr.shape)
         if shape != (rank, rank):
             raise InvalidUpdate(
@@ -239,12 +242,7 @@ def check_declared(
         name, _, side = key.rpartition(".")
         if name not in expected or side not in ("lora_A", "lora_B") or (side == "lora_A" and not with_a):
             raise InvalidUpdate(client, f"unexpected array {key[:120]!r} in the upload", round=round)
-        if arr.dtype != wire:
-            raise InvalidUpdate(
-                client,
-                f"{key} arrives as {str(arr.dtype)[:20]!r}; the run's wire dtype is {wire}",
-                round=round,
-            )
+        check_wire(arr, key, client, wire, round)
         shape = tuple(int(d) for d in arr.shape)
         m, n = expected[name]
         r = shape[0] if side == "lora_A" and len(shape) == 2 else shape[1] if len(shape) == 2 else -1
