@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,14 @@ def test_check_meta_refuses_another_regime_and_accepts_a_new_file(tmp_path: Path
     check_meta(tmp_path / "results.json", {"lr": 0.001, "budget": [1]}, {"lr": 0.001, "budget": (1,)})
     with pytest.raises(ConfigError, match=r"results\.json holds results of another regime: lr: 0\.001 there"):
         check_meta(tmp_path / "results.json", {"lr": 0.001}, {"lr": 0.003})
+
+
+def test_uploads_recorded_before_a_key_existed_are_reused_at_its_default_only(tmp_path: Path) -> None:
+    now = fingerprint(load_config(None))
+    folder = tmp_path / "cell"
+    folder.mkdir()
+    older = {k: v for k, v in now.items() if k != "data.template"}  # written before data.template existed
+    (folder / MANIFEST).write_text(json.dumps({"config": older}))
+    claim(folder, now, "remedy")  # the new key at its default: the old behaviour, reused
+    with pytest.raises(ConfigError, match=r"data\.template: 'alpaca' there, 'chat' now"):
+        claim(folder, fingerprint(load_config(None, ["data.template='chat'"])), "remedy")

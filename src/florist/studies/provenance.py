@@ -46,6 +46,15 @@ def differences(recorded: Mapping[str, Any], now: Mapping[str, Any], prefix: str
     return out
 
 
+def added_since(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:
+    """``recorded`` with the fingerprint keys florist gained after it was written read as their
+    defaults: a new key's default keeps the old behaviour, so uploads trained before it existed stay
+    reusable while a non-default value of it is still refused."""
+    defaults = fingerprint(FloristConfig())
+    later = {k: defaults[k] for k in now if k not in recorded and k in defaults}
+    return {**json.loads(json.dumps(later)), **recorded}
+
+
 def claim(folder: Path, now: Mapping[str, Any], remedy: str) -> None:
     """Make ``folder`` hold uploads trained under ``now``: record it in a new or empty folder, else
     check the record; a ``ConfigError`` if it differs or the folder has uploads and no record."""
@@ -60,7 +69,7 @@ def claim(folder: Path, now: Mapping[str, Any], remedy: str) -> None:
         recorded = json.loads(manifest.read_text())["config"]
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{manifest} is unreadable ({err}); {remedy}") from err
-    diff = differences(recorded, now)
+    diff = differences(added_since(recorded, now), now)
     if diff:
         raise ConfigError(f"{folder} holds uploads trained under another config: {'; '.join(diff)}; {remedy}")
 
