@@ -7,8 +7,9 @@ Run it with Flower (``pyproject.toml`` in this folder names the two apps)::
     flwr run examples/own_flower_app local --federation-config num-supernodes=2 \
         --run-config 'federation.rounds=3'       (a local SuperLink: README, "Flower")
 
-or in a Python process with ``flwr.simulation.run_simulation(server_app=server_app_for(cfg),
-client_app=client_app_for(cfg), num_supernodes=cfg.federation.num_clients)``.
+or from Python, through a SuperLink of its own: ``florist.flower.simulation.Simulation(workdir,
+app=Path("examples/own_flower_app"))``, then ``.start()`` and ``.run(cfg)`` (tests/integration/
+test_own_flower_app.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def server_app_for(cfg: FloristConfig | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        logging.basicConfig(
+            level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        )  # your own logging
         config = cfg if cfg is not None else from_flower_run_config(context.run_config)
         strategy = FederatedLoRA.from_config(config)
         result = strategy.start(

@@ -151,9 +151,9 @@ def test_nan_client_is_named_and_existing_output_survives(
 
 
 def test_run_flags_and_overrides_mix_in_any_order(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from florist.cli import build_parser
+    from florist.cli import parse_args
 
-    args = build_parser().parse_args(["run", "c.toml", "--resume", "a.b=1", "c.d=2", "--force"])
+    args, _ = parse_args(["run", "c.toml", "--resume", "a.b=1", "c.d=2", "--force"])
     assert (args.overrides, args.resume, args.force) == (["a.b=1", "c.d=2"], True, True)
     # resuming a run that has no checkpoint is refused before any runtime starts, naming the folder
     assert main(["run", "--resume", str(tmp_path / "none.toml")]) == 2

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from florist.cli import build_parser
+from florist.cli import parse_args
 from florist.deploy.certs import make_node_key, make_tls
 from florist.deploy.launch import DEFAULT_APP, Deployment, DeploySettings
 from florist.deploy.processes import MARKER, ProcessExited, ProcessGroup, pid_alive
@@ -80,9 +80,7 @@ def test_nodes_must_agree_with_num_clients() -> None:
 
 
 def test_parser_takes_overrides_after_options() -> None:
-    args = build_parser().parse_args(
-        ["deploy", "c.toml", "--nodes", "3", "federation.rounds=2", "--port", "9"]
-    )
+    args, _ = parse_args(["deploy", "c.toml", "--nodes", "3", "federation.rounds=2", "--port", "9"])
     assert (args.command, args.config, args.nodes, args.port) == ("deploy", "c.toml", 3, 9)
     assert args.overrides == ["federation.rounds=2"]
 
@@ -111,7 +109,7 @@ def test_stop_finds_children_that_outlive_their_parent(tmp_path: Path) -> None:
 
 
 def refusal_log(deployment: Deployment, name: str) -> str:
-    return (deployment.layout.logs / f"{name}.log").read_text(errors="replace")
+    return (deployment.logs / f"{name}.log").read_text(errors="replace")
 
 
 def processes_with_marker(marker: str) -> list[int]:
@@ -167,7 +165,7 @@ def test_tls_deployment_runs_a_federation_and_refuses_untrusted_nodes(tmp_path: 
     ]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
-    commands = json.loads(deployment.layout.pid_file.read_text())
+    commands = json.loads(deployment.group.pid_file.read_text())
     assert sorted(int(p) for p in commands) == pids
     started = [m.pid for m in deployment.group.managed.values()]
     assert set(started) < set(pids)  # descendants were recorded too

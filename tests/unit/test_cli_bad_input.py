@@ -273,8 +273,8 @@ def test_the_cli_parses_without_the_deployment_stack() -> None:
     code = (
         "import sys\n"
         "for m in ('cryptography', 'flwr'): sys.modules[m] = None\n"
-        "from florist.cli import build_parser\n"
-        "args = build_parser().parse_args(['bench', '--report-only', '--out', 'x'])\n"
+        "from florist.cli import parse_args\n"
+        "args, _ = parse_args(['bench', '--report-only', '--out', 'x'])\n"
         "print(args.command if hasattr(args, 'command') else 'parsed')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

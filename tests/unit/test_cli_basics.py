@@ -26,6 +26,33 @@ def test_help_starts_with_what_florist_is_without_markup(capsys: pytest.CaptureF
     assert "Federated LoRA fine-tuning with FLoRIST aggregation." in out and "``" not in out
 
 
+def test_florist_help_lists_every_command_and_loads_no_torch() -> None:
+    code = (
+        "import sys, contextlib, io\n"
+        "from florist.cli import COMMANDS, main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        "missing = [c for c in COMMANDS if c not in out.getvalue()]\n"
+        "print(missing, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[] False", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "demo", "deploy", "config", "aggregate", "inspect", "export",
+                                     "report", "compare", "bench", "regime", "client-sweep", "privacy-study"])  # fmt: skip
+def test_every_commands_help_shows_its_own_options(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from florist.cli import COMMANDS
+
+    assert command in COMMANDS
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: florist {command}") and COMMANDS[command][1] in " ".join(out.split())
+
+
 def test_a_closed_pipe_ends_quietly() -> None:
     """``florist config --json | head -1``: the reader closes the pipe; no traceback, exit 0."""
     proc = subprocess.Popen(

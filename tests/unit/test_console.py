@@ -1,5 +1,5 @@
-"""The console: florist's lines at INFO, other libraries' from WARNING up, Flower's deprecation notice
-for the in-process simulation dropped, everything back with --verbose; a host's logging left alone."""
+"""The console: florist's lines at INFO, other libraries' from WARNING up, Flower's INFO chatter dropped
+from the simulation's stream, everything back with --verbose; a host's logging left alone."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -61,7 +62,7 @@ def test_a_host_programs_logging_is_left_alone(caplog: pytest.LogCaptureFixture)
     assert "kept" in caplog.text
 
 
-def test_flowers_deprecation_of_run_simulation_is_dropped_and_other_warnings_kept() -> None:
+def test_flowers_info_is_dropped_and_its_warnings_kept() -> None:
     flwr = logging.getLogger("flwr")
     kept: list[str] = []
     handler = logging.Handler()
@@ -69,13 +70,46 @@ def test_flowers_deprecation_of_run_simulation_is_dropped_and_other_warnings_kep
     with fresh_root():
         setup_logging(False)
         flwr.addHandler(handler)
-        flwr.warning(
-            "DEPRECATED FEATURE: %s\n\n  removed later", "The `run_simulation` function is deprecated"
-        )
+        flwr.info("Starting Flower Simulation")
         flwr.warning("DEPRECATED FEATURE: %s", "something else")
         flwr.debug("Registered 2 nodes")
         flwr.removeHandler(handler)
     assert kept == ["DEPRECATED FEATURE: something else"]
+
+
+def test_the_simulation_stream_keeps_florists_lines_and_warnings_and_drops_flowers_chatter(
+    tmp_path: Path,
+) -> None:
+    import io
+
+    from florist.deploy.link import not_flower_chatter
+    from florist.deploy.processes import LogFollower
+
+    chatter = [
+        "Using SuperLink: florist-simulation (127.0.0.1:4242)\n",
+        "Successfully started run 2649402848463801022\n",
+        "\x1b[92mINFO \x1b[0m:      Starting Flower Simulation\n",
+        "\x1b[93mWARNING \x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.\n",
+        "Successfully installed florist-app to /tmp/home/apps/florist.florist-app.0.1.0.46dcc9d8.\n",
+        "\x1b[36m(ClientAppActor pid=11)\x1b[0m \x1b[93mWARNING \x1b[0m:   Manually terminating ClientAppActor\n",
+    ]
+    kept = [
+        "INFO round 1: training on client-000, client-001\n",
+        "\x1b[93mWARNING \x1b[0m:   a node did not answer\n",
+        "\x1b[36m(ClientAppActor pid=11)\x1b[0m WARNING florist.client: 2 rows longer than train.max_length\n",
+        "é ⚠️ a line with characters cut across two reads\n",
+    ]
+    log, out = tmp_path / "flwr-run.log", io.StringIO()
+    follower = LogFollower(log, out, not_flower_chatter)
+    data = "".join(chatter[:3] + kept[:2] + chatter[3:] + kept[2:]).encode()
+    cut = data.index("⚠️".encode()) + 1  # inside a character, and inside a line
+    with open(log, "wb") as f:
+        f.write(data[:cut])
+        f.flush()
+        follower.pump()
+        f.write(data[cut:] + b"no newline at the end")
+    follower.pump(final=True)
+    assert out.getvalue() == "".join(kept) + "no newline at the end"
 
 
 def test_the_step_bar_outside_ray_is_plain_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,7 @@
-"""One module per CLI command: aggregate, inspect, compare, run (and demo). ``florist.cli`` only parses
-arguments and calls them; no other package imports this one (``tests/unit/test_purity.py``).
+"""One module per CLI command, each with ``add_arguments(parser)`` and ``main(args)`` beside the code
+it runs: run, demo, config (keys.py), aggregate, inspect, export, report, compare. ``florist.cli``
+lists them; no other package imports this one (``tests/unit/test_purity.py``).
 
-``florist bench``, ``florist regime`` and ``florist deploy`` live with their subsystems
-(``bench/``, ``deploy/``).
+The studies' commands (``bench``, ``regime``, ``client-sweep``, ``privacy-study``) live in their
+modules under ``studies/``, and ``florist deploy`` in ``deploy/command.py``.
 """

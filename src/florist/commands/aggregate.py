@@ -10,6 +10,7 @@ factors (FlexLoRA; FedIT and FFA-LoRA with mixed ranks), and ``florist_aggregati
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from florist.aggregation import (
     communication,
     efficiency,
 )
+from florist.cli_parsing import finite, floats
 from florist.config.schema import AggregationConfig
 from florist.errors import ConfigError, InvalidUpdate
 from florist.fsutil import atomic_dir, write_json_atomic
@@ -33,6 +35,47 @@ from florist.lora.peft_io import PeftAdapter, read_adapter, save_adapter_files
 log = logging.getLogger(__name__)
 SIDECAR = "florist.json"
 REPORT = "florist_aggregation.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from florist.aggregation import available
+
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="PEFT adapter directories, one per client")
+    p.add_argument("-o", "--out", required=True, help="output directory (PEFT adapter + report)")
+    p.add_argument("--method", default="florist", choices=available())
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--tau", type=finite, help="florist: energy threshold in (0, 1] (default 0.9)")
+    rank.add_argument("--rank", type=int, help="florist: fixed rank for every module")
+    rank.add_argument(
+        "--budget-mb", type=finite, help="florist: download budget per client, in MB (1e6 bytes)"
+    )
+    p.add_argument("--min-rank", type=int, default=1)
+    p.add_argument("--max-rank", type=int)
+    p.add_argument(
+        "--weights", type=floats, help="n_k per client, in the order of DIR (default: florist.json)"
+    )
+    p.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
+    p.add_argument(
+        "--basis", default="qr", choices=["qr", "svd"], help="florist: how the stacks are factored"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+
+def main(args: argparse.Namespace) -> None:
+    from florist.tables import print_aggregation
+
+    aggregation = AggregationConfig(
+        method=args.method, tau=args.tau, rank=args.rank, budget_mb=args.budget_mb,
+        min_rank=args.min_rank, max_rank=args.max_rank, dtype=args.dtype, basis=args.basis,
+    )  # fmt: skip
+    opts = AggregateJob(aggregation, args.weights, args.wire_dtype, args.overwrite)
+    report = run_aggregate(args.dirs, args.out, opts)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_aggregation(report, args.out)
 
 
 def load_clients(

@@ -9,6 +9,7 @@ with peft and merged into the real model to check base + delta W.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import warnings
@@ -40,6 +41,14 @@ RUNS: list[tuple[str, AggregateJob]] = [
     ("FLoRIST tau=0.90", AggregateJob(AggregationConfig(tau=0.9))),
     ("FLoRIST tau=0.80", AggregateJob(AggregationConfig(tau=0.8))),
 ]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/compare", help="where the comparison writes its adapters")
+
+
+def main(args: argparse.Namespace) -> None:
+    run_compare(args.out)
 
 
 def write_clients(model: torch.nn.Module, out: Path) -> list[str]:

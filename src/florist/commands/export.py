@@ -15,6 +15,7 @@ FLoRIST run's cumulative adapter sums every round's rank, so this is how it gets
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 
 from florist.aggregation.linalg import factored_svd
 from florist.aggregation.rank_policy import rank_for_energy
+from florist.cli_parsing import finite
 from florist.commands.aggregate import check_output
 from florist.errors import ConfigError
 from florist.fsutil import atomic_dir, write_json_atomic
@@ -32,6 +34,30 @@ from florist.lora.validation import validate_updates
 
 log = logging.getLogger(__name__)
 REPORT = "export_report.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "source", metavar="RUN_OR_ADAPTER", help="a run directory (its adapter/) or a PEFT adapter dir"
+    )
+    p.add_argument("-o", "--out", required=True, help="output directory")
+    p.add_argument("--merge", action="store_true", help="save base + adapter as one transformers model")
+    p.add_argument("--base", help="--merge: the base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--max-rank", type=int, help="re-compress every module to at most this rank")
+    p.add_argument("--tau", type=finite, help="re-compress to the smallest rank holding this energy fraction")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.merge and (args.max_rank is not None or args.tau is not None):
+        raise ConfigError(
+            "--merge writes the adapter as it is; re-compress with --max-rank/--tau in a separate export"
+        )
+    if args.merge:
+        summary = export_merged(args.source, args.out, args.base, args.overwrite)
+        print(f"merged {summary['modules']} modules into {summary['base_model']}: {args.out}")
+        return
+    print_report(export_capped(args.source, args.out, args.max_rank, args.tau, args.overwrite))
 
 
 def compress(f: LoraFactors, max_rank: int | None, tau: float | None) -> tuple[LoraFactors, float]:

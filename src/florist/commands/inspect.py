@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,23 @@ from florist.aggregation.linalg import factored_svd
 from florist.aggregation.rank_policy import rank_for_energy
 from florist.lora.peft_io import adapter_dir, read_adapter
 from florist.lora.validation import validate_updates
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def main(args: argparse.Namespace) -> None:
+    from florist.tables import human_bytes, inspect_table, make_console
+
+    info = inspect_adapter(args.dir)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    console = make_console()
+    console.print(inspect_table(info["modules"], f"{args.dir} (base model {info['base_model']})"))
+    console.print(f"{len(info['modules'])} modules, {human_bytes(info['file_bytes'])} on disk")
 
 
 def inspect_adapter(path: str) -> dict[str, Any]:

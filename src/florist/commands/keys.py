@@ -6,13 +6,56 @@ so this list cannot drift from what ``florist run`` accepts.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import tomli_w
 
 import florist.config.schema as schema
 from florist.config import FloristConfig
+from florist.errors import ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the keys as JSON")
+    out.add_argument("--starter", metavar="FILE", help="write a commented starter config to FILE (new file)")
+    out.add_argument(
+        "--app-dir", action="store_true", help="print the folder of florist's Flower App (for flwr run)"
+    )
+
+
+def main(args: argparse.Namespace) -> None:
+    """``florist config``: every key as a table (or ``--json``), a starter file, or the app's folder."""
+    from rich.table import Table
+
+    from florist.tables import make_console
+
+    if args.app_dir:
+        from florist.deploy.runconfig import DEFAULT_APP
+
+        print(DEFAULT_APP)
+        return
+    if args.starter:
+        path = Path(args.starter)
+        if path.exists():
+            raise ConfigError(f"{args.starter} exists; give a new file name")
+        path.write_text(starter_toml(), encoding="utf-8")
+        print(f"wrote {args.starter}: run it with  florist run {args.starter}")
+        return
+    rows = config_keys()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="florist configuration keys (section.key=value on any command line)")
+    for column in ("key", "type", "default", "help"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(r["key"], r["type"], json.dumps(r["default"]), r["help"])
+    make_console().print(table)
 
 
 def config_keys(cfg: FloristConfig | None = None) -> list[dict[str, Any]]:

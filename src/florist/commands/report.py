@@ -7,6 +7,7 @@ ranks.png    the global rank of every adapted module in every round (one colour 
 
 from __future__ import annotations
 
+import argparse
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,15 @@ import matplotlib.pyplot as plt
 from florist.errors import ConfigError
 from florist.fsutil import save_figure
 from florist.tables import read_metrics
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="a run directory (with metrics.jsonl)")
+
+
+def main(args: argparse.Namespace) -> None:
+    for path in write_report(args.run):
+        print(path)
 
 
 def load_records(run: Path) -> list[dict[str, Any]]:

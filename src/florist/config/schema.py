@@ -287,7 +287,7 @@ class FederationConfig:
             "whole 'adapter' (warm part included)"
         },
     )
-    cpus_per_client: float = field(default=2.0, metadata={"help": "simulation: CPU cores per client"})
+    cpus_per_client: float = field(default=2.0, metadata={"help": "simulation: CPU cores per client, whole"})
     gpus_per_client: float | str = field(
         default="auto",
         metadata={"help": "simulation: GPU fraction per client; 'auto': the visible GPUs shared by the "
@@ -310,6 +310,10 @@ class FederationConfig:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"federation.fraction must be in (0, 1], got {self.fraction}")
         _positive("federation.cpus_per_client", self.cpus_per_client)
+        if not float(self.cpus_per_client).is_integer():  # Flower's simulation config takes whole cores
+            raise ConfigError(
+                f"federation.cpus_per_client must be a whole number of cores, got {self.cpus_per_client}"
+            )
         g = self.gpus_per_client
         if (isinstance(g, str) and g != "auto") or (
             isinstance(g, float) and not (math.isfinite(g) and g >= 0)

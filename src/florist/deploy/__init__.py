@@ -1,28 +1,13 @@
-"""A Flower deployment with TLS and SuperNode authentication: certificates, processes, ``florist deploy``.
+"""A Flower deployment with TLS and SuperNode authentication: certificates, processes, ``florist deploy``;
+and the local SuperLink that ``florist run``'s simulation shares with it.
 
 certs.py      a CA, the SuperLink's certificate, SuperNode keys (OpenSSH ECDSA)
 processes.py  processes with logs in files, every descendant pid recorded, stopped by pid
+link.py       ``LocalLink``: a SuperLink on 127.0.0.1 and ``flwr run`` after ``flwr run`` through it
 launch.py     ``Deployment``: SuperLink, registered SuperNodes, ``flwr run``
 runconfig.py  the run config passed to ``flwr run``
 command.py    the ``florist deploy`` command
 
-``add_parser`` and ``cli`` import command.py when called, not when ``florist.cli`` is imported.
+``florist.cli`` imports command.py only to run ``florist deploy``; launch.py needs cryptography and is
+imported when a deployment starts.
 """
-
-from __future__ import annotations
-
-import argparse
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``florist deploy`` on the ``florist`` command's subparsers."""
-    from florist.deploy.command import add_parser as add
-
-    add(sub)
-
-
-def cli(args: argparse.Namespace) -> None:
-    """Run ``florist deploy`` with parsed ``args``."""
-    from florist.deploy.command import cli as run
-
-    run(args)

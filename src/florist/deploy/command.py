@@ -19,8 +19,11 @@ if TYPE_CHECKING:  # launch.py needs cryptography: imported when a deployment st
     from florist.deploy.launch import DeploySettings
 
 
-def deploy(cfg: FloristConfig, settings: DeploySettings, echo: IO[str] | None = None) -> dict[str, Any]:
-    """Start the deployment, run ``cfg`` through it, stop every process; the run's summary."""
+def deploy(
+    cfg: FloristConfig, settings: DeploySettings, echo: IO[str] | None = None
+) -> dict[str, Any] | None:
+    """Start the deployment, run ``cfg`` through it, stop every process; the run's summary (None: an
+    app other than florist's, ``--app``, handed none back)."""
     from florist.deploy.launch import Deployment
 
     with Deployment(settings, echo) as deployment:
@@ -28,11 +31,8 @@ def deploy(cfg: FloristConfig, settings: DeploySettings, echo: IO[str] | None = 
         return deployment.run(cfg)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``florist deploy`` on the ``florist`` command's subparsers."""
-    p = sub.add_parser(
-        "deploy", help="a federation on a local TLS + SuperNode-auth Flower deployment (separate processes)"
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``florist deploy``'s arguments."""
     p.__class__ = IntermixedParser
     p.add_argument("config", help="TOML config file, or a packaged one by name (demo, dolly, ...)")
     p.add_argument("--nodes", type=int, required=True, help="number of SuperNodes (federation.num_clients)")
@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. federation.rounds=5")
 
 
-def cli(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> None:
     """``florist deploy``: prints where the run directory is and the summary; raises if the run failed."""
     from florist.deploy.launch import DeploySettings
     from florist.tables import print_summary
@@ -60,6 +60,9 @@ def cli(args: argparse.Namespace) -> None:
         summary = deploy(cfg, settings, echo=sys.stdout)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if summary is None:
+        print(f"{args.app} ran to its end and handed back no florist summary")
+        return
     print_summary(summary)
     if summary.get("rounds") != cfg.federation.rounds:
         raise DeploymentError(

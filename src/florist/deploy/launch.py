@@ -11,40 +11,32 @@ Everything runs on 127.0.0.1 as separate processes, the way separate sites would
 2. ``flower-superlink`` with TLS and ``--enable-supernode-auth`` on 127.0.0.1:PORT.
 3. ``flwr supernode register keys/node-K.pub florist-deploy`` for every node.
 4. N ``flower-supernode`` processes, node K with ``partition-id=K num-partitions=N``.
-5. ``flwr run APP florist-deploy --stream --run-config WORKDIR/run-config.toml``, to its end.
-6. Every process stopped by pid (WORKDIR/pids.json lists them); RUN/summary.json read and printed.
+5. ``flwr run APP florist-deploy --stream --run-config WORKDIR/run-config-1.toml``, to its end
+   (``link.LocalLink``, which the simulation behind ``florist run`` shares).
+6. Every process stopped by pid (WORKDIR/pids.json lists them); the summary the ServerApp handed
+   back (WORKDIR/outcome.json; RUN/summary.json holds the same) printed.
 
 Logs of every process are in WORKDIR/logs. The command exits non-zero when the federation fails.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import socket
-import ssl
-import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
 import tomli_w
 
 from florist.config import FloristConfig
 from florist.deploy.certs import NodeKey, TlsFiles, make_node_key, make_tls
-from florist.deploy.processes import DeploymentError, LogFollower, Managed, ProcessGroup, tail
-from florist.deploy.runconfig import DEFAULT_APP, app_config, overrides_toml, run_dir, run_overrides
+from florist.deploy.link import HOST, LocalLink, healthy
+from florist.deploy.processes import DeploymentError, Managed, tail
+from florist.deploy.runconfig import DEFAULT_APP, run_dir
 from florist.errors import ConfigError
 from florist.fsutil import write_text_atomic
 
 log = logging.getLogger(__name__)
-HOST = "127.0.0.1"
 CONNECTION = "florist-deploy"
 
 
@@ -88,7 +80,8 @@ class DeploySettings:
 
 @dataclass(frozen=True)
 class Layout:
-    """The files of one deployment under its work directory."""
+    """The files of one deployment under its work directory (``LocalLink`` adds flwr-home, logs,
+    pids.json, the run configs and the outcome file)."""
 
     root: Path
 
@@ -100,24 +93,8 @@ class Layout:
     def keys(self) -> Path:
         return self.root / "keys"
 
-    @property
-    def home(self) -> Path:
-        return self.root / "flwr-home"
 
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.root / "pids.json"
-
-    @property
-    def run_config(self) -> Path:
-        return self.root / "run-config.toml"
-
-
-class Deployment:
+class Deployment(LocalLink):
     """A SuperLink with TLS and SuperNode authentication and its SuperNodes, all on 127.0.0.1.
 
     Use it as a context manager: every process it started, and their descendants, are stopped by
@@ -133,28 +110,11 @@ class Deployment:
     """
 
     def __init__(self, settings: DeploySettings, echo: IO[str] | None = None) -> None:
+        super().__init__(settings.workdir, settings.app, settings.connection, echo, port=settings.port)
         self.settings = settings
-        self.layout = Layout(settings.workdir.resolve())
-        self.echo = echo
-        self.bin_dir = Path(sys.executable).parent  # the venv's bin: flower-superexec is started by name
-        self.group = ProcessGroup(self._env(), pid_file=self.layout.pid_file, cwd=self.layout.root)
-        self._ports: set[int] = set()
-        self.port = settings.port or self._free_port()
-        self._ports.add(self.port)
+        self.layout = Layout(self.root)
         self.tls: TlsFiles | None = None
         self.nodes: list[Managed] = []
-
-    @property
-    def address(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    def __enter__(self) -> Deployment:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Certificates and connection, the SuperLink, then every SuperNode with a registered key."""
@@ -167,44 +127,36 @@ class Deployment:
 
     def prepare(self) -> None:
         """Create the work directory, the CA and SuperLink certificate, and ``FLWR_HOME/config.toml``."""
-        root = self.layout.root
-        if root.exists() and any(root.iterdir()):
-            raise ConfigError(f"deployment work directory {str(root)!r} exists and is not empty")
-        for d in (self.layout.home, self.layout.logs):
+        if self.root.exists() and any(self.root.iterdir()):
+            raise ConfigError(f"deployment work directory {str(self.root)!r} exists and is not empty")
+        for d in (self.home, self.logs):
             d.mkdir(parents=True, exist_ok=True)
         self.tls = make_tls(self.layout.certs)
         write_text_atomic(
-            self.layout.home / "config.toml",
-            connection_toml(self.settings.connection, self.address, self.tls),
+            self.home / "config.toml", connection_toml(self.settings.connection, self.address, self.tls)
         )
 
     def new_key(self, name: str) -> NodeKey:
         """A fresh SuperNode key pair ``keys/NAME`` and ``keys/NAME.pub``."""
         return make_node_key(self.layout.keys, name)
 
-    def start_superlink(self) -> Managed:
+    def start_superlink(self) -> Managed:  # type: ignore[override]
         """Start ``flower-superlink`` and wait until its HTTPS health endpoint answers."""
         tls = self._tls()
         argv = [
-            self._exe("flower-superlink"),
             "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
             "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth",
-            "--host", HOST, "--port", str(self.port),
-            "--disable-runtime-dependency-installation",  # offline: florist is already installed
         ]  # fmt: skip
-        link = self.group.start("superlink", argv, self.layout.logs / "superlink.log")
         url = f"https://{self.address}/health"
-        self.group.wait_until(
-            lambda: healthy(url, tls.ca_cert), self.settings.startup_timeout, f"the SuperLink to answer {url}"
-        )
+        link = super().start_superlink(argv, lambda: healthy(url, tls.ca_cert), self.settings.startup_timeout)
         log.info("SuperLink on %s (pid %d), TLS and SuperNode authentication on", self.address, link.pid)
         return link
 
     def register(self, key: NodeKey) -> None:
         """``flwr supernode register KEY.pub CONNECTION``: the SuperLink will accept this key's node."""
         name = f"register-{key.private.name}"
-        out = self.layout.logs / f"{name}.log"
-        argv = [self._exe("flwr"), "supernode", "register", str(key.public), self.settings.connection]
+        out = self.logs / f"{name}.log"
+        argv = [self.exe("flwr"), "supernode", "register", str(key.public), self.settings.connection]
         code = self.group.run(name, argv, out, self.settings.startup_timeout)
         if code != 0:
             raise DeploymentError(f"registering {key.public} failed (exit {code}); {out}:\n{tail(out)}")
@@ -237,121 +189,46 @@ class Deployment:
         """
         name = name or f"supernode-{index:03d}"
         argv = [
-            self._exe("flower-supernode"), "--superlink", self.address,
+            self.exe("flower-supernode"), "--superlink", self.address,
             "--auth-supernode-private-key", str(key.private),
             "--node-config", f"partition-id={index} num-partitions={self.settings.nodes}",
-            "--host", HOST, "--port", str(self._free_port()),  # its own Runtime API, for its SuperExec
+            "--host", HOST, "--port", str(self.free_port()),  # its own Runtime API, for its SuperExec
         ]  # fmt: skip
         if trust_ca:
             argv += ["--root-certificates", str(self._tls().ca_cert)]
-        node = self.group.start(name, argv, self.layout.logs / f"{name}.log", service=service)
+        node = self.group.start(name, argv, self.logs / f"{name}.log", service=service)
         log.info("%s started (pid %d)", name, node.pid)
         return node
 
-    def run(self, cfg: FloristConfig, timeout: float | None = None) -> dict[str, Any]:
-        """Run ``cfg`` with ``flwr run`` through this deployment; the run's summary.
+    def run(self, cfg: FloristConfig, timeout: float | None = None) -> dict[str, Any] | None:
+        """Run ``cfg`` with ``flwr run`` through this deployment; the run's summary (None: see ``run_flwr``).
 
         ``cfg`` must name its run directory (absolute ``run.dir`` and a ``run.name``): the ServerApp
-        writes it from a process of the SuperLink's, and this method reads ``summary.json`` there.
-        Raises ``DeploymentError`` when a SuperLink or SuperNode exits, when ``timeout`` seconds
-        pass, or when the run ends without a summary.
+        writes it from a process of the SuperLink's. Raises the florist error that stopped the run,
+        or ``DeploymentError`` when a SuperLink or SuperNode exits, when ``timeout`` seconds pass,
+        or when the run ends without a result.
         """
         run = run_dir(cfg)
         if run.exists() and any(run.iterdir()):  # its summary.json would be taken for this run's
             raise ConfigError(f"run directory {str(run)!r} exists and is not empty; set run.name")
-        summary_path = run / "summary.json"
         if cfg.federation.num_clients != self.settings.nodes:
             raise ConfigError(
                 f"federation.num_clients={cfg.federation.num_clients} but the deployment has "
                 f"{self.settings.nodes} SuperNodes"
             )
-        overrides = run_overrides(cfg, app_config(self.settings.app))
-        write_text_atomic(self.layout.run_config, overrides_toml(overrides))
-        flwr = self._start_flwr_run()
-        self._wait_run(flwr, timeout)
-        if not summary_path.is_file():
-            raise DeploymentError(
-                f"the federation ended without writing {summary_path}; last lines of {flwr.log}:\n"
-                f"{tail(flwr.log)}\n(SuperLink log: {self.layout.logs / 'superlink.log'})"
-            )
-        return json.loads(summary_path.read_text())  # type: ignore[no-any-return]
+        return self.run_flwr(cfg, timeout=timeout)
 
     def stop(self) -> list[int]:
         """Stop every process started and every descendant recorded, by pid; their pids."""
-        pids = self.group.stop()
+        pids = super().stop()
         if pids:
             log.info("stopped %d processes by pid: %s", len(pids), " ".join(map(str, pids)))
         return pids
-
-    def _start_flwr_run(self) -> Managed:
-        argv = [
-            self._exe("flwr"), "run", str(self.settings.app.resolve()), self.settings.connection,
-            "--stream", "--run-config", str(self.layout.run_config),
-        ]  # fmt: skip
-        return self.group.start("flwr-run", argv, self.layout.logs / "flwr-run.log", service=False)
-
-    def _wait_run(self, flwr: Managed, timeout: float | None) -> None:
-        """Copy ``flwr run``'s output to ``echo`` until it exits; fail early if a service exits."""
-        follower = LogFollower(flwr.log, self.echo)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while flwr.returncode() is None:
-            follower.pump()
-            self.group.check()
-            if deadline is not None and time.monotonic() > deadline:
-                raise DeploymentError(f"the federation did not finish within {timeout:.0f} s; see {flwr.log}")
-            time.sleep(0.5)
-        follower.pump()
-        if (code := flwr.returncode()) != 0:
-            raise DeploymentError(
-                f"flwr run exited with code {code}; last lines of {flwr.log}:\n{tail(flwr.log)}"
-            )
 
     def _tls(self) -> TlsFiles:
         if self.tls is None:
             raise DeploymentError("no certificates yet: call prepare() (or start()) first")
         return self.tls
-
-    def _exe(self, name: str) -> str:
-        found = shutil.which(name, path=str(self.bin_dir)) or shutil.which(name)
-        if found is None:
-            raise DeploymentError(f"{name!r} is neither in {self.bin_dir} nor on PATH; install flwr==1.42.0")
-        return found
-
-    def _free_port(self) -> int:
-        """A port on 127.0.0.1 that is free now and not yet handed to another process of this deployment."""
-        while (port := free_port()) in self._ports:
-            pass
-        self._ports.add(port)
-        return port
-
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["FLWR_HOME"] = str(self.layout.home)
-        env["PATH"] = str(self.bin_dir) + os.pathsep + env.get("PATH", "")
-        env["PYTHONUNBUFFERED"] = "1"  # log lines reach the files as they are written
-        for var in ("NO_PROXY", "no_proxy"):  # the processes talk to each other on loopback only
-            env[var] = ",".join(filter(None, [env.get(var), HOST, "localhost"]))
-        return env
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (the kernel's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def healthy(url: str, ca_cert: Path) -> bool:
-    """True when ``url`` answers 200 over TLS verified against ``ca_cert`` (no proxy)."""
-    context = ssl.create_default_context(cafile=str(ca_cert))
-    opener = urllib.request.build_opener(
-        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
-    )
-    try:
-        with opener.open(url, timeout=2) as reply:
-            return bool(reply.status == 200)
-    except OSError:  # refused, not up yet, TLS failure (URLError and SSLError are OSErrors)
-        return False
 
 
 def connection_toml(name: str, address: str, tls: TlsFiles) -> str:

@@ -16,6 +16,7 @@ Nothing is ever found or stopped by its name.
 
 from __future__ import annotations
 
+import codecs
 import json
 import subprocess
 import threading
@@ -266,20 +267,29 @@ class ProcessGroup:
 
 
 class LogFollower:
-    """Copies what a log file gained since the last call to a stream (to show ``flwr run`` live)."""
+    """Copies what a log file gained since the last call to a stream (to show ``flwr run`` live);
+    with ``keep``, whole lines only, those ``keep`` accepts."""
 
-    def __init__(self, path: Path, out: IO[str] | None) -> None:
-        self.path, self.out, self.offset = path, out, 0
+    def __init__(self, path: Path, out: IO[str] | None, keep: Callable[[str], bool] | None = None) -> None:
+        self.path, self.out, self.keep, self.offset = path, out, keep, 0
+        self.partial = ""
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character cut in two
 
-    def pump(self) -> None:
+    def pump(self, final: bool = False) -> None:
+        """Copy what is new; ``final``: also a last line without its newline."""
         if self.out is None or not self.path.is_file():
             return
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             chunk = f.read()
         self.offset += len(chunk)
-        if chunk:
-            self.out.write(chunk.decode("utf-8", errors="replace"))
+        text = self.decoder.decode(chunk, final)
+        if self.keep is not None:
+            lines = (self.partial + text).splitlines(keepends=True)
+            self.partial = "" if final or not lines or lines[-1].endswith("\n") else lines.pop()
+            text = "".join(line for line in lines if self.keep(line))
+        if text:
+            self.out.write(text)
             self.out.flush()
 
 

@@ -6,8 +6,7 @@ Messages it answers (see server_app.py for the other side):
     query.sync    <- the global updates it is missing; -> a digest of its merged weights
     query.init    <- rows (Fed-SB's round 0); -> the summed gradient of its adapted base weights
 
-    flwr run / deployment:   clientapp = "florist.flower.client_app:app"  (config from the run config)
-    florist run:             make_client_app(cfg)
+    florist run, flwr run, deployment:   clientapp = "florist.flower.client_app:app"  (the run config)
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from florist.client.faults import before_reply
 from florist.client.local import client_id
 from florist.config import FloristConfig
 from florist.config.loader import from_flower_run_config
+from florist.console import quiet_imports
 from florist.flower.codec import encode_gradient, encode_upload
 from florist.flower.node import (
     Node,
@@ -31,6 +31,8 @@ from florist.flower.node import (
     partition_id,
     stored_globals,
 )
+
+quiet_imports()  # Flower's client process: before peft and transformers are first imported
 
 log = logging.getLogger(__name__)
 
@@ -98,30 +100,24 @@ def _identity(node: Node) -> ConfigRecord:
     return ConfigRecord({"client_id": node.client.client_id, "merged": [int(r) for r in node.merged]})
 
 
-def make_client_app(cfg: FloristConfig | None = None) -> ClientApp:
-    """A ClientApp for ``cfg``; with None, each message reads the config from the run config."""
-    app = ClientApp()
-
-    def config_of(context: Context) -> FloristConfig:
-        return cfg if cfg is not None else from_flower_run_config(context.run_config)
-
-    @app.query("hello")
-    def _hello(msg: Message, context: Context) -> Message:
-        return hello(config_of(context), msg, context)
-
-    @app.train()
-    def _train(msg: Message, context: Context) -> Message:
-        return train(config_of(context), msg, context)
-
-    @app.query("sync")
-    def _sync(msg: Message, context: Context) -> Message:
-        return sync(config_of(context), msg, context)
-
-    @app.query("init")
-    def _init(msg: Message, context: Context) -> Message:
-        return init(config_of(context), msg, context)
-
-    return app
+app = ClientApp()
 
 
-app = make_client_app()
+@app.query("hello")
+def _hello(msg: Message, context: Context) -> Message:
+    return hello(from_flower_run_config(context.run_config), msg, context)
+
+
+@app.train()
+def _train(msg: Message, context: Context) -> Message:
+    return train(from_flower_run_config(context.run_config), msg, context)
+
+
+@app.query("sync")
+def _sync(msg: Message, context: Context) -> Message:
+    return sync(from_flower_run_config(context.run_config), msg, context)
+
+
+@app.query("init")
+def _init(msg: Message, context: Context) -> Message:
+    return init(from_flower_run_config(context.run_config), msg, context)

@@ -22,6 +22,7 @@ Uploads are PEFT adapter dirs kept under ``--uploads``; a killed sweep continues
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -33,11 +34,13 @@ from typing import Any
 from florist.aggregation import communication, make_aggregator
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.rank_policy import EnergyThreshold
+from florist.cli_parsing import floats, ints, names, study_arguments
 from florist.client.local import client_from_config, client_id
 from florist.client.lora_state import extract
 from florist.client.model import load_model
 from florist.config import PAPER_CONFIG, FloristConfig, load_config
 from florist.data.federated import client_examples
+from florist.errors import ConfigError
 from florist.fsutil import atomic_dir, write_json_atomic
 from florist.lora import ClientUpdate, LoraFactors
 from florist.lora.peft_io import read_adapter, save_adapter_files
@@ -253,3 +256,34 @@ def write_report(opts: SweepOptions) -> str:
     write_text_atomic(out / "table.md", text)
     plot_bytes(results, out / "bytes_vs_clients.png")
     return text
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``florist client-sweep``."""
+    study_arguments(p, "runs/client-sweep", "results.json, table.md, plot")
+    p.add_argument(
+        "--uploads", default="runs/client-sweep-uploads", help="where the clients' uploads are kept"
+    )
+    p.add_argument("--counts", type=ints, default=(4, 8, 16, 32), help="numbers of clients K")
+    p.add_argument("--inits", default="shared,per_client", help="lora.init policies")
+    p.add_argument("--total-examples", type=int, default=512, help="examples per round, all clients together")
+    p.add_argument("--taus", type=floats, default=(0.95, 0.9, 0.8), help="FLoRIST taus")
+    p.add_argument(
+        "--report-only", action="store_true", help="redraw table.md and the plot from results.json"
+    )
+
+
+def main(args: argparse.Namespace) -> None:
+    """``florist client-sweep``: the cells not yet in results.json (unless ``--report-only``); the table."""
+    if args.total_examples < 1:
+        raise ConfigError(f"--total-examples must be >= 1, got {args.total_examples}")
+    if not args.counts or min(args.counts) < 1:
+        raise ConfigError(f"--counts must be client counts >= 1, got {list(args.counts)}")
+    opts = SweepOptions(
+        config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides), out=args.out,
+        uploads=args.uploads, counts=args.counts, total_examples=args.total_examples, taus=args.taus,
+        inits=names(args.inits),
+    )  # fmt: skip
+    if not args.report_only:
+        run(opts)
+    print(write_report(opts))

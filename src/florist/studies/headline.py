@@ -14,6 +14,7 @@ Each variant is written to ``results.json`` as soon as it is done and skipped on
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from typing import Any
 from florist.aggregation import communication, make_aggregator
 from florist.aggregation.base import AggregationResult
 from florist.aggregation.protocols import protocol_of
+from florist.cli_parsing import floats, ints, names, study_arguments
 from florist.client.model import load_model
 from florist.config import PAPER_CONFIG, FloristConfig, load_config
 from florist.config.loader import build, set_dotted
@@ -307,3 +309,48 @@ def layerwise_text(results: dict[str, AggregationResult]) -> str:
 
 def mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``florist bench``."""
+    study_arguments(p, "runs/bench", "results.json, table.md, plots")
+    p.add_argument("--cache", default="runs/bench-cache", help="round-1 uploads, reused by a rerun")
+    p.add_argument("--taus", type=floats, default=None, help="FLoRIST taus, homogeneous ranks")
+    p.add_argument("--hetero-taus", type=floats, default=None, help="FLoRIST taus, heterogeneous ranks")
+    p.add_argument("--option-taus", type=floats, default=None, help="taus at which the options run")
+    p.add_argument("--options", default="warm,uplink,bf16,all", help="FLoRIST options to run (or none)")
+    p.add_argument("--extra-baselines", default="fedit+bf16", help="baselines with an option (or none)")
+    p.add_argument("--budget-match-tau", type=float, default=None, help="add a byte-budget variant")
+    p.add_argument("--settings", default="homogeneous,heterogeneous", help="rank settings to run")
+    p.add_argument("--variants", default="", help="run only these variant names (comma-separated)")
+    p.add_argument("--report-only", action="store_true", help="redraw table.md and plots from results.json")
+    p.add_argument("--seeds", type=ints, default=(), help="training seeds: one bench each, then fair.md")
+    p.add_argument("--eval-every-round", action="store_true", help="score every round (loss-bytes curves)")
+
+
+def main(args: argparse.Namespace) -> None:
+    """``florist bench``: run (or, with ``--report-only``, redraw) and print the table."""
+    if args.report_only and args.seeds:
+        cfg_opts = BenchOptions(config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides))
+        rounds = setting_config(cfg_opts, "homogeneous").federation.rounds
+        write_fair_report(Path(args.out), names(args.settings), rounds)
+        print((Path(args.out) / "fair.md").read_text())
+        return
+    if args.report_only:
+        report.rewrite_tables(Path(args.out))
+        print((Path(args.out) / "table.md").read_text())
+        return
+    given = {
+        "taus": args.taus, "hetero_taus": args.hetero_taus, "option_taus": args.option_taus,
+        "hetero_option_taus": args.option_taus,
+    }  # fmt: skip
+    opts = BenchOptions(
+        config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides), out=args.out, cache=args.cache,
+        settings=names(args.settings), options=names(args.options),
+        extra_baselines=names(args.extra_baselines), budget_match_tau=args.budget_match_tau,
+        variants=names(args.variants), seeds=args.seeds, eval_every_round=args.eval_every_round,
+        **{k: v for k, v in given.items() if v is not None},
+    )  # fmt: skip
+    summary = Bench(opts).run()
+    print((Path(args.out) / ("fair.md" if args.seeds else "table.md")).read_text())
+    print(f"picks: {summary['picks']}; {summary['seconds']:.0f} s; outputs in {args.out}")

@@ -22,6 +22,7 @@ continues a killed study. ``table.md`` and ``loss_vs_epsilon.png`` are rewritten
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -30,8 +31,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from florist.cli_parsing import names, study_arguments
 from florist.config import PAPER_CONFIG, FloristConfig, load_config
 from florist.data.federated import client_examples
+from florist.errors import ConfigError
 from florist.eval.membership import loss_threshold_attack
 from florist.eval.paired import paired_difference
 from florist.fsutil import write_json_atomic
@@ -207,3 +210,47 @@ def _plot(out: Path, results: Mapping[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(out / "loss_vs_epsilon.png", dpi=120)
     plt.close(fig)
+
+
+def epsilons(text: str) -> tuple[float, ...]:
+    """``--epsilons 1,3,8,inf``: privacy targets > 0; inf runs without DP."""
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epsilons (or inf), got {text!r}") from err
+    if not values or not all(v > 0 and not math.isnan(v) for v in values):
+        raise argparse.ArgumentTypeError(f"epsilons must be > 0 (inf: no DP), got {text!r}")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``florist privacy-study``."""
+    study_arguments(p, "docs/results/privacy", "results.json, table.md, plot")
+    p.add_argument("--cache", default="runs/privacy-cache", help="per-round checkpoints of unfinished cells")
+    p.add_argument("--epsilons", type=epsilons, default=(1.0, 3.0, 8.0, math.inf), help="targets; inf: no DP")
+    p.add_argument("--modes", default="dp-sgd,client", help="privacy modes: dp-sgd, client")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per cell")
+    p.add_argument("--clients", type=int, default=100, help="client mode: clients re-split from the pool")
+    p.add_argument("--fraction", type=float, default=0.1, help="client mode: clients sampled per round")
+    p.add_argument(
+        "--report-only", action="store_true", help="redraw table.md and the plot from results.json"
+    )
+
+
+def main(args: argparse.Namespace) -> None:
+    """``florist privacy-study``: the cells not yet in results.json (unless ``--report-only``); the table."""
+    modes = names(args.modes)
+    if not modes or set(modes) - {"dp-sgd", "client"}:
+        raise ConfigError(f"--modes takes dp-sgd and client, got {args.modes!r}")
+    if args.rounds < 1 or args.clients < 2 or not 0 < args.fraction <= 1:
+        raise ConfigError("--rounds must be >= 1, --clients >= 2 and --fraction in (0, 1]")
+    opts = StudyOptions(
+        config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides), out=args.out, cache=args.cache,
+        epsilons=args.epsilons, modes=modes, rounds=args.rounds, clients=args.clients, fraction=args.fraction,
+    )  # fmt: skip
+    if args.report_only:
+        path = Path(opts.out) / "results.json"
+        write_report(Path(opts.out), json.loads(path.read_text()) if path.is_file() else {})
+    else:
+        run(opts)
+    print((Path(opts.out) / "table.md").read_text())

@@ -23,6 +23,7 @@ own FedIT always starts from the shared draw; the row is there to show what that
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -36,6 +37,7 @@ from tqdm import tqdm
 from florist.aggregation import communication, make_aggregator
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.rank_policy import EnergyThreshold
+from florist.cli_parsing import floats, ints, names, study_arguments
 from florist.client.local import LocalClient, client_from_config, client_id
 from florist.client.lora_state import extract
 from florist.client.model import load_model
@@ -273,3 +275,28 @@ def regime_description(cfg: FloristConfig) -> dict[str, Any]:
         "eval": {"rows": "all of data.test", "max_length": ev.max_length, "precision": ev.precision},
         "seed": cfg.federation.seed,
     }  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``florist regime``."""
+    study_arguments(p, "runs/regime", "results.json, table.md, plot")
+    p.add_argument("--uploads", default="runs/regime-uploads", help="where the clients' uploads are kept")
+    p.add_argument("--batches", type=ints, default=(4, 32), help="effective batch sizes")
+    p.add_argument("--examples", type=ints, default=(32, 128, 512), help="examples per client per round")
+    p.add_argument("--inits", default="per_client,shared", help="lora.init policies")
+    p.add_argument("--taus", type=floats, default=None, help="FLoRIST taus (default 0.99,0.95,0.9,0.87,0.8)")
+    p.add_argument(
+        "--report-only", action="store_true", help="redraw table.md and the plot from results.json"
+    )
+
+
+def main(args: argparse.Namespace) -> None:
+    """``florist regime``: run the cells not yet in results.json (unless ``--report-only``); the table."""
+    opts = RegimeOptions(
+        config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides), out=args.out,
+        uploads=args.uploads, batches=args.batches, examples=args.examples,
+        inits=names(args.inits), taus=args.taus or TAUS,
+    )  # fmt: skip
+    if not args.report_only:
+        run(opts)
+    print(write_report(opts))
