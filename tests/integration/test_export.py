@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file as read_safetensors
 
 from florist.cli import main
+from florist.client.model import SMOLLM2_HUB_ID, published_name
 from florist.lora import LoraFactors
-from florist.lora.peft_io import read_adapter, write_adapter
+from florist.lora.peft_io import BASE_FILE, read_adapter, write_adapter
 from florist.server.global_model import adapted_shapes
 from tests.flower_helpers import save_tiny_model
 from tests.peft_helpers import tiny_llama
@@ -52,6 +54,32 @@ def test_merge_reloads_with_transformers_and_matches_the_peft_model(run_dir: Pat
         torch.testing.assert_close(merged(ids).logits, peft(ids).logits, rtol=1e-5, atol=1e-5)
         plain = AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits
     assert float((merged(ids).logits - plain).abs().max()) > 1e-4  # the adapter really is in there
+
+
+def test_merge_loads_the_base_a_florist_run_trained_on_not_the_published_name(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """The embedded SmolLM2's adapter names the hub id (what other tools load) while florist trained on
+    its own conversion: ``florist_base.json`` says which, and ``--merge`` loads that one."""
+    adapter = run_dir / "adapter"
+    local = read_adapter(adapter).base_model_name_or_path
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "some-org/unreachable-hub-model"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / BASE_FILE).write_text(json.dumps({"model": local}))
+    assert main(["export", str(run_dir), "--merge", "-o", str(tmp_path / "a")]) == 0
+    assert main(["export", str(run_dir), "--merge", "--base", str(local), "-o", str(tmp_path / "b")]) == 0
+    a, b = (read_safetensors(tmp_path / d / "model.safetensors") for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    (adapter / BASE_FILE).write_text("[1]")
+    assert main(["export", str(run_dir), "--merge", "-o", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_embedded_models_adapters_name_its_hub_id() -> None:
+    assert published_name("smollm2") == published_name("smollm2-135m-instruct") == SMOLLM2_HUB_ID
+    assert published_name("/srv/models/llama") == "/srv/models/llama"
+    assert published_name("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
 
 
 @pytest.mark.parametrize(

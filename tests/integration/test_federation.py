@@ -281,6 +281,8 @@ def test_chat_data_trains_through_the_models_chat_template(tmp_path: Path) -> No
         and summary["eval_after"]["heldout_loss"] < summary["eval_before"]["heldout_loss"]
     )
     assert json.loads((Path(summary["adapter"]) / "florist_prompt.json").read_text()) == {"template": "chat"}
+    assert json.loads((Path(summary["adapter"]) / "florist_base.json").read_text()) == {"model": str(model)}
+    assert read_adapter(summary["adapter"]).base_model_name_or_path == str(model)  # a user's model: as given
 
 
 def test_fedit_on_nf4_clients_under_flower(model_dir: Path, tmp_path: Path) -> None:

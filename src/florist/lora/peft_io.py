@@ -242,6 +242,24 @@ def write_adapter(
     return Path(path)
 
 
+BASE_FILE = "florist_base.json"  # in an adapter dir: the base as florist loads it (model.name)
+
+
+def florist_base(adapter: Path) -> str | None:
+    """The base model an adapter dir of a florist run trained on, as ``model.name`` names it (the
+    embedded SmolLM2 by florist's name, since its weights are not the hub's); None for other adapters."""
+    path = adapter / BASE_FILE
+    if not path.is_file():
+        return None
+    try:
+        name = json.loads(path.read_text(encoding="utf-8")).get("model")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ConfigError(f"{str(path)!r} is not florist's base record: {err}") from err
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{str(path)!r} names no base model")
+    return name
+
+
 def adapter_dir(source: str | Path) -> Path:
     """A run directory's final adapter (``RUN/adapter``), or ``source`` itself if it is an adapter."""
     root = Path(source)

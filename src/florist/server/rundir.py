@@ -24,7 +24,7 @@ from florist.config import FloristConfig, to_toml
 from florist.errors import ConfigError
 from florist.fsutil import atomic_dir, safe_name, write_json_atomic, write_text_atomic
 from florist.lora import ClientUpdate, LoraFactors
-from florist.lora.peft_io import save_adapter_files, write_adapter
+from florist.lora.peft_io import BASE_FILE, save_adapter_files, write_adapter
 
 
 def default_name(cfg: FloristConfig) -> str:
@@ -104,9 +104,11 @@ class RunDir:
 
     def final_adapter(self, modules: Mapping[str, LoraFactors]) -> Path:
         """The run's adapter, with ``florist_prompt.json`` saying which prompt template it trained on
-        (``data.template``: serve it with the same one)."""
+        (``data.template``: serve it with the same one) and ``florist_base.json`` naming its base as
+        ``model.name`` does (``florist export --merge`` loads that one)."""
         path = write_adapter(self.path / "adapter", modules, base_model=self.base_model, overwrite=True)
         write_json_atomic(path / PROMPT_FILE, {"template": self.cfg.data.template})
+        write_json_atomic(path / BASE_FILE, {"model": self.cfg.model.name})
         return path
 
     def summary(self, data: Mapping[str, Any]) -> None:
