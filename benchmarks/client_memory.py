@@ -3,13 +3,14 @@
     .venv/bin/python benchmarks/client_memory.py [--steps 4] [--out benchmarks/results/client_memory.json]
 
 Each configuration runs in a fresh process (so its peak resident memory is its own): load the base
-(fp32, bf16 autocast on fp32 weights, or NF4 through bitsandbytes), build one client of the
+(fp32, bf16 autocast on fp32 weights, or NF4 / int8 through bitsandbytes), build one client of the
 paper_cpu regime (rank 16 on q/v, batch 4, max length 256, Dolly client 0) and train ``--steps``
 steps. Printed per configuration: resident memory before the round (the loaded model), its peak
 during the round (sampled every 20 ms), the process's peak (``resource.getrusage``: loading a
 quantized model passes through its full-precision weights), the time per step and the useful
-tokens per second. Beside it, the analytic weights + LoRA + optimizer figure for a 7B and
-a 70B base (activations excluded: they depend on the sequence length and checkpointing).
+tokens per second, and on a GPU the peak CUDA memory allocated. Beside it, the analytic weights +
+LoRA + optimizer figure for a 7B and a 70B base (activations excluded: they depend on the sequence
+length and checkpointing).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ CONFIGS = {  # name -> overrides
     "fp32": ("train.precision='fp32'",),
     "bf16 autocast": ("train.precision='bf16'",),
     "nf4 base": ("train.precision='fp32'", "model.quantization='nf4'"),
+    "int8 base": ("train.precision='fp32'", "model.quantization='int8'"),
 }
 
 
@@ -55,6 +57,11 @@ def one(overrides: list[str], steps: int) -> dict[str, float]:
     before = proc.memory_info().rss
     watcher = threading.Thread(target=sample, daemon=True)
     watcher.start()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     _, stats = client.fit(1)
     seconds = time.perf_counter() - start
@@ -66,16 +73,17 @@ def one(overrides: list[str], steps: int) -> dict[str, float]:
         "peak_rss_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "seconds_per_step": seconds / steps,
         "tokens_per_s": stats.tokens / seconds,
-    }
+    } | ({"peak_cuda_allocated_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {})
 
 
 def analytic(params_b: float, lora_params_m: float) -> dict[str, float]:
-    """GB for the frozen weights in fp32 / bf16 / nf4 (0.5 byte + ~0.03 of block scales) plus the
+    """GB for the frozen weights in fp32 / bf16 / int8 (1 byte + a scale per row) / nf4 (0.5 byte + ~0.03
+    of block scales) plus the
     LoRA, its gradients and AdamW's two moments in fp32 (16 bytes per LoRA parameter)."""
     lora = lora_params_m * 1e6 * 16 / 1e9
     return {
         f"{name}": params_b * 1e9 * size / 1e9 + lora
-        for name, size in (("fp32", 4), ("bf16", 2), ("nf4", 0.53))
+        for name, size in (("fp32", 4), ("bf16", 2), ("int8", 1.0), ("nf4", 0.53))
     }
 
 
@@ -99,7 +107,8 @@ def main() -> None:
             r = rows[label]
             print(f"{label:34s} RSS before {r['rss_before_round_mb']:6.0f} MB, in round "
                   f"{r['peak_rss_in_round_mb']:6.0f} MB, process {r['peak_rss_process_mb']:6.0f} MB, "
-                  f"{r['seconds_per_step']:5.2f} s/step, {r['tokens_per_s']:4.0f} tok/s",
+                  f"{r['seconds_per_step']:5.2f} s/step, {r['tokens_per_s']:4.0f} tok/s"
+                  + (f", CUDA {r['peak_cuda_allocated_mb']:.0f} MB" if "peak_cuda_allocated_mb" in r else ""),
                   flush=True)  # fmt: skip
     # LoRA rank 16 on q/v: 7B (32 layers, 4096 x 4096 both) and 70B (80 layers, q 8192^2, v 1024 x 8192)
     big = {"7B": analytic(6.7, 32 * 2 * 16 * (4096 + 4096) / 1e6),

@@ -125,12 +125,16 @@ def processes_with_marker(marker: str) -> list[int]:
 
 @pytest.mark.slow
 def test_tls_deployment_runs_a_federation_and_refuses_untrusted_nodes(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes", reason="its clients are 4-bit (make install has bitsandbytes)")
     model = save_tiny_model(tmp_path / "tiny")
     cfg = deploy_config(
         None, 3,
         [f"model.name={str(model)!r}", "federation.rounds=2", "federation.cpus_per_client=1", "lora.ranks=[8, 4, 2]",
          "train.steps=2", "train.batch_size=2", "data.skills_train=6", "data.skills_test=2", "eval.max_new_tokens=3",
-         "eval.every=2", f"run.dir={str(tmp_path / 'runs')!r}", "run.name='deploy'", "run.progress=false"],
+         "eval.every=2", f"run.dir={str(tmp_path / 'runs')!r}", "run.name='deploy'", "run.progress=false",
+         # 4-bit clients: a ClientApp process per message rebuilds the held global adapter by replaying
+         # every global update, and its digest must still equal the server's
+         "model.quantization='nf4'", "model.global_adapter_max_rank=6"],
     )  # fmt: skip
     deployment = Deployment(DeploySettings(workdir=tmp_path / "deployment", nodes=3))
     try:
@@ -164,6 +168,7 @@ def test_tls_deployment_runs_a_federation_and_refuses_untrusted_nodes(tmp_path: 
         2,
     ]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "adapter" / "florist_base.json").read_text())["quantization"] == "nf4"
 
     commands = json.loads(deployment.group.pid_file.read_text())
     assert sorted(int(p) for p in commands) == pids

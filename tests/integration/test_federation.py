@@ -294,3 +294,23 @@ def test_fedit_on_nf4_clients_under_flower(model_dir: Path, tmp_path: Path) -> N
     summary = run_simulation(cfg)
     assert summary["rounds"] == 2
     assert summary["eval_after"]["heldout_loss"] < summary["eval_before"]["heldout_loss"]
+
+
+def test_florist_on_nf4_clients_holds_the_global_updates_beside_the_base(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A merge method on a 4-bit base: clients hold the merged updates as a frozen adapter under a
+    rank cap (warm start on), their digests equal the server's, and the run's adapter is that adapter."""
+    pytest.importorskip("bitsandbytes", reason="model.quantization needs bitsandbytes (make install has it)")
+    cfg = tiny_run_config(model_dir, tmp_path, "nf4-florist", "model.quantization='nf4'", "aggregation.method='florist'",
+                          "aggregation.tau=0.9", "lora.warm_start=true", "model.global_adapter_max_rank=5")  # fmt: skip
+    summary = run_simulation(cfg)
+    assert summary["rounds"] == 2 and summary["sync"]["clients_match_server"]
+    assert len(set(summary["sync"]["digests"].values())) == 1 and len(summary["sync"]["digests"]) == 3
+    assert summary["eval_after"]["heldout_loss"] < summary["eval_before"]["heldout_loss"]
+    adapter = Path(summary["adapter"])
+    assert json.loads((adapter / "florist_base.json").read_text()) == {
+        "model": str(model_dir),
+        "quantization": "nf4",
+    }
+    assert max(f.rank for f in read_adapter(adapter).modules.values()) <= 5

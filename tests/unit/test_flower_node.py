@@ -8,6 +8,7 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
+from florist.client.lora_state import lora_layers
 from florist.client.model import load_model
 from florist.flower import node as node_mod
 from florist.flower.codec import encode_factors
@@ -48,10 +49,8 @@ def test_late_and_replayed_merges_give_bitwise_equal_weights(model_dir: Path, tm
     node_mod._NODES.clear()
     ctx_a, ctx_b = context(11, 0), context(12, 0)
     a = get_node(cfg, ctx_a)
-    names = sorted(n for n, _ in node_mod.lora_layers(a.client.model))
-    shapes = {
-        n: tuple(layer.get_base_layer().weight.shape) for n, layer in node_mod.lora_layers(a.client.model)
-    }
+    names = sorted(n for n, _ in lora_layers(a.client.model))
+    shapes = {n: tuple(layer.get_base_layer().weight.shape) for n, layer in lora_layers(a.client.model)}
     ups = global_updates(names, shapes)
     a.receive({1: encode_factors(ups[1])}, ctx_a)  # every round, as it happens
     a.receive({2: encode_factors(ups[2])}, ctx_a)

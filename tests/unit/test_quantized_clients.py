@@ -1,5 +1,5 @@
 """A client on a 4-bit NF4 base (bitsandbytes' CPU backend): it trains its LoRA with the base frozen
-as loaded; methods that merge into the base are refused by name."""
+as loaded (merge methods: ``test_held_updates.py``)."""
 
 from __future__ import annotations
 
@@ -46,10 +46,6 @@ def test_an_nf4_client_trains_its_lora_on_a_frozen_4bit_base(model_dir: Path, pr
         assert type(base[name].weight).__name__ == "Params4bit"  # and was never cast to bf16
 
 
-def test_methods_that_merge_into_the_base_are_refused() -> None:
-    for method in ("florist", "flora", "fedex"):
-        with pytest.raises(ConfigError, match="merges into them"):
-            load_config(None, ["model.quantization='nf4'", f"aggregation.method={method!r}", "aggregation.tau=none",
-                               "lora.warm_start=false"])  # fmt: skip
+def test_an_unknown_quantization_is_refused() -> None:
     with pytest.raises(ConfigError, match="model.quantization must be one of"):
         load_config(None, ["model.quantization='fp4'"])

@@ -37,18 +37,11 @@ from typing import Any
 import torch
 
 from florist.aggregation.base import ClientProtocol
+from florist.aggregation.held import HeldUpdates
 from florist.aggregation.lowrank import prepare_upload, warm_source, without_warm_part
 from florist.aggregation.protocols import ClientRules, protocol_of
-from florist.client.lora_state import (
-    assign,
-    assign_leading,
-    base_weights,
-    extract,
-    lora_layers,
-    merge_into_base,
-    reinit,
-    set_base_weights,
-)
+from florist.client.lora_state import assign, assign_leading, extract, lora_layers, reinit
+from florist.client.merged import BesideBase, InBase
 from florist.client.train import TrainSettings, TrainStats, encode_all, gradient_sum, train
 from florist.config import FloristConfig
 from florist.config.schema import AdapterConfig, PrivacyConfig
@@ -90,6 +83,9 @@ class LocalClient:
         over ``rounds`` rounds: its noise multiplier given or calibrated to the target epsilon.
     rounds : int
         The run's rounds (DP-SGD's accounting).
+    held : HeldUpdates | None
+        On a quantized base (merge protocols): the global updates are held beside the frozen base
+        as this adapter (``florist.client.merged.BesideBase``) instead of merged into it.
     """
 
     def __init__(
@@ -109,6 +105,7 @@ class LocalClient:
         progress: bool = True,
         privacy: PrivacyConfig | None = None,
         rounds: int = 1,
+        held: HeldUpdates | None = None,
     ) -> None:
         from peft import get_peft_model
 
@@ -121,13 +118,14 @@ class LocalClient:
         with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             self.model = get_peft_model(base_model, lora.peft_config())
+        self.base = InBase(self.model) if held is None else BesideBase(self.model, held)  # merges go here
         self.shared_rank = shared_a_rank or lora.rank
         self.uplink_tau, self.wire, self.uplink_cut = uplink_tau, wire, uplink_cut
         self.progress = progress  # a step bar while it trains (run.progress)
         self.warm: Mapping[str, LoraFactors] | None = None  # the warm part this round began from
         self.raw_upload: dict[str, LoraFactors] = {}  # what the upload was cut from (round errors)
         self.pending_warm: Mapping[str, LoraFactors] | None = None
-        self.unsplit: dict[str, torch.Tensor] | None = None  # merged base weights before a warm split
+        self.unsplit: Any = None  # the merged state before a warm split (``self.base.snapshot()``)
         self.merged: list[Mapping[str, LoraFactors]] = []  # global updates merged (warm_from accumulated)
         self.upload_energy: dict[str, float] = {}
         self.dp: SamplePlan | None = None
@@ -164,11 +162,11 @@ class LocalClient:
             reinit(self.model, derive_seed(self.seed, self.client_id, round))
 
     def merge(self, update: Mapping[str, LoraFactors]) -> None:
-        """``W0 += B A``, after undoing last round's warm split exactly."""
+        """``W0 += B A`` (or into the held adapter), after undoing last round's warm split exactly."""
         if self.unsplit is not None:
-            set_base_weights(self.model, self.unsplit)
+            self.base.restore(self.unsplit)
             self.unsplit = None
-        merge_into_base(self.model, update)
+        self.base.fold(update)
 
     def load(self, factors: Mapping[str, LoraFactors], b_only: bool = False) -> None:
         assign(self.model, factors, b_only=b_only)
@@ -225,9 +223,9 @@ class LocalClient:
         The merged weights are kept aside and put back before the next merge, so the base follows
         the server's global model bitwise whatever the split rounded.
         """
-        self.unsplit = base_weights(self.model)
+        self.unsplit = self.base.snapshot()
         warm = self.rules.warm_part(download, self.lora.rank, self.lora.warm_split)
-        merge_into_base(self.model, {n: LoraFactors(A=w.A, B=-w.B) for n, w in warm.items()})
+        self.base.add({n: LoraFactors(A=w.A, B=-w.B) for n, w in warm.items()})
         assign_leading(self.model, warm)
         self.warm = warm
 
@@ -278,5 +276,5 @@ def client_from_config(
         client_id(index), model, tokenizer, examples, cfg.lora.settings(index, n), cfg.train, protocol,
         fed.seed, shared_rank, uplink_tau=None if as_trained else fed.uplink_tau,
         wire="float32" if as_trained else fed.wire_dtype, uplink_cut=fed.uplink_cut,
-        progress=cfg.run.progress, privacy=cfg.privacy, rounds=fed.rounds,
+        progress=cfg.run.progress, privacy=cfg.privacy, rounds=fed.rounds, held=cfg.held_updates(),
     )  # fmt: skip

@@ -20,16 +20,18 @@ import json
 import logging
 from typing import Any
 
-import torch
-
-from florist.aggregation.linalg import factored_svd
-from florist.aggregation.rank_policy import rank_for_energy
+from florist.aggregation.held import compress
 from florist.cli_parsing import finite
 from florist.commands.aggregate import check_output
 from florist.errors import ConfigError
 from florist.fsutil import atomic_dir, write_json_atomic
-from florist.lora import LoraFactors
-from florist.lora.peft_io import adapter_dir, florist_base, read_adapter, save_adapter_files
+from florist.lora.peft_io import (
+    adapter_dir,
+    florist_base,
+    read_adapter,
+    save_adapter_files,
+    trained_quantization,
+)
 from florist.lora.validation import validate_updates
 
 log = logging.getLogger(__name__)
@@ -60,20 +62,11 @@ def main(args: argparse.Namespace) -> None:
     if args.merge:
         summary = export_merged(args.source, args.out, args.base, args.overwrite)
         print(f"merged {summary['modules']} modules into {summary['base_model']}: {args.out}")
+        if summary["trained_on"]:
+            print(f"trained on a {summary['trained_on']} base; merged into the full-precision base (to serve "
+                  "it in 4 or 8 bits, load OUT with transformers' BitsAndBytesConfig)")  # fmt: skip
         return
     print_report(export_capped(args.source, args.out, args.max_rank, args.tau, args.overwrite))
-
-
-def compress(f: LoraFactors, max_rank: int | None, tau: float | None) -> tuple[LoraFactors, float]:
-    """Best rank-p factors of ``scaling * B @ A`` and the energy fraction they keep (float64 SVD)."""
-    B, A = f.effective(torch.float64)  # (m, r), (r, n)
-    svd = factored_svd(B, A)
-    p = int(svd.S.numel()) if tau is None else rank_for_energy(svd.S, tau)
-    p = max(1, min(p, max_rank or p))
-    B_p, A_p = svd.truncate(p)  # (m, p), (p, n)
-    energy = svd.S.square()
-    kept = float(energy[:p].sum() / energy.sum()) if float(energy.sum()) > 0 else 1.0
-    return LoraFactors(A=A_p.float().contiguous(), B=B_p.float().contiguous()), kept
 
 
 def export_capped(
@@ -122,8 +115,11 @@ def export_merged(source: str, out: str, base: str | None, overwrite: bool = Fal
     with atomic_dir(out, overwrite=overwrite) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        write_json_atomic(tmp / REPORT, {"source": str(src), "base_model": base, "merged": True})
-    return {"source": str(src), "base_model": base, "out": out, "modules": len(adapter.modules)}
+        trained_on = trained_quantization(src)
+        write_json_atomic(tmp / REPORT, {"source": str(src), "base_model": base, "merged": True,
+                                         "trained_on_quantized_base": trained_on})  # fmt: skip
+    return {"source": str(src), "base_model": base, "out": out, "modules": len(adapter.modules),
+            "trained_on": trained_on}  # fmt: skip
 
 
 def print_report(summary: dict[str, Any]) -> None:

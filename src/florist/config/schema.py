@@ -40,6 +40,7 @@ from florist.errors import ConfigError
 from florist.precision import check_precision
 
 if TYPE_CHECKING:
+    from florist.aggregation.held import HeldUpdates
     from florist.privacy.accountant import Accountant
 
 UPLINK_CUTS = ("adapter", "change")  # what uplink thresholding cuts (florist.client.local)
@@ -66,7 +67,22 @@ class ModelConfig:
     quantization: str = field(
         default="none",
         metadata={
-            "help": "the clients' frozen base: 'none', 'nf4' or 'int8' (bitsandbytes; continue protocols)"
+            "help": "the clients' frozen base: 'none', 'nf4' or 'int8' (bitsandbytes); merge methods hold "
+            "the global updates beside it as a frozen adapter"
+        },
+    )
+    global_adapter_max_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "quantized base, merge methods: re-compress the held global adapter to at most this "
+            "rank per module after each round (None: exact, its rank grows every round)"
+        },
+    )
+    global_adapter_tau: float = field(
+        default=1.0,
+        metadata={
+            "help": "quantized base, merge methods: keep the smallest rank of the held global adapter "
+            "holding this energy fraction after each round (1.0: all)"
         },
     )
 
@@ -78,6 +94,18 @@ class ModelConfig:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"model.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.global_adapter_max_rank is not None and self.global_adapter_max_rank < 1:
+            raise ConfigError(
+                f"model.global_adapter_max_rank must be >= 1, got {self.global_adapter_max_rank}"
+            )
+        if not 0 < self.global_adapter_tau <= 1:
+            raise ConfigError(f"model.global_adapter_tau must be in (0, 1], got {self.global_adapter_tau}")
+        capped = self.global_adapter_max_rank is not None or self.global_adapter_tau < 1
+        if capped and self.quantization == "none":
+            raise ConfigError(
+                "model.global_adapter_max_rank and model.global_adapter_tau cap the global adapter that "
+                "clients hold beside a quantized base; with model.quantization = 'none' they merge into it"
+            )
 
     def torch_dtype(self) -> torch.dtype:
         return torch_dtype(self.dtype, "model.dtype", MODEL)
@@ -625,12 +653,16 @@ class FloristConfig:
                 f"aggregation.clip is not defined for {self.aggregation.method!r}: its clients' upload is "
                 "not their round's change (what they continued from is in it), and clipping scales the upload"
             )
-        if self.model.quantization != "none" and (rules.merges or rules.needs_init):
+        if self.model.quantization != "none" and rules.needs_init:
             raise ConfigError(
-                f"model.quantization = {self.model.quantization!r} works with methods whose clients never "
-                "change their base weights (fedit, flexlora, ffa, fedsvd, rblora); "
-                f"{self.aggregation.method!r} merges into them (or takes their gradient), which a quantized "
-                "base cannot absorb exactly"
+                f"model.quantization = {self.model.quantization!r}: {self.aggregation.method!r} starts from "
+                "the gradient of the clients' base weights, which a quantized base does not have"
+            )
+        capped = self.model.global_adapter_max_rank is not None or self.model.global_adapter_tau < 1
+        if capped and not rules.merges:
+            raise ConfigError(
+                f"model.global_adapter_max_rank / _tau: {self.aggregation.method!r} clients never merge "
+                "into their base, so they hold no global adapter to cap"
             )
         n = self.federation.num_clients
         if rules.needs_init and len({self.lora.rank_of(k, n) for k in range(n)}) > 1:
@@ -722,6 +754,16 @@ class FloristConfig:
     def aggregator(self) -> Aggregator:
         """The run's aggregator: ``[aggregation]`` with a byte budget priced at the run's wire dtype."""
         return self.aggregation.build(self.federation.wire_dtype)
+
+    def held_updates(self) -> HeldUpdates | None:
+        """Where merge-protocol clients keep the global updates: None (merged into the base weights),
+        or on a quantized base an empty held adapter under ``model.global_adapter_*``'s cap. The one
+        place this is decided; the server's model holds the same (``florist.aggregation.held``)."""
+        if self.model.quantization == "none" or not protocol_of(self.aggregator().protocol).merges:
+            return None
+        from florist.aggregation.held import HeldUpdates
+
+        return HeldUpdates(self.model.global_adapter_max_rank, self.model.global_adapter_tau)
 
     def init_lr(self, num_examples: int) -> float:
         """Fed-SB's sign-step size: ``aggregation.init_lr``, else the reference's ``lr / (0.02 x total

@@ -52,7 +52,9 @@ class Federation:
         model, tokenizer = load_model(self.base, cfg.model.torch_dtype())
         self.expected = adapted_shapes(model, cfg.lora.target_modules)
         self.preflight()
-        self.model = GlobalModel(model.to(cfg.model.torch_device()), tokenizer, self.aggregator.protocol)
+        self.model = GlobalModel(
+            model.to(cfg.model.torch_device()), tokenizer, self.aggregator.protocol, cfg.held_updates()
+        )
         clients = hello(grid, cfg)
         self.server = Server(cfg, self.aggregator, clients, self.model)
         self.strategy = FederatedLoRA(cfg, self.aggregator, clients, self.expected, self.server)

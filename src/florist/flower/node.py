@@ -8,7 +8,6 @@ ClientApp process per message) rebuilds the same weights by replaying them in or
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -20,7 +19,6 @@ from flwr.app import ArrayRecord, Context, RecordDict
 
 from florist.aggregation.base import ClientProtocol
 from florist.client.local import LocalClient, client_from_config
-from florist.client.lora_state import lora_layers
 from florist.client.model import load_client_model
 from florist.config import FloristConfig
 from florist.data.federated import client_examples, subsample
@@ -112,12 +110,9 @@ class Node:
             self.client.receive(decode_factors(downloads[rnd], "server", b_only=b_only), round=rnd)
 
     def digest(self) -> str:
-        """sha256 of the adapted modules' base weights (equal on every node after the same merges)."""
-        h = hashlib.sha256()
-        for name, layer in lora_layers(self.client.model):
-            h.update(name.encode())
-            h.update(layer.get_base_layer().weight.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        """sha256 of what the merges changed (equal on every node after the same merges): the adapted
+        base weights, or on a quantized base the held global adapter (``florist.client.merged``)."""
+        return self.client.base.digest()
 
 
 def stored_globals(context: Context) -> dict[int, ArrayRecord]:

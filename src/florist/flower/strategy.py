@@ -97,7 +97,9 @@ class FederatedLoRA(Strategy):
         model, tokenizer = load_model(resolve_model(cfg.model.name), cfg.model.torch_dtype())
         aggregator = cfg.aggregator()
         expected = adapted_shapes(model, cfg.lora.target_modules)
-        glob = GlobalModel(model.to(cfg.model.torch_device()), tokenizer, aggregator.protocol)
+        glob = GlobalModel(
+            model.to(cfg.model.torch_device()), tokenizer, aggregator.protocol, cfg.held_updates()
+        )
         return cls(cfg, aggregator, None, expected, model=glob)
 
     def join(self, clients: Sequence[ClientInfo]) -> None:

@@ -261,6 +261,17 @@ def florist_base(adapter: Path) -> str | None:
     return name
 
 
+def trained_quantization(adapter: Path) -> str | None:
+    """The quantization of the base an adapter dir of a florist run trained on (``model.quantization``:
+    "nf4", "int8"), None for a full-precision base or another tool's adapter."""
+    path = adapter / BASE_FILE
+    if not path.is_file():
+        return None
+    florist_base(adapter)  # the record is whole
+    value = json.loads(path.read_text(encoding="utf-8")).get("quantization")
+    return value if isinstance(value, str) and value else None
+
+
 def florist_template(adapter: Path) -> str | None:
     """The prompt template (``data.template``) an adapter dir of a florist run trained on; None for
     other adapters."""

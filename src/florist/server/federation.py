@@ -110,6 +110,11 @@ class Server:
         """The run's whole update against the base model, as one adapter (``ClientRules.final``)."""
         if not self.state.history:
             raise ConfigError("no round was aggregated; there is no adapter to write")
+        held = self.cfg.held_updates()
+        if held is not None and held.capped:  # what quantized clients hold: folded under the cap
+            for update in self.global_updates():
+                held.fold(update)
+            return dict(held.modules)
         return self.rules.final(self.global_updates())
 
     # ------------------------------------------------------------------ decisions

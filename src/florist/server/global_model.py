@@ -3,6 +3,9 @@
 merge protocols (florist, flora,     W = W0 + B_1 A_1 + B_2 A_2 + ...   merged in round order, with
 fedex):                              the same operation clients use, so the weights agree bitwise
 other protocols:                     W = W0 + B_g A_g  of the latest global adapter
+merge protocols, quantized clients:  W = W0 + B_G A_G  with G the global adapter the clients hold
+                                     beside their frozen base (``florist.aggregation.held``), folded
+                                     the same way: the sync digest is G's, equal to theirs bitwise
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 
 from florist.aggregation.base import AggregationResult, ClientProtocol
+from florist.aggregation.held import HeldUpdates
 from florist.aggregation.protocols import protocol_of
 from florist.lora import LoraFactors
 from florist.lora.update import add_update
@@ -31,10 +35,13 @@ def adapted_shapes(model: Any, targets: Sequence[str]) -> dict[str, tuple[int, i
 class GlobalModel:
     """A plain causal LM whose adapted weights follow the aggregated updates."""
 
-    def __init__(self, model: Any, tokenizer: Any, protocol: ClientProtocol) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, protocol: ClientProtocol, held: HeldUpdates | None = None
+    ) -> None:
         self.model, self.tokenizer, self.protocol = model, tokenizer, protocol
         self.rules = protocol_of(protocol)
-        self._base: dict[str, torch.Tensor] = {}  # W0 of adapted modules (non-merge protocols)
+        self.held = held  # what quantized clients hold (``FloristConfig.held_updates``), else None
+        self._base: dict[str, torch.Tensor] = {}  # W0 of adapted modules (non-merge or held)
         self.rounds: list[int] = []
 
     def weight(self, name: str) -> torch.Tensor:
@@ -43,9 +50,12 @@ class GlobalModel:
     @torch.no_grad()
     def apply(self, round: int, update: Mapping[str, LoraFactors]) -> None:
         """Fold round ``round``'s global update into the weights."""
+        if self.held is not None:
+            self.held.fold(update)
+            update = self.held.modules  # W = W0 + G, G as the clients hold it
         for name, f in sorted(update.items()):
             W = self.weight(name)
-            if not self.rules.merges:  # continue protocols: the adapter replaces the last
+            if not self.rules.merges or self.held is not None:  # the adapter replaces the last
                 base = self._base.setdefault(name, W.detach().clone())
                 W.copy_(base)
             add_update(W, f)
@@ -55,7 +65,10 @@ class GlobalModel:
         self.apply(round, result.global_update)
 
     def digest(self, names: list[str]) -> str:
-        """sha256 of the named weights in order (a node's ``Node.digest`` over its adapted modules)."""
+        """sha256 of the named weights in order (a node's ``Node.digest`` over its adapted modules), or
+        of the held global adapter's factors when clients hold one."""
+        if self.held is not None:
+            return self.held.digest(names)
         h = hashlib.sha256()
         for name in names:
             h.update(name.encode())

@@ -102,10 +102,15 @@ class RunDir:
     def final_adapter(self, modules: Mapping[str, LoraFactors]) -> Path:
         """The run's adapter, with ``florist_prompt.json`` saying which prompt template it trained on
         (``data.template``: serve it with the same one) and ``florist_base.json`` naming its base as
-        ``model.name`` does (``florist export --merge`` loads that one)."""
+        ``model.name`` does, with ``model.quantization`` when the clients' base was quantized
+        (``florist export --merge`` loads that base, in full precision)."""
         path = write_adapter(self.path / "adapter", modules, base_model=self.base_model, overwrite=True)
         write_json_atomic(path / PROMPT_FILE, {"template": self.cfg.data.template})
-        write_json_atomic(path / BASE_FILE, {"model": self.cfg.model.name})
+        quant = self.cfg.model.quantization
+        write_json_atomic(
+            path / BASE_FILE,
+            {"model": self.cfg.model.name} | ({} if quant == "none" else {"quantization": quant}),
+        )
         return path
 
     def summary(self, data: Mapping[str, Any]) -> None:

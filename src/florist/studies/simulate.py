@@ -126,7 +126,10 @@ class Variant:
         model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
         members = [Member(c.client_id, k, c.lora.rank) for k, c in enumerate(self.clients)]
         self.server = Server(
-            cfg, self.agg, members, GlobalModel(model.to(cfg.model.torch_device()), tok, self.agg.protocol)
+            cfg,
+            self.agg,
+            members,
+            GlobalModel(model.to(cfg.model.torch_device()), tok, self.agg.protocol, cfg.held_updates()),
         )
         self.rank = self.server.ranks
         self.init_bytes: tuple[int, int] | None = None  # round 0's (up, down), counted in round 1
