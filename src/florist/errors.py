@@ -49,5 +49,10 @@ class InvalidUpdate(FloristError, ValueError):
         super().__init__(f"{prefix}: {reason}" if prefix else reason)
 
 
+class FederationError(FloristError, RuntimeError):
+    """The federation cannot go on: a node failed to start, too few nodes joined, or restoring the
+    nodes after a server restart failed. The message names the node and its own one-line reason."""
+
+
 class QuorumLost(FloristError, RuntimeError):
     """Too many consecutive rounds without enough usable updates; the run stopped after a checkpoint."""

@@ -51,10 +51,19 @@ def aggregation_table(report: dict[str, Any]) -> Table:
     return table
 
 
+class _Console(Console):
+    """Rich's console, but a reader that goes away (``florist inspect RUN | head``) ends the command
+    as ``florist.cli`` ends every closed pipe, with status 0, not Rich's silent status 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def make_console() -> Console:
     """A console wide enough for full module names, also when output goes to a file or pipe."""
-    console = Console()
-    return console if console.is_terminal else Console(width=160)
+    console = _Console()
+    return console if console.is_terminal else _Console(width=160)
 
 
 def print_aggregation(report: dict[str, Any], out: str, console: Console | None = None) -> None:
@@ -125,7 +134,7 @@ def print_summary(summary: dict[str, Any], demo: bool = False, console: Any = No
         )
     console.print(f"run directory: {summary['run_dir']}  (metrics.jsonl, config.toml, rounds/, summary.json)")
     console.print(f"global adapter (PEFT): {summary['adapter']}")
-    console.print(load_snippet(summary["base_model"], summary["adapter"]))
+    console.print(load_snippet(summary.get("published_base") or summary["base_model"], summary["adapter"]))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

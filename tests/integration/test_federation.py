@@ -314,3 +314,24 @@ def test_florist_on_nf4_clients_holds_the_global_updates_beside_the_base(
         "quantization": "nf4",
     }
     assert max(f.rank for f in read_adapter(adapter).modules.values()) <= 5
+
+
+def test_a_failure_on_the_nodes_reaches_the_console_as_one_line(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub data set the nodes cannot load (the hub is off): ``florist run`` ends with one error line
+    naming the node and its client, and no node's traceback reaches the console."""
+    from florist.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    args = ["run", "demo", f"model.name={str(model_dir)!r}", f"run.dir={str(tmp_path / 'runs')!r}",
+            "federation.num_clients=2", "lora.ranks=[4]", "data.source='nobody-here/no-such-dataset'",
+            "run.progress=false"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("florist run: error: node ") and "failed to start: client-00" in last, err[-3000:]
+    assert "no-such-dataset" in last
+    assert "Traceback" not in err, err[-3000:]
+    assert not (tmp_path / "runs").exists()  # the server stopped before it made the run directory

@@ -53,10 +53,11 @@ def test_every_commands_help_shows_its_own_options(command: str, capsys: pytest.
     assert out.startswith(f"usage: florist {command}") and COMMANDS[command][1] in " ".join(out.split())
 
 
-def test_a_closed_pipe_ends_quietly() -> None:
+@pytest.mark.parametrize("argv", [["config", "--json"], ["config"]])  # print(), and a Rich table
+def test_a_closed_pipe_ends_quietly(argv: list[str]) -> None:
     """``florist config --json | head -1``: the reader closes the pipe; no traceback, exit 0."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "florist.cli", "config", "--json"],
+        [sys.executable, "-m", "florist.cli", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -9,6 +9,7 @@ import pytest
 
 from florist.cli import main
 from florist.client.model import check_targets
+from florist.config import load_config
 from florist.errors import ConfigError
 from tests.flower_helpers import save_tiny_model
 
@@ -89,3 +90,39 @@ def test_a_run_beyond_its_privacy_budget_is_refused_before_it_starts(
         len(err) == 1 and "beyond privacy.target_epsilon = 1" in err[0] and "noise multiplier 0.3" in err[0]
     )
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_taken_run_directory_and_a_missing_gpu_stop_before_anything_starts(
+    llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    taken = tmp_path / "runs" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "metrics.jsonl").write_text("{}\n")
+    base = ["run", "demo", f"model.name={str(llama)!r}", f"run.dir={str(tmp_path / 'runs')!r}"]
+    start = time.monotonic()
+    assert main([*base, "run.name='taken'"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists and is not empty" in err[0] and time.monotonic() - start < 15
+    assert (taken / "metrics.jsonl").read_text() == "{}\n"  # nothing written is lost
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main([*base, "model.device='cuda'"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torch sees no CUDA device" in err[0]
+
+
+def test_an_unknown_data_format_is_refused_whatever_the_source() -> None:
+    with pytest.raises(ConfigError, match=r"data.format must be one of .* got 'csv'"):
+        load_config(None, ["data.format='csv'"])  # the embedded skills set
+
+
+def test_a_packaged_config_without_its_data_says_how_to_point_at_a_copy(tmp_path: Path) -> None:
+    from florist.data.federated import check_data
+
+    cfg = load_config(None, ["data.source='../nowhere/dolly-8clients'", "data.split='presplit'",
+                             "data.test='../nowhere/test.json'"])  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"does not exist, read from the current directory .*data.source=FOLDER"
+    ):
+        check_data(cfg.data, cfg.federation.num_clients)

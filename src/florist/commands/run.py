@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from florist.cli_parsing import IntermixedParser
-from florist.client.model import check_targets
 from florist.config import load_config
-from florist.data.federated import check_data
+from florist.deploy.prelaunch import check_before_start
 from florist.flower.simulation import run_simulation
 from florist.tables import print_summary
 
@@ -29,7 +29,8 @@ def main(args: argparse.Namespace) -> None:
 
 def run(config: str, overrides: Sequence[str], resume: bool = False, force: bool = False) -> None:
     flags = ["run.resume=true"] * resume + ["run.force=true"] * force
+    if not sys.stderr.isatty() and not any(o.startswith("run.progress=") for o in overrides):
+        flags.append("run.progress=false")  # into a log file, every bar redraw would be a \r line
     cfg = load_config(config, [*overrides, *flags])
-    check_data(cfg.data, cfg.federation.num_clients)  # a bad data file: one line, before any node starts
-    check_targets(cfg.model.name, cfg.lora.target_modules)  # modules the model lacks or cannot adapt
+    check_before_start(cfg)
     print_summary(run_simulation(cfg))

@@ -117,6 +117,7 @@ class ModelConfig:
 
 
 TEMPLATES = ("alpaca", "chat")
+FORMATS = ("dolly", "alpaca", "wizard", "chat")  # data.format: the row layouts florist.data.records reads
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
             raise ConfigError(f"data.template must be one of {list(TEMPLATES)}, got {self.template!r}")
+        if self.format is not None and self.format not in FORMATS:
+            raise ConfigError(f"data.format must be one of {list(FORMATS)} or unset, got {self.format!r}")
         if self.split not in ("presplit", "iid", "dirichlet", "by_label"):
             raise ConfigError(f"data.split must be presplit, iid, dirichlet or by_label, got {self.split!r}")
         if not 0 < self.test_fraction < 1:

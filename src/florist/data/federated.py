@@ -131,6 +131,12 @@ def _presplit(cfg: DataConfig, num_clients: int) -> tuple[tuple[Example, ...], .
 def client_files(cfg: DataConfig, num_clients: int) -> list[Path]:
     """The pre-split folder's client files, one per client, or ``ConfigError`` saying what is wrong."""
     folder = Path(cfg.source)
+    if not folder.exists():
+        where = "" if folder.is_absolute() else f", read from the current directory {str(Path.cwd())!r}"
+        raise ConfigError(
+            f"data.source {cfg.source!r} does not exist{where}: give data.source=FOLDER and data.test=FILE "
+            "for your copy of the data"
+        )
     if not folder.is_dir():
         raise ConfigError(f"data.source {cfg.source!r} must be a folder for data.split = 'presplit'")
     files = sorted(p for p in folder.iterdir() if p.suffix in SUFFIXES and p.name not in cfg.exclude)

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from florist.config.schema import FORMATS
 from florist.errors import ConfigError
 
-FORMATS = ("dolly", "alpaca", "wizard", "chat")
 ROLES = ("system", "user", "assistant")
 
 

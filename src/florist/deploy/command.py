@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
 from florist.cli_parsing import IntermixedParser
 from florist.config import FloristConfig
-from florist.data.federated import check_data
+from florist.deploy.prelaunch import check_before_start, stopped_on_sigterm
 from florist.deploy.processes import DeploymentError
 from florist.deploy.runconfig import DEFAULT_APP, deploy_config, run_dir
 
@@ -51,15 +49,12 @@ def main(args: argparse.Namespace) -> None:
     from florist.tables import print_summary
 
     cfg = deploy_config(args.config, args.nodes, args.overrides)
-    check_data(cfg.data, cfg.federation.num_clients)  # before the SuperLink and SuperNodes start
+    check_before_start(cfg)  # before the SuperLink and SuperNodes start
     workdir = Path(args.workdir) if args.workdir else run_dir(cfg).with_name(f"{cfg.run.name}-deployment")
     settings = DeploySettings(workdir=workdir, nodes=args.nodes, app=Path(args.app), port=args.port)
     print(f"run directory: {run_dir(cfg)}\ndeployment files and logs: {workdir.resolve()}", flush=True)
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so every process is still stopped
-    try:
+    with stopped_on_sigterm():  # so every process is still stopped
         summary = deploy(cfg, settings, echo=sys.stdout)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if summary is None:
         print(f"{args.app} ran to its end and handed back no florist summary")
         return
@@ -68,7 +63,3 @@ def main(args: argparse.Namespace) -> None:
         raise DeploymentError(
             f"the federation completed {summary.get('rounds')} of {cfg.federation.rounds} rounds"
         )
-
-
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)

@@ -7,21 +7,30 @@ Messages it answers (see server_app.py for the other side):
     query.init    <- rows (Fed-SB's round 0); -> the summed gradient of its adapted base weights
 
     florist run, flwr run, deployment:   clientapp = "florist.flower.client_app:app"  (the run config)
+
+A handler that fails (a data set it cannot load, a model that does not fit its device, an injected
+fault) logs one line naming the client and the cause and replies with that line as the message's
+error, which the server logs or stops on (``florist.flower.handshake``): no traceback per node on
+the console (``-v`` logs it at DEBUG).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from florist.client.faults import before_reply
 from florist.client.local import client_id
 from florist.config import FloristConfig
 from florist.config.loader import from_flower_run_config
 from florist.console import quiet_imports
+from florist.errors import FloristError
 from florist.flower.codec import encode_gradient, encode_upload
 from florist.flower.node import (
     Node,
@@ -96,6 +105,39 @@ def init(cfg: FloristConfig, msg: Message, context: Context) -> Message:
     return Message(RecordDict({"gradient": gradient, "client": _identity(node)}), reply_to=msg)
 
 
+Handler = Callable[[Message, Context], Message]
+
+
+def one_line(handler: Handler) -> Handler:
+    """``handler``, with any failure turned into one log line and an error reply naming the client."""
+
+    @functools.wraps(handler)
+    def replying(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:  # any failure on a node: reported, never a traceback flood
+            reason = f"{_who(context)}: {failure(err)}"
+            log.error("%s", reason)
+            log.debug("%s", reason, exc_info=True)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+    return replying
+
+
+def failure(err: BaseException) -> str:
+    """One line for an exception: florist's own as their message, others with their type."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, FloristError) else f"{type(err).__name__}: {text}"
+
+
+def _who(context: Context) -> str:
+    raw = context.node_config.get("partition-id")
+    try:
+        return client_id(int(raw))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return f"node {context.node_id}"
+
+
 def _identity(node: Node) -> ConfigRecord:
     return ConfigRecord({"client_id": node.client.client_id, "merged": [int(r) for r in node.merged]})
 
@@ -104,20 +146,24 @@ app = ClientApp()
 
 
 @app.query("hello")
+@one_line
 def _hello(msg: Message, context: Context) -> Message:
     return hello(from_flower_run_config(context.run_config), msg, context)
 
 
 @app.train()
+@one_line
 def _train(msg: Message, context: Context) -> Message:
     return train(from_flower_run_config(context.run_config), msg, context)
 
 
 @app.query("sync")
+@one_line
 def _sync(msg: Message, context: Context) -> Message:
     return sync(from_flower_run_config(context.run_config), msg, context)
 
 
 @app.query("init")
+@one_line
 def _init(msg: Message, context: Context) -> Message:
     return init(from_flower_run_config(context.run_config), msg, context)

@@ -21,7 +21,7 @@ from florist.aggregation.comm import efficiency, wire_bytes
 from florist.client.model import load_model, published_name, resolve_model
 from florist.config import FloristConfig
 from florist.data.federated import test_examples
-from florist.errors import QuorumLost
+from florist.errors import FederationError, QuorumLost
 from florist.flower.exchange import Exchange
 from florist.flower.handshake import hello
 from florist.flower.replies import RoundLog, short_reason, weighted_mean
@@ -154,7 +154,7 @@ class Federation:
         replies, missing = self.exchange.send_and_receive(msgs, 0, self.cfg.federation.timeout, "restore")
         failed = [short_reason(r.error.reason) for r in replies if r.has_error()]
         if failed or missing:
-            raise RuntimeError(f"restoring clients failed: {failed or f'no reply from nodes {missing}'}")
+            raise FederationError(f"restoring clients failed: {failed or f'no reply from nodes {missing}'}")
         return self.strategy.restored_bytes()
 
     # ------------------------------------------------------------------ the end
@@ -219,6 +219,7 @@ class Federation:
             "run_dir": str(self.rundir.path),
             "adapter": str(adapter),
             "base_model": self.base,
+            "published_base": self.rundir.base_model,  # as other tools know it (the adapter names it)
             "method": self.aggregator.name,
             "rounds": len([r for r in rounds if "skipped" not in r]),
             "rounds_skipped": [r["round"] for r in rounds if "skipped" in r],

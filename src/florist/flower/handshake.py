@@ -11,6 +11,7 @@ from flwr.serverapp import Grid
 
 from florist.client.local import client_id
 from florist.config import FloristConfig
+from florist.errors import FederationError
 from florist.flower.replies import ClientInfo, printable, short_reason
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def hello(grid: Grid, cfg: FloristConfig) -> list[ClientInfo]:
     for reply in sorted(grid.send_and_receive(msgs, timeout=cfg.federation.timeout), key=_src):
         if reply.has_error():
             reason = short_reason(reply.error.reason)
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reason}")
+            raise FederationError(f"node {reply.metadata.src_node_id} failed to start: {reason}")
         try:
             info = client_info(_src(reply), dict(reply.content.config_records["client"]), cfg)
         except Exception as err:  # any claim, any content: refuse the node, never stop the run
@@ -47,7 +48,7 @@ def hello(grid: Grid, cfg: FloristConfig) -> list[ClientInfo]:
         infos[info.index] = info
     missing = sorted(set(range(n)) - set(infos))
     if missing:
-        raise RuntimeError(
+        raise FederationError(
             f"no node serves client indices {missing} (of 0..{n - 1}); see the hello log lines"
         )
     return [infos[k] for k in range(n)]
@@ -96,6 +97,6 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while len(nodes := list(grid.get_node_ids())) < n:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of {n} nodes connected within {timeout:.0f} s")
+            raise FederationError(f"only {len(nodes)} of {n} nodes connected within {timeout:.0f} s")
         time.sleep(0.5)
     return sorted(nodes)[:n]

@@ -25,6 +25,7 @@ import tomli_w
 
 from florist.config import FloristConfig
 from florist.deploy.link import LocalLink, healthy, not_flower_chatter
+from florist.deploy.prelaunch import stopped_on_sigterm
 from florist.deploy.runconfig import DEFAULT_APP
 from florist.errors import ConfigError
 from florist.fsutil import write_text_atomic
@@ -128,7 +129,7 @@ def run_simulation(cfg: FloristConfig) -> dict[str, Any]:
             )
         load_latest(Path(cfg.run.dir) / str(cfg.run.name) / "checkpoints", cfg, cfg.run.force)
     workdir = Path(tempfile.mkdtemp(prefix="florist-simulation-"))  # kept when the run fails: its logs
-    with Simulation(workdir, echo=sys.stderr) as sim:
+    with stopped_on_sigterm(), Simulation(workdir, echo=sys.stderr) as sim:  # killed: still stopped
         sim.start()
         summary = sim.run(cfg)
     assert summary is not None  # florist's app hands one back, or run_flwr raised
