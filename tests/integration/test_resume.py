@@ -135,3 +135,39 @@ def test_sigkill_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     alive = [p for p in killed if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not alive
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_sigterm_stops_every_process_florist_run_started(tmp_path: Path) -> None:
+    """``timeout`` or a scheduler sends SIGTERM to ``florist run``: it stops its SuperLink, the
+    simulation and Ray's workers on the way out instead of leaving them running."""
+    model = save_tiny_model(tmp_path / "tiny")
+    cfg = tiny_run_config(
+        model, tmp_path / "runs", "t", "federation.rounds=6", "run.save_client_updates=false"
+    )
+    config = tmp_path / "run.toml"
+    config.write_text(to_toml(cfg))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ft-", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "TMPDIR": str(ray_tmp)}
+    proc = florist(["run", str(config)], env, tmp_path / "t.log")
+    root, known = psutil.Process(proc.pid), {}
+    folder = tmp_path / "runs" / "t" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (folder / "round-001.pt.sha256").is_file():  # running: the simulation and its workers
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "t.log").read_text()[-3000:]
+        known.update({p.pid: p for p in root.children(recursive=True)})
+        time.sleep(0.05)
+    known.update({p.pid: p for p in root.children(recursive=True)})
+    assert len(known) > 2
+    assert "\r" not in (tmp_path / "t.log").read_text(errors="replace")  # a log file gets no bar redraws
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=120) != 0
+        _, alive = psutil.wait_procs(list(known.values()), timeout=60)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert alive == [], [(p.pid, p.name()) for p in alive]
+    finally:  # whatever the outcome, nothing of this test keeps running
+        if proc.poll() is None:
+            kill_tree(root, known, str(ray_tmp))
+        for p in known.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()

@@ -138,3 +138,19 @@ def test_sparse_evaluations_are_not_drawn_as_measured_between() -> None:
     assert line_style([0, 1, 2, 3]) == "-"
     assert line_style([0, 2, 4]) == ":" and line_style([1, 2, 5]) == ":"
     assert line_style([3]) == "-"
+
+
+def test_the_summary_tells_how_to_load_the_adapter_from_the_published_base(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from florist.tables import print_summary
+
+    console = Console(record=True, width=200)
+    summary = {"method": "florist", "rounds": 1, "rounds_skipped": [], "eval_before": None, "eval_after": None,
+               "bytes_up": 1, "bytes_down": 1, "bytes_catchup": 0, "sync": {}, "run_dir": str(tmp_path),
+               "adapter": "runs/x/adapter", "base_model": "/root/.cache/florist/smollm2",
+               "published_base": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n')
+    print_summary(summary, console=console)
+    text = console.export_text()
+    assert "from_pretrained('HuggingFaceTB/SmolLM2-135M-Instruct')" in text and ".cache" not in text
