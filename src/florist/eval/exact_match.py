@@ -171,7 +171,8 @@ def generate_answers(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     answers = [""] * len(rows)
     with evaluating(model):
-        for batch in tqdm(batches, desc="exact match", disable=not progress, leave=False):
+        off = (not progress) or None  # None: drawn on a terminal only, never into a log file
+        for batch in tqdm(batches, desc="exact match", disable=off, leave=False):
             texts = _generate_batch(model, tokenizer, [rows[i] for i in batch], max_new_tokens)
             for i, text in zip(batch, texts, strict=True):
                 answers[i] = text

@@ -130,7 +130,8 @@ def heldout_loss(
     encoded = [encode(ex, tokenizer, max_length) for ex in examples]
     sums = torch.zeros(len(encoded), dtype=torch.float64)
     counts = torch.zeros(len(encoded), dtype=torch.long)
-    bar = tqdm(total=len(encoded), desc="held-out loss", unit="ex", disable=not progress)
+    off = (not progress) or None  # None: drawn on a terminal only, never into a log file
+    bar = tqdm(total=len(encoded), desc="held-out loss", unit="ex", disable=off)
     with evaluating(model), packed_attention(model), bar:
         for rows in length_sorted_batches(encoded, batch_size):
             batch = make_batch([encoded[i] for i in rows], pad_id(tokenizer), batching)

@@ -251,7 +251,8 @@ def letter_logits(
     p = common_prefix_len(ids)
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]) - p, i))  # less padding per batch
     out = torch.empty(len(ids), len(LETTERS))
-    bar = tqdm(total=len(ids), desc="MMLU", unit="q", disable=not progress)
+    off = (not progress) or None  # None: drawn on a terminal only, never into a log file
+    bar = tqdm(total=len(ids), desc="MMLU", unit="q", disable=off)
     with evaluating(model), bar:
         prefix = _prefix_cache(model, ids[0][:p])
         for start in range(0, len(order), batch_size):
