@@ -77,10 +77,44 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def loss_result(record: dict[str, Any]) -> Any:
+def as_trained(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Why an nf4 variant scores as it does: the held-out rows scored on the 4-bit base itself, with
+    and without the G its clients held (the model they trained), and the full-precision base alone."""
+    from peft import get_peft_model
+
+    from florist.client.merged import BesideBase
+    from florist.client.model import load_client_model, load_model
+    from florist.server import checkpoint
+    from florist.studies.headline import slug, split_evaluator
+
+    folder = args.work / f"seed-{seed}" / slug(name)
+    done = folder / "as_trained.json"
+    if done.is_file():
+        return json.loads(done.read_text())  # type: ignore[no-any-return]
+    cfg = config(name, seed, args)
+    evaluate = split_evaluator(cfg)
+    g = cfg.held_updates()
+    assert g is not None
+    state = checkpoint.load_latest(folder / "checkpoint", cfg, force=False)
+    for _, result in state.history:
+        g.fold(result.global_update)
+    out: dict[str, Any] = {}
+    model, tok = load_client_model(cfg)
+    peft = get_peft_model(model, cfg.lora.peft_config())  # B = 0: the LoRA adds nothing
+    base = BesideBase(peft, type(g)(g.max_rank, g.tau))  # nothing held: the 4-bit base alone
+    out["nf4 base"] = evaluate(peft, tok)
+    base.restore(g)
+    out["nf4 base + G"] = evaluate(peft, tok)
+    full, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
+    out["fp32 base"] = evaluate(full, tok)
+    done.write_text(json.dumps(out) + "\n")
+    return out
+
+
+def loss_result(ev: dict[str, Any]) -> Any:
+    """An evaluation's per-row held-out losses as a ``LossResult`` (for paired differences)."""
     from florist.eval.heldout import LossResult
 
-    ev = record["eval"]
     rows = [float("nan") if x is None else x for x in ev["heldout_rows"]]
     tokens = ev["heldout_tokens"]
     return LossResult(ev["heldout_loss"], 0.0, sum(tokens), rows, tokens)
@@ -94,6 +128,9 @@ def main() -> None:
     p.add_argument("--cap", type=int, default=8)
     p.add_argument("--work", type=Path, default=Path("runs/quantized-merge"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/quantized_merge.json"))
+    p.add_argument(
+        "--as-trained", action="store_true", help="also score nf4 G on the 4-bit base, and both bases"
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from florist.console import quiet_imports
@@ -114,16 +151,34 @@ def main() -> None:
                 row[key] = [runs[(name, s)][key] for s in args.seeds]
         if name != base:
             final = {
-                who: [loss_result(runs[(who, s)]["records"][-1]) for s in args.seeds] for who in (base, name)
+                who: [loss_result(runs[(who, s)]["records"][-1]["eval"]) for s in args.seeds]
+                for who in (base, name)
             }
             pairs = list(zip(final[base], final[name], strict=True))
             row["minus_fp32"] = paired_over_seeds(pairs).to_dict()
             row["minus_fp32_text"] = paired_over_seeds(pairs).describe()
+            if args.as_trained:  # why: the same G on the 4-bit base its clients trained on
+                why = [as_trained(name, s, args) for s in args.seeds]
+                diffs = {
+                    "nf4 base - fp32 base (before training)": ("fp32 base", "nf4 base"),
+                    "nf4 base + G - fp32 base + its updates": (None, "nf4 base + G"),
+                    "fp32 base + G - nf4 base + G (the same G)": ("nf4 base + G", None),
+                }
+                row["why"] = {}
+                for label, (a, b) in diffs.items():
+                    pick = []
+                    for i, w in enumerate(why):  # None: the run's own final scoring (full-precision base)
+                        first = loss_result(w[a]) if a else final[base][i]
+                        pick.append((first, loss_result(w[b]) if b else final[name][i]))
+                    row["why"][label] = paired_over_seeds(pick).describe()
+                row["nf4_base_plus_g_loss"] = [w["nf4 base + G"]["heldout_loss"] for w in why]
         table[name] = row
         print(f"{name:22s} held-out loss {row['heldout_loss']}  {row.get('minus_fp32_text', '(reference)')}"
               + (f"  G rank {row['held_rank']}" if "held_rank" in row else "")
               + (f"  energy kept >= {row['held_energy_kept_min']}" if "held_energy_kept_min" in row else ""),
               flush=True)  # fmt: skip
+        for label, text in row.get("why", {}).items():
+            print(f"    {label}: {text}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     regime = {"rounds": args.rounds, "steps": args.steps, "seeds": list(args.seeds), "cap": args.cap,
               "method": "florist tau 0.9", "config": "paper_cpu.toml"}  # fmt: skip
