@@ -25,7 +25,8 @@ def check_before_start(cfg: FloristConfig) -> None:
     """Refuse, in one line, what would otherwise fail in a node or the server after processes start."""
     from florist.server.rundir import RunDir
 
-    RunDir(cfg, published_name(cfg.model.name))  # exists and is not empty, or holds no run to resume
+    if not cfg.run.resume:  # a resume's checkpoint is checked where it is read (flower.simulation)
+        RunDir(cfg, published_name(cfg.model.name))  # the run directory exists and is not empty
     if cfg.model.device == "cuda":
         import torch
 
