@@ -153,8 +153,8 @@ def test_the_aggregator_sees_only_the_noised_mean(monkeypatch: pytest.MonkeyPatc
         (["privacy.clip=0.0"], "clip must be > 0"),
         (["privacy.mode='local'"], "privacy.mode must be one of"),
         (["privacy.mode='client'"], "needs privacy.noise_multiplier or privacy.target_epsilon"),
-        (["privacy.mode='client'", "privacy.noise_multiplier=1.0", "aggregation.method='fedit'", "aggregation.tau=none"],
-         "not yet for 'fedit'"),
+        (["privacy.mode='client'", "privacy.noise_multiplier=1.0", "aggregation.method='flexlora'", "aggregation.tau=none"],
+         "not yet for 'flexlora'"),
         (["privacy.mode='client'", "privacy.noise_multiplier=1.0", "privacy.delta=0.3"], "not below 1 / num_clients"),
         (["privacy.mode='client'", "privacy.noise_multiplier=0.5", "privacy.target_epsilon=1.0"],
          r"spend epsilon .* beyond privacy.target_epsilon = 1"),
@@ -219,3 +219,40 @@ def test_ffa_under_client_dp_aggregates_only_the_noised_mean(monkeypatch: pytest
         load_config(None, ["privacy.mode='client'", "privacy.noise_multiplier=1.0", "aggregation.method='ffa'",
                            "aggregation.tau=none", "lora.warm_start=false", "federation.num_clients=2",
                            "lora.ranks=[4, 2]"])  # fmt: skip
+
+
+def test_fedit_dp_averages_both_factors_from_the_shared_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedIT: DP-FedAvg on B and A together (one clip over both factors and all modules), round 1
+    starting at the shared draw every client began from, rebuilt by the server from the seed."""
+    from florist.client.lora_state import extract
+    from florist.server.round import shared_draw
+    from tests.unit.test_local_client import _clients
+
+    clients = _clients("fedit", ranks=(4, 4))
+    began = [extract(c.model) for c in clients]
+    ups = [c.fit(1)[0] for c in clients]
+    cfg = load_config(None, ["privacy.mode='client'", "privacy.noise_multiplier=0.0", "privacy.clip=0.05",
+                             "aggregation.method='fedit'", "federation.num_clients=2", "federation.seed=0",
+                             "lora.warm_start=false", "lora.ranks=[4]"])  # fmt: skip
+    start = shared_draw(cfg, ups)
+    for f0 in began:  # every client began at the server's rebuilt draw, B = 0
+        for name, f in f0.items():
+            assert torch.equal(f.A, start[name].A) and not start[name].B.any() and not f.B.any()
+    agg = cfg.aggregator()
+    seen = spy_on(agg, monkeypatch)
+    out = aggregate_round(cfg, agg, 1, ups, [], {u.client_id: 4 for u in ups})
+    assert seen == [[NOISED]] and out.result is not None
+    changes = []  # the dense float64 reference: each client's (s B_k, A_k - A_0) as one vector
+    for u in ups:
+        changes.append({(n, w): (f.B.double() * f.scaling if w == "B" else f.A.double() - start[n].A.double())
+                        for n, f in u.modules.items() for w in "BA"})  # fmt: skip
+    norms = [math.sqrt(sum(float(t.square().sum()) for t in c.values())) for c in changes]
+    assert min(norms) > 0.05  # the bound bites for both
+    for name, g in out.result.global_update.items():
+        for w, got in (("B", g.B.double() * g.scaling), ("A", g.A.double())):
+            want = sum(c[(name, w)] * 0.05 / k for c, k in zip(changes, norms, strict=True)) / 2
+            if w == "A":
+                want = want + start[name].A.double()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="needs the factors the round began from"):
+        noised_mean_factor(ups, None, 1.0, 1.0, noise_generator(0, 1), with_a=True)

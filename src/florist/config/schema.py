@@ -488,7 +488,7 @@ class AggregationConfig:
 RANK_POLICIES = ("auto", "noise")
 PRIVACY_MODES = ("none", "client", "dp-sgd")
 # products of the clients' changes (florist, flora), or one factor against a shared A (ffa, fedsvd)
-CLIENT_DP_METHODS = ("florist", "flora", "ffa", "fedsvd")
+CLIENT_DP_METHODS = ("florist", "flora", "ffa", "fedsvd", "fedit")
 
 
 @dataclass(frozen=True)
@@ -709,7 +709,7 @@ class FloristConfig:
                 f"needs only the sum of the clients' changes), not yet for {method!r}"
             )
         n = self.federation.num_clients
-        if method in ("ffa", "fedsvd") and len({self.lora.rank_of(k, n) for k in range(n)}) > 1:
+        if method in ("ffa", "fedsvd", "fedit") and len({self.lora.rank_of(k, n) for k in range(n)}) > 1:
             raise ConfigError(f"privacy.mode = 'client' with {method!r} needs one rank for every client")
         if self.aggregation.clip != "none":
             raise ConfigError(

@@ -1,7 +1,8 @@
 """Client-level differential privacy on a trusted server (DP-FedAvg, McMahan et al. 2018), for the
-products of LoRA factors (FLoRIST, FLoRA: ``noised_mean``) and for the one factor a method trains
-against a shared A (FFA-LoRA, FedSVD: ``noised_mean_factor``, the same steps on B's change from the
-global the round began at).
+products of LoRA factors (FLoRIST, FLoRA: ``noised_mean``) and for the factors a method averages
+(``noised_mean_factor``, the same steps on their change from the global the round began at): B
+against a shared A (FFA-LoRA, FedSVD), or B and A both (FedIT, whose round 1 begins at the shared draw
+of A every client starts from, known to the server by its seed).
 
 Per round, with the m sampled clients' changes Delta W_k = s B_k A_k (less any warm part):
 
@@ -86,32 +87,45 @@ def noised_mean_factor(
     bound: float,
     sigma: float,
     generator: torch.Generator,
+    with_a: bool = False,
 ) -> tuple[ClientUpdate, float]:
-    """DP-FedAvg on the one factor a method trains and averages (FFA-LoRA's and FedSVD's B against a
-    shared A): each client's change ``s B_k - B_start`` (``start``: the global the round began from;
-    None: B = 0) clipped to ``bound`` over all modules, the sum noised with N(0, sigma^2 C^2) per
-    entry, divided by m and added back to the start. The A's must agree (the method's shared A)."""
+    """DP-FedAvg on the factors a method averages: FFA-LoRA's and FedSVD's B against a shared A (the
+    A's must agree), or both factors (``with_a``: FedIT). Each client's change from ``start`` (the
+    global the round began from; None: B = 0, only without ``with_a``), ``s B_k - B_start`` and with
+    ``with_a`` also ``A_k - A_start``, is clipped to ``bound`` as one vector over all modules, the sum
+    noised with N(0, sigma^2 C^2) per entry, divided by m and added back to the start."""
     if not updates:
         raise ValueError("client-level DP needs at least one update")
+    if with_a and start is None:
+        raise ValueError("DP-FedAvg on both factors needs the factors the round began from")
+    factors = ("B", "A") if with_a else ("B",)
+    begin: dict[tuple[str, str], torch.Tensor] = {}
     changes = []
     for u in updates:
-        modules = {}
+        parts = {}
         for name, f in u.modules.items():
-            B = f.effective()[0]
-            base = start[name].effective()[0] if start is not None else torch.zeros_like(B)
-            if base.shape != B.shape:
-                raise ValueError(f"module {name!r}: the start's B {tuple(base.shape)} is not the upload's")
-            modules[name] = B - base
-        changes.append(modules)
+            now = dict(zip(("B", "A"), f.effective(), strict=True))
+            for which in factors:
+                if (name, which) not in begin:
+                    was = dict(zip(("B", "A"), start[name].effective(), strict=True)) if start else {}
+                    begin[(name, which)] = was.get(which, torch.zeros_like(now["B"]))
+                base = begin[(name, which)]
+                if base.shape != now[which].shape:
+                    raise ValueError(
+                        f"module {name!r}: the start's {which} {tuple(base.shape)} is not the upload's"
+                    )
+                parts[(name, which)] = now[which] - base
+        changes.append(parts)
     m, std = len(changes), sigma * bound
     norms = [math.sqrt(sum(float(t.double().square().sum()) for t in c.values())) for c in changes]
     first = updates[0].modules
-    out = {}
-    for name in sorted(first):
-        total = sum(c[name].double() * min(1.0, bound / n) if n > 0 else c[name].double()
+    released: dict[tuple[str, str], torch.Tensor] = {}
+    for key in sorted(changes[0]):
+        total = sum(c[key].double() * min(1.0, bound / n) if n > 0 else c[key].double()
                     for c, n in zip(changes, norms, strict=True))  # fmt: skip
         assert isinstance(total, torch.Tensor)
         noise = torch.randn(total.shape, generator=generator, dtype=torch.float64) * std
-        base = start[name].effective()[0].double() if start is not None else torch.zeros_like(total)
-        out[name] = LoraFactors(A=first[name].A, B=(base + (total + noise) / m).float())
+        released[key] = (begin[key].double() + (total + noise) / m).float()
+    out = {name: LoraFactors(A=released[(name, "A")] if with_a else first[name].A, B=released[(name, "B")])
+           for name in sorted(first)}  # fmt: skip
     return ClientUpdate(NOISED, 1.0, out), std / m

@@ -14,13 +14,17 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from florist.aggregation.base import AggregationResult, Aggregator
 from florist.aggregation.lowrank import result_to_wire
 from florist.aggregation.protocols import protocol_of
 from florist.aggregation.robust import ClipReport, cap_weights, clip_factors, clip_updates, update_norm
 from florist.config import FloristConfig
-from florist.lora import ClientUpdate
+from florist.lora import ClientUpdate, LoraFactors
+from florist.lora.seeded import seeded_a
 from florist.privacy.client_level import NOISED, noise_generator, noised_mean, noised_mean_factor
+from florist.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +87,29 @@ def private_round(
     noise = noise_generator(cfg.privacy.noise_seed, round)
     if type(aggregator).products_only:
         noised, std = noised_mean(deltas, cfg.privacy.clip, acc.sigma, noise)
-    else:  # the B a method averages against its shared A, from the global the round began at
-        start = protocol_of(aggregator.protocol).round_start(history)
-        noised, std = noised_mean_factor(deltas, start, cfg.privacy.clip, acc.sigma, noise)
+    else:  # the factors a method averages (B; FedIT: B and A), from the global the round began at
+        rules = protocol_of(aggregator.protocol)
+        with_a = type(aggregator).uploads_a()
+        start = rules.round_start(history)
+        if start is None and with_a:
+            start = shared_draw(cfg, deltas)
+        noised, std = noised_mean_factor(deltas, start, cfg.privacy.clip, acc.sigma, noise, with_a)
     noised = replace(noised, noise_std=std)
     result, why = attempt(aggregator, round, [noised], cfg.federation.wire_dtype)
     return RoundOutcome(result, [noised], {} if result is not None else {NOISED: f"round {round}: {why}"})
+
+
+def shared_draw(cfg: FloristConfig, updates: Sequence[ClientUpdate]) -> dict[str, LoraFactors]:
+    """Where a continue-protocol client began round 1: B = 0 and the round's shared draw of A
+    (``LocalClient.fresh_lora``), rebuilt from the run's seed, every client's rank its leading rows."""
+    seed = derive_seed(cfg.federation.seed, "shared-init", 0)
+    n_clients = cfg.federation.num_clients
+    rows = max(cfg.lora.rank_of(k, n_clients) for k in range(n_clients))
+    start = {}
+    for name, f in updates[0].modules.items():
+        r, n = f.A.shape
+        start[name] = LoraFactors(A=seeded_a(seed, name, rows, n)[:r], B=torch.zeros(f.B.shape[0], r))
+    return start
 
 
 def round_deltas(

@@ -8,10 +8,10 @@ Cells are (mode, method, epsilon); epsilon = inf is the same method without DP, 
 (the reference each row is paired against):
 
     dp-sgd   the paper's 8 Dolly clients (paper_cpu.toml), DP-SGD on every client at delta 1e-5;
-             FedIT, FFA-LoRA, FLoRA, FLoRIST tau = 0.9 (every method keeps sample-level DP)
+             FedIT, FFA-LoRA, FedSVD, FLoRA, FLoRIST tau = 0.9 (every method keeps sample-level DP)
     client   the Dolly pool re-split over ``--clients`` (100) by category, ``--fraction`` (0.1)
-             sampled per round, client-level DP at delta 1e-3; FFA-LoRA, FLoRA, FLoRIST tau = 0.9
-             and FLoRIST with the noise rule (``aggregation.rank_policy = "noise"``)
+             sampled per round, client-level DP at delta 1e-3; FedIT, FFA-LoRA, FedSVD, FLoRA,
+             FLoRIST tau = 0.9 and FLoRIST with the noise rule (``aggregation.rank_policy = "noise"``)
 
 Every cell trains ``--rounds`` rounds with warm start off and the bf16 wire, scored on the test rows
 after the last; its final global model is attacked (``florist.eval.membership``): client 0's first
@@ -47,11 +47,14 @@ METHODS = {  # mode -> (label, config keys)
     "dp-sgd": (
         ("FedIT", ("aggregation.method='fedit'", "aggregation.tau=none")),
         ("FFA-LoRA", ("aggregation.method='ffa'", "aggregation.tau=none")),
+        ("FedSVD", ("aggregation.method='fedsvd'", "aggregation.tau=none")),
         ("FLoRA", ("aggregation.method='flora'", "aggregation.tau=none")),
         ("FLoRIST tau=0.90", ("aggregation.method='florist'", "aggregation.tau=0.9")),
     ),
     "client": (
+        ("FedIT", ("aggregation.method='fedit'", "aggregation.tau=none")),
         ("FFA-LoRA", ("aggregation.method='ffa'", "aggregation.tau=none")),
+        ("FedSVD", ("aggregation.method='fedsvd'", "aggregation.tau=none")),
         ("FLoRA", ("aggregation.method='flora'", "aggregation.tau=none")),
         ("FLoRIST tau=0.90", ("aggregation.method='florist'", "aggregation.tau=0.9")),
         ("FLoRIST noise rule", ("aggregation.method='florist'", "aggregation.tau=none",
@@ -137,9 +140,9 @@ def run(opts: StudyOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    for mode in opts.modes:
-        for label, keys in METHODS[mode]:
-            for eps in opts.epsilons:
+    for mode in opts.modes:  # every method at one epsilon before the next: a partial study compares
+        for eps in opts.epsilons:
+            for label, keys in METHODS[mode]:
                 key = cell_key(mode, label, eps)
                 if key in results:
                     continue
