@@ -24,7 +24,7 @@ def test_privacy_study_writes_every_cell_and_resumes(tmp_path: Path, capsys) -> 
             "federation.num_clients=4", "eval.batch_size=4"]  # fmt: skip
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == (5 + 6) * 2  # (dp-sgd + client methods) x epsilons
+    assert len(results) == (5 + 7) * 2  # (dp-sgd + client methods) x epsilons
     for key, records in results.items():
         ev = records[-1]["eval"]
         assert 0 < len(ev["member_rows"]) <= len(ev["heldout_rows"]), key  # client 0 may hold fewer

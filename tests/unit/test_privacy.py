@@ -5,12 +5,14 @@ aggregator sees only the noised mean, and the config's refusals."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
 
 from florist.aggregation import make_aggregator
+from florist.aggregation.base import AggregationResult
 from florist.aggregation.rank_policy import NoiseThreshold, hard_threshold
 from florist.config import load_config
 from florist.errors import ConfigError
@@ -21,6 +23,7 @@ from florist.privacy.client_level import (
     change_norm,
     clip_change,
     noise_generator,
+    noised_gradient_sum,
     noised_mean,
     noised_mean_factor,
 )
@@ -256,3 +259,66 @@ def test_fedit_dp_averages_both_factors_from_the_shared_draw(monkeypatch: pytest
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="needs the factors the round began from"):
         noised_mean_factor(ups, None, 1.0, 1.0, noise_generator(0, 1), with_a=True)
+
+
+@pytest.mark.parametrize(("sigma", "rounds"), [(1.0, 3), (2.0, 20)])
+def test_a_round_zero_with_every_client_is_one_more_unsampled_release(sigma: float, rounds: int) -> None:
+    """Fed-SB's round 0 (every client, rate 1) composed with sampled rounds: at rate 1 it is exactly
+    one more round of the closed form; at rate 0.1 it costs between nothing and a full round."""
+    assert Accountant(sigma, 1.0, 1e-5, first=1).epsilon(rounds) == pytest.approx(
+        _closed_form(sigma, rounds + 1, 1e-5), rel=1e-9
+    )
+    sampled, with_zero = Accountant(sigma, 0.1, 1e-5), Accountant(sigma, 0.1, 1e-5, first=1)
+    assert (
+        sampled.epsilon(rounds) < with_zero.epsilon(rounds) < Accountant(sigma, 1.0, 1e-5).epsilon(rounds + 1)
+    )
+    assert with_zero.epsilon(0) == pytest.approx(_closed_form(sigma, 1, 1e-5), rel=1e-9)
+    target = noise_for(3.0, 1e-5, 0.1, rounds, first=1)
+    assert Accountant(target, 0.1, 1e-5, first=1).epsilon(rounds) <= 3.0
+    assert target > noise_for(3.0, 1e-5, 0.1, rounds)
+
+
+def test_fedsb_round_zero_sees_only_the_clipped_noised_gradient_sum() -> None:
+    g = torch.Generator().manual_seed(5)
+    grads = [{name: k * torch.randn(m, n, generator=g) for name, (m, n) in SHAPES.items()} for k in (1, 2, 3)]
+    norms = [math.sqrt(sum(float(t.double().square().sum()) for t in gr.values())) for gr in grads]
+    out = noised_gradient_sum(grads, 25.0, 0.0, noise_generator(0, 0))
+    assert min(norms) < 25.0 < max(norms)  # one within the bound, the others clipped
+    for name in SHAPES:
+        want = sum(gr[name].double() * min(1.0, 25.0 / k) for gr, k in zip(grads, norms, strict=True))
+        torch.testing.assert_close(out[name], want, rtol=1e-12, atol=1e-12)
+    noised = noised_gradient_sum(grads, 25.0, 0.5, noise_generator(1, 0))
+    resid = torch.cat([(noised[n] - out[n]).flatten() for n in SHAPES])
+    assert float(resid.std()) == pytest.approx(0.5 * 25.0, rel=0.1)  # sigma C per entry
+
+
+def test_fedsb_under_client_dp_releases_the_noised_mean_core_on_the_servers_basis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each client's core change s R_k - R_start, clipped over all modules, averaged: the global
+    update is B (R_start + mean clipped change) A (dense float64 product), the basis the server's."""
+    from tests.unit.test_fedsb import SHAPES as FSB
+    from tests.unit.test_fedsb import _basis, _updates
+
+    cfg = load_config(None, ["privacy.mode='client'", "privacy.noise_multiplier=0.0", "privacy.clip=1.0",
+                             "aggregation.method='fedsb'", "federation.num_clients=3", "lora.ranks=[4]",
+                             "lora.warm_start=false"])  # fmt: skip
+    agg = cfg.aggregator()
+    g = torch.Generator().manual_seed(2)
+    start = {n: replace(f, core=torch.randn(4, 4, generator=g)) for n, f in _basis(4).items()}
+    sent = AggregationResult(method="fedsb", protocol=agg.protocol, global_update=start)
+    ups = _updates(4, (3.0, 1.0, 6.0))
+    seen = spy_on(agg, monkeypatch)
+    out = aggregate_round(cfg, agg, 1, ups, [sent], {u.client_id: 4 for u in ups})
+    assert seen == [[NOISED]] and out.result is not None
+    changes = [{n: 2.0 * u.modules[n].core.double() - start[n].core.double() for n in FSB} for u in ups]  # type: ignore[union-attr]
+    norms = [math.sqrt(sum(float(c[n].square().sum()) for n in FSB)) for c in changes]
+    assert min(norms) > 1.0  # the bound bites for every client
+    for name, f in out.result.global_update.items():
+        B, A = start[name].B.double(), start[name].A.double()
+        core = start[name].core.double() + sum(c[name] / k for c, k in zip(changes, norms, strict=True)) / 3  # type: ignore[union-attr]
+        torch.testing.assert_close(f.delta(F64), B @ core @ A, rtol=1e-5, atol=1e-6)
+        assert torch.equal(f.B, start[name].B) and torch.equal(f.A, start[name].A)
+    with pytest.raises(ConfigError, match="does not cover 'fedsb'"):
+        load_config(None, ["privacy.mode='dp-sgd'", "privacy.noise_multiplier=1.0", "aggregation.method='fedsb'",
+                           "lora.warm_start=false"])  # fmt: skip

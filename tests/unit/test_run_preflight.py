@@ -68,6 +68,17 @@ def test_florist_run_stops_in_one_line_before_anything_starts(
     assert not (tmp_path / "runs").exists()
 
 
+def test_florist_demo_makes_the_same_checks_before_it_starts(
+    llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["demo", f"model.name={str(llama)!r}", f"run.dir={str(tmp_path / 'runs')!r}",
+            "lora.target_modules=['nope_proj']"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("florist demo: error: lora.target_modules: 'nope_proj'")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_baseline_spec_can_set_every_clients_rank() -> None:
     from florist.studies.variants import parse_baseline
 

@@ -1,13 +1,12 @@
 """``florist demo [section.key=value ...]``: ``florist run`` on the packaged demo config (SmolLM2 +
-the embedded skills set, FLoRIST)."""
+the embedded skills set, FLoRIST), with the same checks before it starts."""
 
 from __future__ import annotations
 
 import argparse
 
-from florist.config import DEMO_CONFIG, load_config
-from florist.flower.simulation import run_simulation
-from florist.tables import print_summary
+from florist.commands.run import run
+from florist.config import DEMO_CONFIG
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,4 +14,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    print_summary(run_simulation(load_config(DEMO_CONFIG, args.overrides)), demo=True)
+    run(DEMO_CONFIG, args.overrides, demo=True)

@@ -27,10 +27,14 @@ def main(args: argparse.Namespace) -> None:
     run(args.config, args.overrides, resume=args.resume, force=args.force)
 
 
-def run(config: str, overrides: Sequence[str], resume: bool = False, force: bool = False) -> None:
+def run(
+    config: str, overrides: Sequence[str], resume: bool = False, force: bool = False, demo: bool = False
+) -> None:
+    """Load, check before any process starts (``check_before_start``), run, print the summary (with
+    ``demo``: the demo's closing lines); ``florist demo`` is this on the packaged demo config."""
     flags = ["run.resume=true"] * resume + ["run.force=true"] * force
     if not sys.stderr.isatty() and not any(o.startswith("run.progress=") for o in overrides):
         flags.append("run.progress=false")  # into a log file, every bar redraw would be a \r line
     cfg = load_config(config, [*overrides, *flags])
     check_before_start(cfg)
-    print_summary(run_simulation(cfg))
+    print_summary(run_simulation(cfg), demo=demo)

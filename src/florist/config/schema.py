@@ -488,7 +488,7 @@ class AggregationConfig:
 RANK_POLICIES = ("auto", "noise")
 PRIVACY_MODES = ("none", "client", "dp-sgd")
 # products of the clients' changes (florist, flora), or one factor against a shared A (ffa, fedsvd)
-CLIENT_DP_METHODS = ("florist", "flora", "ffa", "fedsvd", "fedit")
+CLIENT_DP_METHODS = ("florist", "flora", "ffa", "fedsvd", "fedit", "fedsb")
 
 
 @dataclass(frozen=True)
@@ -737,7 +737,8 @@ class FloristConfig:
     def accountant(self) -> Accountant | None:
         """Client-level DP's accountant: the noise multiplier (given, or the smallest reaching
         ``target_epsilon`` over the run's rounds) and the sample rate, the most clients a round samples
-        over all of them; None without client-level DP."""
+        over all of them, with Fed-SB's round 0 (every client's clipped gradient, noised) as one more
+        release at rate 1; None without client-level DP."""
         p, fed = self.privacy, self.federation
         if p.mode != "client":  # dp-sgd: each client's own (florist.privacy.sample_level.plan)
             return None
@@ -748,11 +749,12 @@ class FloristConfig:
             q = max(len(set(r)) for r in fed.participation) / n
         else:
             q = min(n, max(fed.min_clients, int(fed.fraction * n + 0.5))) / n
+        first = 1 if protocol_of(aggregator_class(self.aggregation.method).protocol).needs_init else 0
         sigma = p.noise_multiplier
         if sigma is None:
             assert p.target_epsilon is not None
-            sigma = noise_for(p.target_epsilon, p.delta, q, fed.rounds)
-        return Accountant(sigma, q, p.delta)
+            sigma = noise_for(p.target_epsilon, p.delta, q, fed.rounds, first)
+        return Accountant(sigma, q, p.delta, first)
 
     def aggregator(self) -> Aggregator:
         """The run's aggregator: ``[aggregation]`` with a byte budget priced at the run's wire dtype."""

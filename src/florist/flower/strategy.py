@@ -339,9 +339,7 @@ class FederatedLoRA(Strategy):
             )
         lr = cfg.init_lr(max(c.num_examples for c in self.clients))
         rank = max(c.rank for c in self.clients)
-        self.server.begin(
-            self.aggregator.initial([gradients[k] for k in sorted(gradients)], rank, lr, fed.wire_dtype)
-        )
+        self.server.start_from([gradients[k] for k in sorted(gradients)], rank, lr)
         log.info("round 0: the starting adapter from %d clients' gradients", len(gradients))
 
     def _skip(self, log_: RoundLog, reason: str) -> tuple[None, MetricRecord]:

@@ -21,15 +21,18 @@ ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))  # O
 
 @dataclass(frozen=True)
 class Accountant:
-    """Epsilon after ``rounds`` rounds of noise multiplier ``sigma`` at sample rate ``q``, at ``delta``."""
+    """Epsilon after ``rounds`` rounds of noise multiplier ``sigma`` at sample rate ``q``, at ``delta``;
+    ``first`` releases before them with every client in (q = 1, the same sigma: Fed-SB's round 0)."""
 
     sigma: float
     q: float
     delta: float
+    first: int = 0
 
     def epsilon(self, rounds: int) -> float:
-        """The (epsilon, delta) guarantee after ``rounds`` rounds; 0 before any, inf without noise."""
-        if rounds <= 0:
+        """The (epsilon, delta) guarantee after ``rounds`` rounds (and the ``first`` releases); 0 before
+        any, inf without noise."""
+        if rounds <= 0 and self.first == 0:
             return 0.0
         if self.sigma <= 0:
             return math.inf
@@ -37,20 +40,24 @@ class Accountant:
 
         with warnings.catch_warnings():  # opacus warns when the best order is at the grid's edge
             warnings.simplefilter("ignore")
-            curve = rdp.compute_rdp(q=self.q, noise_multiplier=self.sigma, steps=rounds, orders=list(ORDERS))
+            curve = 0.0
+            for q, steps in ((self.q, max(rounds, 0)), (1.0, self.first)):
+                if steps:  # RDP composes by adding the curves
+                    curve = curve + rdp.compute_rdp(q=q, noise_multiplier=self.sigma, steps=steps,
+                                                    orders=list(ORDERS))  # fmt: skip
             eps, _ = rdp.get_privacy_spent(orders=list(ORDERS), rdp=curve, delta=self.delta)
         return float(eps)
 
 
-def noise_for(target_epsilon: float, delta: float, q: float, rounds: int) -> float:
-    """The smallest noise multiplier (to 0.01) whose ``rounds`` rounds at rate ``q`` stay within
-    ``target_epsilon`` at ``delta`` (a bisection on ``Accountant.epsilon``)."""
+def noise_for(target_epsilon: float, delta: float, q: float, rounds: int, first: int = 0) -> float:
+    """The smallest noise multiplier (to 0.01) whose ``rounds`` rounds at rate ``q`` (after ``first``
+    at rate 1) stay within ``target_epsilon`` at ``delta`` (a bisection on ``Accountant.epsilon``)."""
     lo, hi = 0.0, 1.0
-    while Accountant(hi, q, delta).epsilon(rounds) > target_epsilon:
+    while Accountant(hi, q, delta, first).epsilon(rounds) > target_epsilon:
         lo, hi = hi, 2 * hi
         if hi > 1e6:
             raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} in {rounds} rounds")
     while hi - lo > 0.005:
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if Accountant(mid, q, delta).epsilon(rounds) > target_epsilon else (lo, mid)
+        lo, hi = (mid, hi) if Accountant(mid, q, delta, first).epsilon(rounds) > target_epsilon else (lo, mid)
     return math.ceil(hi * 100) / 100

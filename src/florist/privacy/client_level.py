@@ -1,8 +1,9 @@
 """Client-level differential privacy on a trusted server (DP-FedAvg, McMahan et al. 2018), for the
 products of LoRA factors (FLoRIST, FLoRA: ``noised_mean``) and for the factors a method averages
 (``noised_mean_factor``, the same steps on their change from the global the round began at): B
-against a shared A (FFA-LoRA, FedSVD), or B and A both (FedIT, whose round 1 begins at the shared draw
-of A every client starts from, known to the server by its seed).
+against a shared A (FFA-LoRA, FedSVD), B and A both (FedIT, whose round 1 begins at the shared draw
+of A every client starts from, known to the server by its seed), or the r x r core R between a frozen
+basis (Fed-SB, whose round 0 is one more release: ``noised_gradient_sum``).
 
 Per round, with the m sampled clients' changes Delta W_k = s B_k A_k (less any warm part):
 
@@ -81,6 +82,24 @@ def noised_mean(
     return ClientUpdate(NOISED, 1.0, modules), std / m
 
 
+def noised_gradient_sum(
+    gradients: Sequence[Mapping[str, torch.Tensor]], bound: float, sigma: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Fed-SB's round 0 under client-level DP: each client's summed gradient clipped to ``bound`` over
+    all modules, their sum noised with N(0, sigma^2 C^2) per entry: the one gradient the server's
+    sign step sees (only its sign is used, so the scale C does not matter)."""
+    if not gradients:
+        raise ValueError("client-level DP needs at least one gradient")
+    norms = [math.sqrt(sum(float(t.double().square().sum()) for t in g.values())) for g in gradients]
+    out = {}
+    for name in sorted(gradients[0]):
+        total = sum(g[name].double() * min(1.0, bound / n) if n > 0 else g[name].double()
+                    for g, n in zip(gradients, norms, strict=True))  # fmt: skip
+        assert isinstance(total, torch.Tensor)
+        out[name] = total + torch.randn(total.shape, generator=generator, dtype=torch.float64) * sigma * bound
+    return out
+
+
 def noised_mean_factor(
     updates: Sequence[ClientUpdate],
     start: Mapping[str, LoraFactors] | None,
@@ -90,7 +109,8 @@ def noised_mean_factor(
     with_a: bool = False,
 ) -> tuple[ClientUpdate, float]:
     """DP-FedAvg on the factors a method averages: FFA-LoRA's and FedSVD's B against a shared A (the
-    A's must agree), or both factors (``with_a``: FedIT). Each client's change from ``start`` (the
+    A's must agree), both factors (``with_a``: FedIT), or Fed-SB's core ``s R`` (its changes from
+    the global core; the basis is the server's own). Each client's change from ``start`` (the
     global the round began from; None: B = 0, only without ``with_a``), ``s B_k - B_start`` and with
     ``with_a`` also ``A_k - A_start``, is clipped to ``bound`` as one vector over all modules, the sum
     noised with N(0, sigma^2 C^2) per entry, divided by m and added back to the start."""
@@ -98,17 +118,18 @@ def noised_mean_factor(
         raise ValueError("client-level DP needs at least one update")
     if with_a and start is None:
         raise ValueError("DP-FedAvg on both factors needs the factors the round began from")
-    factors = ("B", "A") if with_a else ("B",)
+    cores = any(f.core is not None for u in updates for f in u.modules.values())
+    factors = ("core",) if cores else ("B", "A") if with_a else ("B",)
     begin: dict[tuple[str, str], torch.Tensor] = {}
     changes = []
     for u in updates:
         parts = {}
         for name, f in u.modules.items():
-            now = dict(zip(("B", "A"), f.effective(), strict=True))
+            now = _trained(f)
             for which in factors:
                 if (name, which) not in begin:
-                    was = dict(zip(("B", "A"), start[name].effective(), strict=True)) if start else {}
-                    begin[(name, which)] = was.get(which, torch.zeros_like(now["B"]))
+                    was = _trained(start[name]) if start else {}
+                    begin[(name, which)] = was.get(which, torch.zeros_like(now[which]))
                 base = begin[(name, which)]
                 if base.shape != now[which].shape:
                     raise ValueError(
@@ -126,6 +147,18 @@ def noised_mean_factor(
         assert isinstance(total, torch.Tensor)
         noise = torch.randn(total.shape, generator=generator, dtype=torch.float64) * std
         released[key] = (begin[key].double() + (total + noise) / m).float()
-    out = {name: LoraFactors(A=released[(name, "A")] if with_a else first[name].A, B=released[(name, "B")])
-           for name in sorted(first)}  # fmt: skip
+    out = {}
+    for name, f in sorted(first.items()):
+        if cores:  # Fed-SB: the released core on the (server's) basis
+            out[name] = LoraFactors(A=f.A, B=f.B, core=released[(name, "core")])
+        else:
+            out[name] = LoraFactors(A=released[(name, "A")] if with_a else f.A, B=released[(name, "B")])
     return ClientUpdate(NOISED, 1.0, out), std / m
+
+
+def _trained(f: LoraFactors) -> dict[str, torch.Tensor]:
+    """The factors a method averages, as trained: s B and A, or Fed-SB's s R on its frozen basis."""
+    if f.core is not None:
+        return {"core": f.core * f.scaling, "B": f.B}
+    B, A = f.effective()
+    return {"B": B, "A": A}

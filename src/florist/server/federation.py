@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from torch import Tensor
 
 from florist.aggregation.base import AggregationResult, Aggregator
 from florist.aggregation.protocols import protocol_of
 from florist.config import FloristConfig
 from florist.errors import ConfigError
 from florist.lora import ClientUpdate, LoraFactors
+from florist.privacy.client_level import noise_generator, noised_gradient_sum
 from florist.seeds import derive_seed
 from florist.server.checkpoint import ServerState
 from florist.server.global_model import GlobalModel
@@ -158,6 +161,22 @@ class Server:
         if outcome.result is not None:
             self.accept(round, outcome.result)
         return outcome
+
+    def start_from(
+        self, gradients: Sequence[Mapping[str, Tensor]], rank: int, lr: float
+    ) -> AggregationResult:
+        """Round 0 from the clients' summed gradients (``Aggregator.initial``, Fed-SB); under
+        client-level DP the aggregator sees only their clipped, noised sum
+        (``florist.privacy.client_level.noised_gradient_sum``). Opens the history (``begin``)."""
+        cfg = self.cfg
+        if cfg.privacy.mode == "client":
+            acc = cfg.accountant()
+            assert acc is not None
+            noise = noise_generator(cfg.privacy.noise_seed, 0)
+            gradients = [noised_gradient_sum(gradients, cfg.privacy.clip, acc.sigma, noise)]
+        result = self.aggregator.initial(gradients, rank, lr, cfg.federation.wire_dtype)
+        self.begin(result)
+        return result
 
     def begin(self, result: AggregationResult) -> None:
         """Round 0 of a protocol that needs one (``ClientRules.needs_init``): its result, the run's

@@ -10,8 +10,10 @@ Cells are (mode, method, epsilon); epsilon = inf is the same method without DP, 
     dp-sgd   the paper's 8 Dolly clients (paper_cpu.toml), DP-SGD on every client at delta 1e-5;
              FedIT, FFA-LoRA, FedSVD, FLoRA, FLoRIST tau = 0.9 (every method keeps sample-level DP)
     client   the Dolly pool re-split over ``--clients`` (100) by category, ``--fraction`` (0.1)
-             sampled per round, client-level DP at delta 1e-3; FedIT, FFA-LoRA, FedSVD, FLoRA,
-             FLoRIST tau = 0.9 and FLoRIST with the noise rule (``aggregation.rank_policy = "noise"``)
+             sampled per round, client-level DP at delta 1e-3; FedIT, FFA-LoRA, FedSVD, Fed-SB (its
+             round 0 one more release, with every client), FLoRA, FLoRIST tau = 0.9 and FLoRIST with
+             the noise rule (``aggregation.rank_policy = "noise"``); DP-SGD does not cover Fed-SB, whose
+             round 0 sends raw gradients
 
 Every cell trains ``--rounds`` rounds with warm start off and the bf16 wire, scored on the test rows
 after the last; its final global model is attacked (``florist.eval.membership``): client 0's first
@@ -55,6 +57,7 @@ METHODS = {  # mode -> (label, config keys)
         ("FedIT", ("aggregation.method='fedit'", "aggregation.tau=none")),
         ("FFA-LoRA", ("aggregation.method='ffa'", "aggregation.tau=none")),
         ("FedSVD", ("aggregation.method='fedsvd'", "aggregation.tau=none")),
+        ("Fed-SB", ("aggregation.method='fedsb'", "aggregation.tau=none")),
         ("FLoRA", ("aggregation.method='flora'", "aggregation.tau=none")),
         ("FLoRIST tau=0.90", ("aggregation.method='florist'", "aggregation.tau=0.9")),
         ("FLoRIST noise rule", ("aggregation.method='florist'", "aggregation.tau=none",

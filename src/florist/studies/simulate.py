@@ -28,7 +28,7 @@ from florist.aggregation.fedsb import init_shares
 from florist.aggregation.linalg import energy_beyond
 from florist.aggregation.lowrank import prepare_upload
 from florist.aggregation.protocols import protocol_of
-from florist.client.local import LocalClient, client_from_config
+from florist.client.local import LocalClient, client_from_config, client_id
 from florist.client.model import load_client_model, load_model
 from florist.config import FloristConfig
 from florist.data.federated import client_examples
@@ -42,15 +42,14 @@ log = logging.getLogger(__name__)
 Evaluate = Callable[[Any, Any], dict[str, Any]]
 
 
-def make_clients(cfg: FloristConfig, protocol: ClientProtocol) -> list[LocalClient]:
+LIVE_CLIENTS = 16  # a larger federation keeps a client (its own model) only for the round it trains
+
+
+def make_client(cfg: FloristConfig, protocol: ClientProtocol, k: int) -> LocalClient:
+    """Client ``k`` of ``cfg``'s federation on its own copy of the base model."""
     n = cfg.federation.num_clients
-    clients = []
-    for k in range(n):
-        device_model, tok = load_client_model(cfg)
-        clients.append(
-            client_from_config(cfg, k, device_model, tok, client_examples(cfg.data, k, n), protocol)
-        )
-    return clients
+    device_model, tok = load_client_model(cfg)
+    return client_from_config(cfg, k, device_model, tok, client_examples(cfg.data, k, n), protocol)
 
 
 def train_round(clients: Sequence[LocalClient], round: int) -> tuple[list[ClientUpdate], dict[str, Any]]:
@@ -116,15 +115,23 @@ def round_record(
 
 
 class Variant:
-    """One method's run: its clients and a ``Server`` (the results sent, the server's model)."""
+    """One method's run: its clients and a ``Server`` (the results sent, the server's model).
+
+    Each round trains the clients the server samples (``Server.participants``: every client unless
+    ``federation.fraction`` or a schedule says otherwise). A client is built when first needed and
+    takes what it is owed just before it trains, as a Flower node does; in a federation of more than
+    ``LIVE_CLIENTS`` it is dropped after its round and rebuilt when sampled again, catching up from
+    the server's state as after a restart (exact: its seeds depend on the round, not the process)."""
 
     def __init__(self, cfg: FloristConfig) -> None:
         self.cfg = cfg
         self.agg = cfg.aggregator()
         self.rules = protocol_of(self.agg.protocol)
-        self.clients = make_clients(cfg, self.agg.protocol)
+        self.live: dict[int, LocalClient] = {}
+        self.fresh: set[int] = set()  # built since they last held anything: catch up in full
         model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
-        members = [Member(c.client_id, k, c.lora.rank) for k, c in enumerate(self.clients)]
+        n = cfg.federation.num_clients
+        members = [Member(client_id(k), k, cfg.lora.rank_of(k, n)) for k in range(n)]
         self.server = Server(
             cfg,
             self.agg,
@@ -134,18 +141,47 @@ class Variant:
         self.rank = self.server.ranks
         self.init_bytes: tuple[int, int] | None = None  # round 0's (up, down), counted in round 1
 
+    def client(self, k: int) -> LocalClient:
+        """Client ``k``, built if it is not live."""
+        if k not in self.live:
+            self.live[k] = make_client(self.cfg, self.agg.protocol, k)
+            self.fresh.add(k)
+        return self.live[k]
+
+    def ready(self, k: int) -> LocalClient:
+        """Client ``k`` with what it is owed (``Server.owed``; built since it last held anything: also
+        what the server's state says it held, ``Server.held_lacking``), ready to train."""
+        c = self.client(k)
+        owed = self.server.owed(c.client_id)
+        if k in self.fresh:
+            owed = self.server.held_lacking(c.client_id, ()) | owed
+            self.fresh.discard(k)
+        for t in sorted(owed):
+            c.receive(owed[t], round=t)
+        return c
+
+    def retire(self) -> None:
+        """After a round in a large federation, the clients that trained give their memory back."""
+        if self.cfg.federation.num_clients > LIVE_CLIENTS:
+            self.live.clear()
+            self.fresh.clear()
+
     def begin(self) -> None:
         """Round 0 where the protocol needs one (Fed-SB): every client's summed gradient over its share
-        of ``aggregation.init_samples`` rows, the server's starting adapter, delivered to every client."""
-        cfg, clients = self.cfg, self.clients
-        shares = init_shares(cfg.aggregation.init_samples, [c.num_examples for c in clients])
-        gradients = {c.client_id: c.init_gradient(k) for c, k in zip(clients, shares, strict=True)}
-        lr = cfg.init_lr(max(c.num_examples for c in clients))
+        of ``aggregation.init_samples`` rows and the server's starting adapter (each client takes it
+        before it first trains)."""
+        cfg, n = self.cfg, self.cfg.federation.num_clients
+        sizes = [len(client_examples(cfg.data, k, n)) for k in range(n)]
+        gradients = {}
+        for k, share in enumerate(init_shares(cfg.aggregation.init_samples, sizes)):
+            c = self.client(k)
+            gradients[c.client_id] = c.init_gradient(share)
+            if n > LIVE_CLIENTS:
+                del self.live[k]
+        lr = cfg.init_lr(max(sizes))
         rank = max(self.rank.values())
-        start = self.agg.initial(list(gradients.values()), rank, lr, cfg.federation.wire_dtype)
-        self.server.begin(start)
+        start = self.server.start_from(list(gradients.values()), rank, lr)
         self.init_bytes = init_bytes(gradients, start, cfg.federation.wire_dtype)
-        self.deliver()
 
     def uploads(
         self, t: int, round_one: list[ClientUpdate] | None
@@ -153,9 +189,14 @@ class Variant:
         if t == 1 and round_one is not None:
             fed = self.cfg.federation
             prepared = [replace(u, modules=prepare_upload(u.modules, fed.uplink_tau, fed.wire_dtype)[0])
-                        for u in round_one]  # fmt: skip
+                        for u in self.sampled(round_one, t)]  # fmt: skip
             return prepared, {"train_loss": float("nan"), "train_seconds": 0.0, "shared": 1.0}
-        return train_round(self.clients, t)
+        return train_round([self.ready(m.index) for m in self.server.participants(t)], t)
+
+    def sampled(self, round_one: Sequence[ClientUpdate], t: int) -> list[ClientUpdate]:
+        """The shared round-1 uploads of the clients the server samples in round ``t``."""
+        chosen = {m.client_id for m in self.server.participants(t)}
+        return [u for u in round_one if u.client_id in chosen]
 
     def previous_adapter(self) -> Mapping[str, LoraFactors] | None:
         """G_{t-1} for continue protocols (what their clients started from); None for merge ones."""
@@ -185,24 +226,15 @@ class Variant:
             record["init_bytes_up"], record["init_bytes_down"] = self.init_bytes
             record["bytes_up"] += self.init_bytes[0]
             record["bytes_down"] += self.init_bytes[1]
-        self.deliver()
+        self.retire()
         return result, record | train | {"round_seconds": time.perf_counter() - start}
 
     def raw_uploads(self, t: int, round_one: list[ClientUpdate] | None) -> list[ClientUpdate]:
         """Round ``t``'s uploads before uplink truncation and wire rounding (float32, as trained)."""
         if t == 1 and round_one is not None:
-            return list(round_one)
-        return [ClientUpdate(c.client_id, float(c.num_examples), c.raw_upload) for c in self.clients]
-
-    def deliver(self, held: bool = True) -> None:
-        """Every client takes what it is owed (``Server.owed``); with ``held = False`` (fresh clients
-        after a resume) first what the server's state says it already holds."""
-        for c in self.clients:
-            owed = self.server.owed(c.client_id)
-            if not held:
-                owed = self.server.held_lacking(c.client_id, ()) | owed
-            for t in sorted(owed):
-                c.receive(owed[t], round=t)
+            return self.sampled(round_one, t)
+        trained = [self.live[m.index] for m in self.server.participants(t)]
+        return [ClientUpdate(c.client_id, float(c.num_examples), c.raw_upload) for c in trained]
 
     def save(self, folder: Path, records: list[dict[str, Any]]) -> None:
         """The server's state with the records so far, as a server checkpoint (the latest only)."""
@@ -217,7 +249,7 @@ class Variant:
             folder.mkdir(parents=True, exist_ok=True)
             return []
         self.server.restore(checkpoint.load_latest(folder, self.cfg, force=False))
-        self.deliver(held=False)
+        self.fresh |= set(self.live)  # every client catches up in full before it trains
         state = self.server.state
         log.info("%s: resumed after round %d from %s", self.cfg.aggregation.method, state.round, folder)
         return state.records
@@ -264,6 +296,7 @@ def run_variant(
 def shared_round_one(cfg: FloristConfig) -> list[ClientUpdate]:
     """Round 1's raw uploads from the base model (no uplink cut, float32), for variants that share it."""
     fed = replace(cfg.federation, uplink_tau=None, wire_dtype="float32")
-    clients = make_clients(replace(cfg, federation=fed), ClientProtocol.MERGE_AND_RESTART)
+    shared = replace(cfg, federation=fed)
+    clients = [make_client(shared, ClientProtocol.MERGE_AND_RESTART, k) for k in range(fed.num_clients)]
     updates, _ = train_round(clients, 1)
     return updates
