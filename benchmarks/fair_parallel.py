@@ -38,6 +38,7 @@ CANDIDATES = {  # --extra-baselines specs and FLoRIST variant names, per the ben
         "fedit+bf16",
         "flora+bf16",
         "flora+bf16+orth",
+        "flora+bf16+orth+acc",
         "flexlora+bf16",
         "flexlora+bf16+uplink",
         "fedex+bf16",
@@ -45,12 +46,24 @@ CANDIDATES = {  # --extra-baselines specs and FLoRIST variant names, per the ben
         "fedsb+bf16",
         "fedsb+bf16+r64",
     ),
-    "florist": ("all+orth", "all+orth+chg", "bf16+orth"),
+    "florist": ("all+orth", "all+orth+chg", "bf16+orth", "bf16+orth+acc"),
 }
-NAMES = ("FedIT +bf16", "FLoRA +bf16", "FLoRA +bf16 +orth", "FlexLoRA +bf16", "FlexLoRA +bf16 +uplink",
-         "FedEx-LoRA +bf16", "FedSVD +bf16", "FLoRIST tau=0.90 +all +orth",
-         "FLoRIST tau=0.90 +all +orth +chg", "FLoRIST tau=0.90 +bf16 +orth",
-         "Fed-SB +bf16", "Fed-SB +bf16 +r64")  # fmt: skip
+NAMES = (
+    "FedIT +bf16",
+    "FLoRA +bf16",
+    "FLoRA +bf16 +orth",
+    "FlexLoRA +bf16",
+    "FlexLoRA +bf16 +uplink",
+    "FedEx-LoRA +bf16",
+    "FedSVD +bf16",
+    "FLoRIST tau=0.90 +all +orth",
+    "FLoRIST tau=0.90 +all +orth +chg",
+    "FLoRIST tau=0.90 +bf16 +orth",
+    "Fed-SB +bf16",
+    "Fed-SB +bf16 +r64",
+    "FLoRA +bf16 +orth +acc",
+    "FLoRIST tau=0.90 +bf16 +orth +acc",
+)  # the ladder's (florist.studies.fair)
 # Fed-SB trains one r x r core on every client: it has no heterogeneous-rank form (r 16 as the others'
 # LoRA, and r 64; its rank is chosen on validation like any option)
 HOMOGENEOUS_ONLY = ("Fed-SB +bf16", "Fed-SB +bf16 +r64")

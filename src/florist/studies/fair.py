@@ -36,6 +36,22 @@ OURS = "FLoRIST"
 SEED_DIR = re.compile(r"seed-(\d+)$")
 TOLERANCE, VS_BEST, VS_FLORA = 0.001, 5.0, 20.0
 TIE = 0.0005  # nats of validation loss within which a method's cheaper configuration is its best
+# From FlexLoRA to FLoRIST one difference at a time: (variant, the rung it is paired against, what changes)
+LADDER = (
+    ("FLoRA +bf16 +orth +acc", "FlexLoRA +bf16",
+     "merge the exact aggregate and warm-start from the accumulated update's leading r directions, instead "
+     "of continuing from them and dropping the rest (the two differ only in that rest at equal ranks)"),
+    ("FLoRA +bf16 +orth", "FLoRA +bf16 +orth +acc",
+     "warm-start from the last round's update instead of the accumulated one"),
+    ("FLoRIST tau=0.90 +bf16 +orth", "FLoRA +bf16 +orth",
+     "keep 90 % of the aggregate's energy (the stack's SVD truncated) instead of all of it"),
+    ("FLoRIST tau=0.90 +bf16 +orth +acc", "FLoRIST tau=0.90 +bf16 +orth",
+     "at tau 0.9, the accumulated update as the warm source"),
+    ("FLoRIST tau=0.90 +all +orth", "FLoRIST tau=0.90 +bf16 +orth",
+     "uplink thresholding at tau 0.9 of each client's whole adapter"),
+    ("FLoRIST tau=0.90 +all +orth +chg", "FLoRIST tau=0.90 +all +orth",
+     "uplink thresholding of the round's change instead of the whole adapter"),
+)  # fmt: skip
 
 
 def family(variant: str) -> str:
@@ -98,13 +114,18 @@ def choose(
 
 
 def paired(
-    per_seed: Mapping[int, Mapping[str, Any]], setting: str, a: str, b: str, seeds: Sequence[int]
+    per_seed: Mapping[int, Mapping[str, Any]],
+    setting: str,
+    a: str,
+    b: str,
+    seeds: Sequence[int],
+    split: str = "test",
 ) -> PairedDifference | None:
-    """``b - a`` on the test rows after the last round, over the seeds both finished."""
+    """``b - a`` on the ``split`` rows after the last round, over ``seeds``."""
     pairs = []
     for s in seeds:
-        la = split_loss(per_seed[s][setting][a][-1], "test")
-        lb = split_loss(per_seed[s][setting][b][-1], "test")
+        la = split_loss(per_seed[s][setting][a][-1], split)
+        lb = split_loss(per_seed[s][setting][b][-1], split)
         if la is not None and lb is not None:
             pairs.append((la, lb))
     return paired_over_seeds(pairs) if pairs else None
@@ -189,6 +210,43 @@ def setting_report(per_seed: Mapping[int, Mapping[str, Any]], setting: str, roun
     }
 
 
+def ladder(per_seed: Mapping[int, Mapping[str, Any]], setting: str, rounds: int) -> list[dict[str, Any]]:
+    """The ``LADDER`` rungs both of whose variants finished: each paired against its previous rung on
+    the *validation* rows (a diagnosis, so the test rows stay for the chosen table), over the seeds
+    both finished, with both variants' total bytes."""
+    done = finished(per_seed, setting, rounds)
+    rungs = []
+    for name, previous, change in LADDER:
+        seeds = sorted(set(done.get(name, ())) & set(done.get(previous, ())))
+        d = paired(per_seed, setting, previous, name, seeds, "validation") if seeds else None
+        if d is None:
+            continue
+        spent = [mean([total_bytes(per_seed[s][setting][v]) for s in seeds]) for v in (previous, name)]
+        rungs.append({"variant": name, "versus": previous, "change": change, "seeds": seeds,
+                      "difference": d.to_dict(), "bytes": spent})  # fmt: skip
+    return rungs
+
+
+def ladder_markdown(rungs: Sequence[Mapping[str, Any]]) -> str:
+    if not rungs:
+        return ""
+    lines = [
+        "\nFrom FlexLoRA to FLoRIST one difference at a time: each rung's final validation loss minus "
+        "the rung it follows, paired on the validation rows over the seeds both finished (95 % CI); "
+        "negative: the change helps.\n",
+        "| rung | against | what changes | seeds | validation difference (95 % CI) | total bytes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rungs:
+        d = r["difference"]
+        lines.append(
+            f"| {r['variant']} | {r['versus']} | {r['change']} | {len(r['seeds'])} | "
+            f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | "
+            f"{r['bytes'][0] / 1e6:.1f} -> {r['bytes'][1] / 1e6:.1f} MB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(setting: str, rep: Mapping[str, Any], seeds: Sequence[int]) -> str:
     lines = [f"\n## {setting} ranks\n"]
     if not rep.get("complete"):
@@ -267,8 +325,9 @@ def write_fair_report(out: Path, settings: Sequence[str], rounds: int) -> dict[s
     summary: dict[str, Any] = {"seeds": seeds, "rounds": rounds}
     for setting in settings:
         rep = setting_report(per_seed, setting, rounds)
+        rep["ladder"] = ladder(per_seed, setting, rounds)
         summary[setting] = rep
-        text.append(markdown(setting, rep, seeds))
+        text.append(markdown(setting, rep, seeds) + ladder_markdown(rep["ladder"]))
         if rep.get("complete"):
             plot_curves(
                 rep, out / f"curves_{setting}.png", f"{setting} ranks: loss vs bytes, mean over seeds {seeds}"
