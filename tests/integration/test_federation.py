@@ -81,26 +81,37 @@ def test_merge_methods_match_offline_aggregation_and_clients_catch_up(
     assert sorted(sync["digests"]) == ["client-000", "client-001", "client-002"]
     assert set(sync["digests"].values()) == {sync["server_digest"]}, "a client's merged weights differ"
     assert summary["bytes_catchup"] > 0  # client 1 received round 1's update late, and it was counted
+    assert_uploads_counted(run, method)
+
+
+def assert_uploads_counted(run: Path, method: str, wire_bytes: int = 4) -> None:
+    """Every round's ``bytes_up`` is what its saved uploads hold (B only for FFA-LoRA and FedSVD)."""
+    for r in records(run)[1:]:
+        clients = sorted((run / "rounds" / f"round-{r['round']:03d}" / "clients").iterdir())
+        assert [c.name for c in clients] == r["clients"], (method, r["round"])
+        sends_a = method not in ("ffa", "fedsvd")  # their uploads carry B only
+        want = sum(
+            f.B.numel() * wire_bytes + (f.A.numel() * wire_bytes if sends_a else 0)
+            for c in clients
+            for f in read_adapter(c).modules.values()
+        )
+        assert r["bytes_up"] == want, (method, r["round"])
 
 
 def test_every_method_runs_and_accounts_its_bytes(model_dir: Path, tmp_path: Path) -> None:
-    for method in ("florist", "flora", "fedit", "flexlora", "ffa", "rblora", "fedex", "fedsvd"):
+    """The continue-protocol methods without a Flower test of their own (FLoRIST, FLoRA, FedEx-LoRA and
+    FedSVD have theirs, which check their bytes with ``assert_uploads_counted`` too)."""
+    for method in ("fedit", "flexlora", "ffa", "rblora"):
         cfg = tiny_run_config(model_dir, tmp_path, method, f"aggregation.method={method!r}")
         summary = run_simulation(cfg)
         run = Path(summary["run_dir"])
         rows = records(run)
         assert [r["round"] for r in rows] == [0, 1, 2], method
         assert "exact_match" in rows[0]["eval"] and "heldout_loss" in rows[-1]["eval"]
+        assert_uploads_counted(run, method)
         for r in rows[1:]:
             clients = sorted((run / "rounds" / f"round-{r['round']:03d}" / "clients").iterdir())
-            assert [c.name for c in clients] == r["clients"] == ["client-000", "client-001", "client-002"]
-            sends_a = method not in ("ffa", "fedsvd")  # their uploads carry B only
-            want = sum(
-                f.B.numel() * 4 + (f.A.numel() * 4 if sends_a else 0)
-                for c in clients
-                for f in read_adapter(c).modules.values()
-            )
-            assert r["bytes_up"] == want, (method, r["round"])
+            assert [c.name for c in clients] == ["client-000", "client-001", "client-002"]
             assert [read_adapter(c).modules[next(iter(read_adapter(c).modules))].rank for c in clients] == [
                 8,
                 4,
@@ -142,6 +153,7 @@ def test_fedsvd_clients_train_b_against_the_servers_latest_a_and_catch_up(
     final = adapter_deltas(run / "adapter")
     for name, delta in adapter_deltas(run / "rounds" / "round-002" / "adapter").items():
         torch.testing.assert_close(final[name], delta)
+    assert_uploads_counted(run, "fedsvd", wire_bytes=2)  # B only, bf16
 
 
 def test_protocol_options_under_flower_keep_clients_and_server_in_step(
