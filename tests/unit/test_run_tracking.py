@@ -48,6 +48,16 @@ def test_tensorboard_gets_every_round_and_cumulative_bytes(tmp_path: Path) -> No
     assert [e.value for e in acc.Scalars("round/bytes_total_cumulative")] == [0.0, 1e6, 4e6]
 
 
+def test_tensorboard_gets_the_privacy_spent() -> None:
+    from florist.server.tracking import scalars
+
+    central = scalars({"round": 2, "epsilon": 1.5}, 0)
+    local = scalars({"round": 2, "client_metrics": {"client-000": {"epsilon": 0.7}, "client-001": {"epsilon": 2.5},
+                                                    "client-002": {"train_loss": 1.0}}}, 0)  # fmt: skip
+    assert central["privacy/epsilon"] == 1.5 and "privacy/epsilon_max_client" not in central
+    assert local["privacy/epsilon_max_client"] == 2.5 and "privacy/epsilon" not in local
+
+
 def test_no_tensorboard_dir_unless_asked(tmp_path: Path) -> None:
     _run(tmp_path)
     assert not (tmp_path / "r" / "tensorboard").exists()

@@ -1,8 +1,10 @@
 """Optional run tracking beside ``metrics.jsonl`` (which stays the source of truth).
 
 ``run.tensorboard = true`` writes ``RUN/tensorboard/``: per round the train loss, bytes up / down /
-catch-up and cumulative bytes, the global rank, and every evaluation figure (``tensorboard --logdir
-RUN/tensorboard``). Needs the ``tensorboard`` package (the ``tensorboard`` extra; ``make`` installs it).
+catch-up and cumulative bytes, the global rank, the privacy spent (``privacy/epsilon``: client-level
+DP's epsilon so far; ``privacy/epsilon_max_client``: DP-SGD's worst client), and every evaluation
+figure (``tensorboard --logdir RUN/tensorboard``). Needs the ``tensorboard`` package (the
+``tensorboard`` extra; ``make`` installs it).
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ def scalars(record: Mapping[str, Any], total_bytes: int) -> dict[str, float]:
         if isinstance(value, (int, float)) and math.isfinite(value):
             out[f"round/{key}"] = float(value)
     out["round/bytes_total_cumulative"] = float(total_bytes)
+    if isinstance(eps := record.get("epsilon"), (int, float)):  # client-level DP, the run so far
+        out["privacy/epsilon"] = float(eps)
+    client_eps = [m["epsilon"] for m in (record.get("client_metrics") or {}).values()
+                  if isinstance(m, Mapping) and isinstance(m.get("epsilon"), (int, float))]  # fmt: skip
+    if client_eps:  # DP-SGD: each client's own; the worst is the run's guarantee per client
+        out["privacy/epsilon_max_client"] = float(max(client_eps))
     for key, value in (record.get("eval") or {}).items():
         if isinstance(value, (int, float)) and math.isfinite(value) and not key.endswith("seconds"):
             out[f"eval/{key}"] = float(value)
