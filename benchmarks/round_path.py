@@ -84,6 +84,9 @@ def main() -> None:
     p.add_argument("--method", default="florist")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    from florist.console import quiet_imports
+
+    quiet_imports()  # bitsandbytes' notice about an optional CPU kernel package
     path = traced_path(args.method)
     facts = {"method": args.method, "path": path, "files": len(path),
              "packages": sorted({f.split("/")[0] if "/" in f else "top level" for f in path}),

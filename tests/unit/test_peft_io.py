@@ -148,3 +148,18 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_output(tmp_path: Path) ->
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global"], "no temporary directory left behind"
     shutil.rmtree(out)
+
+
+def test_florists_records_beside_an_adapter_are_read_or_named_when_bad(tmp_path: Path) -> None:
+    from florist.lora.peft_io import BASE_FILE, PROMPT_FILE, florist_base, florist_template
+
+    assert florist_base(tmp_path) is None and florist_template(tmp_path) is None  # another tool's adapter
+    (tmp_path / BASE_FILE).write_text('{"model": "smollm2"}')
+    (tmp_path / PROMPT_FILE).write_text('{"template": "chat"}')
+    assert florist_base(tmp_path) == "smollm2" and florist_template(tmp_path) == "chat"
+    (tmp_path / BASE_FILE).write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="is not florist's base record"):
+        florist_base(tmp_path)
+    (tmp_path / PROMPT_FILE).write_text('{"template": ""}')
+    with pytest.raises(ConfigError, match="names no prompt template"):
+        florist_template(tmp_path)

@@ -249,16 +249,7 @@ PROMPT_FILE = "florist_prompt.json"  # in an adapter dir: the prompt template it
 def florist_base(adapter: Path) -> str | None:
     """The base model an adapter dir of a florist run trained on, as ``model.name`` names it (the
     embedded SmolLM2 by florist's name, since its weights are not the hub's); None for other adapters."""
-    path = adapter / BASE_FILE
-    if not path.is_file():
-        return None
-    try:
-        name = json.loads(path.read_text(encoding="utf-8")).get("model")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise ConfigError(f"{str(path)!r} is not florist's base record: {err}") from err
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{str(path)!r} names no base model")
-    return name
+    return _named(adapter / BASE_FILE, "model", "base", "base model")
 
 
 def trained_quantization(adapter: Path) -> str | None:
@@ -275,15 +266,20 @@ def trained_quantization(adapter: Path) -> str | None:
 def florist_template(adapter: Path) -> str | None:
     """The prompt template (``data.template``) an adapter dir of a florist run trained on; None for
     other adapters."""
-    path = adapter / PROMPT_FILE
+    return _named(adapter / PROMPT_FILE, "template", "prompt", "prompt template")
+
+
+def _named(path: Path, key: str, record: str, what: str) -> str | None:
+    """The non-empty string under ``key`` of florist's JSON ``record`` at ``path``; None without the
+    file, a ``ConfigError`` naming the file when it is not such a record."""
     if not path.is_file():
         return None
     try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("template")
+        value = json.loads(path.read_text(encoding="utf-8")).get(key)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise ConfigError(f"{str(path)!r} is not florist's prompt record: {err}") from err
+        raise ConfigError(f"{str(path)!r} is not florist's {record} record: {err}") from err
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{str(path)!r} names no prompt template")
+        raise ConfigError(f"{str(path)!r} names no {what}")
     return value
 
 
