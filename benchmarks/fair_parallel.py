@@ -46,7 +46,7 @@ CANDIDATES = {  # --extra-baselines specs and FLoRIST variant names, per the ben
         "fedsb+bf16",
         "fedsb+bf16+r64",
     ),
-    "florist": ("all+orth", "all+orth+chg", "bf16+orth", "bf16+orth+acc"),
+    "florist": ("all+orth", "all+orth+chg", "bf16+orth", "bf16+orth+acc", "all+orth+ef"),
 }
 NAMES = (
     "FedIT +bf16",
@@ -61,9 +61,10 @@ NAMES = (
     "FLoRIST tau=0.90 +bf16 +orth",
     "Fed-SB +bf16",
     "Fed-SB +bf16 +r64",
-    "FLoRA +bf16 +orth +acc",
+    "FLoRA +bf16 +orth +acc",  # the ablation ladder's (florist.studies.fair.LADDER)
     "FLoRIST tau=0.90 +bf16 +orth +acc",
-)  # the ladder's (florist.studies.fair)
+    "FLoRIST tau=0.90 +all +orth +ef",  # error feedback, FLoRIST's answer to what the ladder shows
+)
 # Fed-SB trains one r x r core on every client: it has no heterogeneous-rank form (r 16 as the others'
 # LoRA, and r 64; its rank is chosen on validation like any option)
 HOMOGENEOUS_ONLY = ("Fed-SB +bf16", "Fed-SB +bf16 +r64")

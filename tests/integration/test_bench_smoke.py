@@ -294,6 +294,30 @@ def test_fedsb_round_zero_counts_its_bytes_and_resumes_mid_run(tmp_path: Path) -
             assert a[key] == b[key], (a["round"], key)
 
 
+def test_error_feedback_resumes_mid_run_as_if_never_stopped(tmp_path: Path) -> None:
+    """FLoRIST with error feedback in the bench: the carried tail is in the checkpoint, so a run
+    stopped after round 2 continues exactly as without the stop; and it changes what is sent."""
+    from florist.config import load_config
+    from florist.studies.simulate import run_variant
+
+    model = save_tiny_model(tmp_path / "tiny")
+    base = [f"model.name={str(model)!r}", "data.skills_train=6", "data.skills_test=2", "eval.mmlu=none",
+            "federation.num_clients=3", "federation.rounds=3", "train.steps=2", "train.batch_size=2",
+            "lora.ranks=[4, 4, 2]", "aggregation.method='florist'", "aggregation.tau=0.5"]  # fmt: skip
+    cfg = load_config(None, [*base, "aggregation.error_feedback=true"])
+
+    def score(m: Any, t: object) -> dict[str, float]:
+        return {"norm": sum(float(p.detach().double().square().sum()) for p in m.parameters())}
+
+    whole = run_variant(cfg, score)
+    resumed = stop_after_two_rounds_and_resume(cfg, score, tmp_path / "ckpt")
+    for a, b in zip(whole, resumed, strict=True):
+        for key in ("bytes_up", "bytes_down", "ranks", "round_error", "eval"):
+            assert a[key] == b[key], (a["round"], key)
+    plain = run_variant(load_config(None, base), score)
+    assert plain[0]["eval"] == whole[0]["eval"] and plain[1]["eval"] != whole[1]["eval"]  # round 2 on
+
+
 def stop_after_two_rounds_and_resume(cfg: Any, score: Any, folder: Path) -> list[dict[str, Any]]:
     """A 3-round ``run_variant`` stopped while scoring round 3 (its round-2 checkpoint on disk), then
     run again from ``folder``: the records of the resumed run."""

@@ -65,6 +65,10 @@ class AggregationResult:
         when the method computes the exact aggregate's spectrum.
     spectra : dict[str, Tensor] | None
         Singular values of the exact aggregate ``sum_k p_k delta W_k`` per module, when computed.
+    residual : dict[str, LoraFactors] | None
+        FLoRIST with ``aggregation.error_feedback``: what the rank cut left out of this round's
+        aggregate (its leading tail directions), kept by the server and added to the next round's
+        before its SVD; never sent. None otherwise.
     sends_a : bool
         False when the download carries only B (FFA-LoRA: A is frozen and shared by seed); whether
         uploads carry A is the protocol's (``florist.aggregation.protocols``, ``uploads_a``).
@@ -80,6 +84,7 @@ class AggregationResult:
     per_client: dict[str, dict[str, LoraFactors]] | None = None
     energy_kept: dict[str, float] | None = None
     spectra: dict[str, Tensor] | None = None
+    residual: dict[str, LoraFactors] | None = None
     sends_a: bool = True
     seconds: float = 0.0
 

@@ -11,11 +11,17 @@ Per adapted matrix (Ramesh & Dass, arXiv 2506.09199):
 At ``tau = 1`` ``B_g @ A_g`` equals FLoRA's exact aggregate; below it, it is the best rank-p
 approximation of it (Eckart–Young). Clients merge ``B_g @ A_g`` into their base weights and
 start a fresh LoRA of their own rank.
+
+Error feedback (``aggregation.error_feedback``, as for biased compressors in SGD): the server keeps
+what the cut left out, the tail ``U_{p:q} diag(S_{p:q}) Vh_{p:q}`` (its leading ``R`` directions, R
+the round's stack width, so the stack at most doubles), and stacks it beside the next round's
+clients with weight 1 (``carry``). What is sent over the rounds then adds up to the exact aggregates
+less the last tail (and the directions past the cap): the cut delays energy instead of losing it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -45,12 +51,18 @@ class Florist(Aggregator):
         Compute dtype, float32 or float64, whatever the clients sent.
     wire_bytes : int
         Bytes per element on the wire, for the byte-budget policy's cost of one rank.
+    feedback : bool
+        Keep what the cut leaves out as the result's ``residual`` (error feedback).
+    carry : dict[str, LoraFactors] | None
+        The previous round's residual, stacked with weight 1 (the server's round sets it).
     """
 
     policy: RankPolicy = field(default_factory=lambda: EnergyThreshold(0.9))
     basis: Basis = "qr"
     dtype: torch.dtype = torch.float32
     wire_bytes: int = WIRE_BYTES_DEFAULT
+    feedback: bool = False
+    carry: Mapping[str, LoraFactors] | None = field(default=None, compare=False, repr=False)
 
     protocol = ClientProtocol.MERGE_AND_RESTART
     exact = True
@@ -67,9 +79,16 @@ class Florist(Aggregator):
         return fixed_rank is None and budget_mb is None
 
     def _aggregate(self, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
+        if self.carry is not None and not self.feedback:
+            raise ConfigError("a carried residual needs error feedback (aggregation.error_feedback)")
         svds: dict[str, ThinSVD] = {}
+        width: dict[str, int] = {}
         for name in module_names(updates):
             B, A = stack_module(updates, weights, name, self.dtype)  # (m, R), (R, n)
+            width[name] = B.shape[1]
+            if self.carry is not None and name in self.carry:  # last round's tail, weight 1
+                B_c, A_c = self.carry[name].effective(self.dtype)
+                B, A = torch.cat([B, B_c], dim=1), torch.cat([A, A_c], dim=0)  # (m, R + c), (R + c, n)
             svds[name] = factored_svd(B, A, self.basis)
         cost = {n: sum(s.shape) * self.wire_bytes for n, s in svds.items()}
         spectra = {n: s.S for n, s in svds.items()}
@@ -80,14 +99,20 @@ class Florist(Aggregator):
             ranks = self.policy.ranks(spectra, {n: updates[0].modules[n].shape for n in svds}, std)
         else:
             ranks = self.policy.choose(spectra, cost)
-        global_update = {}
+        global_update, residual = {}, {}
         for name, svd in svds.items():
-            B_g, A_g = svd.truncate(ranks[name])  # (m, p), (p, n)
+            p = ranks[name]
+            B_g, A_g = svd.truncate(p)  # (m, p), (p, n)
             global_update[name] = LoraFactors(A=A_g, B=B_g)
+            tail = min(len(svd.S), p + width[name])  # the cut's tail, its leading width[name] directions
+            if self.feedback and tail > p:
+                B_r, A_r = svd.components(p, tail)
+                residual[name] = LoraFactors(A=A_r, B=B_r)
         return AggregationResult(
             method=self.name,
             protocol=self.protocol,
             global_update=global_update,
+            residual=residual if self.feedback else None,
             energy_kept={n: float(energy_fraction(s.S)[ranks[n] - 1]) for n, s in svds.items()},
             spectra={n: s.S for n, s in svds.items()},
         )

@@ -90,8 +90,14 @@ class ThinSVD:
 
     def truncate(self, p: int) -> tuple[Tensor, Tensor]:
         """Best rank-``p`` factors (Eckart–Young): ``(U_p diag(S_p), Vh_p)``, ``(m, p)`` and ``(p, n)``."""
-        B = basis_times(self.left, self.U[:, :p] * self.S[:p])  # (m, p)
-        A = basis_times(self.right, self.Vh[:p].mT).mT  # (p, n)
+        return self.components(0, p)
+
+    def components(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """The singular components ``lo`` to ``hi - 1`` as factors ``(U diag(S), Vh)`` of those columns
+        and rows, ``(m, hi - lo)`` and ``(hi - lo, n)``: ``components(0, p)`` is ``truncate(p)``, and
+        ``components(p, q)`` what the rank-``p`` cut leaves out."""
+        B = basis_times(self.left, self.U[:, lo:hi] * self.S[lo:hi])  # (m, hi - lo)
+        A = basis_times(self.right, self.Vh[lo:hi].mT).mT  # (hi - lo, n)
         return B, A
 
 

@@ -413,6 +413,13 @@ class AggregationConfig:
             "'client': the singular values above the optimal hard threshold of the DP noise)"
         },
     )
+    error_feedback: bool = field(
+        default=False,
+        metadata={
+            "help": "florist: keep what the rank cut leaves out of a round's aggregate on the server and "
+            "add it to the next round's before the SVD (never sent)"
+        },
+    )
     init_samples: int = field(
         default=170,
         metadata={"help": "fedsb: rows (over all clients, by size) whose summed gradient sets the basis"},
@@ -475,8 +482,17 @@ class AggregationConfig:
         opts: dict[str, Any] = {"dtype": torch_dtype(self.dtype, "--dtype (aggregation.dtype)", COMPUTE)}
         if aggregator_class(self.method).rank_policy:
             opts |= {"policy": self.policy(), "basis": self.basis, "wire_bytes": wire_bytes(wire_dtype)}
+            if self.error_feedback:
+                if self.rank_policy == "noise":
+                    raise ConfigError(
+                        "aggregation.error_feedback would carry the DP noise the noise rule cut into the "
+                        "next round"
+                    )
+                opts["feedback"] = True
         elif (self.tau, self.rank, self.budget_mb) != (None, None, None):
             raise ConfigError(f"--tau, --rank and --budget-mb apply to --method florist, not {self.method!r}")
+        elif self.error_feedback:
+            raise ConfigError(f"aggregation.error_feedback applies to method florist, not {self.method!r}")
         return opts
 
     def build(self, wire_dtype: str = "float32") -> Aggregator:

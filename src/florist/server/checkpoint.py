@@ -114,6 +114,7 @@ def _result_dict(round: int, r: AggregationResult) -> dict[str, Any]:
         "meta": json.dumps(meta),
         "global": _factors(r.global_update),
         "per_client": per_client,
+        "residual": None if r.residual is None else _factors(r.residual),
     }
 
 
@@ -257,6 +258,7 @@ def _result_of(h: dict[str, Any]) -> AggregationResult:
         client_ids=tuple(meta["client_ids"]),
         weights=meta["weights"],
         per_client=None if per_client is None else {c: _modules(m) for c, m in per_client.items()},
+        residual=None if h.get("residual") is None else _modules(h["residual"]),
         energy_kept=meta["energy_kept"],
         sends_a=meta["sends_a"],
         seconds=meta["seconds"],

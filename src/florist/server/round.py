@@ -54,6 +54,8 @@ def aggregate_round(
     ``ranks`` maps client id to its LoRA rank (the warm part a warm-started client began from, and
     what a per-client download must fit: ``ClientUpdate.lora_rank``).
     """
+    if history and history[-1].residual is not None:  # error feedback: the last cut's tail joins in
+        aggregator = replace(aggregator, carry=history[-1].residual)  # type: ignore[type-var]
     uploads = [replace(u, lora_rank=ranks.get(u.client_id)) for u in uploads]
     if cfg.federation.max_client_weight is not None and uploads:
         uploads = cap_weights(uploads, cfg.federation.max_client_weight)

@@ -51,6 +51,8 @@ LADDER = (
      "uplink thresholding at tau 0.9 of each client's whole adapter"),
     ("FLoRIST tau=0.90 +all +orth +chg", "FLoRIST tau=0.90 +all +orth",
      "uplink thresholding of the round's change instead of the whole adapter"),
+    ("FLoRIST tau=0.90 +all +orth +ef", "FLoRIST tau=0.90 +all +orth",
+     "error feedback: the server adds what the cut left out to the next round's aggregate"),
 )  # fmt: skip
 
 

@@ -28,6 +28,7 @@ OPTIONS = {  # name -> overrides; "all" combines the first three, "a+b" any of t
     "orth": (("lora.warm_start", True), ("lora.warm_split", "orthonormal")),  # warm, A = V^T
     "acc": (("lora.warm_start", True), ("lora.warm_from", "accumulated")),  # warm from sum_t B_t A_t
     "chg": (("federation.uplink_cut", "change"),),  # uplink cuts the round's change, not the adapter
+    "ef": (("aggregation.error_feedback", True),),  # the server carries the cut's tail to the next round
 }
 UPLINK_TAU = 0.9  # tau_up of a baseline's "uplink" option (FLoRIST's is its own tau)
 ALL = ("warm", "uplink", "bf16")
