@@ -59,11 +59,11 @@ NAMES = (
     "FLoRIST tau=0.90 +all +orth",
     "FLoRIST tau=0.90 +all +orth +chg",
     "FLoRIST tau=0.90 +bf16 +orth",
+    "FLoRIST tau=0.90 +all +orth +ef",  # error feedback, FLoRIST's answer to what the ladder shows
     "Fed-SB +bf16",
     "Fed-SB +bf16 +r64",
     "FLoRA +bf16 +orth +acc",  # the ablation ladder's (florist.studies.fair.LADDER)
     "FLoRIST tau=0.90 +bf16 +orth +acc",
-    "FLoRIST tau=0.90 +all +orth +ef",  # error feedback, FLoRIST's answer to what the ladder shows
 )
 # Fed-SB trains one r x r core on every client: it has no heterogeneous-rank form (r 16 as the others'
 # LoRA, and r 64; its rank is chosen on validation like any option)
