@@ -119,6 +119,8 @@ def print_summary(summary: dict[str, Any], demo: bool = False, console: Any = No
         if key in before or key in after:
             console.print(f"{key:>14}: before {_fmt(before.get(key))}  after {_fmt(after.get(key))}")
     console.print(bytes_line(summary))
+    if (line := privacy_line(summary, records)) is not None:
+        console.print(line)
     if "precision" in summary:
         p = summary["precision"]
         same = p["train"] == p["eval"]
@@ -160,10 +162,31 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def epsilon_of(record: dict[str, Any]) -> float | None:
+    """The privacy spent after a round: client-level DP's epsilon so far, else DP-SGD's worst client's."""
+    if isinstance(eps := record.get("epsilon"), (int, float)):
+        return float(eps)
+    spent = [m["epsilon"] for m in (record.get("client_metrics") or {}).values()
+             if isinstance(m, dict) and isinstance(m.get("epsilon"), (int, float))]  # fmt: skip
+    return float(max(spent)) if spent else None
+
+
+def privacy_line(summary: dict[str, Any], records: list[dict[str, Any]]) -> str | None:
+    """What the run spent: client-level DP's guarantee, or DP-SGD's worst client after the last round."""
+    if p := summary.get("privacy"):
+        return (
+            f"privacy: client-level DP, epsilon {p['epsilon']:.3g} at delta {p['delta']:g} (noise multiplier "
+            f"{p['noise_multiplier']:g}, clip {p['clip']:g}, sample rate {p['sample_rate']:.3g})"
+        )
+    spent = [e for r in records if (e := epsilon_of(r)) is not None]
+    return f"privacy: DP-SGD, the worst client's epsilon {spent[-1]:.3g}" if spent else None
+
+
 def rounds_table(records: list[dict[str, Any]], method: str) -> Any:
     from rich.table import Table
 
     table = Table(title=f"{method}: one row per round")
+    private = any(epsilon_of(r) is not None for r in records)
     for col in (
         "round",
         "clients",
@@ -174,23 +197,24 @@ def rounds_table(records: list[dict[str, Any]], method: str) -> Any:
         "catch-up",
         "EM",
         "held-out loss",
+        *(["epsilon"] if private else []),
     ):
         table.add_column(col, justify="right")
     for r in records:
         ev = r.get("eval", {})
+        eps = [_fmt(epsilon_of(r))] if private else []
         if r["round"] == 0:
-            table.add_row(
-                "0 (base)", "", "", "", "", "", "", _fmt(ev.get("exact_match")), _fmt(ev.get("heldout_loss"))
-            )
+            table.add_row("0 (base)", "", "", "", "", "", "", _fmt(ev.get("exact_match")),
+                          _fmt(ev.get("heldout_loss")), *eps)  # fmt: skip
             continue
         if "skipped" in r:
-            table.add_row(str(r["round"]), "skipped", "", "", human_bytes(r["bytes_up"]),
-                          human_bytes(r["bytes_down"]), human_bytes(r["bytes_catchup"]), "", "")  # fmt: skip
+            sent = (human_bytes(r[k]) for k in ("bytes_up", "bytes_down", "bytes_catchup"))
+            table.add_row(str(r["round"]), "skipped", "", "", *sent, "", "", *eps)
             continue
         table.add_row(
             str(r["round"]), str(len(r["clients"])), _fmt(r["train_loss"]), str(r["rank_total"]),
             human_bytes(r["bytes_up"]), human_bytes(r["bytes_down"]), human_bytes(r["bytes_catchup"]),
-            _fmt(ev.get("exact_match")), _fmt(ev.get("heldout_loss")),
+            _fmt(ev.get("exact_match")), _fmt(ev.get("heldout_loss")), *eps,
         )  # fmt: skip
     return table
 

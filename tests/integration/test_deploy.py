@@ -134,7 +134,9 @@ def test_tls_deployment_runs_a_federation_and_refuses_untrusted_nodes(tmp_path: 
          "eval.every=2", f"run.dir={str(tmp_path / 'runs')!r}", "run.name='deploy'", "run.progress=false",
          # 4-bit clients: a ClientApp process per message rebuilds the held global adapter by replaying
          # every global update, and its digest must still equal the server's
-         "model.quantization='nf4'", "model.global_adapter_max_rank=6"],
+         "model.quantization='nf4'", "model.global_adapter_max_rank=6",
+         # client-level DP through the deployment's server: the aggregator sees only the noised mean
+         "privacy.mode='client'", "privacy.noise_multiplier=1.0", "privacy.delta=1e-2", "lora.warm_start=false"],
     )  # fmt: skip
     deployment = Deployment(DeploySettings(workdir=tmp_path / "deployment", nodes=3))
     try:
@@ -169,6 +171,9 @@ def test_tls_deployment_runs_a_federation_and_refuses_untrusted_nodes(tmp_path: 
     ]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run / "adapter" / "florist_base.json").read_text())["quantization"] == "nf4"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["aggregated"] for r in rows[1:]] == [["dp-noised-mean"]] * 2
+    assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"] == summary["privacy"]["epsilon"]
 
     commands = json.loads(deployment.group.pid_file.read_text())
     assert sorted(int(p) for p in commands) == pids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,28 @@ def test_the_summary_tells_how_to_load_the_adapter_from_the_published_base(tmp_p
     print_summary(summary, console=console)
     text = console.export_text()
     assert "from_pretrained('HuggingFaceTB/SmolLM2-135M-Instruct')" in text and ".cache" not in text
+
+
+def test_the_rounds_table_and_the_summary_say_what_privacy_was_spent(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from florist.tables import print_summary
+
+    rows = [{"round": 0}, {"round": 1, "clients": ["a", "b"], "train_loss": 2.0, "rank_total": 4, "bytes_up": 10,
+             "bytes_down": 10, "bytes_catchup": 0, "client_metrics": {"a": {"epsilon": 0.5}, "b": {"epsilon": 0.75}}}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summary = {"method": "fedit", "rounds": 1, "rounds_skipped": [], "eval_before": None, "eval_after": None,
+               "bytes_up": 10, "bytes_down": 10, "bytes_catchup": 0, "sync": {}, "run_dir": str(tmp_path),
+               "adapter": "runs/x/adapter", "base_model": "b"}  # fmt: skip
+    console = Console(record=True, width=200)
+    print_summary(summary, console=console)
+    text = console.export_text()
+    assert "epsilon" in text.splitlines()[1] + text.splitlines()[2] and "0.7500" in text
+    assert "privacy: DP-SGD, the worst client's epsilon 0.75" in text
+    summary["privacy"] = {"mode": "client", "epsilon": 2.5, "delta": 1e-5, "noise_multiplier": 1.1, "clip": 0.5,
+                          "sample_rate": 0.1}  # fmt: skip
+    console = Console(record=True, width=200)
+    print_summary(summary, console=console)
+    assert (
+        "privacy: client-level DP, epsilon 2.5 at delta 1e-05 (noise multiplier 1.1" in console.export_text()
+    )
