@@ -131,3 +131,15 @@ def test_the_server_round_carries_the_last_results_tail_and_the_checkpoint_keeps
 def test_error_feedback_is_refused_where_it_means_nothing(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["aggregation.error_feedback=true", *overrides])
+
+
+def test_the_server_keeps_only_the_last_tail() -> None:
+    from florist.server.federation import Member, Server
+
+    cfg = load_config(None, ["aggregation.method='florist'", "aggregation.tau=0.6", "aggregation.dtype='float64'",
+                             "aggregation.error_feedback=true", "federation.num_clients=3",
+                             "lora.warm_start=false", "lora.ranks=[4]"])  # fmt: skip
+    server = Server(cfg, cfg.aggregator(), [Member(f"c{k}", k, 4) for k in range(3)])
+    for t in (1, 2, 3):
+        assert server.round(t, _round(t)).result is not None
+    assert [r.residual is not None for _, r in server.state.history] == [False, False, True]

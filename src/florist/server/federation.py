@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from torch import Tensor
@@ -186,6 +186,9 @@ class Server:
         self.accept(0, result)
 
     def accept(self, round: int, result: AggregationResult) -> None:
+        if self.state.history and self.state.history[-1][1].residual is not None:  # only the last is carried
+            t, last = self.state.history[-1]
+            self.state.history[-1] = (t, replace(last, residual=None))
         self.state.history.append((round, result))
         self.state.skipped_streak = 0
         if self.rules.merges:
