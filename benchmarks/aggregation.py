@@ -17,6 +17,9 @@ Paths, per adapted matrix ``W: (m, n)``, K clients, ``R = sum_k r_k``:
   the ``R x R`` core, the kept singular vectors applied with ``torch.ormqr``; O((m + n) R^2) time and
   O((m + n) R) memory, never an ``(m, n)`` matrix and never the full orthonormal bases.
 - ``florist (svd)``: the same with ``basis="svd"`` (the paper's literal thin-SVD pipeline).
+- ``florist (qr, error feedback)``: ``aggregation.error_feedback``'s steady state: the previous
+  round's tail (up to ``R`` directions per module, from one untimed aggregation of the same updates)
+  stacked beside the clients, so the stacks are up to ``2R`` wide, and the new tail kept.
 - ``flexlora``: ``make_aggregator("flexlora")``: dense ``delta W = sum_k p_k B_k A_k`` ``(m, n)``
   and a full ``torch.linalg.svd``; O(m n min(m, n)) time, O(m n) memory.
 - ``peft svd``: peft's ``add_weighted_adapter(combination_type="svd")`` on a tiny ``torch.nn`` model
@@ -361,6 +364,20 @@ def _identity(updates: list[ClientUpdate]) -> list[ClientUpdate]:
     return updates
 
 
+def prepare_carried(updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], Any]:
+    """The updates and a carried tail: what one error-feedback aggregation of them leaves out."""
+    return updates, make_aggregator("florist", policy=EnergyThreshold(TAU), feedback=True).aggregate(
+        updates
+    ).residual
+
+
+def florist_carried(state: tuple[list[ClientUpdate], Any]) -> Run:
+    updates, carry = state
+    return run_aggregator(
+        "florist", {"policy": EnergyThreshold(TAU), "feedback": True, "carry": carry}, updates
+    )
+
+
 def aggregator_path(label: str, method: str, options: dict[str, Any], dense: bool = False) -> PathSpec:
     return PathSpec(label, dense, _identity, partial(run_aggregator, method, options))
 
@@ -370,6 +387,7 @@ PATHS: dict[str, PathSpec] = {
     "florist_svd": aggregator_path(
         "florist (svd basis)", "florist", {"policy": EnergyThreshold(TAU), "basis": "svd"}
     ),
+    "florist_qr_ef": PathSpec("florist (qr, error feedback)", False, prepare_carried, florist_carried),
     "flexlora": aggregator_path("flexlora (dense + svd)", "flexlora", {}, dense=True),
     "peft_svd": PathSpec("peft add_weighted (svd)", True, prepare_peft, peft_svd),
     "qr_bound": PathSpec("QR lower bound", False, prepare_stacks, qr_bound),

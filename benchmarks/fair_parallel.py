@@ -29,9 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from florist.fsutil import write_json_atomic
-from florist.studies.fair import choose, write_fair_report
+from florist.studies.fair import choose, write_fair_report, write_skills_report
 
 REGIME = ("data.validation_per_label=10", "federation.rounds=10", "train.steps=8")
+# stage 2 reruns these methods' validation choices with more seeds; the skills task runs them too
+TOP = ("FLoRIST", "FlexLoRA", "FedIT", "FLoRA", "FedEx-LoRA")
+# the second task: the embedded skills set, one skill per client (7), scored by exact match as well
+SKILLS_REGIME = ("data.source='skills'", "data.split='by_label'", "data.test=none",
+                 "federation.num_clients=7", "federation.rounds=10", "train.steps=8", "train.max_length=128",
+                 "eval.max_new_tokens=12", "eval.batch_size=28")  # fmt: skip
 SETTINGS = ("homogeneous", "heterogeneous")
 CANDIDATES = {  # --extra-baselines specs and FLoRIST variant names, per the bench's naming
     "baselines": (
@@ -83,6 +89,19 @@ def bench_command(
         "--cache", str(args.cache / worker), "--taus", "", "--hetero-taus", "", "--option-taus", "0.9",
         "--options", ",".join(CANDIDATES["florist"]), "--extra-baselines", ",".join(CANDIDATES["baselines"]),
         "--eval-every-round", *REGIME, *args.overrides,
+    ]  # fmt: skip
+
+
+def skills_command(args: argparse.Namespace, variants: list[str]) -> list[str]:
+    """One seed of the chosen configurations on the skills task (``OUT/skills``), scored by exact
+    match and held-out loss after the last round."""
+    return [
+        sys.executable, "-m", "florist.cli", "bench", "--settings", "homogeneous",
+        "--variants", ",".join(variants), "--out", str(args.out / "skills"),
+        "--cache", str(args.cache / "skills"), "--taus", "",
+        "--hetero-taus", "", "--option-taus", "0.9", "--options", ",".join(CANDIDATES["florist"]),
+        "--extra-baselines", ",".join(CANDIDATES["baselines"]), "--exact-match", *SKILLS_REGIME,
+        *args.overrides,
     ]  # fmt: skip
 
 
@@ -148,7 +167,7 @@ def main() -> None:
     p.add_argument(
         "--deadline", type=float, default=0, help="seconds after which workers are stopped (0: none)"
     )
-    p.add_argument("--stage", choices=("all", "select", "seeds", "report"), default="all")
+    p.add_argument("--stage", choices=("all", "select", "seeds", "skills", "report"), default="all")
     p.add_argument("--names", default=",".join(NAMES), help="candidates to run (a smoke run: fewer)")
     args = p.parse_args()
     deadline = time.time() + args.deadline
@@ -161,12 +180,22 @@ def main() -> None:
         names = [n for n in args.names.split(",") if n]
         run_stage(args, [(0, s, v) for s in SETTINGS for v in names if applies(s, v)], deadline)
     per_seed = merge(args)
+    chosen = {s: sorted(v for f, v in choose(per_seed, s, rounds)[0].items() if f in TOP) for s in SETTINGS}
     if args.stage in ("all", "seeds") and 0 in per_seed:
-        chosen = {s: sorted(set(choose(per_seed, s, rounds)[0].values())) for s in SETTINGS}
-        print(f"chosen on validation (seed 0): {chosen}", flush=True)
+        print(f"chosen on validation (seed 0), rerun with seeds {args.more_seeds}: {chosen}", flush=True)
         seeds = [int(x) for x in args.more_seeds.split(",") if x]
         run_stage(args, [(seed, s, v) for seed in seeds for s in SETTINGS for v in chosen[s]], deadline)
         merge(args)
+    if args.stage in ("all", "skills"):
+        if len(chosen["homogeneous"]) < len(TOP):
+            print(
+                f"skills task: waits for every top method's choice, have {chosen['homogeneous']}", flush=True
+            )
+        else:
+            with (args.out / "work" / "skills.log").open("ab") as log:
+                cmd = skills_command(args, chosen["homogeneous"])
+                subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+            write_skills_report(args.out / "skills")
     write_fair_report(args.out, SETTINGS, rounds)
     print((args.out / "fair.md").read_text())
 

@@ -374,3 +374,29 @@ def test_a_sampled_federation_trains_the_sampled_clients_and_rebuilt_clients_are
     for a, b in zip(dropped, kept, strict=True):
         assert a["eval"] == b["eval"] and a["round_error"] == b["round_error"], a["round"]
     assert dropped[0]["eval"] != dropped[2]["eval"]  # it trains
+
+
+def test_the_skills_task_scores_exact_match_per_skill(tmp_path: Path) -> None:
+    """The fair headline's second task: the bench with ``exact_match`` on the skills set, one skill
+    per client, and ``skills.md`` from its results (exact match overall and per skill, best first)."""
+    from florist.studies.fair import write_skills_report
+
+    model = save_tiny_model(tmp_path / "tiny")
+    overrides = (
+        f"model.name={str(model)!r}", "data.source='skills'", "data.split='by_label'", "data.test=none",
+        "data.skills_train=4", "data.skills_test=2", "eval.mmlu=none", "federation.num_clients=7",
+        "federation.rounds=1", "train.steps=1", "train.batch_size=2", "lora.ranks=[4]", "eval.max_new_tokens=3",
+    )  # fmt: skip
+    out = tmp_path / "skills"
+    opts = BenchOptions(overrides=overrides, out=str(out), cache=str(tmp_path / "cache"), taus=(), hetero_taus=(),
+                        option_taus=(0.9,), hetero_option_taus=(), options=("all+orth",), extra_baselines=("fedit+bf16",),
+                        settings=("homogeneous",), variants=("FedIT +bf16", "FLoRIST tau=0.90 +all +orth"),
+                        exact_match=True)  # fmt: skip
+    Bench(opts).run()
+    rows = write_skills_report(out)["rows"]
+    assert {r["variant"] for r in rows} >= {"FedIT +bf16", "FLoRIST tau=0.90 +all +orth"}
+    for r in rows:
+        assert 0 <= r["exact_match"] <= 1 and len(r["per_skill"]) == 7 and r["heldout_loss"] is not None
+    assert [r["exact_match"] for r in rows] == sorted((r["exact_match"] for r in rows), reverse=True)
+    text = (out / "skills.md").read_text()
+    assert "| FedIT +bf16 | 1 |" in text and "exact match" in text

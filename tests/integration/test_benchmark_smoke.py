@@ -22,7 +22,7 @@ SCENARIOS = {
     "llama70b-all-k8",
     "llama70b-all-k32",
 }
-PATHS = {"florist_qr", "florist_svd", "flexlora", "peft_svd", "qr_bound", "geqrf_bound"}
+PATHS = {"florist_qr", "florist_svd", "florist_qr_ef", "flexlora", "peft_svd", "qr_bound", "geqrf_bound"}
 LARGE = {"llama70b-all-k8", "llama70b-all-k32"}  # peft skipped, flexlora by the flop model
 
 

@@ -337,3 +337,39 @@ def write_fair_report(out: Path, settings: Sequence[str], rounds: int) -> dict[s
     write_json_atomic(out / "fair.json", summary)
     write_text_atomic(out / "fair.md", "\n".join(text) + "\n")
     return summary
+
+
+def write_skills_report(out: Path) -> dict[str, Any]:
+    """``OUT/skills.md`` and ``skills.json`` from the skills bench in ``out`` (one seed, homogeneous
+    ranks, one skill per client): per configuration, exact match on every skill's test rows after
+    the last round (overall and per skill), held-out loss and total bytes, best exact match first."""
+    path = out / "results.json"
+    results = json.loads(path.read_text()).get("homogeneous", {}) if path.is_file() else {}
+    rows = []
+    for name, records in results.items():
+        ev = records[-1].get("eval") if records else None
+        if not ev or "exact_match" not in ev:
+            continue
+        skills = {k.split("/", 1)[1]: v for k, v in ev.items() if k.startswith("exact_match/")}
+        rows.append({"variant": name, "rounds": len(records) if name != BASE else 0,
+                     "exact_match": ev["exact_match"], "per_skill": skills,
+                     "heldout_loss": ev.get("heldout_loss"),
+                     "total_bytes": total_bytes(records)})  # fmt: skip
+    rows.sort(key=lambda r: -r["exact_match"])
+    names = sorted({k for r in rows for k in r["per_skill"]})
+    lines = [
+        "# The skills task: one skill per client, exact match\n",
+        "The embedded skills set, 7 clients each holding one skill, homogeneous ranks, training seed 0; "
+        "every configuration is its method's choice on the Dolly validation split. Exact match on every "
+        "skill's test rows after the last round. Made by `benchmarks/fair_parallel.py --stage skills`.\n",
+        "| configuration | rounds | exact match | " + " | ".join(names) + " | held-out loss | total bytes |",
+        "|---|---|---|" + "---|" * len(names) + "---|---|",
+    ]
+    for r in rows:
+        per = " | ".join(f"{r['per_skill'].get(k, float('nan')):.3f}" for k in names)
+        loss = "-" if r["heldout_loss"] is None else f"{r['heldout_loss']:.4f}"
+        lines.append(f"| {r['variant']} | {r['rounds']} | {r['exact_match']:.3f} | {per} | {loss} | "
+                     f"{r['total_bytes'] / 1e6:.1f} MB |")  # fmt: skip
+    write_json_atomic(out / "skills.json", {"rows": rows})
+    write_text_atomic(out / "skills.md", "\n".join(lines) + "\n")
+    return {"rows": rows}

@@ -64,6 +64,7 @@ class BenchOptions:
     settings: tuple[str, ...] = ("homogeneous", "heterogeneous")
     variants: tuple[str, ...] = field(default=())  # run only these names (all if empty)
     eval_every_round: bool = False  # score every round (curves), not only the last
+    exact_match: bool = False  # also greedy exact match on the test split (the skills task)
     seeds: tuple[int, ...] = ()  # training seeds: one bench each under OUT/seed-N, then fair.md
 
     def __post_init__(self) -> None:  # before any model is loaded
@@ -132,7 +133,7 @@ class Bench:
         cfg = setting_config(self.opts, setting)
         check_meta(self.out / "results.json", self.results.get("meta"), regime(cfg))  # never mix regimes
         done = self.results.setdefault(setting, {})
-        evaluator = split_evaluator(cfg)
+        evaluator = split_evaluator(cfg, self.opts.exact_match)
         if report.BASE not in done:
             model, tok = load_model(cfg.model.name, cfg.model.torch_dtype())
             done[report.BASE] = [{"round": 0, "eval": evaluator(model.to(cfg.model.torch_device()), tok)}]
@@ -255,10 +256,12 @@ class SplitEvaluator:
         return out
 
 
-def split_evaluator(cfg: FloristConfig) -> SplitEvaluator:
-    """Held-out loss with per-row losses on the test split, and on the validation split if any."""
+def split_evaluator(cfg: FloristConfig, exact_match: bool = False) -> SplitEvaluator:
+    """Held-out loss with per-row losses on the test split (with ``exact_match``: greedy exact match
+    there too, per category), and on the validation split if any."""
     ev = replace(cfg.eval, mmlu=None, exact_match=False)
-    test = Evaluator(ev, test_examples(cfg.data), cfg.data.seed, cfg.run.progress, rows=True)
+    test = Evaluator(replace(ev, exact_match=exact_match), test_examples(cfg.data), cfg.data.seed,
+                     cfg.run.progress, rows=True)  # fmt: skip
     val_rows = validation_examples(cfg.data, cfg.federation.num_clients)
     val = Evaluator(ev, val_rows, cfg.data.seed, cfg.run.progress, rows=True) if val_rows else None
     return SplitEvaluator(test, val)
@@ -326,6 +329,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-only", action="store_true", help="redraw table.md and plots from results.json")
     p.add_argument("--seeds", type=ints, default=(), help="training seeds: one bench each, then fair.md")
     p.add_argument("--eval-every-round", action="store_true", help="score every round (loss-bytes curves)")
+    p.add_argument("--exact-match", action="store_true", help="also greedy exact match on the test split")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -349,6 +353,7 @@ def main(args: argparse.Namespace) -> None:
         settings=names(args.settings), options=names(args.options),
         extra_baselines=names(args.extra_baselines), budget_match_tau=args.budget_match_tau,
         variants=names(args.variants), seeds=args.seeds, eval_every_round=args.eval_every_round,
+        exact_match=args.exact_match,
         **{k: v for k, v in given.items() if v is not None},
     )  # fmt: skip
     summary = Bench(opts).run()

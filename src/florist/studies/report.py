@@ -143,7 +143,8 @@ def plot_bytes_loss(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -
     ax.set_ylabel("final held-out loss - FLoRA's, paired (nats; lower is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if ax.get_legend_handles_labels()[0]:  # nothing is drawn against FLoRA when FLoRA did not run
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
