@@ -81,6 +81,7 @@ from torch import Tensor, nn
 from florist.aggregation import EnergyThreshold, FixedRank, make_aggregator
 from florist.aggregation.flexlora import dense_aggregate
 from florist.aggregation.linalg import stack_module
+from florist.console import quiet_imports
 from florist.fsutil import write_json_atomic
 from florist.lora import ClientUpdate, LoraFactors, client_weights, validate_updates
 from florist.lora.distance import relative_error
@@ -824,6 +825,7 @@ def progress(start: float, message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_imports()  # bitsandbytes' notice about an optional CPU kernel package (peft imports it)
     args = parse_args(argv)
     start, load = time.perf_counter(), warn_if_busy()
     torch.set_num_threads(THREADS)
