@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/fair_parallel.py --out docs/results/fair --workers 1 [--deadline 0] [k=v ...]
 
 Stage 1 runs every candidate configuration of every method (``CANDIDATES``) in both rank settings
-with training seed 0; stage 2 runs the configuration each method chose on validation
-(``florist.studies.fair.choose``) with the seeds ``--more-seeds``. Each stage's (setting, variant)
+with training seed 0; stage 2 runs the configuration each of the ``TOP`` methods chose on validation
+(``florist.studies.fair.choose``) with the seeds ``--more-seeds``; stage ``skills`` runs those
+homogeneous choices once on the second task (``SKILLS_REGIME``: the skills set, one skill per client,
+exact match; ``OUT/skills/skills.md``). Each stage's (setting, variant)
 jobs go round-robin to ``--workers`` processes, each a plain ``florist bench --seeds S --variants ...``
 with its own output and cache folder under ``OUT/work/`` (so they never write the same file); their
 ``results.json`` are merged into ``OUT/seed-S/results.json`` and ``florist.studies.fair`` writes
