@@ -182,7 +182,8 @@ def main() -> None:
         names = [n for n in args.names.split(",") if n]
         run_stage(args, [(0, s, v) for s in SETTINGS for v in names if applies(s, v)], deadline)
     per_seed = merge(args)
-    chosen = {s: sorted(v for f, v in choose(per_seed, s, rounds)[0].items() if f in TOP) for s in SETTINGS}
+    first = {0: per_seed[0]} if 0 in per_seed else {}  # the choice is seed 0's, whatever seeds came after
+    chosen = {s: sorted(v for f, v in choose(first, s, rounds)[0].items() if f in TOP) for s in SETTINGS}
     if args.stage in ("all", "seeds") and 0 in per_seed:
         print(f"chosen on validation (seed 0), rerun with seeds {args.more_seeds}: {chosen}", flush=True)
         seeds = [int(x) for x in args.more_seeds.split(",") if x]
@@ -196,8 +197,11 @@ def main() -> None:
         else:
             with (args.out / "work" / "skills.log").open("ab") as log:
                 cmd = skills_command(args, chosen["homogeneous"])
-                subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
-            write_skills_report(args.out / "skills")
+                code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+            if code == 0:
+                write_skills_report(args.out / "skills")
+            else:
+                print(f"skills task: the bench ended with {code} (see work/skills.log); rerun to continue")
     write_fair_report(args.out, SETTINGS, rounds)
     print((args.out / "fair.md").read_text())
 

@@ -116,8 +116,8 @@ def test_the_server_round_carries_the_last_results_tail_and_the_checkpoint_keeps
     save(tmp_path, ServerState(round=2, history=[(1, one), (2, two)]), cfg, keep=1)
     back = load_latest(tmp_path, cfg, force=False).history[-1][1]
     assert back.residual is not None
-    for name, f in two.residual.items():
-        torch.testing.assert_close(back.residual[name].delta(F64), f.delta(F64), rtol=1e-6, atol=1e-7)
+    for name, f in two.residual.items():  # as computed, float64 here: a resume carries the same tail
+        assert torch.equal(back.residual[name].A, f.A) and torch.equal(back.residual[name].B, f.B)
 
 
 @pytest.mark.parametrize(

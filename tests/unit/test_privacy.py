@@ -322,3 +322,18 @@ def test_fedsb_under_client_dp_releases_the_noised_mean_core_on_the_servers_basi
     with pytest.raises(ConfigError, match="does not cover 'fedsb'"):
         load_config(None, ["privacy.mode='dp-sgd'", "privacy.noise_multiplier=1.0", "aggregation.method='fedsb'",
                            "lora.warm_start=false"])  # fmt: skip
+
+
+def test_under_client_dp_the_clients_behind_the_noised_mean_hold_every_earlier_round() -> None:
+    """The aggregator sees one noised update, but the clients whose changes went into it merged every
+    earlier round: a merge-protocol client is owed only the rounds after, not all of them again."""
+    from florist.server.federation import Member, Server
+
+    cfg = load_config(None, ["privacy.mode='client'", "privacy.noise_multiplier=1.0", "privacy.noise_seed=1",
+                             "aggregation.method='florist'", "federation.num_clients=3", "lora.warm_start=false",
+                             "lora.ranks=[3]", "privacy.delta=1e-2"])  # fmt: skip
+    server = Server(cfg, cfg.aggregator(), [Member(f"c{k}", k, 3) for k in range(3)])
+    for t in (1, 2):
+        ups = [_update(f"c{k}", 10 * t + k) for k in range(3)]
+        assert server.round(t, ups).result is not None
+    assert [sorted(server.owed(f"c{k}")) for k in range(3)] == [[2]] * 3

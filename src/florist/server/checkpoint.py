@@ -114,7 +114,7 @@ def _result_dict(round: int, r: AggregationResult) -> dict[str, Any]:
         "meta": json.dumps(meta),
         "global": _factors(r.global_update),
         "per_client": per_client,
-        "residual": None if r.residual is None else _factors(r.residual),
+        "residual": None if r.residual is None else _as_computed(r.residual),
     }
 
 
@@ -128,6 +128,11 @@ def _factors(modules: dict[str, LoraFactors]) -> dict[str, dict[str, torch.Tenso
         B, A = f.effective()  # (m, p), (p, n)
         out[name] = {"A": A.contiguous(), "B": B.contiguous()}
     return out
+
+
+def _as_computed(modules: dict[str, LoraFactors]) -> dict[str, dict[str, torch.Tensor]]:
+    """Factors in the dtype they were computed in (a float64 aggregation's carried tail resumes exactly)."""
+    return {name: {"A": f.A.contiguous(), "B": (f.B * f.scaling).contiguous()} for name, f in modules.items()}
 
 
 def _rng_state() -> dict[str, Any]:

@@ -159,7 +159,7 @@ class Server:
         outcome = aggregate_round(self.cfg, self.aggregator, round, updates, self.sent(), self.ranks)
         self.last = outcome
         if outcome.result is not None:
-            self.accept(round, outcome.result)
+            self.accept(round, outcome.result, outcome.contributors)
         return outcome
 
     def start_from(
@@ -185,7 +185,9 @@ class Server:
             raise RuntimeError("round 0 comes before every other round")
         self.accept(0, result)
 
-    def accept(self, round: int, result: AggregationResult) -> None:
+    def accept(self, round: int, result: AggregationResult, contributors: Sequence[str] = ()) -> None:
+        """Record ``result``; the clients behind it (``contributors``, else the result's own ids: under
+        client-level DP it aggregated one noised update) hold every round before it."""
         if self.state.history and self.state.history[-1][1].residual is not None:  # only the last is carried
             t, last = self.state.history[-1]
             self.state.history[-1] = (t, replace(last, residual=None))
@@ -193,7 +195,7 @@ class Server:
         self.state.skipped_streak = 0
         if self.rules.merges:
             earlier = self.merged_before(round)
-            for who in result.client_ids:
+            for who in contributors or result.client_ids:
                 if who in self.state.synced:
                     self.state.synced[who] = earlier[-1] if earlier else 0
         if self.model is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from florist.aggregation.base import AggregationResult, Aggregator
-from florist.aggregation.lowrank import result_to_wire
+from florist.aggregation.lowrank import result_to_wire, to_wire
 from florist.aggregation.protocols import protocol_of
 from florist.aggregation.robust import ClipReport, cap_weights, clip_factors, clip_updates, update_norm
 from florist.config import FloristConfig
@@ -38,6 +38,8 @@ class RoundOutcome:
     updates: list[ClientUpdate]
     dropped: dict[str, str] = field(default_factory=dict)
     clip: ClipReport | None = None
+    contributors: tuple[str, ...] = ()  # the clients whose uploads are in the result (under
+    # client-level DP the result aggregates one noised update; these are the clients behind it)
 
 
 def aggregate_round(
@@ -54,8 +56,9 @@ def aggregate_round(
     ``ranks`` maps client id to its LoRA rank (the warm part a warm-started client began from, and
     what a per-client download must fit: ``ClientUpdate.lora_rank``).
     """
-    if history and history[-1].residual is not None:  # error feedback: the last cut's tail joins in
+    if history and history[-1].residual is not None and getattr(aggregator, "feedback", False):
         aggregator = replace(aggregator, carry=history[-1].residual)  # type: ignore[type-var]
+        # error feedback: the last cut's tail joins in (a resume forced to turn it off drops it)
     uploads = [replace(u, lora_rank=ranks.get(u.client_id)) for u in uploads]
     if cfg.federation.max_client_weight is not None and uploads:
         uploads = cap_weights(uploads, cfg.federation.max_client_weight)
@@ -98,19 +101,24 @@ def private_round(
         noised, std = noised_mean_factor(deltas, start, cfg.privacy.clip, acc.sigma, noise, with_a)
     noised = replace(noised, noise_std=std)
     result, why = attempt(aggregator, round, [noised], cfg.federation.wire_dtype)
-    return RoundOutcome(result, [noised], {} if result is not None else {NOISED: f"round {round}: {why}"})
+    behind = tuple(sorted(d.client_id for d in deltas)) if result is not None else ()
+    return RoundOutcome(
+        result, [noised], {} if result is not None else {NOISED: f"round {round}: {why}"}, contributors=behind
+    )
 
 
 def shared_draw(cfg: FloristConfig, updates: Sequence[ClientUpdate]) -> dict[str, LoraFactors]:
     """Where a continue-protocol client began round 1: B = 0 and the round's shared draw of A
-    (``LocalClient.fresh_lora``), rebuilt from the run's seed, every client's rank its leading rows."""
+    (``LocalClient.fresh_lora``), rebuilt from the run's seed, every client's rank its leading rows,
+    rounded to the wire dtype as the uploads are (so an unchanged entry is no change)."""
     seed = derive_seed(cfg.federation.seed, "shared-init", 0)
     n_clients = cfg.federation.num_clients
     rows = max(cfg.lora.rank_of(k, n_clients) for k in range(n_clients))
     start = {}
     for name, f in updates[0].modules.items():
         r, n = f.A.shape
-        start[name] = LoraFactors(A=seeded_a(seed, name, rows, n)[:r], B=torch.zeros(f.B.shape[0], r))
+        drawn = LoraFactors(A=seeded_a(seed, name, rows, n)[:r], B=torch.zeros(f.B.shape[0], r))
+        start[name] = to_wire(drawn, cfg.federation.wire_dtype)
     return start
 
 
@@ -183,7 +191,7 @@ def aggregate_finite(
     while len(updates) >= min_replies:
         result, why = attempt(aggregator, round, updates, wire)
         if result is not None:
-            return RoundOutcome(result, updates, dropped)
+            return RoundOutcome(result, updates, dropped, contributors=result.client_ids)
         if len(updates) == 1:
             break
         worst, how = culprit(aggregator, round, updates, wire)

@@ -30,6 +30,7 @@ from florist.aggregation.lowrank import prepare_upload
 from florist.aggregation.protocols import protocol_of
 from florist.client.local import LocalClient, client_from_config, client_id
 from florist.client.model import load_client_model, load_model
+from florist.client.train import encode_all
 from florist.config import FloristConfig
 from florist.data.federated import client_examples
 from florist.lora import ClientUpdate, LoraFactors
@@ -171,7 +172,12 @@ class Variant:
         of ``aggregation.init_samples`` rows and the server's starting adapter (each client takes it
         before it first trains)."""
         cfg, n = self.cfg, self.cfg.federation.num_clients
-        sizes = [len(client_examples(cfg.data, k, n)) for k in range(n)]
+        model = self.server.model
+        assert model is not None
+        # n_k as each client counts it (what it encodes), without building its model
+        sizes = [
+            len(encode_all(client_examples(cfg.data, k, n), model.tokenizer, cfg.train)) for k in range(n)
+        ]
         gradients = {}
         for k, share in enumerate(init_shares(cfg.aggregation.init_samples, sizes)):
             c = self.client(k)
