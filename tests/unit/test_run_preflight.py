@@ -137,3 +137,13 @@ def test_a_packaged_config_without_its_data_says_how_to_point_at_a_copy(tmp_path
         ConfigError, match=r"does not exist, read from the current directory .*data.source=FOLDER"
     ):
         check_data(cfg.data, cfg.federation.num_clients)
+
+
+def test_the_bench_refuses_an_unknown_rank_setting_before_it_trains(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["bench", "--settings", "homogeneous,nope"]) == 2
+    assert (
+        "--settings takes homogeneous and heterogeneous, got ['homogeneous', 'nope']"
+        in capsys.readouterr().err
+    )

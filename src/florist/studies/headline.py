@@ -31,6 +31,7 @@ from florist.client.model import load_model
 from florist.config import PAPER_CONFIG, FloristConfig, load_config
 from florist.config.loader import build, set_dotted
 from florist.data.federated import test_examples, validation_examples
+from florist.errors import ConfigError
 from florist.fsutil import write_json_atomic, write_text_atomic
 from florist.lora import ClientUpdate
 from florist.server.evaluation import Evaluator
@@ -68,6 +69,9 @@ class BenchOptions:
     seeds: tuple[int, ...] = ()  # training seeds: one bench each under OUT/seed-N, then fair.md
 
     def __post_init__(self) -> None:  # before any model is loaded
+        unknown = sorted(set(self.settings) - {"homogeneous", "heterogeneous"})
+        if unknown or not self.settings:
+            raise ConfigError(f"--settings takes homogeneous and heterogeneous, got {list(self.settings)}")
         check_options(self.options)
         for spec in self.extra_baselines:
             parse_baseline(spec)
