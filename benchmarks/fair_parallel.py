@@ -115,7 +115,9 @@ def run_stage(args: argparse.Namespace, jobs: list[tuple[int, str, str]], deadli
     queue = list(groups.items())
     running: list[tuple[subprocess.Popen[bytes], Any]] = []
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 2) // args.workers))
-    env = os.environ | {"OMP_NUM_THREADS": threads}  # a given OMP_NUM_THREADS wins (another study shares the cores)
+    env = os.environ | {
+        "OMP_NUM_THREADS": threads
+    }  # a given OMP_NUM_THREADS wins (another study shares the cores)
     while queue or running:
         while queue and len(running) < args.workers:
             (seed, setting, w), variants = queue.pop(0)

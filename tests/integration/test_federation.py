@@ -250,6 +250,28 @@ def test_client_level_dp_under_flower_reports_epsilon_per_round(model_dir: Path,
     assert rows[2]["aggregated"] == ["dp-noised-mean"]  # the aggregator saw the noised mean only
 
 
+def test_client_level_dp_under_flower_samples_poisson_and_survives_an_empty_round(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """fraction 0.5 under client-level DP: each client in a round with probability 0.5 (noise seed 5:
+    nobody in round 1, clients 1 and 2 in round 2). The empty round is skipped and the run goes on;
+    both rounds are accounted at rate 0.5."""
+    from florist.privacy.accountant import Accountant
+
+    cfg = tiny_run_config(model_dir, tmp_path, "dp-poisson", "privacy.mode='client'", "privacy.noise_multiplier=2.0",
+                          "privacy.noise_seed=5", "federation.fraction=0.5", "aggregation.rank_policy='noise'",
+                          "aggregation.tau=none", "lora.warm_start=false")  # fmt: skip
+    summary = run_simulation(cfg)
+    rows = {r["round"]: r for r in records(Path(summary["run_dir"]))}
+    assert rows[1]["clients"] == [] and rows[1]["skipped"]
+    assert sorted(rows[2]["clients"]) == ["client-001", "client-002"] and rows[2]["aggregated"] == [
+        "dp-noised-mean"
+    ]
+    acc = Accountant(2.0, 0.5, 1e-5)
+    assert [rows[t]["epsilon"] for t in (1, 2)] == [acc.epsilon(1), acc.epsilon(2)]
+    assert summary["privacy"]["sample_rate"] == 0.5
+
+
 def test_dp_sgd_clients_under_flower_report_their_epsilon(model_dir: Path, tmp_path: Path) -> None:
     """privacy.mode = 'dp-sgd' with FedIT (any method: the server only post-processes): every client's
     reply carries the epsilon its plan gives after the round."""

@@ -337,3 +337,89 @@ def test_under_client_dp_the_clients_behind_the_noised_mean_hold_every_earlier_r
         ups = [_update(f"c{k}", 10 * t + k) for k in range(3)]
         assert server.round(t, ups).result is not None
     assert [sorted(server.owed(f"c{k}")) for k in range(3)] == [[2]] * 3
+
+
+def _client_dp(*extra: str) -> Any:
+    return load_config(None, ["privacy.mode='client'", "privacy.noise_multiplier=1.0", "lora.warm_start=false",
+                              *extra])  # fmt: skip
+
+
+def _server(cfg: Any) -> Any:
+    from florist.server.federation import Member, Server
+
+    n = cfg.federation.num_clients
+    return Server(cfg, cfg.aggregator(), [Member(f"c{k}", k, 4) for k in range(n)])
+
+
+def test_client_dp_samples_each_client_independently_from_secret_randomness() -> None:
+    """A sample anybody can recompute from the config amplifies nothing: under client-level DP the
+    round's clients are a Poisson sample from OS randomness (drawn once a round), reproducible only
+    with the (not private) noise seed; without DP the seeded fixed-size sample stays."""
+    cfg = _client_dp("federation.num_clients=30", "federation.fraction=0.2", "federation.rounds=40")
+    a, b = _server(cfg), _server(cfg)
+    draws = [[m.index for m in a.participants(t)] for t in range(1, 41)]
+    assert draws == [[m.index for m in a.participants(t)] for t in range(1, 41)]  # once per round
+    assert draws != [[m.index for m in b.participants(t)] for t in range(1, 41)]  # not from the config
+    sizes = [len(d) for d in draws]
+    assert len(set(sizes)) > 1 and 3.5 < sum(sizes) / len(sizes) < 8.5  # Poisson, mean 0.2 x 30 = 6
+    seeded = _client_dp("federation.num_clients=30", "federation.fraction=0.2", "privacy.noise_seed=5")
+    assert [m.index for m in _server(seeded).participants(3)] == [
+        m.index for m in _server(seeded).participants(3)
+    ]
+    plain = load_config(None, ["federation.num_clients=30", "federation.fraction=0.2"])
+    assert all(len(_server(plain).participants(t)) == 6 for t in (1, 2, 3))
+
+
+def test_client_dp_divides_by_the_public_expected_count_not_the_replies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two of eight clients expected (fraction 0.25), three replied: the aggregate is the sum of the
+    clipped changes over 2 (dense float64 product, no noise); a schedule divides by its own count and
+    is accounted at rate 1."""
+    cfg = _client_dp("federation.num_clients=8", "federation.fraction=0.25", "privacy.noise_multiplier=0.0",
+                     "privacy.clip=3.0", "aggregation.tau=1.0")  # fmt: skip
+    assert cfg.dp_denominator(1) == 2.0 and cfg.accountant().q == 0.25
+    agg = cfg.aggregator()
+    ups = [_update(f"c{k}", k) for k in range(3)]
+    out = aggregate_round(cfg, agg, 1, ups, [], {u.client_id: 3 for u in ups})
+    assert out.result is not None
+    clipped = [clip_change(u, 3.0)[0] for u in ups]
+    for name in SHAPES:
+        want = sum(u.modules[name].delta(F64) for u in clipped) / 2
+        got = out.result.global_update[name].delta(F64)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    sched = _client_dp(
+        "federation.num_clients=4", "federation.rounds=2", "federation.participation=[[0, 1], [2]]"
+    )
+    assert sched.dp_denominator(1) == 2.0 and sched.dp_denominator(2) == 1.0 and sched.accountant().q == 1.0
+
+
+def test_factor_dp_releases_the_servers_a_never_a_clients() -> None:
+    g = torch.Generator().manual_seed(7)
+    start = {
+        name: LoraFactors(A=torch.randn(3, n, generator=g), B=torch.zeros(m, 3))
+        for name, (m, n) in SHAPES.items()
+    }
+    forged = [ClientUpdate("c0", 1.0, {name: LoraFactors(A=torch.randn(3, n, generator=g), B=torch.randn(m, 3, generator=g))
+                                       for name, (m, n) in SHAPES.items()})]  # fmt: skip
+    out, _ = noised_mean_factor(forged, start, 1.0, 0.0, noise_generator(0, 1))
+    for name in SHAPES:
+        assert torch.equal(out.modules[name].A, start[name].A)
+
+
+def test_fedsb_round_zero_under_client_dp_uses_only_public_numbers() -> None:
+    common = ["aggregation.method='fedsb'", "aggregation.tau=none", "federation.num_clients=3",
+              "aggregation.init_samples=30"]  # fmt: skip
+    plain = load_config(None, [*common, "train.examples=8"])
+    private = _client_dp(*common, "train.examples=8")
+    assert plain.round_zero([5, 20, 75])[0] == [2, 6, 23]
+    assert (
+        private.round_zero([5, 20, 75]) == private.round_zero([1, 1, 1]) == ([10, 10, 10], private.init_lr(0))
+    )
+    with pytest.raises(ConfigError, match="round-0 step size may not depend on the clients' sizes"):
+        _client_dp(*common, "train.epochs=1")
+    with pytest.raises(ConfigError, match="needs federation.min_replies = 1"):
+        _client_dp("federation.num_clients=4", "federation.min_replies=2")
+    with pytest.raises(ConfigError, match="privacy.target_epsilon = 1e-06"):
+        load_config(None, ["privacy.mode='client'", "privacy.target_epsilon=1e-6", "federation.rounds=50",
+                           "lora.warm_start=false"])  # fmt: skip

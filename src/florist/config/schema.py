@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -735,6 +736,21 @@ class FloristConfig:
             raise ConfigError(
                 "privacy.mode = 'client' needs privacy.noise_multiplier or privacy.target_epsilon"
             )
+        if (replies := self.federation.min_replies) > 1:
+            raise ConfigError(
+                f"privacy.mode = 'client' needs federation.min_replies = 1, got {replies}: "
+                "a round skipped for too few replies would depend on which clients are in the data"
+            )
+        if (
+            protocol_of(aggregator_class(method).protocol).needs_init
+            and self.aggregation.init_lr is None
+            and self.train.steps is None
+            and self.train.examples is None
+        ):
+            raise ConfigError(
+                f"privacy.mode = 'client' with {method!r}: its round-0 step size may not depend on the "
+                "clients' sizes; set aggregation.init_lr, train.steps or train.examples"
+            )
         if p.delta >= 1 / self.federation.num_clients:
             raise ConfigError(
                 f"privacy.delta = {p.delta:g} is not below 1 / num_clients = "
@@ -752,25 +768,35 @@ class FloristConfig:
 
     def accountant(self) -> Accountant | None:
         """Client-level DP's accountant: the noise multiplier (given, or the smallest reaching
-        ``target_epsilon`` over the run's rounds) and the sample rate, the most clients a round samples
-        over all of them, with Fed-SB's round 0 (every client's clipped gradient, noised) as one more
+        ``target_epsilon`` over the run's rounds) and the sample rate (``fraction``, the Poisson rate;
+        1 under a schedule), with Fed-SB's round 0 (every client's clipped gradient, noised) as one more
         release at rate 1; None without client-level DP."""
         p, fed = self.privacy, self.federation
         if p.mode != "client":  # dp-sgd: each client's own (florist.privacy.sample_level.plan)
             return None
         from florist.privacy.accountant import Accountant, noise_for
 
-        n = fed.num_clients
-        if fed.participation is not None:
-            q = max(len(set(r)) for r in fed.participation) / n
-        else:
-            q = min(n, max(fed.min_clients, int(fed.fraction * n + 0.5))) / n
+        # a schedule is public and fixed: no amplification, every round composed at rate 1 (an upper
+        # bound: a client is in at most every round); else the Poisson rate of Server.participants
+        q = 1.0 if fed.participation is not None else fed.fraction
         first = 1 if protocol_of(aggregator_class(self.aggregation.method).protocol).needs_init else 0
         sigma = p.noise_multiplier
         if sigma is None:
             assert p.target_epsilon is not None
-            sigma = noise_for(p.target_epsilon, p.delta, q, fed.rounds, first)
+            try:
+                sigma = noise_for(p.target_epsilon, p.delta, q, fed.rounds, first)
+            except ValueError as err:
+                raise ConfigError(f"privacy.target_epsilon = {p.target_epsilon:g}: {err}") from None
         return Accountant(sigma, q, p.delta, first)
+
+    def dp_denominator(self, round: int) -> float:
+        """What client-level DP divides the noised sum by: public, never the count that replied (one
+        client's presence changes it): the round's scheduled clients, else the expected size of the
+        Poisson sample, ``fraction x num_clients`` (every client when ``fraction`` = 1)."""
+        fed = self.federation
+        if fed.participation is not None:
+            return float(len(set(fed.participation[round - 1])))
+        return fed.fraction * fed.num_clients
 
     def aggregator(self) -> Aggregator:
         """The run's aggregator: ``[aggregation]`` with a byte budget priced at the run's wire dtype."""
@@ -785,6 +811,17 @@ class FloristConfig:
         from florist.aggregation.held import HeldUpdates
 
         return HeldUpdates(self.model.global_adapter_max_rank, self.model.global_adapter_tau)
+
+    def round_zero(self, sizes: Sequence[int]) -> tuple[list[int], float]:
+        """Fed-SB's round 0, the one place it is decided: the rows each client (of ``sizes`` rows) sums
+        its gradient over and the sign-step size. By size; under client-level DP from public numbers
+        only (equal shares, the step size from ``init_lr`` or the configured steps), since one client's
+        size would otherwise move every other client's share and so the sum beyond the clip."""
+        from florist.aggregation.fedsb import init_shares
+
+        if self.privacy.mode == "client":
+            return init_shares(self.aggregation.init_samples, [1] * len(sizes)), self.init_lr(0)
+        return init_shares(self.aggregation.init_samples, sizes), self.init_lr(max(sizes))
 
     def init_lr(self, num_examples: int) -> float:
         """Fed-SB's sign-step size: ``aggregation.init_lr``, else the reference's ``lr / (0.02 x total

@@ -106,9 +106,7 @@ class Federation:
         self.rundir.global_adapter(t, result.global_update)
         if self.cfg.run.save_client_updates and self.server.last is not None:
             self.rundir.client_updates(t, self.server.last.updates)
-        record = round_record(log_, result, wall)
-        if (acc := self.cfg.accountant()) is not None:  # client-level DP: what the run spent so far
-            record["epsilon"] = acc.epsilon(t)
+        record = round_record(log_, result, wall) | self._spent(t)
         if self.evaluator.due(t, self.cfg.federation.rounds):
             record["eval"] = self.evaluator(self.model.model, self.model.tokenizer)
         record["round_seconds"] = time.perf_counter() - start
@@ -116,7 +114,7 @@ class Federation:
         self.checkpoint(t)
 
     def _skipped(self, t: int, log_: RoundLog, start: float) -> None:
-        self._record(skipped_record(log_) | {"round_seconds": time.perf_counter() - start})
+        self._record(skipped_record(log_) | self._spent(t) | {"round_seconds": time.perf_counter() - start})
         self.checkpoint(t)
         limit = self.cfg.federation.max_skipped_rounds
         streak = self.server.state.skipped_streak
@@ -241,6 +239,12 @@ class Federation:
             "train": resolve(self.cfg.train.precision, device).describe(),
             "eval": resolve(self.cfg.eval.precision, device).describe(),
         }
+
+    def _spent(self, t: int) -> dict[str, float]:
+        """Client-level DP: the epsilon spent after round ``t``, a skipped round included (its sample
+        was drawn; the accountant composes every round)."""
+        acc = self.cfg.accountant()
+        return {} if acc is None else {"epsilon": acc.epsilon(t)}
 
     def _record(self, record: dict[str, Any]) -> None:
         self.server.state.records.append(record)

@@ -21,7 +21,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from florist.aggregation.base import Aggregator
-from florist.aggregation.fedsb import init_shares
 from florist.aggregation.protocols import protocol_of
 from florist.client.model import load_model, published_name, resolve_model
 from florist.config import FloristConfig
@@ -247,7 +246,9 @@ class FederatedLoRA(Strategy):
         log_ = self.round_log(server_round)
         chosen = self.participants(server_round)
         log_.clients = [c.client_id for c in chosen]
-        log.info("round %d: training on %s", server_round, ", ".join(log_.clients))
+        log.info(
+            "round %d: training on %s", server_round, ", ".join(log_.clients) or "no client (an empty sample)"
+        )
         return self.messages(server_round, [c.node_id for c in chosen], MessageType.TRAIN, log_)
 
     def aggregate_train(
@@ -309,7 +310,7 @@ class FederatedLoRA(Strategy):
         if not self.rules.needs_init or self.server.history:
             return
         cfg, fed = self.cfg, self.cfg.federation
-        shares = init_shares(cfg.aggregation.init_samples, [c.num_examples for c in self.clients])
+        shares, lr = cfg.round_zero([c.num_examples for c in self.clients])
         msgs = [
             Message(RecordDict({"config": ConfigRecord({"rows": k})}), dst_node_id=c.node_id,
                     message_type=f"{MessageType.QUERY}.init")
@@ -337,7 +338,6 @@ class FederatedLoRA(Strategy):
                 f"round 0 of {self.aggregator.name}: {len(gradients)} usable gradient(s), "
                 f"{fed.min_replies} required (federation.min_replies); see the round 0 log lines"
             )
-        lr = cfg.init_lr(max(c.num_examples for c in self.clients))
         rank = max(c.rank for c in self.clients)
         self.server.start_from([gradients[k] for k in sorted(gradients)], rank, lr)
         log.info("round 0: the starting adapter from %d clients' gradients", len(gradients))

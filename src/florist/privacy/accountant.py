@@ -4,10 +4,11 @@ RDP bound of Mironov, Talwar and Zhang 2019; the RDP-to-(epsilon, delta) convers
 2020).
 
 One round releases the noised sum of the sampled clients' clipped changes: a Gaussian mechanism of
-noise multiplier sigma (noise std sigma C for sensitivity C) on a sample of rate q = sampled / K. The
-accountant treats the sample as Poisson with that rate; florist samples exactly ``round(fraction K)``
-clients, which the Poisson analysis approximates (with every client in every round, q = 1, it is
-exact and there is no amplification).
+noise multiplier sigma (noise std sigma C for sensitivity C, adding or removing one client) on a
+Poisson sample of rate q = ``federation.fraction``: under client-level DP each client is in a round
+independently with probability q, drawn from secret randomness (``Server.participants``), which is
+the sampling this analysis amplifies by. A fixed schedule (``federation.participation``) is public
+and gets q = 1; so does every client in every round.
 """
 
 from __future__ import annotations

@@ -5,19 +5,24 @@ against a shared A (FFA-LoRA, FedSVD), B and A both (FedIT, whose round 1 begins
 of A every client starts from, known to the server by its seed), or the r x r core R between a frozen
 basis (Fed-SB, whose round 0 is one more release: ``noised_gradient_sum``).
 
-Per round, with the m sampled clients' changes Delta W_k = s B_k A_k (less any warm part):
+Per round, with the sampled clients' changes Delta W_k = s B_k A_k (less any warm part):
 
     clip    Delta W_k <- Delta W_k min(1, C / ||Delta W_k||)   one norm over all modules together;
             ||s B A||_F^2 = tr((s^2 B^T B)(A A^T)) from r x r Gram matrices, B scaled: never m x n
-    noise   S = (sum_k Delta W_k + Z) / m,  Z_ij ~ N(0, (sigma C)^2) per entry of every module
+    noise   S = (sum_k Delta W_k + Z) / D,  Z_ij ~ N(0, (sigma C)^2) per entry of every module
     release S, factored by its SVD, as the one update the aggregator sees
 
 Adding or removing one client moves ``sum_k Delta W_k`` by at most C (in the norm over all modules),
 so releasing it with N(0, sigma^2 C^2) noise is the Gaussian mechanism of noise multiplier sigma;
-dividing by m (public: who was sampled) and everything the aggregator then does (stacking, SVD, a
-rank from the noised spectrum) are post-processing. Every client gets weight 1 / m: weighting by
-n_k would let one client's share, and so the sensitivity, grow with its data. The noise is dense:
-m x n per module at the server (float64: 128 MiB for a 4096 x 4096 matrix, one module at a time).
+dividing by D and everything the aggregator then does (stacking, SVD, a rank from the noised
+spectrum) are post-processing. D is public and fixed by the config, never the number of clients
+that replied (which one client's presence changes): the round's scheduled count, else the expected
+size of the sample, fraction x num_clients (McMahan et al.'s fixed-denominator estimator;
+``FloristConfig.dp_denominator``). With ``fraction`` < 1 the clients are a Poisson sample drawn from
+secret randomness (``secret_random``, ``Server.participants``), the sampling whose amplification the
+accountant counts. Every client gets weight 1 / D: weighting by n_k would let one client's share,
+and so the sensitivity, grow with its data. The noise is dense: m x n per module at the server
+(float64: 128 MiB for a 4096 x 4096 matrix, one module at a time).
 
 The noise comes from the operating system's randomness unless ``privacy.noise_seed`` is set, which
 makes it reproducible by anyone who has the config: for studies and tests only, not private.
@@ -26,6 +31,7 @@ makes it reproducible by anyone who has the config: for studies and tests only, 
 from __future__ import annotations
 
 import math
+import random
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -63,15 +69,27 @@ def noise_generator(seed: int | None, round: int) -> torch.Generator:
     return g
 
 
+def secret_random(seed: int | None, round: int) -> random.Random:
+    """The round's client sampler: OS randomness, or (``privacy.noise_seed``, not private) a seeded
+    one, apart from the noise's stream."""
+    if seed is None:
+        return random.SystemRandom()
+    return random.Random(f"florist-dp-sample/{seed}/{round}")
+
+
 def noised_mean(
-    updates: Sequence[ClientUpdate], bound: float, sigma: float, generator: torch.Generator
+    updates: Sequence[ClientUpdate],
+    bound: float,
+    sigma: float,
+    generator: torch.Generator,
+    denominator: float | None = None,
 ) -> tuple[ClientUpdate, float]:
-    """``(sum_k clip(Delta W_k) + Z) / m`` per module as one update (factored by its SVD), and the
-    per-entry noise std of that mean, ``sigma C / m``."""
+    """``(sum_k clip(Delta W_k) + Z) / D`` per module as one update (factored by its SVD), and the
+    per-entry noise std of that mean, ``sigma C / D`` (D: ``denominator``, else the updates' count)."""
     if not updates:
         raise ValueError("client-level DP needs at least one update")
     clipped = [clip_change(u, bound)[0] for u in updates]
-    m, std = len(clipped), sigma * bound
+    m, std = denominator or len(clipped), sigma * bound
     modules = {}
     for name in sorted(clipped[0].modules):
         total = sum(u.modules[name].delta(torch.float64) for u in clipped)
@@ -107,13 +125,16 @@ def noised_mean_factor(
     sigma: float,
     generator: torch.Generator,
     with_a: bool = False,
+    denominator: float | None = None,
 ) -> tuple[ClientUpdate, float]:
-    """DP-FedAvg on the factors a method averages: FFA-LoRA's and FedSVD's B against a shared A (the
-    A's must agree), both factors (``with_a``: FedIT), or Fed-SB's core ``s R`` (its changes from
-    the global core; the basis is the server's own). Each client's change from ``start`` (the
-    global the round began from; None: B = 0, only without ``with_a``), ``s B_k - B_start`` and with
-    ``with_a`` also ``A_k - A_start``, is clipped to ``bound`` as one vector over all modules, the sum
-    noised with N(0, sigma^2 C^2) per entry, divided by m and added back to the start."""
+    """DP-FedAvg on the factors a method averages: FFA-LoRA's and FedSVD's B against the shared A
+    (released as ``start`` holds it, never as a client sent it), both factors (``with_a``: FedIT), or
+    Fed-SB's core ``s R`` (its changes from the global core; the basis is the server's own, put back
+    by ``TrainCore.deltas``). Each client's change from ``start`` (the global the round began from;
+    None: B = 0, only without ``with_a``), ``s B_k - B_start`` and with ``with_a`` also
+    ``A_k - A_start``, is clipped to ``bound`` as one vector over all modules, the sum noised with
+    N(0, sigma^2 C^2) per entry, divided by D (``denominator``, else the updates' count) and added
+    back to the start."""
     if not updates:
         raise ValueError("client-level DP needs at least one update")
     if with_a and start is None:
@@ -137,7 +158,7 @@ def noised_mean_factor(
                     )
                 parts[(name, which)] = now[which] - base
         changes.append(parts)
-    m, std = len(changes), sigma * bound
+    m, std = denominator or len(changes), sigma * bound
     norms = [math.sqrt(sum(float(t.double().square().sum()) for t in c.values())) for c in changes]
     first = updates[0].modules
     released: dict[tuple[str, str], torch.Tensor] = {}
@@ -152,7 +173,8 @@ def noised_mean_factor(
         if cores:  # Fed-SB: the released core on the (server's) basis
             out[name] = LoraFactors(A=f.A, B=f.B, core=released[(name, "core")])
         else:
-            out[name] = LoraFactors(A=released[(name, "A")] if with_a else f.A, B=released[(name, "B")])
+            A = released[(name, "A")] if with_a else start[name].A if start else f.A
+            out[name] = LoraFactors(A=A, B=released[(name, "B")])
     return ClientUpdate(NOISED, 1.0, out), std / m
 
 

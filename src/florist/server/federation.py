@@ -3,7 +3,8 @@ was sent, what every client holds and the server's model. The Flower strategy an
 bench both drive a ``Server``; neither keeps a copy of its state, and a checkpoint saves its
 ``state`` as it is.
 
-    participants(t)          which clients train in round t (the schedule, or a seeded sample)
+    participants(t)          which clients train in round t (the schedule, a seeded sample, or under
+                             client-level DP a secret Poisson sample)
     owed(client)             what it downloads before training: merge protocols every global update
                              since the last it holds (catch-up), else its share of the latest adapter
     round(t, updates)        aggregate (``server.round``), then record the result, mark who holds
@@ -28,7 +29,7 @@ from florist.aggregation.protocols import protocol_of
 from florist.config import FloristConfig
 from florist.errors import ConfigError
 from florist.lora import ClientUpdate, LoraFactors
-from florist.privacy.client_level import noise_generator, noised_gradient_sum
+from florist.privacy.client_level import noise_generator, noised_gradient_sum, secret_random
 from florist.seeds import derive_seed
 from florist.server.checkpoint import ServerState
 from florist.server.global_model import GlobalModel
@@ -87,6 +88,7 @@ class Server:
         self.ranks = {m.client_id: m.rank for m in self.members}
         self.state = ServerState(round=0, synced={m.client_id: 0 for m in self.members})
         self.last: RoundOutcome | None = None  # the latest round's outcome (its updates, who was dropped)
+        self.sampled: dict[int, list[Member]] = {}  # client-level DP's Poisson samples, drawn once a round
 
     # ------------------------------------------------------------------ reading the state
 
@@ -123,11 +125,20 @@ class Server:
     # ------------------------------------------------------------------ decisions
 
     def participants(self, round: int) -> list[Member]:
-        """Clients of ``round``: the configured schedule, else a seeded sample of ``fraction``."""
+        """Clients of ``round``: the configured schedule, else a seeded sample of ``fraction``; under
+        client-level DP with ``fraction`` < 1, each client independently with probability ``fraction``
+        from the noise's secret randomness (the Poisson sample the accountant's amplification assumes:
+        one anybody could recompute from the config amplifies nothing), drawn once per round and
+        possibly empty (``federation.min_clients`` does not apply)."""
         fed = self.cfg.federation
         if fed.participation is not None:
             chosen = set(fed.participation[round - 1])
             return [m for m in self.members if m.index in chosen]
+        if self.cfg.privacy.mode == "client" and fed.fraction < 1:
+            if round not in self.sampled:
+                rng = secret_random(self.cfg.privacy.noise_seed, round)
+                self.sampled[round] = [m for m in self.members if rng.random() < fed.fraction]
+            return self.sampled[round]
         k = min(len(self.members), max(fed.min_clients, round_half_up(fed.fraction * len(self.members))))
         rng = random.Random(derive_seed(fed.seed, round, "sample"))
         return sorted(rng.sample(self.members, k), key=lambda m: m.index)

@@ -89,16 +89,18 @@ def private_round(
         return RoundOutcome(None, list(deltas))
     acc = cfg.accountant()
     assert acc is not None
-    noise = noise_generator(cfg.privacy.noise_seed, round)
+    noise, denominator = noise_generator(cfg.privacy.noise_seed, round), cfg.dp_denominator(round)
     if type(aggregator).products_only:
-        noised, std = noised_mean(deltas, cfg.privacy.clip, acc.sigma, noise)
+        noised, std = noised_mean(deltas, cfg.privacy.clip, acc.sigma, noise, denominator)
     else:  # the factors a method averages (B; FedIT: B and A), from the global the round began at
         rules = protocol_of(aggregator.protocol)
         with_a = type(aggregator).uploads_a()
         start = rules.round_start(history)
-        if start is None and with_a:
+        if start is None and not rules.needs_init:  # round 1 began at the shared draw (its A released)
             start = shared_draw(cfg, deltas)
-        noised, std = noised_mean_factor(deltas, start, cfg.privacy.clip, acc.sigma, noise, with_a)
+        noised, std = noised_mean_factor(
+            deltas, start, cfg.privacy.clip, acc.sigma, noise, with_a, denominator
+        )
     noised = replace(noised, noise_std=std)
     result, why = attempt(aggregator, round, [noised], cfg.federation.wire_dtype)
     behind = tuple(sorted(d.client_id for d in deltas)) if result is not None else ()

@@ -24,7 +24,6 @@ import torch
 from florist.aggregation import communication, efficiency
 from florist.aggregation.base import AggregationResult, ClientProtocol
 from florist.aggregation.comm import download_ranks, init_bytes
-from florist.aggregation.fedsb import init_shares
 from florist.aggregation.linalg import energy_beyond
 from florist.aggregation.lowrank import prepare_upload
 from florist.aggregation.protocols import protocol_of
@@ -179,12 +178,12 @@ class Variant:
             len(encode_all(client_examples(cfg.data, k, n), model.tokenizer, cfg.train)) for k in range(n)
         ]
         gradients = {}
-        for k, share in enumerate(init_shares(cfg.aggregation.init_samples, sizes)):
+        shares, lr = cfg.round_zero(sizes)
+        for k, share in enumerate(shares):
             c = self.client(k)
             gradients[c.client_id] = c.init_gradient(share)
             if n > LIVE_CLIENTS:
                 del self.live[k]
-        lr = cfg.init_lr(max(sizes))
         rank = max(self.rank.values())
         start = self.server.start_from(list(gradients.values()), rank, lr)
         self.init_bytes = init_bytes(gradients, start, cfg.federation.wire_dtype)
@@ -215,6 +214,8 @@ class Variant:
         raw = None
         if self.cfg.federation.uplink_tau is not None:  # the error against what the clients trained
             raw = round_deltas(self.cfg, self.raw_uploads(t, round_one), self.server.sent(), self.rank)
+        if not uploads:  # client-level DP's Poisson sample, probability (1 - fraction)^K
+            raise RuntimeError(f"round {t}: no client was sampled; the bench needs one (rerun to redraw)")
         outcome = self.server.round(t, uploads)
         if outcome.result is None or outcome.dropped:  # the bench's clients are honest: say so loudly
             raise RuntimeError(f"round {t}: {outcome.dropped or 'no finite aggregate'}")
