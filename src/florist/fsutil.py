@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import glob
 import io
@@ -149,6 +150,37 @@ def _fsync_dir(path: Path) -> None:
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented JSON to ``path`` through a temporary file and a rename."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike[str], *, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block; yields False at
+    once, holding nothing, when ``wait`` is off and another process holds it. The lock goes with
+    the process, so a killed holder never leaves it stuck."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dest, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def update_json_atomic(path: str | os.PathLike[str], key: str, value: Any) -> dict[str, Any]:
+    """Set ``key`` in the JSON object at ``path`` (read afresh under a lock beside it) and write it
+    atomically: processes that share one results file each add their entries, none is lost. Returns
+    the object as written."""
+    dest = Path(path)
+    with file_lock(dest.with_name(dest.name + ".lock")):
+        data: dict[str, Any] = json.loads(dest.read_text()) if dest.is_file() else {}
+        data[key] = value
+        write_json_atomic(dest, data)
+    return data
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -96,3 +96,30 @@ def test_figures_are_written_atomically(tmp_path: Path) -> None:
     fsutil.save_figure(fig, tmp_path / "f.png", dpi=50)
     plt.close(fig)
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG" and _mode(tmp_path / "f.png") & 0o044
+
+
+def test_results_shared_by_two_processes_lose_no_entry(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    code = textwrap.dedent(f"""
+        import sys
+        from florist.fsutil import update_json_atomic
+        for i in range(40):
+            update_json_atomic({str(path)!r}, f"{{sys.argv[1]}}-{{i}}", [i])
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code, name]) for name in ("a", "b")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    import json
+
+    data = json.loads(path.read_text())
+    assert sorted(data) == sorted(f"{n}-{i}" for n in "ab" for i in range(40))
+    assert data["b-39"] == [39]
+
+
+def test_a_held_lock_is_refused_without_waiting_and_freed_when_released(tmp_path: Path) -> None:
+    lock = tmp_path / "cell" / ".claim"
+    with fsutil.file_lock(lock) as first:
+        assert first
+        with fsutil.file_lock(lock, wait=False) as second:  # another open file: flock refuses it
+            assert second is False
+    with fsutil.file_lock(lock, wait=False) as again:
+        assert again

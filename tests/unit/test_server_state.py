@@ -152,3 +152,16 @@ def test_resume_names_changed_keys_and_accepts_keys_added_at_their_default(tmp_p
     old = _saved(tmp_path / "d", other, drop="federation.max_client_weight")
     with pytest.raises(ConfigError, match=r"federation\.max_client_weight: None -> 0\.5"):
         checkpoint.check_config(old, other, force=False)
+
+
+def test_a_forced_resume_under_dp_may_not_change_what_the_guarantee_was_computed_for(tmp_path: Path) -> None:
+    dp = ("privacy.mode='client'", "privacy.noise_multiplier=1.0", "privacy.delta=1e-3")
+    saved = _saved(tmp_path / "a", config(*dp, "federation.rounds=3"))
+    with pytest.raises(ConfigError, match=r"federation\.rounds: 3 -> 5.*start a new run"):
+        checkpoint.check_config(saved, config(*dp, "federation.rounds=5"), force=True)
+    with pytest.raises(ConfigError, match=r"privacy\.mode: 'client' -> 'none'"):  # switching DP off
+        checkpoint.check_config(saved, config("federation.rounds=3"), force=True)
+    # what releases nothing may still change, and without DP --force accepts anything
+    checkpoint.check_config(saved, config(*dp, "federation.rounds=3", "eval.batch_size=3"), force=True)
+    plain = _saved(tmp_path / "b", config("federation.rounds=3"))
+    checkpoint.check_config(plain, config("federation.rounds=5"), force=True)

@@ -196,6 +196,9 @@ def read(path: Path) -> dict[str, Any]:
     return payload  # type: ignore[no-any-return]
 
 
+FREE_UNDER_DP = ("eval", "run")  # sections a forced resume may change under DP: they release nothing
+
+
 def check_config(payload: dict[str, Any], cfg: FloristConfig, force: bool) -> None:
     """Refuse to resume under a config other than the checkpoint's (unless ``force``), naming every
     key that changed. Keys the checkpoint does not know (added to florist since it was written) count
@@ -211,6 +214,14 @@ def check_config(payload: dict[str, Any], cfg: FloristConfig, force: bool) -> No
                  ", ".join(added))  # fmt: skip
         return
     text = "; ".join(diff) or "(the hashes differ)"
+    private = [d for d in diff if d.split(".")[0] not in FREE_UNDER_DP] or ([] if diff else [text])
+    modes = {json.loads(payload["config"]).get("privacy", {}).get("mode", "none"), cfg.privacy.mode}
+    if force and modes != {"none"} and private:
+        raise ConfigError(
+            f"the config differs from the checkpoint's: {'; '.join(private)}. Under differential privacy "
+            "the guarantee was computed for the checkpoint's config (noise, rounds, sampling, data), so "
+            "--force cannot change these; start a new run"
+        )
     if not force:
         raise ConfigError(
             f"the config differs from the checkpoint's: {text}. Resume with --force to accept it"

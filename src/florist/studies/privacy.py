@@ -39,7 +39,7 @@ from florist.data.federated import client_examples
 from florist.errors import ConfigError
 from florist.eval.membership import loss_threshold_attack
 from florist.eval.paired import paired_difference
-from florist.fsutil import write_json_atomic
+from florist.fsutil import file_lock, save_figure, update_json_atomic, write_text_atomic
 from florist.server.evaluation import Evaluator
 from florist.studies.fair import split_loss
 from florist.studies.headline import split_evaluator
@@ -113,6 +113,11 @@ def attack(cfg: FloristConfig, model: Any, tokenizer: Any, test_rows: int) -> di
     return {"member_rows": scores["heldout_rows"]}
 
 
+def cell_folder(opts: StudyOptions, key: str) -> Path:
+    """The cell's checkpoint folder under ``--cache``."""
+    return Path(opts.cache) / key.replace(" / ", "__").replace("=", "-").replace(" ", "_")
+
+
 def run_cell(
     opts: StudyOptions, mode: str, key: str, keys: Sequence[str], eps: float
 ) -> list[dict[str, Any]]:
@@ -126,8 +131,7 @@ def run_cell(
         scores = evaluate(model, tokenizer)
         return scores | attack(cfg, model, tokenizer, len(scores["heldout_rows"]))
 
-    folder = Path(opts.cache) / key.replace(" / ", "__").replace("=", "-").replace(" ", "_")
-    records = run_variant(cfg, score, eval_rounds=[opts.rounds], checkpoint=folder)
+    records = run_variant(cfg, score, eval_rounds=[opts.rounds], checkpoint=cell_folder(opts, key))
     acc = cfg.accountant()
     target = None if math.isinf(eps) else eps
     # client mode: the server's noise multiplier; dp-sgd: each client plans its own (the worst's epsilon)
@@ -138,21 +142,30 @@ def run_cell(
 
 
 def run(opts: StudyOptions) -> dict[str, Any]:
-    """Every cell not yet in ``results.json``, one after another (resumable per cell and round)."""
+    """Every cell not yet in ``results.json``, one after another (resumable per cell and round).
+
+    A cell is claimed with a lock in its cache folder and each finished cell is merged into
+    ``results.json`` under a lock, so the same command started twice (two cores) shares the work:
+    each process skips the cells the other holds or has finished."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def finished() -> dict[str, Any]:
+        return json.loads(path.read_text()) if path.is_file() else {}
+
     for mode in opts.modes:  # every method at one epsilon before the next: a partial study compares
         for eps in opts.epsilons:
             for label, keys in METHODS[mode]:
                 key = cell_key(mode, label, eps)
-                if key in results:
+                if key in finished():
                     continue
-                log.info("privacy study: %s", key)
-                records = run_cell(opts, mode, key, keys, eps)
-                results[key] = records
-                write_json_atomic(path, results)
+                with file_lock(cell_folder(opts, key) / ".claim", wait=False) as mine:
+                    if not mine or key in finished():  # another process runs it, or just finished it
+                        continue
+                    log.info("privacy study: %s", key)
+                    update_json_atomic(path, key, run_cell(opts, mode, key, keys, eps))
+    results = finished()
     write_report(out, results)
     return results
 
@@ -178,7 +191,7 @@ def write_report(out: Path, results: Mapping[str, Any]) -> None:
         value = f"{loss.loss:.4f}" if loss else ""
         e = eps.removeprefix("eps=")
         lines.append(f"| {mode} | {label} | {e} | {value} | {versus} | {mb:.1f} | {auc} | {adv} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "table.md", "\n".join(lines) + "\n")
     _plot(out, results)
 
 
@@ -214,7 +227,7 @@ def _plot(out: Path, results: Mapping[str, Any]) -> None:
         ax.set_title(f"{mode} DP")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "loss_vs_epsilon.png", dpi=120)
+    save_figure(fig, out / "loss_vs_epsilon.png", dpi=120)
     plt.close(fig)
 
 

@@ -1,0 +1,39 @@
+"""The privacy study shares its cells between processes: a claimed cell is skipped, finished cells
+merge into one results file (the same command started twice uses two cores)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from florist import fsutil
+from florist.studies import privacy
+
+
+def test_a_cell_claimed_by_another_process_is_skipped_and_results_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opts = privacy.StudyOptions(out=str(tmp_path / "out"), cache=str(tmp_path / "cache"),
+                                epsilons=(math.inf,), modes=("dp-sgd",))  # fmt: skip
+    ran: list[str] = []
+
+    def fake_cell(opts: Any, mode: str, key: str, keys: Any, eps: float) -> list[dict[str, Any]]:
+        ran.append(key)
+        return [{"round": 1, "eval": {}}]
+
+    monkeypatch.setattr(privacy, "run_cell", fake_cell)
+    monkeypatch.setattr(privacy, "write_report", lambda out, results: None)
+    taken = privacy.cell_key("dp-sgd", "FLoRA", math.inf)
+    other = {"dp-sgd / FedIT / eps=inf": [{"round": 1, "by": "other"}]}  # the other process finished it
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text(json.dumps(other))
+    with fsutil.file_lock(privacy.cell_folder(opts, taken) / ".claim"):  # the other process runs it
+        results = privacy.run(opts)
+    labels = [label for label, _ in privacy.METHODS["dp-sgd"]]
+    assert ran == [privacy.cell_key("dp-sgd", x, math.inf) for x in labels if x not in ("FedIT", "FLoRA")]
+    assert results["dp-sgd / FedIT / eps=inf"] == [{"round": 1, "by": "other"}]
+    assert taken not in results and len(results) == len(labels) - 1
