@@ -18,21 +18,26 @@ def test_privacy_study_writes_every_cell_and_resumes(tmp_path: Path, capsys) -> 
     model = save_tiny_model(tmp_path / "tiny")
     out = tmp_path / "privacy"
     args = ["privacy-study", "--out", str(out), "--cache", str(tmp_path / "cache"), "--epsilons", "8,inf",
-            "--rounds", "1", "--clients", "6", "--fraction", "0.5", f"model.name={str(model)!r}",
+            "--rounds", "1", "--clients", "6", "--fraction", "0.5", "--attack-rows", "2", f"model.name={str(model)!r}",
             "data.source='skills'", "data.split='dirichlet'", "data.test=none", "data.skills_train=24",
             "data.skills_test=6", "data.min_partition_size=2", "train.examples=4", "train.batch_size=2",
             "federation.num_clients=4", "eval.batch_size=4"]  # fmt: skip
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == (5 + 7) * 2  # (dp-sgd + client methods) x epsilons
+    assert len(results) == (5 + 7 + 2) * 2  # (dp-sgd + client + attack methods) x epsilons
     for key, records in results.items():
         ev = records[-1]["eval"]
-        assert 0 < len(ev["member_rows"]) <= len(ev["heldout_rows"]), key  # client 0 may hold fewer
+        assert ("attack" in ev) == key.startswith("attack"), key
+        if key.startswith("attack"):
+            rows = ev["attack"]
+            assert [len(rows[k]) for k in ("member_rows", "non_member_rows", "member_base_rows")] == [2, 2, 2]
+            assert rows["member_rows"] != rows["member_base_rows"], key  # the trained model, not the base
         if "eps=8" in key:
             assert 0 < records[-1]["privacy"]["epsilon"] <= 8.0, key
-            assert key.startswith("dp-sgd") or records[-1]["privacy"]["sigma"] > 0
+            assert key.startswith(("dp-sgd", "attack")) or records[-1]["privacy"]["sigma"] > 0
     table = (out / "table.md").read_text()
     assert "client | FLoRIST noise rule | 8 |" in table and "dp-sgd | FedIT | inf |" in table
+    assert "| FLoRIST tau=0.90 | 8 |" in table and "calibrated by the base model" in table
     assert (out / "loss_vs_epsilon.png").stat().st_size > 0
     before = (out / "results.json").read_text()
     assert main(args) == 0  # every cell done: nothing trains, the same results

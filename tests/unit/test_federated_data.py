@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from florist.config import load_config
+from florist.config.schema import DataConfig
 from florist.data.federated import client_examples
 from florist.data.federated import test_examples as heldout_examples
 from florist.data.records import Example
@@ -183,3 +185,17 @@ def test_by_label_names_the_mismatch_and_a_missing_column(tmp_path: Path) -> Non
     )
     with pytest.raises(ConfigError, match=r"row 0 has no value in column 'hospital' \(data.label\)"):
         client_examples(cfg.data, 0, 3)
+
+
+def test_left_out_rows_are_the_clients_own_and_held_by_nobody() -> None:
+    """The membership attack's non-members: rows of client 0's part the cap dropped."""
+    from florist.data.federated import client_left_out
+
+    cfg = DataConfig(source="skills", skills_train=60, split="iid", max_examples_per_client=5)
+    kept = [client_examples(cfg, k, 3) for k in range(3)]
+    left = client_left_out(cfg, 0, 3)
+    uncapped = client_examples(replace(cfg, max_examples_per_client=None), 0, 3)
+    assert len(kept[0]) == 5 and len(left) == len(uncapped) - 5
+    # client 0's part split in two (other clients' parts are disjoint from it by construction)
+    assert sorted(map(repr, kept[0] + left)) == sorted(map(repr, uncapped))
+    assert client_left_out(replace(cfg, max_examples_per_client=None), 0, 3) == []

@@ -22,3 +22,28 @@ def test_a_partial_overlap() -> None:
     assert r.auc == pytest.approx(0.75) and r.advantage == pytest.approx(0.5)
     with pytest.raises(ValueError):
         loss_threshold_attack([], [1.0])
+
+
+def test_auc_interval_matches_the_spread_of_simulated_aucs() -> None:
+    """Hanley & McNeil's Q1, Q2 are exact for exponential scores, so their standard error must match
+    the spread of the AUC over many simulated attacks (members Exp(3), non-members Exp(1): A = 0.75)."""
+    import random
+    import statistics
+
+    from florist.eval.membership import auc_interval
+
+    rng = random.Random(0)
+    n1, n2 = 40, 30
+    aucs = [
+        loss_threshold_attack(
+            [rng.expovariate(3.0) for _ in range(n1)], [rng.expovariate(1.0) for _ in range(n2)]
+        ).auc
+        for _ in range(1500)
+    ]
+    assert statistics.mean(aucs) == pytest.approx(0.75, abs=0.01)
+    low, high = auc_interval(0.75, n1, n2)
+    se = (high - low) / (2 * 1.959964)
+    assert se == pytest.approx(statistics.stdev(aucs), rel=0.08)
+    assert auc_interval(0.99, 5, 5)[1] == 1.0  # clipped to [0, 1]
+    r = loss_threshold_attack([0.1, 0.2, 0.3, 1.5], [1.0, 2.0])
+    assert r.auc_low < r.auc < r.auc_high and r.describe().startswith(f"{r.auc:.3f} (")

@@ -45,11 +45,25 @@ def validation_examples(cfg: DataConfig, num_clients: int) -> list[Example]:
 
 def subsample(examples: list[Example], cfg: DataConfig, client: int) -> list[Example]:
     """At most ``data.max_examples_per_client`` of ``examples``, a seeded sample kept in order."""
+    chosen = set(_kept(len(examples), cfg, client))
+    return templated([ex for i, ex in enumerate(examples) if i in chosen], cfg)
+
+
+def client_left_out(cfg: DataConfig, client: int, num_clients: int) -> list[Example]:
+    """The rows of client ``client``'s part that ``data.max_examples_per_client`` left out, in the
+    part's order: drawn from the same distribution as its training rows and never trained on by
+    anyone (a membership attack's non-members). Empty without a cap, or when the part fits it."""
+    part = list(_training_parts(cfg, num_clients)[client])
+    kept = set(_kept(len(part), cfg, client))
+    return templated([ex for i, ex in enumerate(part) if i not in kept], cfg)
+
+
+def _kept(n: int, cfg: DataConfig, client: int) -> list[int]:
+    """The indices, sorted, that ``subsample`` keeps of a part of ``n`` rows."""
     cap = cfg.max_examples_per_client
-    if cap is not None and len(examples) > cap:
-        rng = random.Random(f"{cfg.seed}:subsample:{client}")
-        examples = [examples[i] for i in sorted(rng.sample(range(len(examples)), cap))]
-    return templated(examples, cfg)
+    if cap is None or n <= cap:
+        return list(range(n))
+    return sorted(random.Random(f"{cfg.seed}:subsample:{client}").sample(range(n), cap))
 
 
 def templated(examples: Sequence[Example], cfg: DataConfig) -> list[Example]:

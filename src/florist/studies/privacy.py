@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import math
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,9 +36,10 @@ from typing import Any
 
 from florist.cli_parsing import names, study_arguments
 from florist.config import PAPER_CONFIG, FloristConfig, load_config
-from florist.data.federated import client_examples
+from florist.data.federated import client_examples, client_left_out
+from florist.data.records import Example
 from florist.errors import ConfigError
-from florist.eval.membership import loss_threshold_attack
+from florist.eval.membership import calibrated, loss_threshold_attack
 from florist.eval.paired import paired_difference
 from florist.fsutil import file_lock, save_figure, update_json_atomic, write_text_atomic
 from florist.server.evaluation import Evaluator
@@ -63,8 +65,13 @@ METHODS = {  # mode -> (label, config keys)
         ("FLoRIST noise rule", ("aggregation.method='florist'", "aggregation.tau=none",
                                 "aggregation.rank_policy='noise'")),
     ),
+    "attack": (
+        ("FedIT", ("aggregation.method='fedit'", "aggregation.tau=none")),
+        ("FLoRIST tau=0.90", ("aggregation.method='florist'", "aggregation.tau=0.9")),
+    ),
 }  # fmt: skip
-DELTA = {"dp-sgd": 1e-5, "client": 1e-3}
+MODES = tuple(METHODS)
+DELTA = {"dp-sgd": 1e-5, "client": 1e-3, "attack": 1e-5}
 
 
 @dataclass(frozen=True)
@@ -74,12 +81,13 @@ class StudyOptions:
     out: str = "docs/results/privacy"
     cache: str = "runs/privacy-cache"
     epsilons: tuple[float, ...] = (1.0, 3.0, 8.0, math.inf)
-    modes: tuple[str, ...] = ("dp-sgd", "client")
+    modes: tuple[str, ...] = MODES
     rounds: int = 3
     clients: int = 100  # client mode's federation
     fraction: float = 0.1
     clip: float = 0.5  # client mode's bound on a client's change (C)
     max_grad_norm: float = 1.0  # dp-sgd's bound on an example's gradient
+    attack_rows: int = 32  # attack mode: every client's rows (its members), trained 6 epochs
 
 
 def cell_key(mode: str, label: str, epsilon: float) -> str:
@@ -93,9 +101,14 @@ def cell_config(opts: StudyOptions, mode: str, keys: Sequence[str], epsilon: flo
     if mode == "client":
         regime += ["data.split='dirichlet'", f"federation.num_clients={opts.clients}",
                    f"federation.fraction={opts.fraction}", "data.min_partition_size=8"]  # fmt: skip
+    if mode == "attack":  # few rows, many epochs: the regime in which training leaks membership
+        rows = opts.attack_rows
+        regime += [f"data.max_examples_per_client={rows}", f"train.examples={2 * rows}", "train.steps=none",
+                   "train.epochs=none"]  # fmt: skip
     privacy: list[str] = []
     if not math.isinf(epsilon):
-        privacy = [f"privacy.mode={mode!r}", f"privacy.target_epsilon={epsilon}",
+        dp_mode = "dp-sgd" if mode == "attack" else mode
+        privacy = [f"privacy.mode={dp_mode!r}", f"privacy.target_epsilon={epsilon}",
                    f"privacy.delta={DELTA[mode]}", f"privacy.clip={opts.clip}",
                    f"privacy.max_grad_norm={opts.max_grad_norm}"]  # fmt: skip
     elif "aggregation.rank_policy='noise'" in keys:
@@ -104,13 +117,39 @@ def cell_config(opts: StudyOptions, mode: str, keys: Sequence[str], epsilon: flo
     return load_config(opts.config, [*opts.overrides, *regime, *keys, *privacy])
 
 
-def attack(cfg: FloristConfig, model: Any, tokenizer: Any, test_rows: int) -> dict[str, Any]:
-    """The loss-threshold attack on ``model``: client 0's first ``test_rows`` training rows against
-    the test rows (``florist.eval.membership``)."""
-    members = client_examples(cfg.data, 0, cfg.federation.num_clients)[:test_rows]
+def attack_rows(cfg: FloristConfig) -> tuple[list[Example], list[Example]]:
+    """The attack's rows, one distribution: client 0's training rows (members: every row it holds,
+    each trained on every round) and as many rows of its own part that ``max_examples_per_client``
+    left out (non-members: no client ever held them), a seeded draw."""
+    members = client_examples(cfg.data, 0, cfg.federation.num_clients)
+    left = client_left_out(cfg.data, 0, cfg.federation.num_clients)
+    if len(left) < len(members):
+        raise ConfigError(
+            f"the membership attack needs client 0 to have {len(members)} rows beyond the "
+            f"{len(members)} it trains on (--attack-rows), but it has {len(left)}"
+        )
+    chosen = sorted(random.Random(f"{cfg.data.seed}:attack").sample(range(len(left)), len(members)))
+    return members, [left[i] for i in chosen]
+
+
+def attack(cfg: FloristConfig, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """Per-row losses of the attack's members and non-members (``attack_rows``) under ``model`` and
+    under the public base model (the reference-model attack's calibration)."""
+    from florist.client.model import load_client_model
+
+    members, non_members = attack_rows(cfg)
     ev = replace(cfg.eval, mmlu=None, exact_match=False, subset=None)
-    scores = Evaluator(ev, members, cfg.data.seed, False, rows=True)(model, tokenizer)
-    return {"member_rows": scores["heldout_rows"]}
+
+    def losses(rows: list[Example], m: Any, tok: Any) -> list[float]:
+        return list(Evaluator(ev, rows, cfg.data.seed, False, rows=True)(m, tok)["heldout_rows"])
+
+    base, base_tok = load_client_model(cfg)
+    out = {"member_rows": losses(members, model, tokenizer),
+           "non_member_rows": losses(non_members, model, tokenizer),
+           "member_base_rows": losses(members, base, base_tok),
+           "non_member_base_rows": losses(non_members, base, base_tok)}  # fmt: skip
+    del base
+    return out
 
 
 def cell_folder(opts: StudyOptions, key: str) -> Path:
@@ -129,7 +168,7 @@ def run_cell(
 
     def score(model: Any, tokenizer: Any) -> dict[str, Any]:
         scores = evaluate(model, tokenizer)
-        return scores | attack(cfg, model, tokenizer, len(scores["heldout_rows"]))
+        return scores | ({"attack": attack(cfg, model, tokenizer)} if mode == "attack" else {})
 
     records = run_variant(cfg, score, eval_rounds=[opts.rounds], checkpoint=cell_folder(opts, key))
     acc = cfg.accountant()
@@ -172,9 +211,15 @@ def run(opts: StudyOptions) -> dict[str, Any]:
 
 def write_report(out: Path, results: Mapping[str, Any]) -> None:
     """``table.md``: per cell the final test loss, its paired difference against the same method
-    without DP, bytes and the attack's AUC and advantage; ``loss_vs_epsilon.png``."""
-    lines = ["| mode | method | epsilon | test loss | vs no DP | MB | attack AUC | advantage |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    without DP, epsilon spent and bytes; then the membership attack's cells (``attack`` mode): its AUC
+    on raw losses and calibrated by the base model, with 95 % intervals; ``loss_vs_epsilon.png``."""
+    lines = ["| mode | method | epsilon | epsilon spent | test loss | vs no DP | MB |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    attacks = ["", "Membership attack (`attack` mode): client 0's training rows against rows of its own "
+               "part that no client held; AUC with 95 % interval (Hanley & McNeil), 0.5 = no leak.", "",
+               "| method | epsilon | test loss | AUC, raw losses | AUC, calibrated by the base model | "
+               "calibrated advantage | mean loss drop, members / non-members |",
+               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, records in results.items():
         mode, label, eps = key.split(" / ")
         last = records[-1]
@@ -184,15 +229,29 @@ def write_report(out: Path, results: Mapping[str, Any]) -> None:
         if ref is not None and loss is not None and (base := split_loss(ref[-1], "test")) is not None:
             versus = paired_difference(base, loss).describe() if key != f"{mode} / {label} / eps=inf" else "-"
         mb = sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in records) / 1e6
-        ev = last.get("eval", {})
-        mia = loss_threshold_attack(ev.get("member_rows", []), ev.get("heldout_rows", [])) if ev else None
-        auc = f"{mia.auc:.3f}" if mia else ""
-        adv = f"{mia.advantage:.3f}" if mia else ""
         value = f"{loss.loss:.4f}" if loss else ""
         e = eps.removeprefix("eps=")
-        lines.append(f"| {mode} | {label} | {e} | {value} | {versus} | {mb:.1f} | {auc} | {adv} |")
-    write_text_atomic(out / "table.md", "\n".join(lines) + "\n")
+        spent = (last.get("privacy") or {}).get("epsilon")
+        spent_text = "-" if spent is None else f"{spent:.2f}"
+        lines.append(f"| {mode} | {label} | {e} | {spent_text} | {value} | {versus} | {mb:.1f} |")
+        if (rows := last.get("eval", {}).get("attack")) is not None:
+            raw = loss_threshold_attack(rows["member_rows"], rows["non_member_rows"])
+            member, non_member = (
+                calibrated(rows[f"{w}_rows"], rows[f"{w}_base_rows"]) for w in ("member", "non_member")
+            )
+            cal = loss_threshold_attack(member, non_member)
+            drops = [_mean(member), _mean(non_member)]
+            attacks.append(f"| {label} | {e} | {value} | {raw.describe()} | {cal.describe()} | "
+                           f"{cal.advantage:.3f} | {drops[0]:+.4f} / {drops[1]:+.4f} |")  # fmt: skip
+    if len(attacks) == 5:
+        attacks = []
+    write_text_atomic(out / "table.md", "\n".join(lines + attacks) + "\n")
     _plot(out, results)
+
+
+def _mean(values: Sequence[float]) -> float:
+    seen = [v for v in values if not math.isnan(v)]
+    return sum(seen) / len(seen) if seen else math.nan
 
 
 def _plot(out: Path, results: Mapping[str, Any]) -> None:
@@ -201,7 +260,7 @@ def _plot(out: Path, results: Mapping[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = sorted({k.split(" / ")[0] for k in results})
+    modes = sorted({k.split(" / ")[0] for k in results} - {"attack"})
     if not modes:
         return
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
@@ -247,10 +306,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     study_arguments(p, "docs/results/privacy", "results.json, table.md, plot")
     p.add_argument("--cache", default="runs/privacy-cache", help="per-round checkpoints of unfinished cells")
     p.add_argument("--epsilons", type=epsilons, default=(1.0, 3.0, 8.0, math.inf), help="targets; inf: no DP")
-    p.add_argument("--modes", default="dp-sgd,client", help="privacy modes: dp-sgd, client")
+    p.add_argument("--modes", default=",".join(MODES), help="dp-sgd, client, attack (the membership attack)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per cell")
     p.add_argument("--clients", type=int, default=100, help="client mode: clients re-split from the pool")
     p.add_argument("--fraction", type=float, default=0.1, help="client mode: clients sampled per round")
+    p.add_argument("--attack-rows", type=int, default=32, help="attack mode: rows each client holds")
     p.add_argument(
         "--report-only", action="store_true", help="redraw table.md and the plot from results.json"
     )
@@ -259,13 +319,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     """``florist privacy-study``: the cells not yet in results.json (unless ``--report-only``); the table."""
     modes = names(args.modes)
-    if not modes or set(modes) - {"dp-sgd", "client"}:
-        raise ConfigError(f"--modes takes dp-sgd and client, got {args.modes!r}")
-    if args.rounds < 1 or args.clients < 2 or not 0 < args.fraction <= 1:
-        raise ConfigError("--rounds must be >= 1, --clients >= 2 and --fraction in (0, 1]")
+    if not modes or set(modes) - set(MODES):
+        raise ConfigError(f"--modes takes {', '.join(MODES)}, got {args.modes!r}")
+    if args.rounds < 1 or args.clients < 2 or not 0 < args.fraction <= 1 or args.attack_rows < 1:
+        raise ConfigError(
+            "--rounds must be >= 1, --clients >= 2, --fraction in (0, 1] and --attack-rows >= 1"
+        )
     opts = StudyOptions(
         config=args.config or PAPER_CONFIG, overrides=tuple(args.overrides), out=args.out, cache=args.cache,
         epsilons=args.epsilons, modes=modes, rounds=args.rounds, clients=args.clients, fraction=args.fraction,
+        attack_rows=args.attack_rows,
     )  # fmt: skip
     if args.report_only:
         path = Path(opts.out) / "results.json"
