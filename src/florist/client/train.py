@@ -81,6 +81,10 @@ class BatchStream:
             self._epoch, self._perm = epoch, torch.randperm(n, generator=g)
         return int(self._perm[i % n])
 
+    def rows(self, start: int, stop: int) -> list[int]:
+        """The row indices at stream positions ``start`` to ``stop`` (what those batches draw)."""
+        return [self._index(i) for i in range(start, stop)]
+
     def next(self) -> list[Encoded]:
         batch = [self._index(self.position + j) for j in range(self.batch_size)]
         self.position += self.batch_size
