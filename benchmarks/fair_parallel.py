@@ -109,6 +109,8 @@ def skills_command(args: argparse.Namespace, variants: list[str]) -> list[str]:
 
 def run_stage(args: argparse.Namespace, jobs: list[tuple[int, str, str]], deadline: float) -> None:
     """(seed, setting, variant) jobs on ``args.workers`` processes, round-robin, until done or deadline."""
+    if past(args, deadline):
+        return
     groups: dict[tuple[int, str, int], list[str]] = {}
     for i, (seed, setting, variant) in enumerate(jobs):
         groups.setdefault((seed, setting, i % args.workers), []).append(variant)
@@ -127,7 +129,7 @@ def run_stage(args: argparse.Namespace, jobs: list[tuple[int, str, str]], deadli
             print(f"start {worker} seed {seed}: {variants}", flush=True)
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         time.sleep(2)
-        if args.deadline and time.time() > deadline:
+        if past(args, deadline):
             for proc, _ in running:
                 proc.terminate()
             queue.clear()
@@ -136,6 +138,26 @@ def run_stage(args: argparse.Namespace, jobs: list[tuple[int, str, str]], deadli
                 item[1].close()
                 running.remove(item)
                 print(f"a worker ended with {item[0].returncode}", flush=True)
+
+
+def past(args: argparse.Namespace, deadline: float) -> bool:
+    """Whether ``--deadline`` (0: none) has passed."""
+    return bool(args.deadline) and time.time() > deadline
+
+
+def run_until(cmd: list[str], log: Path, args: argparse.Namespace, deadline: float) -> int | None:
+    """``cmd`` with its output appended to ``log``; stopped at the deadline (None: stopped or not run)."""
+    if past(args, deadline):
+        return None
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            if past(args, deadline):
+                proc.terminate()
+                proc.wait()
+                return None
+            time.sleep(2)
+    return proc.returncode
 
 
 def merge(args: argparse.Namespace) -> dict[int, dict[str, Any]]:
@@ -198,11 +220,12 @@ def main() -> None:
                 f"skills task: waits for every top method's choice, have {chosen['homogeneous']}", flush=True
             )
         else:
-            with (args.out / "work" / "skills.log").open("ab") as log:
-                cmd = skills_command(args, chosen["homogeneous"])
-                code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+            cmd = skills_command(args, chosen["homogeneous"])
+            code = run_until(cmd, args.out / "work" / "skills.log", args, deadline)
             if code == 0:
                 write_skills_report(args.out / "skills")
+            elif code is None:
+                print("skills task: stopped at --deadline; rerun to continue", flush=True)
             else:
                 print(f"skills task: the bench ended with {code} (see work/skills.log); rerun to continue")
     write_fair_report(args.out, SETTINGS, rounds)
