@@ -24,11 +24,11 @@ def test_privacy_study_writes_every_cell_and_resumes(tmp_path: Path, capsys) -> 
             "federation.num_clients=4", "eval.batch_size=4"]  # fmt: skip
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == (5 + 7 + 2) * 2  # (dp-sgd + client + attack methods) x epsilons
+    assert len(results) == (5 + 7 + 2) * 2 + 3  # (dp-sgd + client + attack methods) x epsilons + base rows
     for key, records in results.items():
         ev = records[-1]["eval"]
         assert ("attack" in ev) == key.startswith("attack"), key
-        if key.startswith("attack"):
+        if key.startswith("attack") and "base model" not in key:
             rows = ev["attack"]
             assert [len(rows[k]) for k in ("member_rows", "non_member_rows", "member_base_rows")] == [2, 2, 2]
             assert rows["member_rows"] != rows["member_base_rows"], key  # the trained model, not the base
@@ -38,6 +38,7 @@ def test_privacy_study_writes_every_cell_and_resumes(tmp_path: Path, capsys) -> 
     table = (out / "table.md").read_text()
     assert "client | FLoRIST noise rule | 8 |" in table and "dp-sgd | FedIT | inf |" in table
     assert "| FLoRIST tau=0.90 | 8 |" in table and "calibrated by the base model" in table
+    assert "| dp-sgd | base model | inf |" in table and "| client | base model | inf |" in table
     assert (out / "loss_vs_epsilon.png").stat().st_size > 0
     before = (out / "results.json").read_text()
     assert main(args) == 0  # every cell done: nothing trains, the same results

@@ -26,6 +26,7 @@ def test_a_cell_claimed_by_another_process_is_skipped_and_results_merge(
         return [{"round": 1, "eval": {}}]
 
     monkeypatch.setattr(privacy, "run_cell", fake_cell)
+    monkeypatch.setattr(privacy, "base_cell", lambda opts, mode: [{"round": 0, "base": mode}])
     monkeypatch.setattr(privacy, "write_report", lambda out, results: None)
     taken = privacy.cell_key("dp-sgd", "FLoRA", math.inf)
     other = {"dp-sgd / FedIT / eps=inf": [{"round": 1, "by": "other"}]}  # the other process finished it
@@ -36,4 +37,5 @@ def test_a_cell_claimed_by_another_process_is_skipped_and_results_merge(
     labels = [label for label, _ in privacy.METHODS["dp-sgd"]]
     assert ran == [privacy.cell_key("dp-sgd", x, math.inf) for x in labels if x not in ("FedIT", "FLoRA")]
     assert results["dp-sgd / FedIT / eps=inf"] == [{"round": 1, "by": "other"}]
-    assert taken not in results and len(results) == len(labels) - 1
+    assert taken not in results and len(results) == len(labels) - 1 + 1  # + the base model's row
+    assert results["dp-sgd / base model / eps=inf"] == [{"round": 0, "base": "dp-sgd"}]

@@ -29,8 +29,9 @@ import json
 import logging
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,22 @@ def run_cell(
     return records
 
 
+BASE = "base model"  # each mode's reference row: the untrained model on the mode's test rows
+
+
+def base_cell(opts: StudyOptions, mode: str) -> list[dict[str, Any]]:
+    """The base model scored as the cells are (and attacked in ``attack`` mode), nothing trained."""
+    from florist.client.model import load_client_model
+
+    cfg = cell_config(opts, mode, METHODS[mode][0][1], math.inf)
+    model, tokenizer = load_client_model(cfg)
+    scores = split_evaluator(cfg)(model, tokenizer)
+    if mode == "attack":
+        scores["attack"] = attack(cfg, model, tokenizer)
+    return [{"round": 0, "eval": scores, "privacy": {"mode": mode, "target_epsilon": None, "epsilon": None,
+                                                     "sigma": None}}]  # fmt: skip
+
+
 def run(opts: StudyOptions) -> dict[str, Any]:
     """Every cell not yet in ``results.json``, one after another (resumable per cell and round).
 
@@ -193,17 +210,20 @@ def run(opts: StudyOptions) -> dict[str, Any]:
     def finished() -> dict[str, Any]:
         return json.loads(path.read_text()) if path.is_file() else {}
 
+    def claim(key: str, work: Callable[[], list[dict[str, Any]]]) -> None:
+        if key in finished():
+            return
+        with file_lock(cell_folder(opts, key) / ".claim", wait=False) as mine:
+            if mine and key not in finished():  # else another process runs it, or just finished it
+                log.info("privacy study: %s", key)
+                update_json_atomic(path, key, work())
+
     for mode in opts.modes:  # every method at one epsilon before the next: a partial study compares
+        claim(cell_key(mode, BASE, math.inf), partial(base_cell, opts, mode))
         for eps in opts.epsilons:
             for label, keys in METHODS[mode]:
                 key = cell_key(mode, label, eps)
-                if key in finished():
-                    continue
-                with file_lock(cell_folder(opts, key) / ".claim", wait=False) as mine:
-                    if not mine or key in finished():  # another process runs it, or just finished it
-                        continue
-                    log.info("privacy study: %s", key)
-                    update_json_atomic(path, key, run_cell(opts, mode, key, keys, eps))
+                claim(key, partial(run_cell, opts, mode, key, keys, eps))
     results = finished()
     write_report(out, results)
     return results
@@ -272,6 +292,11 @@ def _plot(out: Path, results: Mapping[str, Any]) -> None:
             if m == mode and final is not None:
                 series.setdefault(label, []).append((float(eps.removeprefix("eps=")), final.loss))
         for label, points in sorted(series.items()):
+            if label == BASE:
+                ax.axhline(
+                    points[0][1], color="black", linestyle="--", linewidth=1, label="base model (untrained)"
+                )
+                continue
             finite = sorted(p for p in points if not math.isinf(p[0]))
             if finite:
                 ax.plot([p[0] for p in finite], [p[1] for p in finite], marker="o", label=label)
@@ -281,7 +306,7 @@ def _plot(out: Path, results: Mapping[str, Any]) -> None:
                         loss, linestyle=":", linewidth=1, color=ax.lines[-1].get_color() if finite else None
                     )
         ax.set_xscale("log")
-        ax.set_xlabel("epsilon (dotted: no DP)")
+        ax.set_xlabel("epsilon (dotted: the method without DP)")
         ax.set_ylabel("test loss (nats)")
         ax.set_title(f"{mode} DP")
         ax.legend(fontsize=8)
