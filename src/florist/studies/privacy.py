@@ -233,8 +233,8 @@ def write_report(out: Path, results: Mapping[str, Any]) -> None:
     """``table.md``: per cell the final test loss, its paired difference against the same method
     without DP, epsilon spent and bytes; then the membership attack's cells (``attack`` mode): its AUC
     on raw losses and calibrated by the base model, with 95 % intervals; ``loss_vs_epsilon.png``."""
-    lines = ["| mode | method | epsilon | epsilon spent | test loss | vs no DP | MB |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| mode | method | epsilon | epsilon spent | test loss | vs no DP | vs base model | MB |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     attacks = ["", "Membership attack (`attack` mode): client 0's training rows against rows of its own "
                "part that no client held; AUC with 95 % interval (Hanley & McNeil), 0.5 = no leak.", "",
                "| method | epsilon | test loss | AUC, raw losses | AUC, calibrated by the base model | "
@@ -248,12 +248,17 @@ def write_report(out: Path, results: Mapping[str, Any]) -> None:
         versus = ""
         if ref is not None and loss is not None and (base := split_loss(ref[-1], "test")) is not None:
             versus = paired_difference(base, loss).describe() if key != f"{mode} / {label} / eps=inf" else "-"
+        untrained = results.get(cell_key(mode, BASE, math.inf))
+        learned = ""
+        start = split_loss(untrained[-1], "test") if untrained is not None and label != BASE else None
+        if start is not None and loss is not None:
+            learned = paired_difference(start, loss).describe()
         mb = sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in records) / 1e6
         value = f"{loss.loss:.4f}" if loss else ""
         e = eps.removeprefix("eps=")
         spent = (last.get("privacy") or {}).get("epsilon")
         spent_text = "-" if spent is None else f"{spent:.2f}"
-        lines.append(f"| {mode} | {label} | {e} | {spent_text} | {value} | {versus} | {mb:.1f} |")
+        lines.append(f"| {mode} | {label} | {e} | {spent_text} | {value} | {versus} | {learned} | {mb:.1f} |")
         if (rows := last.get("eval", {}).get("attack")) is not None:
             raw = loss_threshold_attack(rows["member_rows"], rows["non_member_rows"])
             member, non_member = (
