@@ -154,7 +154,11 @@ def run_until(cmd: list[str], log: Path, args: argparse.Namespace, deadline: flo
         while proc.poll() is None:
             if past(args, deadline):
                 proc.terminate()
-                proc.wait()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:  # it ignored SIGTERM
+                    proc.kill()
+                    proc.wait()
                 return None
             time.sleep(2)
     return proc.returncode

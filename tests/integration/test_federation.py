@@ -284,6 +284,10 @@ def test_dp_sgd_clients_under_flower_report_their_epsilon(model_dir: Path, tmp_p
         assert len(eps) == 3 and all(0 < e < 100 for e in eps)
     assert all(rows[2]["client_metrics"][c]["epsilon"] > rows[1]["client_metrics"][c]["epsilon"]
                for c in rows[1]["client_metrics"])  # fmt: skip
+    # what depends on the secretly sampled rows without noise stays on the client
+    for m in rows[1]["client_metrics"].values():
+        assert not {"train_loss", "tokens", "label_tokens", "train_seconds"} & set(m), m
+    assert rows[1]["train_loss"] != rows[1]["train_loss"]  # nan: nothing to average
 
 
 def test_ffa_under_client_level_dp_trains_from_the_noised_mean(model_dir: Path, tmp_path: Path) -> None:

@@ -187,15 +187,19 @@ def test_by_label_names_the_mismatch_and_a_missing_column(tmp_path: Path) -> Non
         client_examples(cfg.data, 0, 3)
 
 
-def test_left_out_rows_are_the_clients_own_and_held_by_nobody() -> None:
-    """The membership attack's non-members: rows of client 0's part the cap dropped."""
+def test_left_out_rows_are_the_clients_own_and_held_by_nobody(tmp_path: Path) -> None:
+    """The membership attack's non-members: rows of client 0's part the cap dropped (unique rows, so
+    "held by nobody" is checked row by row)."""
     from florist.data.federated import client_left_out
 
-    cfg = DataConfig(source="skills", skills_train=60, split="iid", max_examples_per_client=5)
+    write_clients(tmp_path / "sites", [12, 9, 10])
+    cfg = DataConfig(source=str(tmp_path / "sites"), split="presplit", test=str(tmp_path / "sites" / "test.json"),
+                     max_examples_per_client=5)  # fmt: skip
     kept = [client_examples(cfg, k, 3) for k in range(3)]
     left = client_left_out(cfg, 0, 3)
     uncapped = client_examples(replace(cfg, max_examples_per_client=None), 0, 3)
-    assert len(kept[0]) == 5 and len(left) == len(uncapped) - 5
-    # client 0's part split in two (other clients' parts are disjoint from it by construction)
-    assert sorted(map(repr, kept[0] + left)) == sorted(map(repr, uncapped))
+    assert len(kept[0]) == 5 and len(left) == 12 - 5
+    assert sorted(x.instruction for x in kept[0] + left) == sorted(x.instruction for x in uncapped)
+    held = {x.instruction for part in kept for x in part}
+    assert all(x.instruction.startswith("q0-") and x.instruction not in held for x in left)
     assert client_left_out(replace(cfg, max_examples_per_client=None), 0, 3) == []

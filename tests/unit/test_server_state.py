@@ -165,3 +165,18 @@ def test_a_forced_resume_under_dp_may_not_change_what_the_guarantee_was_computed
     checkpoint.check_config(saved, config(*dp, "federation.rounds=3", "eval.batch_size=3"), force=True)
     plain = _saved(tmp_path / "b", config("federation.rounds=3"))
     checkpoint.check_config(plain, config("federation.rounds=5"), force=True)
+
+
+def test_a_private_run_does_not_fall_back_over_a_corrupt_checkpoint(tmp_path: Path) -> None:
+    """Rounds after the older checkpoint were released; running them again is unaccounted privacy."""
+    for dp in ((), ("privacy.mode='client'", "privacy.noise_multiplier=1.0", "privacy.delta=1e-3")):
+        cfg, folder = config(*dp), tmp_path / str(len(dp))
+        for t in (1, 2):
+            checkpoint.save(folder, checkpoint.ServerState(round=t), cfg, keep=2)
+        latest = checkpoint.checkpoints(folder)[-1]
+        latest.write_bytes(latest.read_bytes()[:-7] + b"corrupt")
+        if not dp:
+            assert checkpoint.load_latest(folder, cfg, force=False).round == 1  # falls back
+        else:
+            with pytest.raises(checkpoint.CheckpointError, match="cannot fall back to round-001.pt"):
+                checkpoint.load_latest(folder, cfg, force=False)

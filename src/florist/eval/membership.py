@@ -27,6 +27,8 @@ class AttackResult:
     auc_high: float = float("nan")
 
     def describe(self) -> str:
+        if self.auc_low == self.auc_high:
+            return f"{self.auc:.3f} (every pair ordered alike: no interval)"
         return f"{self.auc:.3f} ({self.auc_low:.3f} to {self.auc_high:.3f})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -53,8 +55,10 @@ def loss_threshold_attack(member: Sequence[float], non_member: Sequence[float]) 
 def auc_interval(auc: float, members: int, non_members: int, z: float = 1.959964) -> tuple[float, float]:
     """The AUC's normal-approximation 95 % interval from Hanley & McNeil's (1982) standard error,
     clipped to [0, 1]: ``Q1 = A / (2 - A)``, ``Q2 = 2 A^2 / (1 + A)``,
-    ``SE^2 = (A (1 - A) + (n1 - 1)(Q1 - A^2) + (n2 - 1)(Q2 - A^2)) / (n1 n2)`` (exact for
-    exponential scores; of zero width at A = 0 or 1, its known degenerate case)."""
+    ``SE^2 = (A (1 - A) + (n1 - 1)(Q1 - A^2) + (n2 - 1)(Q2 - A^2)) / (n1 n2)`` with n1 the members.
+    Q1 and Q2 are exact when the negated losses are exponential (Hanley & McNeil's model), an
+    approximation otherwise; at A = 0 or 1 the interval has no width (fully separated rows carry no
+    spread to estimate), which ``AttackResult.describe`` says."""
     a, n1, n2 = auc, members, non_members
     q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
     se = math.sqrt(max(0.0, a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n2 - 1) * (q2 - a * a)) / (n1 * n2))

@@ -75,14 +75,14 @@ def train(cfg: FloristConfig, msg: Message, context: Context) -> Message:
         with_a=node.client.rules.uploads_a,
         wire=cfg.federation.wire_dtype,
     )
+    private = {"train_loss": stats.loss, "tokens": stats.tokens, "label_tokens": stats.label_tokens,
+               "train_seconds": stats.seconds}  # fmt: skip
     metrics = MetricRecord(
         {
             "num-examples": update.num_examples,
-            "train_loss": stats.loss,
             "steps": stats.steps,
-            "tokens": stats.tokens,
-            "label_tokens": stats.label_tokens,
-            "train_seconds": stats.seconds,
+            # DP-SGD: these depend on the secretly sampled rows, without noise, so they stay home
+            **({} if node.client.dp is not None else private),
             **({"epsilon": stats.epsilon} if stats.epsilon is not None else {}),
         }
     )

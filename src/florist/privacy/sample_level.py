@@ -11,7 +11,9 @@ Every optimizer step of client k:
 The sum moves by at most C when one row is added or removed, so each step is the subsampled Gaussian
 mechanism; the accountant (``florist.privacy.accountant``) composes the run's steps, rounds x steps
 per round, at rate q_k. Whatever leaves the client afterwards (its upload, any server aggregation)
-is post-processing: every method keeps the guarantee, against the server too.
+is post-processing: every method keeps the guarantee, against the server too. Its train loss, token
+counts and training time depend on the sampled rows without noise, so they never leave it (the
+reply carries its example count, steps and epsilon only).
 
 The loss is each example's own mean over its labelled tokens, averaged over the batch: a token mean
 over the whole batch would make one example's gradient depend on the others' lengths. Batches are

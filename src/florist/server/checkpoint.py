@@ -170,6 +170,12 @@ def load_latest(folder: Path, cfg: FloristConfig, force: bool) -> ServerState:
             log.warning("%s; falling back to the checkpoint before it", err)
             continue
         check_config(payload, cfg, force)
+        if problems and cfg.privacy.mode != "none":
+            raise CheckpointError(
+                f"{problems[0]}; under differential privacy the run cannot fall back to {path.name}: the "
+                "rounds after it were released with noise, and running them again releases them again, "
+                "which the accountant does not count. Repair the checkpoint or start a new run"
+            )
         restore_rng(payload["rng"])
         log.info("resuming from %s (round %d)", path.name, payload["round"])
         return state_of(payload)
@@ -196,7 +202,7 @@ def read(path: Path) -> dict[str, Any]:
     return payload  # type: ignore[no-any-return]
 
 
-FREE_UNDER_DP = ("eval", "run")  # sections a forced resume may change under DP: they release nothing
+FREE_UNDER_DP = ("eval",)  # what a forced resume may change under DP: it releases nothing (run: not hashed)
 
 
 def check_config(payload: dict[str, Any], cfg: FloristConfig, force: bool) -> None:

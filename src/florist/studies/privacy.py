@@ -119,9 +119,10 @@ def cell_config(opts: StudyOptions, mode: str, keys: Sequence[str], epsilon: flo
 
 
 def attack_rows(cfg: FloristConfig) -> tuple[list[Example], list[Example]]:
-    """The attack's rows, one distribution: client 0's training rows (members: every row it holds,
-    each trained on every round) and as many rows of its own part that ``max_examples_per_client``
-    left out (non-members: no client ever held them), a seeded draw."""
+    """The attack's rows, one distribution: client 0's training rows (members: every row it holds, in
+    its training set every round; under DP-SGD each is drawn with probability q per step) and as many
+    rows of its own part that ``max_examples_per_client`` left out (non-members: no client ever held
+    them), a seeded draw."""
     members = client_examples(cfg.data, 0, cfg.federation.num_clients)
     left = client_left_out(cfg.data, 0, cfg.federation.num_clients)
     if len(left) < len(members):
@@ -165,6 +166,8 @@ def run_cell(
     from florist.studies.simulate import run_variant
 
     cfg = cell_config(opts, mode, keys, eps)
+    if mode == "attack":
+        attack_rows(cfg)  # a client 0 too small for the attack fails now, not after the training
     evaluate = split_evaluator(cfg)
 
     def score(model: Any, tokenizer: Any) -> dict[str, Any]:
@@ -210,20 +213,28 @@ def run(opts: StudyOptions) -> dict[str, Any]:
     def finished() -> dict[str, Any]:
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def claim(key: str, work: Callable[[], list[dict[str, Any]]]) -> None:
+    def claim(key: str, work: Callable[[], list[dict[str, Any]]]) -> bool:
+        """Run the cell unless it is finished or another process holds it; whether it ran."""
         if key in finished():
-            return
+            return False
         with file_lock(cell_folder(opts, key) / ".claim", wait=False) as mine:
-            if mine and key not in finished():  # else another process runs it, or just finished it
-                log.info("privacy study: %s", key)
-                update_json_atomic(path, key, work())
+            if not mine or key in finished():  # another process runs it, or just finished it
+                return False
+            log.info("privacy study: %s", key)
+            update_json_atomic(path, key, work())
+            return True
 
+    cells: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = []
     for mode in opts.modes:  # every method at one epsilon before the next: a partial study compares
-        claim(cell_key(mode, BASE, math.inf), partial(base_cell, opts, mode))
+        cells.append((cell_key(mode, BASE, math.inf), partial(base_cell, opts, mode)))
         for eps in opts.epsilons:
             for label, keys in METHODS[mode]:
                 key = cell_key(mode, label, eps)
-                claim(key, partial(run_cell, opts, mode, key, keys, eps))
+                cells.append((key, partial(run_cell, opts, mode, key, keys, eps)))
+    # again until a pass runs nothing: a cell skipped because another process held it is taken up
+    # here if that process died before finishing it
+    while any([claim(key, work) for key, work in cells]):
+        pass
     results = finished()
     write_report(out, results)
     return results

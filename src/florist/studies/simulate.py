@@ -63,8 +63,9 @@ def train_round(clients: Sequence[LocalClient], round: int) -> tuple[list[Client
         loss += stats.loss * c.num_examples
         tokens[c.client_id] = stats.tokens
     total = sum(c.num_examples for c in clients)
-    out = {"train_loss": loss / total, "train_seconds": seconds, "train_tokens": tokens}
-    return updates, out | ({"epsilon_max": max(eps)} if eps else {})  # DP-SGD: the worst client's
+    if eps:  # DP-SGD: loss, tokens and time depend on the secretly sampled rows, without noise
+        return updates, {"train_loss": float("nan"), "epsilon_max": max(eps)}  # the worst client's
+    return updates, {"train_loss": loss / total, "train_seconds": seconds, "train_tokens": tokens}
 
 
 def dense(factors: Mapping[str, LoraFactors], name: str) -> torch.Tensor:
