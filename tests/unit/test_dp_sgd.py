@@ -89,6 +89,29 @@ def test_a_dp_sgd_client_trains_reports_epsilon_and_is_reproducible_by_seed() ->
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in a.model.parameters())
 
 
+def test_a_logical_batch_in_micro_batches_takes_the_same_step() -> None:
+    """DP-SGD with grad_accum: the Poisson batch of expected size batch_size x grad_accum goes through
+    batch_size rows at a time, clipped sums added, noise drawn once: the same update as one batch of
+    that size with the same sampling and noise (and the same plan: q = 8 / 9, about 8 rows a step, so
+    four micro-batches of 2)."""
+    from dataclasses import replace
+
+    noisy = PrivacyConfig(mode="dp-sgd", max_grad_norm=0.5, noise_multiplier=1.0, noise_seed=3, delta=1e-2)
+    lora = AdapterConfig(ranks=(4,), alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    whole, parts = (
+        LocalClient("c0", tiny_llama(vocab_size=VOCAB_SIZE), tiny_tokenizer(), DATA[0], lora, t, _protocol(),
+                    seed=0, privacy=noisy, rounds=1)
+        for t in (replace(TRAIN, batch_size=8, grad_accum=1), replace(TRAIN, batch_size=2, grad_accum=4))
+    )  # fmt: skip
+    assert whole.dp == parts.dp and parts.dp is not None and parts.dp.q == pytest.approx(8 / 9)
+    uw, sw = whole.fit(1)
+    up, sp = parts.fit(1)
+    assert sw.tokens == sp.tokens > 0  # the same rows were drawn
+    for name, f in uw.modules.items():
+        torch.testing.assert_close(up.modules[name].B, f.B, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(up.modules[name].A, f.A, rtol=1e-4, atol=1e-6)
+
+
 def test_poisson_batches_have_the_expected_size() -> None:
     g = noise_generator(0, 0)
     sizes = [len(poisson_rows(1000, 0.01, g)) for _ in range(400)]

@@ -133,7 +133,7 @@ class LocalClient:
         if privacy is not None and privacy.mode == "dp-sgd":
             steps = rounds * training.num_steps(self.num_examples)
             p = privacy
-            self.dp = plan(self.num_examples, training.batch_size, steps, p.max_grad_norm, p.delta,
+            self.dp = plan(self.num_examples, training.effective_batch, steps, p.max_grad_norm, p.delta,
                            p.noise_multiplier, p.target_epsilon)  # fmt: skip
         self._fresh_lora(round=0)
 

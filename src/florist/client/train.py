@@ -33,7 +33,7 @@ from florist.data.tokenize import IGNORE, Encoded, computed_positions, encode, m
 from florist.errors import ConfigError
 from florist.precision import Precision, log_choice, resolve
 from florist.privacy.client_level import noise_generator
-from florist.privacy.sample_level import SamplePlan, poisson_rows, private_gradients
+from florist.privacy.sample_level import SamplePlan, clipped_sum, noised_step, poisson_rows
 from florist.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,9 @@ def _train_private(
     desc: str, on_step: Callable[[TrainStats], None] | None, progress: bool, dp_seed: int | None,
 ) -> TrainStats:  # fmt: skip
     """DP-SGD steps (``florist.privacy.sample_level``): Opacus's per-example gradients of the LoRA
-    parameters, clipped and noised here; padded batches, float32."""
+    parameters, clipped and noised here; padded batches, float32. A step's Poisson batch (expected size
+    ``batch_size x grad_accum``) goes through ``batch_size`` rows at a time, their clipped gradients
+    summed, then noised once."""
     from opacus import GradSampleModule
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -202,17 +204,21 @@ def _train_private(
             wrapped.train()
             for _ in range(steps):
                 rows = poisson_rows(n, dp.q, generator)
-                loss = float("nan")
-                if rows:
-                    padded = make_batch([encoded[i] for i in rows], pad_id, "padded")
+                total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+                losses = []
+                for at in range(0, len(rows), s.batch_size):  # the logical batch, batch_size rows at a time
+                    chunk = rows[at : at + s.batch_size]
+                    padded = make_batch([encoded[i] for i in chunk], pad_id, "padded")
                     batch = {k: v.to(device) for k, v in padded.items()}
                     value = per_example_loss(wrapped, batch)
                     value.backward()  # type: ignore[no-untyped-call]
-                    loss = float(value.detach())
+                    losses.append(float(value.detach()) * len(chunk))
+                    clipped_sum(params, dp.clip, total)
                     stats.tokens += real_tokens(batch)
                     stats.positions += computed_positions(batch)
                     stats.label_tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
-                private_gradients(params, dp.q * n, dp.clip, dp.sigma, generator)
+                loss = sum(losses) / len(rows) if rows else float("nan")
+                noised_step(params, total, dp.q * n, dp.clip, dp.sigma, generator)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 stats.steps += 1

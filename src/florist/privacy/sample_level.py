@@ -2,7 +2,8 @@
 
 Every optimizer step of client k:
 
-    sample  each of its n_k rows joins the batch with probability q_k = B / n_k (Poisson sampling)
+    sample  each of its n_k rows joins the batch with probability q_k = B / n_k (Poisson sampling),
+            B = train.batch_size x train.grad_accum, processed batch_size rows at a time
     grads   per example i, g_i = d loss_i / d theta (its own mean token loss; Opacus's hooks,
             ``opacus.GradSampleModule``, on the trainable LoRA layers only)
     clip    g_i <- g_i min(1, C / ||g_i||)          (one norm over all LoRA parameters)
@@ -84,21 +85,39 @@ def private_gradients(
     """``p.grad = (sum_i clip(g_i) + N(0, sigma^2 C^2)) / expected_batch`` for every parameter, from
     the per-example gradients ``p.grad_sample`` (none: an empty batch, noise only). Returns the batch
     size and the fraction of examples clipped."""
+    total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    b, clipped = clipped_sum(params, clip, total)
+    noised_step(params, total, expected_batch, clip, sigma, generator)
+    return b, clipped / b if b else 0.0
+
+
+def clipped_sum(
+    params: Sequence[torch.nn.Parameter], clip: float, into: Sequence[torch.Tensor]
+) -> tuple[int, int]:
+    """Add ``sum_i clip(g_i)`` of the per-example gradients ``p.grad_sample`` (one micro-batch) into
+    ``into`` and drop them; returns the micro-batch's size and how many of its examples were clipped.
+    A logical batch too large for memory is several micro-batches summed before one ``noised_step``."""
     samples = [getattr(p, "grad_sample", None) for p in params]
     b = 0 if samples[0] is None else int(samples[0].shape[0])
-    clipped = 0.0
+    clipped = 0
     if b:
         squares = [s.reshape(b, -1).float().square().sum(1) for s in samples if s is not None]
         norms = torch.stack(squares).sum(0).sqrt()  # (b,): each example's norm over all parameters
         factor = (clip / (norms + 1e-6)).clamp(max=1.0)
-        clipped = float((norms > clip).float().mean())
-    for p, s in zip(params, samples, strict=True):
-        total = (
-            torch.zeros_like(p, dtype=torch.float32)
-            if s is None
-            else torch.einsum("i,i...->...", factor, s.float())
-        )
-        noise = torch.randn(p.shape, generator=generator, dtype=torch.float32) * (sigma * clip)
-        p.grad = ((total + noise.to(total.device)) / expected_batch).to(p.dtype)
+        clipped = int((norms > clip).sum())
+        for t, s in zip(into, samples, strict=True):
+            if s is not None:
+                t += torch.einsum("i,i...->...", factor, s.float()).to(t.device)
+    for p in params:
         p.grad_sample = None  # type: ignore[attr-defined]
     return b, clipped
+
+
+def noised_step(
+    params: Sequence[torch.nn.Parameter], total: Sequence[torch.Tensor], expected_batch: float, clip: float,
+    sigma: float, generator: torch.Generator,
+) -> None:  # fmt: skip
+    """``p.grad = (total + N(0, sigma^2 C^2)) / expected_batch``: the step's one draw of noise."""
+    for p, t in zip(params, total, strict=True):
+        noise = torch.randn(p.shape, generator=generator, dtype=torch.float32) * (sigma * clip)
+        p.grad = ((t + noise.to(t.device)) / expected_batch).to(p.dtype)
