@@ -296,7 +296,8 @@ def _plot(out: Path, results: Mapping[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = sorted({k.split(" / ")[0] for k in results} - {"attack"})
+    # a panel per utility mode with a method scored (a base-model row alone draws nothing to compare)
+    modes = sorted({k.split(" / ")[0] for k in results if k.split(" / ")[1] != BASE} - {"attack"})
     if not modes:
         return
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
@@ -322,9 +323,12 @@ def _plot(out: Path, results: Mapping[str, Any]) -> None:
                         loss, linestyle=":", linewidth=1, color=ax.lines[-1].get_color() if finite else None
                     )
         ax.set_xscale("log")
+        ticks = sorted({e for points in series.values() for e, _ in points if not math.isinf(e)}) or [1.0]
+        ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("epsilon (dotted: the method without DP)")
         ax.set_ylabel("test loss (nats)")
-        ax.set_title(f"{mode} DP")
+        ax.set_title("DP-SGD (sample-level)" if mode == "dp-sgd" else "client-level DP")
         ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, out / "loss_vs_epsilon.png", dpi=120)
