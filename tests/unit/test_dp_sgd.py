@@ -15,7 +15,7 @@ from florist.data.tokenize import collate
 from florist.errors import ConfigError
 from florist.privacy.accountant import Accountant
 from florist.privacy.client_level import noise_generator
-from florist.privacy.sample_level import plan, poisson_rows, private_gradients
+from florist.privacy.sample_level import clipped_sum, noised_step, plan, poisson_rows
 from tests.peft_helpers import tiny_llama
 from tests.tiny_tokenizer import VOCAB_SIZE, tiny_tokenizer
 from tests.unit.test_local_client import DATA, TRAIN
@@ -33,6 +33,15 @@ def _protocol():  # type: ignore[no-untyped-def]
     from florist.aggregation import make_aggregator
 
     return make_aggregator("florist").protocol
+
+
+def _private_step(params: list[torch.nn.Parameter], expected: float, clip: float, sigma: float,
+                  generator: torch.Generator) -> tuple[int, int]:  # fmt: skip
+    """One micro-batch's clipped sum, then the step's noise: what a DP-SGD client does per step."""
+    total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    b, clipped = clipped_sum(params, clip, total)
+    noised_step(params, total, expected, clip, sigma, generator)
+    return b, clipped
 
 
 def test_clipped_noised_gradient_equals_the_hand_computed_one() -> None:
@@ -59,7 +68,7 @@ def test_clipped_noised_gradient_equals_the_hand_computed_one() -> None:
     client.model.zero_grad()
     wrapped = GradSampleModule(client.model, loss_reduction="mean")
     per_example_loss(wrapped, batch).backward()
-    b, clipped = private_gradients(params, 4.0, 0.05, 0.0, noise_generator(0, 0))
+    b, clipped = _private_step(params, 4.0, 0.05, 0.0, noise_generator(0, 0))
     wrapped._close()
     assert b == 3 and clipped > 0
     for p, h in zip(params, hand, strict=True):
@@ -67,7 +76,7 @@ def test_clipped_noised_gradient_equals_the_hand_computed_one() -> None:
     # with noise: the gradient moves by N(0, (sigma C)^2) / expected batch, from the given generator
     wrapped = GradSampleModule(client.model, loss_reduction="mean")
     per_example_loss(wrapped, batch).backward()
-    private_gradients(params, 4.0, 0.05, 2.0, noise_generator(5, 0))
+    _private_step(params, 4.0, 0.05, 2.0, noise_generator(5, 0))
     wrapped._close()
     noise = torch.cat([(p.grad - h / 4.0).flatten() for p, h in zip(params, hand, strict=True)])  # type: ignore[operator]
     assert float(noise.std()) == pytest.approx(2.0 * 0.05 / 4.0, rel=0.1)

@@ -78,19 +78,6 @@ def poisson_rows(n: int, q: float, generator: torch.Generator) -> list[int]:
     return torch.nonzero(torch.rand(n, generator=generator) < q).flatten().tolist()
 
 
-def private_gradients(
-    params: Sequence[torch.nn.Parameter], expected_batch: float, clip: float, sigma: float,
-    generator: torch.Generator,
-) -> tuple[int, float]:  # fmt: skip
-    """``p.grad = (sum_i clip(g_i) + N(0, sigma^2 C^2)) / expected_batch`` for every parameter, from
-    the per-example gradients ``p.grad_sample`` (none: an empty batch, noise only). Returns the batch
-    size and the fraction of examples clipped."""
-    total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    b, clipped = clipped_sum(params, clip, total)
-    noised_step(params, total, expected_batch, clip, sigma, generator)
-    return b, clipped / b if b else 0.0
-
-
 def clipped_sum(
     params: Sequence[torch.nn.Parameter], clip: float, into: Sequence[torch.Tensor]
 ) -> tuple[int, int]:
