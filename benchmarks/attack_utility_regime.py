@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import statistics
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +25,6 @@ from florist.data.records import Example
 from florist.data.tokenize import IGNORE, encode
 from florist.eval.membership import calibrated, loss_threshold_attack
 from florist.seeds import derive_seed
-from florist.server.evaluation import Evaluator
 from florist.studies import privacy
 from florist.studies.simulate import Variant
 
@@ -60,18 +56,14 @@ def main() -> None:
     if len(kept) - n < drawn:
         raise SystemExit(f"client 0 holds {len(kept)} rows: too few for {n} never drawn beyond {drawn} drawn")
     members, never = [kept[i] for i in order[0][:n]], [kept[i] for i in order[0][-n:]]
-    ev = replace(cfg.eval, mmlu=None, exact_match=False, subset=None)
 
     def losses(examples: list[Example], m: Any) -> list[float]:
-        scores = Evaluator(ev, examples, cfg.data.seed, False, rows=True)(m.model, m.tokenizer)
-        return list(scores["heldout_rows"])
+        return privacy.row_losses(cfg, examples, m.model, m.tokenizer)
 
     a = calibrated(losses(members, final), losses(members, base))
     b = calibrated(losses(never, final), losses(never, base))
     r = loss_threshold_attack(a, b)
-
-    def mean(xs: list[float]) -> float:
-        return statistics.mean(x for x in xs if not math.isnan(x))
+    mean = privacy.mean_seen
 
     print(f"{args.cell}: client 0 holds {len(kept)} rows, {drawn} drawn; {n} drawn against {n} never drawn")
     print(f"mean loss drop against the base model: drawn {mean(a):+.4f}, never drawn {mean(b):+.4f} nats")

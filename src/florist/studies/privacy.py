@@ -140,18 +140,19 @@ def attack(cfg: FloristConfig, model: Any, tokenizer: Any) -> dict[str, Any]:
     from florist.client.model import load_client_model
 
     members, non_members = attack_rows(cfg)
-    ev = replace(cfg.eval, mmlu=None, exact_match=False, subset=None)
-
-    def losses(rows: list[Example], m: Any, tok: Any) -> list[float]:
-        return list(Evaluator(ev, rows, cfg.data.seed, False, rows=True)(m, tok)["heldout_rows"])
-
     base, base_tok = load_client_model(cfg)
-    out = {"member_rows": losses(members, model, tokenizer),
-           "non_member_rows": losses(non_members, model, tokenizer),
-           "member_base_rows": losses(members, base, base_tok),
-           "non_member_base_rows": losses(non_members, base, base_tok)}  # fmt: skip
+    out = {"member_rows": row_losses(cfg, members, model, tokenizer),
+           "non_member_rows": row_losses(cfg, non_members, model, tokenizer),
+           "member_base_rows": row_losses(cfg, members, base, base_tok),
+           "non_member_base_rows": row_losses(cfg, non_members, base, base_tok)}  # fmt: skip
     del base
     return out
+
+
+def row_losses(cfg: FloristConfig, rows: list[Example], model: Any, tokenizer: Any) -> list[float]:
+    """Each row's mean token loss under ``model``, scored as held-out rows are (nan: no label token)."""
+    ev = replace(cfg.eval, mmlu=None, exact_match=False, subset=None)
+    return list(Evaluator(ev, rows, cfg.data.seed, False, rows=True)(model, tokenizer)["heldout_rows"])
 
 
 def cell_folder(opts: StudyOptions, key: str) -> Path:
@@ -276,7 +277,7 @@ def write_report(out: Path, results: Mapping[str, Any]) -> None:
                 calibrated(rows[f"{w}_rows"], rows[f"{w}_base_rows"]) for w in ("member", "non_member")
             )
             cal = loss_threshold_attack(member, non_member)
-            drops = [_mean(member), _mean(non_member)]
+            drops = [mean_seen(member), mean_seen(non_member)]
             attacks.append(f"| {label} | {e} | {value} | {raw.describe()} | {cal.describe()} | "
                            f"{cal.advantage:.3f} | {drops[0]:+.4f} / {drops[1]:+.4f} |")  # fmt: skip
     if len(attacks) == 5:
@@ -285,7 +286,8 @@ def write_report(out: Path, results: Mapping[str, Any]) -> None:
     _plot(out, results)
 
 
-def _mean(values: Sequence[float]) -> float:
+def mean_seen(values: Sequence[float]) -> float:
+    """The mean of the values that are not nan (a row without a label token scores nan)."""
     seen = [v for v in values if not math.isnan(v)]
     return sum(seen) / len(seen) if seen else math.nan
 
