@@ -322,7 +322,8 @@ def write_fair_report(out: Path, settings: Sequence[str], rounds: int) -> dict[s
     seeds = sorted(per_seed)
     text = [
         "# The fair headline: every method at its best, chosen on validation, over training seeds\n",
-        f"Seeds found: {seeds}; rounds: {rounds}. Made by `florist bench --seeds ...` (docs/benchmarks.md).",
+        f"Seeds found: {seeds}; rounds: {rounds}. Made by `benchmarks/fair_parallel.py` (the commands are in "
+        "this folder's README).",
     ]
     summary: dict[str, Any] = {"seeds": seeds, "rounds": rounds}
     for setting in settings:
