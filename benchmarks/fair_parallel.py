@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from florist.fsutil import write_json_atomic
-from florist.studies.fair import choose, write_fair_report, write_skills_report
+from florist.studies.fair import choose, family, finished, frontier, write_fair_report, write_skills_report
 
 REGIME = ("data.validation_per_label=10", "federation.rounds=10", "train.steps=8")
 # stage 2 reruns these methods' validation choices with more seeds; the skills task runs them too
 TOP = ("FLoRIST", "FlexLoRA", "FedIT", "FLoRA", "FedEx-LoRA")
+# stage 2's seeds: the top methods and the two 2025 baselines, under the same rules as every method
+SEEDED = (*TOP, "FedSVD", "Fed-SB")
 # the second task: the embedded skills set, one skill per client (7), scored by exact match as well
 SKILLS_REGIME = ("data.source='skills'", "data.split='by_label'", "data.test=none",
                  "federation.num_clients=7", "federation.rounds=10", "train.steps=8", "train.max_length=128",
@@ -81,6 +83,27 @@ HOMOGENEOUS_ONLY = ("Fed-SB +bf16", "Fed-SB +bf16 +r64")
 
 def applies(setting: str, name: str) -> bool:
     return setting == "homogeneous" or name not in HOMOGENEOUS_ONLY
+
+
+def heterogeneous_candidates(first: dict[int, Any], names: list[str], rounds: int) -> list[str]:
+    """The candidates the heterogeneous setting runs: those on their method's homogeneous frontier
+    (``florist.studies.fair.frontier``: no other configuration of the method had both a lower
+    validation loss and fewer bytes there), in ``names``' order."""
+    front = set(frontier(first, "homogeneous", rounds))
+    return [v for v in names if applies("heterogeneous", v) and v in front]
+
+
+def stage_one(first: dict[int, Any], setting: str, names: list[str], rounds: int) -> list[str]:
+    """The candidates stage 1 runs in ``setting``."""
+    if setting == "homogeneous":
+        return names
+    return heterogeneous_candidates(first, names, rounds)
+
+
+def unfinished(first: dict[int, Any], setting: str, names: list[str], rounds: int) -> list[str]:
+    """The ``names`` seed 0 has not finished in ``setting``."""
+    done = finished(first, setting, rounds)
+    return [v for v in names if v not in done]
 
 
 def bench_command(
@@ -208,19 +231,33 @@ def main() -> None:
     for o in args.overrides:
         if o.startswith("federation.rounds="):
             rounds = int(o.split("=")[1])
+    names = [n for n in args.names.split(",") if n]
     if args.stage in ("all", "select"):
-        names = [n for n in args.names.split(",") if n]
-        run_stage(args, [(0, s, v) for s in SETTINGS for v in names if applies(s, v)], deadline)
+        run_stage(args, [(0, "homogeneous", v) for v in names], deadline)
+        seed0 = {0: merge(args).get(0, {})}
+        if missing := unfinished(seed0, "homogeneous", names, rounds):
+            print(f"the heterogeneous candidates wait for the homogeneous ones: {missing}", flush=True)
+        else:
+            carried = heterogeneous_candidates(seed0, names, rounds)
+            print(f"heterogeneous candidates (the homogeneous frontier): {carried}", flush=True)
+            run_stage(args, [(0, "heterogeneous", v) for v in carried], deadline)
     per_seed = merge(args)
     first = {0: per_seed[0]} if 0 in per_seed else {}  # the choice is seed 0's, whatever seeds came after
-    chosen = {s: sorted(v for f, v in choose(first, s, rounds)[0].items() if f in TOP) for s in SETTINGS}
+    chosen = {s: sorted(v for f, v in choose(first, s, rounds)[0].items() if f in SEEDED) for s in SETTINGS}
+    ready = []  # the settings whose stage-1 candidates have all finished (heterogeneous: after homogeneous)
+    for s in SETTINGS:
+        if unfinished(first, s, stage_one(first, s, names, rounds), rounds):
+            break
+        ready.append(s)
     if args.stage in ("all", "seeds") and 0 in per_seed:
-        print(f"chosen on validation (seed 0), rerun with seeds {args.more_seeds}: {chosen}", flush=True)
+        print(f"chosen on validation (seed 0), rerun with seeds {args.more_seeds}: {chosen}; "
+              f"settings whose candidates have all finished: {ready}", flush=True)  # fmt: skip
         seeds = [int(x) for x in args.more_seeds.split(",") if x]
-        run_stage(args, [(seed, s, v) for seed in seeds for s in SETTINGS for v in chosen[s]], deadline)
+        run_stage(args, [(seed, s, v) for seed in seeds for s in ready for v in chosen[s]], deadline)
         merge(args)
     if args.stage in ("all", "skills"):
-        if len(chosen["homogeneous"]) < len(TOP):
+        chosen["homogeneous"] = [v for v in chosen["homogeneous"] if family(v) in TOP]
+        if "homogeneous" not in ready or len(chosen["homogeneous"]) < len(TOP):
             print(
                 f"skills task: waits for every top method's choice, have {chosen['homogeneous']}", flush=True
             )

@@ -115,6 +115,29 @@ def choose(
     return best, val
 
 
+def frontier(per_seed: Mapping[int, Mapping[str, Any]], setting: str, rounds: int) -> list[str]:
+    """Every finished variant that no other variant of its method dominates: none has a final
+    validation loss and total bytes both at or below its own, one of them strictly (means over the
+    seeds each finished). These are the configurations a method could still choose in another
+    setting, whether it weighs loss or bytes."""
+    done = finished(per_seed, setting, rounds)
+    point: dict[str, tuple[float, float]] = {}
+    for name, seeds in done.items():
+        losses = [split_loss(per_seed[s][setting][name][-1], "validation") for s in seeds]
+        if all(loss is not None for loss in losses):
+            spent = mean([total_bytes(per_seed[s][setting][name]) for s in seeds])
+            point[name] = (mean([loss.loss for loss in losses if loss is not None]), spent)
+
+    def dominated(v: str) -> bool:
+        return any(
+            family(u) == family(v) and u != v and point[u][0] <= point[v][0] and point[u][1] <= point[v][1]
+            and point[u] != point[v]
+            for u in point
+        )  # fmt: skip
+
+    return sorted(v for v in point if not dominated(v))
+
+
 def paired(
     per_seed: Mapping[int, Mapping[str, Any]],
     setting: str,
