@@ -46,6 +46,7 @@ from florist.fsutil import file_lock, save_figure, update_json_atomic, write_tex
 from florist.server.evaluation import Evaluator
 from florist.studies.fair import split_loss
 from florist.studies.headline import split_evaluator
+from florist.studies.report import total_bytes
 
 log = logging.getLogger(__name__)
 METHODS = {  # mode -> (label, config keys)
@@ -265,7 +266,7 @@ def write_report(out: Path, results: Mapping[str, Any]) -> None:
         start = split_loss(untrained[-1], "test") if untrained is not None and label != BASE else None
         if start is not None and loss is not None:
             learned = paired_difference(start, loss).describe()
-        mb = sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in records) / 1e6
+        mb = total_bytes(records) / 1e6
         value = f"{loss.loss:.4f}" if loss else ""
         e = eps.removeprefix("eps=")
         spent = (last.get("privacy") or {}).get("epsilon")
@@ -293,48 +294,75 @@ def mean_seen(values: Sequence[float]) -> float:
 
 
 def _plot(out: Path, results: Mapping[str, Any]) -> None:
+    """``loss_vs_epsilon.png``: per utility mode, final test loss (top) and total bytes (bottom)
+    against epsilon, one line per method; its run without DP dotted, the untrained model dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    # a panel per utility mode with a method scored (a base-model row alone draws nothing to compare)
-    modes = sorted({k.split(" / ")[0] for k in results if k.split(" / ")[1] != BASE} - {"attack"})
+    # a column per utility mode with a method scored under DP (without DP alone there is no curve)
+    under_dp = [k.split(" / ") for k in results if not k.endswith("eps=inf")]
+    modes = sorted({mode for mode, label, _ in under_dp if label != BASE} - {"attack"})
     if not modes:
         return
-    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
-    for ax, mode in zip(axes[0], modes, strict=True):
-        series: dict[str, list[tuple[float, float]]] = {}
-        for key, records in results.items():
-            m, label, eps = key.split(" / ")
-            final = split_loss(records[-1], "test")
-            if m == mode and final is not None:
-                series.setdefault(label, []).append((float(eps.removeprefix("eps=")), final.loss))
-        for label, points in sorted(series.items()):
-            if label == BASE:
-                ax.axhline(
-                    points[0][1], color="black", linestyle="--", linewidth=1, label="base model (untrained)"
-                )
-                continue
-            finite = sorted(p for p in points if not math.isinf(p[0]))
-            if finite:
-                ax.plot([p[0] for p in finite], [p[1] for p in finite], marker="o", label=label)
-            for e, loss in points:
-                if math.isinf(e):
-                    ax.axhline(
-                        loss, linestyle=":", linewidth=1, color=ax.lines[-1].get_color() if finite else None
-                    )
-        ax.set_xscale("log")
-        ticks = sorted({e for points in series.values() for e, _ in points if not math.isinf(e)}) or [1.0]
-        ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel("epsilon (dotted: the method without DP)")
-        ax.set_ylabel("test loss (nats)")
-        ax.set_title("DP-SGD (sample-level)" if mode == "dp-sgd" else "client-level DP")
-        ax.legend(fontsize=8)
+    metrics: tuple[tuple[str, Callable[[Any], float | None]], ...] = (
+        ("test loss (nats)", _final_test),
+        ("total MB, up + down, all clients", lambda records: total_bytes(records) / 1e6),
+    )
+    fig, axes = plt.subplots(2, len(modes), figsize=(6 * len(modes), 7.5), squeeze=False)
+    for col, mode in enumerate(modes):
+        for row, (ylabel, value) in enumerate(metrics):
+            ax = axes[row][col]
+            series: dict[str, list[tuple[float, float]]] = {}
+            for key, records in results.items():
+                m, label, eps = key.split(" / ")
+                y = value(records)
+                if m == mode and y is not None and (row == 0 or label != BASE):
+                    series.setdefault(label, []).append((float(eps.removeprefix("eps=")), y))
+            _panel(ax, series)
+            ax.set_ylabel(ylabel)
+            if row == 0:
+                ax.set_title("DP-SGD (sample-level)" if mode == "dp-sgd" else "client-level DP")
+            else:
+                ax.set_yscale("log")
+                low, high = ax.get_ylim()
+                nice = [m * 10**k for k in range(-1, 6) for m in (1, 2, 3, 5)]
+                shown = [v for v in nice if low <= v <= high]
+                ax.set_yticks(shown, [f"{v:g}" for v in shown])
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                ax.set_xlabel("epsilon (dotted: the method without DP)")
     fig.tight_layout()
     save_figure(fig, out / "loss_vs_epsilon.png", dpi=120)
     plt.close(fig)
+
+
+def _final_test(records: Sequence[Mapping[str, Any]]) -> float | None:
+    final = split_loss(records[-1], "test")
+    return None if final is None else final.loss
+
+
+def _panel(ax: Any, series: Mapping[str, list[tuple[float, float]]]) -> None:
+    """One method per line against epsilon (log); its point at epsilon = inf as a dotted line of its
+    colour, the base model's as a dashed black one."""
+    for label, points in sorted(series.items()):
+        if label == BASE:
+            ax.axhline(
+                points[0][1], color="black", linestyle="--", linewidth=1, label="base model (untrained)"
+            )
+            continue
+        finite = sorted(p for p in points if not math.isinf(p[0]))
+        (line,) = ax.plot([p[0] for p in finite], [p[1] for p in finite], marker="o", label=label)
+        colour = line.get_color()
+        for e, y in points:
+            if math.isinf(e):
+                ax.axhline(y, linestyle=":", linewidth=1, color=colour)
+    ax.set_xscale("log")
+    ticks = sorted({e for points in series.values() for e, _ in points if not math.isinf(e)}) or [1.0]
+    ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
+    ax.minorticks_off()
+    ax.legend(fontsize=7)
 
 
 def epsilons(text: str) -> tuple[float, ...]:
