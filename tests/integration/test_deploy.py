@@ -127,16 +127,24 @@ def processes_with_marker(marker: str) -> list[int]:
 def test_tls_deployment_runs_a_federation_and_refuses_untrusted_nodes(tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes", reason="its clients are 4-bit (make install has bitsandbytes)")
     model = save_tiny_model(tmp_path / "tiny")
+    common = [f"model.name={str(model)!r}", "federation.rounds=2", "federation.cpus_per_client=1",
+              "lora.ranks=[8, 4, 2]", "train.steps=2", "train.batch_size=2", "data.skills_train=6",
+              "data.skills_test=2", "eval.max_new_tokens=3", "eval.every=2", f"run.dir={str(tmp_path / 'runs')!r}",
+              "run.progress=false", "lora.warm_start=false"]  # fmt: skip
+    # the same nodes then run a second federation, FLoRIST with DP-SGD on every client (each message's
+    # ClientApp process plans its steps and derives its noise from the round alone: epsilon still grows)
+    dp_sgd = deploy_config(
+        None, 3, [*common, "run.name='deploy-dp-sgd'", "privacy.mode='dp-sgd'", "privacy.noise_multiplier=1.0",
+                  "privacy.delta=1e-2"],
+    )  # fmt: skip
     cfg = deploy_config(
         None, 3,
-        [f"model.name={str(model)!r}", "federation.rounds=2", "federation.cpus_per_client=1", "lora.ranks=[8, 4, 2]",
-         "train.steps=2", "train.batch_size=2", "data.skills_train=6", "data.skills_test=2", "eval.max_new_tokens=3",
-         "eval.every=2", f"run.dir={str(tmp_path / 'runs')!r}", "run.name='deploy'", "run.progress=false",
+        [*common, "run.name='deploy'",
          # 4-bit clients: a ClientApp process per message rebuilds the held global adapter by replaying
          # every global update, and its digest must still equal the server's
          "model.quantization='nf4'", "model.global_adapter_max_rank=6",
          # client-level DP through the deployment's server: the aggregator sees only the noised mean
-         "privacy.mode='client'", "privacy.noise_multiplier=1.0", "privacy.delta=1e-2", "lora.warm_start=false"],
+         "privacy.mode='client'", "privacy.noise_multiplier=1.0", "privacy.delta=1e-2"],
     )  # fmt: skip
     deployment = Deployment(DeploySettings(workdir=tmp_path / "deployment", nodes=3))
     try:
@@ -150,6 +158,7 @@ def test_tls_deployment_runs_a_federation_and_refuses_untrusted_nodes(tmp_path: 
         summary = deployment.run(cfg, timeout=900)
         no_ca_code = deployment.group.wait_exit(no_ca, timeout=120)
         unregistered_code = deployment.group.wait_exit(unregistered, timeout=120)
+        private = deployment.run(dp_sgd, timeout=600)
     finally:
         pids = deployment.stop()
 
@@ -174,6 +183,15 @@ def test_tls_deployment_runs_a_federation_and_refuses_untrusted_nodes(tmp_path: 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["aggregated"] for r in rows[1:]] == [["dp-noised-mean"]] * 2
     assert 0 < rows[1]["epsilon"] < rows[2]["epsilon"] == summary["privacy"]["epsilon"]
+
+    assert private["rounds"] == 2 and private["sync"]["clients_match_server"]
+    steps = [
+        json.loads(line) for line in (Path(private["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    ]
+    eps = {t: steps[t]["client_metrics"] for t in (1, 2)}
+    assert sorted(eps[1]) == sorted(eps[2]) == ["client-000", "client-001", "client-002"]
+    assert all(0 < eps[1][c]["epsilon"] < eps[2][c]["epsilon"] for c in eps[1])
+    assert all(not {"train_loss", "tokens", "train_seconds"} & set(m) for m in eps[1].values())  # kept home
 
     commands = json.loads(deployment.group.pid_file.read_text())
     assert sorted(int(p) for p in commands) == pids
