@@ -183,8 +183,11 @@ class Federation:
             digests[info.client_id] = digest
         names = sorted(self.expected)
         server = self.model.digest(names)
+        # None where the method merges nothing into the clients' weights (nothing to compare)
         same = (
-            self.strategy.merges and len(digests) == len(nodes) and all(d == server for d in digests.values())
+            len(digests) == len(nodes) and all(d == server for d in digests.values())
+            if self.strategy.merges
+            else None
         )
         if self.strategy.merges and not same:
             log.warning(
