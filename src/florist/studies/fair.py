@@ -53,6 +53,8 @@ LADDER = (
      "uplink thresholding of the round's change instead of the whole adapter"),
     ("FLoRIST tau=0.90 +all +orth +ef", "FLoRIST tau=0.90 +all +orth",
      "error feedback: the server adds what the cut left out to the next round's aggregate"),
+    ("FLoRIST tau=0.90 +all +orth +acc +ef", "FLoRIST tau=0.90 +all +orth +ef",
+     "with error feedback, the accumulated update as the warm source"),
 )  # fmt: skip
 
 
