@@ -110,7 +110,8 @@ def test_starting_basis_is_the_sign_steps_rank_r_svd() -> None:
     wide = sign_step_basis(torch.randn(5, 6, generator=g), rank=8, lr=1.0)
     assert wide.B.shape == (5, 8) and wide.A.shape == (8, 6) and float(wide.A[5:].abs().max()) == 0.0
     assert init_shares(170, [100, 300, 100]) == [34, 102, 34]
-    assert default_init_lr(1e-3, 50) == pytest.approx(1e-3 / (0.02 * 50))
+    assert default_init_lr(1e-3, 80) == pytest.approx(1e-3 / (0.02 * 80))  # the reference's rate
+    assert default_init_lr(1e-3, 50) == default_init_lr(1e-3, 12) == 1e-3  # a warmup under a step: lr
 
 
 def test_clients_train_only_the_core_and_match_the_server() -> None:

@@ -429,7 +429,7 @@ class AggregationConfig:
         default=None,
         metadata={
             "help": "fedsb: size of the sign step the basis approximates "
-            "(unset: train.lr / (0.02 x rounds x steps per round), the reference's)"
+            "(unset: train.lr / max(1, 0.02 x rounds x steps per round), the reference's warmup rate)"
         },
     )
 
