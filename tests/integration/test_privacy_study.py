@@ -21,7 +21,10 @@ def test_privacy_study_writes_every_cell_and_resumes(tmp_path: Path, capsys) -> 
             "--rounds", "1", "--clients", "6", "--fraction", "0.5", "--attack-rows", "2", f"model.name={str(model)!r}",
             "data.source='skills'", "data.split='dirichlet'", "data.test=none", "data.skills_train=24",
             "data.skills_test=6", "data.min_partition_size=2", "train.examples=4", "train.batch_size=2",
-            "federation.num_clients=4", "eval.batch_size=4"]  # fmt: skip
+            "federation.num_clients=4", "eval.batch_size=4",
+            # the client-level cells' Poisson sample of 6 at 0.5 is empty with probability 1/64 (the
+            # bench then stops); this seed draws 3 clients in round 1
+            "privacy.noise_seed=0"]  # fmt: skip
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     # (dp-sgd + client + attack methods) x epsilons + base rows, less the noise rule without DP (it

@@ -423,3 +423,14 @@ def test_fedsb_round_zero_under_client_dp_uses_only_public_numbers() -> None:
     with pytest.raises(ConfigError, match="privacy.target_epsilon = 1e-06"):
         load_config(None, ["privacy.mode='client'", "privacy.target_epsilon=1e-6", "federation.rounds=50",
                            "lora.warm_start=false"])  # fmt: skip
+
+
+def test_a_round_with_no_client_sampled_trains_nothing_in_the_bench() -> None:
+    """Client-level DP's Poisson sample can be empty: the bench's round trains nobody (no division by
+    a zero count of examples), and ``Variant.round`` then stops with its own message."""
+    import math
+
+    from florist.studies.simulate import train_round
+
+    updates, stats = train_round([], 1)
+    assert updates == [] and math.isnan(stats["train_loss"])

@@ -53,6 +53,8 @@ def make_client(cfg: FloristConfig, protocol: ClientProtocol, k: int) -> LocalCl
 
 
 def train_round(clients: Sequence[LocalClient], round: int) -> tuple[list[ClientUpdate], dict[str, Any]]:
+    if not clients:  # client-level DP's Poisson sample can be empty (``Variant.round`` says so)
+        return [], {"train_loss": float("nan")}
     updates, seconds, loss, tokens, eps = [], 0.0, 0.0, {}, []
     for c in clients:
         update, stats = c.fit(round)
