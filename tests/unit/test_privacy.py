@@ -228,7 +228,7 @@ def test_fedit_dp_averages_both_factors_from_the_shared_draw(monkeypatch: pytest
     """FedIT: DP-FedAvg on B and A together (one clip over both factors and all modules), round 1
     starting at the shared draw every client began from, rebuilt by the server from the seed."""
     from florist.client.lora_state import extract
-    from florist.server.round import shared_draw
+    from florist.server.round import drawn_shapes, shared_draw
     from tests.unit.test_local_client import _clients
 
     clients = _clients("fedit", ranks=(4, 4))
@@ -237,7 +237,7 @@ def test_fedit_dp_averages_both_factors_from_the_shared_draw(monkeypatch: pytest
     cfg = load_config(None, ["privacy.mode='client'", "privacy.noise_multiplier=0.0", "privacy.clip=0.05",
                              "aggregation.method='fedit'", "federation.num_clients=2", "federation.seed=0",
                              "lora.warm_start=false", "lora.ranks=[4]"])  # fmt: skip
-    start = shared_draw(cfg, ups)
+    start = shared_draw(cfg, drawn_shapes(cfg, ups))
     for f0 in began:  # every client began at the server's rebuilt draw, B = 0
         for name, f in f0.items():
             assert torch.equal(f.A, start[name].A) and not start[name].B.any() and not f.B.any()
@@ -427,10 +427,57 @@ def test_fedsb_round_zero_under_client_dp_uses_only_public_numbers() -> None:
 
 def test_a_round_with_no_client_sampled_trains_nothing_in_the_bench() -> None:
     """Client-level DP's Poisson sample can be empty: the bench's round trains nobody (no division by
-    a zero count of examples), and ``Variant.round`` then stops with its own message."""
+    a zero count of examples); the server then releases the noise alone."""
     import math
 
     from florist.studies.simulate import train_round
 
     updates, stats = train_round([], 1)
     assert updates == [] and math.isnan(stats["train_loss"])
+
+
+def test_an_empty_sample_releases_the_noise_alone() -> None:
+    """What the analysed mechanism releases when no client is sampled: Z / D on every module (products,
+    the modules' m x n), the start plus Z / D on the averaged factors; never a skipped round."""
+    noise, std = noised_mean([], 2.0, 1.5, noise_generator(7, 3), 4.0, {"a": (300, 200), "b": (8, 12)})
+    assert std == pytest.approx(1.5 * 2.0 / 4) and sorted(noise.modules) == ["a", "b"]
+    sample = noise.modules["a"].delta(F64)
+    assert sample.shape == (300, 200) and noise.modules["b"].delta(F64).shape == (8, 12)
+    assert float(sample.std()) == pytest.approx(std, rel=0.02)
+    assert abs(float(sample.mean())) < 4 * std / math.sqrt(sample.numel())
+    with pytest.raises(ValueError, match="needs the module shapes"):
+        noised_mean([], 2.0, 1.5, noise_generator(7, 3), 4.0)
+    g = torch.Generator().manual_seed(4)
+    start = {
+        "a": LoraFactors(A=torch.randn(3, 200, generator=g), B=torch.randn(300, 3, generator=g), scaling=2.0)
+    }
+    out, std = noised_mean_factor([], start, 2.0, 1.5, noise_generator(7, 3), denominator=4.0)
+    resid = out.modules["a"].B.double() - 2.0 * start["a"].B.double()
+    assert out.modules["a"].A is start["a"].A and float(resid.std()) == pytest.approx(std, rel=0.1)
+    both, _ = noised_mean_factor([], start, 2.0, 1.5, noise_generator(7, 3), with_a=True, denominator=4.0)
+    assert float((both.modules["a"].A - start["a"].A).double().std()) == pytest.approx(std, rel=0.05)
+    with pytest.raises(ValueError, match="needs the start"):
+        noised_mean_factor([], None, 2.0, 1.5, noise_generator(7, 3), denominator=4.0)
+
+
+@pytest.mark.parametrize("method", ["florist", "ffa", "fedit"])
+def test_a_round_no_update_reached_is_aggregated_from_the_noise(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under client-level DP with the modules' shapes known (the server's model), a round with no
+    update aggregates one noised update of the right shapes (round 1 of FedIT and FFA-LoRA: the
+    shared draw's A at the federation's rank); without them the round is skipped as before."""
+    cfg = load_config(None, ["privacy.mode='client'", "privacy.noise_multiplier=1.0", "privacy.noise_seed=3",
+                             f"aggregation.method='{method}'", "aggregation.tau=none", "federation.num_clients=4",
+                             "federation.fraction=0.5", "lora.warm_start=false", "lora.ranks=[3]"]
+                      + (["aggregation.rank_policy='noise'"] if method == "florist" else []))  # fmt: skip
+    agg = cfg.aggregator()
+    seen = spy_on(agg, monkeypatch)
+    out = aggregate_round(cfg, agg, 1, [], [], {}, SHAPES)
+    assert seen == [[NOISED]] and out.result is not None and out.contributors == ()
+    assert out.updates[0].noise_std == pytest.approx(cfg.privacy.clip / 2.0)  # D = 0.5 x 4, never 0
+    for name, (m, n) in SHAPES.items():
+        assert out.result.global_update[name].delta(F64).shape == (m, n)
+        if method != "florist":  # B's rank is the federation's; FFA's A is the shared draw, unchanged
+            assert out.updates[0].modules[name].B.shape == (m, 3)
+    assert aggregate_round(cfg, agg, 1, [], [], {}, None).result is None

@@ -257,13 +257,13 @@ class FederatedLoRA(Strategy):
         """Aggregate the usable replies; never raises.
 
         A reply that fails a check leaves its client out of the round (``RoundLog.rejected`` names
-        client, round, module and reason). With fewer than ``federation.min_replies`` usable updates,
+        client, round, module and reason). With fewer usable updates than ``Server.min_updates``,
         or if the aggregator fails, the round is skipped: returns ``(None, metrics)`` and the global
         model stays as it was (``RoundLog.skipped`` says why).
         """
         log_ = self.round_log(server_round)
         updates = self._usable(server_round, list(replies), log_)
-        need = self.cfg.federation.min_replies
+        need = self.server.min_updates()
         if len(updates) < need:
             return self._skip(log_, f"{len(updates)} usable update(s), {need} required ({log_.reasons()})")
         try:

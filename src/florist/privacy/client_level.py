@@ -83,17 +83,23 @@ def noised_mean(
     sigma: float,
     generator: torch.Generator,
     denominator: float | None = None,
+    shapes: Mapping[str, tuple[int, int]] | None = None,
 ) -> tuple[ClientUpdate, float]:
     """``(sum_k clip(Delta W_k) + Z) / D`` per module as one update (factored by its SVD), and the
-    per-entry noise std of that mean, ``sigma C / D`` (D: ``denominator``, else the updates' count)."""
-    if not updates:
-        raise ValueError("client-level DP needs at least one update")
+    per-entry noise std of that mean, ``sigma C / D`` (D: ``denominator``, else the updates' count).
+    With no update (an empty sample) the release is ``Z / D``, noise alone, on the modules of
+    ``shapes`` (``(m, n)`` per module name): what the analysed mechanism releases then."""
+    if not updates and (shapes is None or not denominator):
+        raise ValueError("client-level DP with no update needs the module shapes and the denominator")
     clipped = [clip_change(u, bound)[0] for u in updates]
     m, std = denominator or len(clipped), sigma * bound
+    if clipped:
+        shapes = {name: (f.B.shape[0], f.A.shape[1]) for name, f in clipped[0].modules.items()}
+    assert shapes is not None
     modules = {}
-    for name in sorted(clipped[0].modules):
-        total = sum(u.modules[name].delta(torch.float64) for u in clipped)
-        assert isinstance(total, torch.Tensor)
+    for name in sorted(shapes):
+        total = sum((u.modules[name].delta(torch.float64) for u in clipped),
+                    torch.zeros(shapes[name], dtype=torch.float64))  # fmt: skip
         noise = torch.randn(total.shape, generator=generator, dtype=torch.float64) * std
         U, S, Vh = torch.linalg.svd((total + noise) / m, full_matrices=False)
         modules[name] = LoraFactors(A=Vh.float(), B=(U * S).float())
@@ -134,12 +140,15 @@ def noised_mean_factor(
     None: B = 0, only without ``with_a``), ``s B_k - B_start`` and with ``with_a`` also
     ``A_k - A_start``, is clipped to ``bound`` as one vector over all modules, the sum noised with
     N(0, sigma^2 C^2) per entry, divided by D (``denominator``, else the updates' count) and added
-    back to the start."""
-    if not updates:
-        raise ValueError("client-level DP needs at least one update")
+    back to the start. With no update (an empty sample) the release is the start plus ``Z / D``,
+    noise alone, on the start's factors."""
+    if not updates and (start is None or not denominator):
+        raise ValueError("client-level DP with no update needs the start and the denominator")
     if with_a and start is None:
         raise ValueError("DP-FedAvg on both factors needs the factors the round began from")
-    cores = any(f.core is not None for u in updates for f in u.modules.values())
+    first = updates[0].modules if updates else start
+    assert first is not None
+    cores = any(f.core is not None for mods in [u.modules for u in updates] or [first] for f in mods.values())
     factors = ("core",) if cores else ("B", "A") if with_a else ("B",)
     begin: dict[tuple[str, str], torch.Tensor] = {}
     changes = []
@@ -158,14 +167,17 @@ def noised_mean_factor(
                     )
                 parts[(name, which)] = now[which] - base
         changes.append(parts)
+    if not updates:  # noise alone, on the start's factors
+        for name, f in first.items():
+            was = _trained(f)
+            begin.update({(name, which): was[which] for which in factors})
     m, std = denominator or len(changes), sigma * bound
     norms = [math.sqrt(sum(float(t.double().square().sum()) for t in c.values())) for c in changes]
-    first = updates[0].modules
     released: dict[tuple[str, str], torch.Tensor] = {}
-    for key in sorted(changes[0]):
-        total = sum(c[key].double() * min(1.0, bound / n) if n > 0 else c[key].double()
-                    for c, n in zip(changes, norms, strict=True))  # fmt: skip
-        assert isinstance(total, torch.Tensor)
+    for key in sorted(begin):
+        total = sum((c[key].double() * min(1.0, bound / n) if n > 0 else c[key].double()
+                     for c, n in zip(changes, norms, strict=True)),
+                    torch.zeros(begin[key].shape, dtype=torch.float64))  # fmt: skip
         noise = torch.randn(total.shape, generator=generator, dtype=torch.float64) * std
         released[key] = (begin[key].double() + (total + noise) / m).float()
     out = {}

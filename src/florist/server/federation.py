@@ -32,7 +32,7 @@ from florist.lora import ClientUpdate, LoraFactors
 from florist.privacy.client_level import noise_generator, noised_gradient_sum, secret_random
 from florist.seeds import derive_seed
 from florist.server.checkpoint import ServerState
-from florist.server.global_model import GlobalModel
+from florist.server.global_model import GlobalModel, adapted_shapes
 from florist.server.round import RoundOutcome, aggregate_round
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class Server:
         self.state = ServerState(round=0, synced={m.client_id: 0 for m in self.members})
         self.last: RoundOutcome | None = None  # the latest round's outcome (its updates, who was dropped)
         self.sampled: dict[int, list[Member]] = {}  # client-level DP's Poisson samples, drawn once a round
+        self.shapes = adapted_shapes(model.model, cfg.lora.target_modules) if model is not None else None
 
     # ------------------------------------------------------------------ reading the state
 
@@ -162,12 +163,21 @@ class Server:
         since = self.state.synced.get(client_id, 0)
         return {t: r.global_update for t, r in self.state.history if t <= since and t not in held}
 
+    def min_updates(self) -> int:
+        """The fewest checked updates a round aggregates (``federation.min_replies``); none under
+        client-level DP, whose round releases the noise alone when no update came."""
+        if self.cfg.privacy.mode == "client" and self.shapes is not None:
+            return 0
+        return self.cfg.federation.min_replies
+
     def round(self, round: int, updates: Sequence[ClientUpdate]) -> RoundOutcome:
         """Aggregate round ``round``'s checked updates (``server.round.aggregate_round``). With a
         result, it is recorded, the clients it aggregated hold every earlier round, the model folds
         it in and the skip streak ends; without one nothing changes but ``last``. An aggregator that
         raises propagates, with nothing changed."""
-        outcome = aggregate_round(self.cfg, self.aggregator, round, updates, self.sent(), self.ranks)
+        outcome = aggregate_round(
+            self.cfg, self.aggregator, round, updates, self.sent(), self.ranks, self.shapes
+        )
         self.last = outcome
         if outcome.result is not None:
             self.accept(round, outcome.result, outcome.contributors)

@@ -49,12 +49,14 @@ def aggregate_round(
     uploads: Sequence[ClientUpdate],
     history: Sequence[AggregationResult],
     ranks: Mapping[str, int],
+    shapes: Mapping[str, tuple[int, int]] | None = None,
 ) -> RoundOutcome:
     """Round ``round`` from the clients' ``uploads``; ``history`` holds every result sent so far,
     oldest first (empty in round 1).
 
     ``ranks`` maps client id to its LoRA rank (the warm part a warm-started client began from, and
-    what a per-client download must fit: ``ClientUpdate.lora_rank``).
+    what a per-client download must fit: ``ClientUpdate.lora_rank``). ``shapes``, the adapted
+    modules' ``(m, n)``, let client-level DP release noise alone when no update came.
     """
     if history and history[-1].residual is not None and getattr(aggregator, "feedback", False):
         aggregator = replace(aggregator, carry=history[-1].residual)  # type: ignore[type-var]
@@ -64,7 +66,7 @@ def aggregate_round(
         uploads = cap_weights(uploads, cfg.federation.max_client_weight)
     deltas = round_deltas(cfg, uploads, history, ranks)
     if cfg.privacy.mode == "client":
-        return private_round(cfg, aggregator, round, deltas, history)
+        return private_round(cfg, aggregator, round, deltas, history, shapes)
     clipped, report = clip(cfg, deltas, round)
     averages_factors = not type(aggregator).products_only
     if report is not None and averages_factors:
@@ -81,23 +83,27 @@ def private_round(
     round: int,
     deltas: Sequence[ClientUpdate],
     history: Sequence[AggregationResult],
+    shapes: Mapping[str, tuple[int, int]] | None = None,
 ) -> RoundOutcome:
     """Client-level DP (``florist.privacy.client_level``): the aggregator sees only the noised mean of
     the clipped changes, one update carrying its noise level; no client is left out after the noise
-    (the mechanism's output is released as it is, or the round is skipped)."""
-    if len(deltas) < cfg.federation.min_replies:
-        return RoundOutcome(None, list(deltas))
+    (the mechanism's output is released as it is, or the round is skipped). A round no update
+    reached (an empty Poisson sample, or every sampled client silent) releases the noise alone, as
+    the mechanism the accountant analyses does: skipping it would tell that the sample was empty.
+    That needs the modules' ``shapes``; without them (no server model) the round is skipped."""
+    if not deltas and shapes is None:
+        return RoundOutcome(None, [])
     acc = cfg.accountant()
     assert acc is not None
     noise, denominator = noise_generator(cfg.privacy.noise_seed, round), cfg.dp_denominator(round)
     if type(aggregator).products_only:
-        noised, std = noised_mean(deltas, cfg.privacy.clip, acc.sigma, noise, denominator)
+        noised, std = noised_mean(deltas, cfg.privacy.clip, acc.sigma, noise, denominator, shapes)
     else:  # the factors a method averages (B; FedIT: B and A), from the global the round began at
         rules = protocol_of(aggregator.protocol)
         with_a = type(aggregator).uploads_a()
         start = rules.round_start(history)
         if start is None and not rules.needs_init:  # round 1 began at the shared draw (its A released)
-            start = shared_draw(cfg, deltas)
+            start = shared_draw(cfg, drawn_shapes(cfg, deltas, shapes))
         noised, std = noised_mean_factor(
             deltas, start, cfg.privacy.clip, acc.sigma, noise, with_a, denominator
         )
@@ -109,19 +115,33 @@ def private_round(
     )
 
 
-def shared_draw(cfg: FloristConfig, updates: Sequence[ClientUpdate]) -> dict[str, LoraFactors]:
+def shared_draw(cfg: FloristConfig, shapes: Mapping[str, tuple[int, int, int]]) -> dict[str, LoraFactors]:
     """Where a continue-protocol client began round 1: B = 0 and the round's shared draw of A
     (``LocalClient.fresh_lora``), rebuilt from the run's seed, every client's rank its leading rows,
-    rounded to the wire dtype as the uploads are (so an unchanged entry is no change)."""
+    rounded to the wire dtype as the uploads are (so an unchanged entry is no change). ``shapes``:
+    ``(m, r, n)`` per module (``drawn_shapes``)."""
     seed = derive_seed(cfg.federation.seed, "shared-init", 0)
-    n_clients = cfg.federation.num_clients
-    rows = max(cfg.lora.rank_of(k, n_clients) for k in range(n_clients))
     start = {}
-    for name, f in updates[0].modules.items():
-        r, n = f.A.shape
-        drawn = LoraFactors(A=seeded_a(seed, name, rows, n)[:r], B=torch.zeros(f.B.shape[0], r))
+    for name, (m, r, n) in shapes.items():
+        drawn = LoraFactors(A=seeded_a(seed, name, max_rank(cfg), n)[:r], B=torch.zeros(m, r))
         start[name] = to_wire(drawn, cfg.federation.wire_dtype)
     return start
+
+
+def max_rank(cfg: FloristConfig) -> int:
+    n_clients = cfg.federation.num_clients
+    return max(cfg.lora.rank_of(k, n_clients) for k in range(n_clients))
+
+
+def drawn_shapes(
+    cfg: FloristConfig, updates: Sequence[ClientUpdate], shapes: Mapping[str, tuple[int, int]] | None = None
+) -> dict[str, tuple[int, int, int]]:
+    """``(m, r, n)`` per module of round 1's shared draw: the first update's, else (no update came) the
+    modules' ``shapes`` at the largest rank."""
+    if updates:
+        return {name: (f.B.shape[0], f.A.shape[0], f.A.shape[1]) for name, f in updates[0].modules.items()}
+    assert shapes is not None
+    return {name: (m, max_rank(cfg), n) for name, (m, n) in shapes.items()}
 
 
 def round_deltas(
