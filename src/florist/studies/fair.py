@@ -95,26 +95,33 @@ def mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def points(
+    per_seed: Mapping[int, Mapping[str, Any]], setting: str, rounds: int
+) -> dict[str, tuple[float, float]]:
+    """Every finished variant's (mean final validation loss, mean total bytes) over the seeds it
+    finished; a variant without validation rows is left out."""
+    out: dict[str, tuple[float, float]] = {}
+    for name, seeds in finished(per_seed, setting, rounds).items():
+        losses = [split_loss(per_seed[s][setting][name][-1], "validation") for s in seeds]
+        if all(loss is not None for loss in losses):
+            spent = mean([total_bytes(per_seed[s][setting][name]) for s in seeds])
+            out[name] = (mean([loss.loss for loss in losses if loss is not None]), spent)
+    return out
+
+
 def choose(
     per_seed: Mapping[int, Mapping[str, Any]], setting: str, rounds: int
 ) -> tuple[dict[str, str], dict[str, float]]:
     """Per family, the variant with the lowest mean final validation loss (within ``TIE`` of it:
     the fewest bytes); and every variant's mean validation loss."""
-    done = finished(per_seed, setting, rounds)
-    val: dict[str, float] = {}
-    size: dict[str, float] = {}
-    for name, seeds in done.items():
-        losses = [split_loss(per_seed[s][setting][name][-1], "validation") for s in seeds]
-        if all(loss is not None for loss in losses):
-            val[name] = mean([loss.loss for loss in losses if loss is not None])
-            size[name] = mean([total_bytes(per_seed[s][setting][name]) for s in seeds])
+    point = points(per_seed, setting, rounds)
     best: dict[str, str] = {}
-    for fam in sorted({family(n) for n in val}):
-        members = [n for n in val if family(n) == fam]
-        lowest = min(val[n] for n in members)
-        near = [n for n in members if val[n] <= lowest + TIE]
-        best[fam] = min(near, key=lambda n: (size[n], val[n]))
-    return best, val
+    for fam in sorted({family(n) for n in point}):
+        members = [n for n in point if family(n) == fam]
+        lowest = min(point[n][0] for n in members)
+        near = [n for n in members if point[n][0] <= lowest + TIE]
+        best[fam] = min(near, key=lambda n: (point[n][1], point[n][0]))
+    return best, {n: loss for n, (loss, _) in point.items()}
 
 
 def frontier(per_seed: Mapping[int, Mapping[str, Any]], setting: str, rounds: int) -> list[str]:
@@ -122,13 +129,7 @@ def frontier(per_seed: Mapping[int, Mapping[str, Any]], setting: str, rounds: in
     validation loss and total bytes both at or below its own, one of them strictly (means over the
     seeds each finished). These are the configurations a method could still choose in another
     setting, whether it weighs loss or bytes."""
-    done = finished(per_seed, setting, rounds)
-    point: dict[str, tuple[float, float]] = {}
-    for name, seeds in done.items():
-        losses = [split_loss(per_seed[s][setting][name][-1], "validation") for s in seeds]
-        if all(loss is not None for loss in losses):
-            spent = mean([total_bytes(per_seed[s][setting][name]) for s in seeds])
-            point[name] = (mean([loss.loss for loss in losses if loss is not None]), spent)
+    point = points(per_seed, setting, rounds)
 
     def dominated(v: str) -> bool:
         return any(
