@@ -23,7 +23,7 @@ def test_privacy_study_writes_every_cell_and_resumes(tmp_path: Path, capsys) -> 
             "data.skills_test=6", "data.min_partition_size=2", "train.examples=4", "train.batch_size=2",
             "federation.num_clients=4", "eval.batch_size=4",
             # the client-level cells' Poisson sample of 6 at 0.5 is empty with probability 1/64 (the
-            # bench then stops); this seed draws 3 clients in round 1
+            # round then releases noise alone); this seed draws 3 clients in round 1
             "privacy.noise_seed=0"]  # fmt: skip
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
@@ -46,6 +46,12 @@ def test_privacy_study_writes_every_cell_and_resumes(tmp_path: Path, capsys) -> 
     assert "nats (95% CI" in noise_rule.split("|")[6]  # paired against FLoRIST tau 0.9 without DP
     assert "| FLoRIST tau=0.90 | 8 |" in table and "calibrated by the base model" in table
     assert "| dp-sgd | base model | inf |" in table and "| client | base model | inf |" in table
+    pivot, _ = table.split("Every cell:")
+    client = pivot.split("`client` mode")[1]
+    assert "| method | no DP | ε = 8 |" in client
+    rule, tau = (next(r for r in client.splitlines() if r.startswith(f"| {label} |"))
+                 for label in ("FLoRIST noise rule", "FLoRIST tau=0.90"))  # fmt: skip
+    assert rule.split("|")[2] == tau.split("|")[2] != " "  # the rule's no-DP column is tau 0.9's cell
     assert (out / "loss_vs_epsilon.png").stat().st_size > 0
     before = (out / "results.json").read_text()
     assert main(args) == 0  # every cell done: nothing trains, the same results

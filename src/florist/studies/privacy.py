@@ -255,7 +255,8 @@ def write_report(out: Path, results: Mapping[str, Any]) -> None:
                "| method | epsilon | test loss | AUC, raw losses | AUC, calibrated by the base model | "
                "calibrated advantage | mean loss drop, members / non-members |",
                "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for key, records in results.items():
+    for key in sorted(results, key=order):
+        records = results[key]
         mode, label, eps = key.split(" / ")
         last = records[-1]
         loss = split_loss(last, "test")
@@ -286,8 +287,42 @@ def write_report(out: Path, results: Mapping[str, Any]) -> None:
                            f"{cal.advantage:.3f} | {drops[0]:+.4f} / {drops[1]:+.4f} |")  # fmt: skip
     if len(attacks) == 5:
         attacks = []
-    write_text_atomic(out / "table.md", "\n".join(lines + attacks) + "\n")
+    write_text_atomic(out / "table.md", "\n".join(pivots(results) + lines + attacks) + "\n")
     _plot(out, results)
+
+
+def order(key: str) -> tuple[int, int, float]:
+    """A cell's place in the tables: by mode (``MODES``), method (``METHODS``, the base model last),
+    then epsilon from inf (no DP) down."""
+    mode, label, eps = key.split(" / ")
+    labels = [name for name, _ in METHODS.get(mode, ())]
+    place = len(labels) if label == BASE else labels.index(label) if label in labels else len(labels) + 1
+    return MODES.index(mode) if mode in MODES else len(MODES), place, -float(eps.removeprefix("eps="))
+
+
+def pivots(results: Mapping[str, Any]) -> list[str]:
+    """Per utility mode, final test loss with one column per epsilon (inf: no DP; the noise rule's
+    is FLoRIST tau 0.9's, ``NO_DP_TWIN``), then the full table's rows."""
+    lines: list[str] = []
+    for mode in (m for m in MODES if m != "attack"):
+        cells = {tuple(k.split(" / ")[1:]): v for k, v in results.items() if k.startswith(f"{mode} / ")}
+        if not cells:
+            continue
+        eps = sorted({e for _, e in cells}, key=lambda e: -float(e.removeprefix("eps=")))
+        head = " | ".join("no DP" if e == "eps=inf" else e.replace("eps=", "ε = ") for e in eps)
+        lines += [f"Final test loss, `{mode}` mode:", "", f"| method | {head} |",
+                  "|---|" + "---|" * len(eps)]  # fmt: skip
+        for label in [name for name, _ in METHODS[mode]] + [BASE]:
+            row = []
+            for e in eps:
+                records = cells.get((label, e)) or (cells.get((NO_DP_TWIN[label], e)) if e == "eps=inf"
+                                                     and label in NO_DP_TWIN else None)  # fmt: skip
+                loss = split_loss(records[-1], "test") if records else None
+                row.append(f"{loss.loss:.4f}" if loss is not None else "")
+            if any(row):
+                lines.append(f"| {label} | " + " | ".join(row) + " |")
+        lines.append("")
+    return [*lines, "Every cell:", ""] if lines else []
 
 
 def mean_seen(values: Sequence[float]) -> float:
