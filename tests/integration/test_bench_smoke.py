@@ -335,14 +335,15 @@ def stop_after_two_rounds_and_resume(cfg: Any, score: Any, folder: Path) -> list
     return run_variant(cfg, score, checkpoint=folder)
 
 
-@pytest.mark.parametrize("method", ["florist", "fedsb"])
+@pytest.mark.parametrize(("method", "extra"), [("florist", ["federation.uplink_tau=0.9"]), ("fedsb", [])])
 def test_a_sampled_federation_trains_the_sampled_clients_and_rebuilt_clients_are_exact(
-    tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, method: str, extra: list[str]
 ) -> None:
     """``federation.fraction`` in the bench: each round trains exactly the clients the server samples,
-    and in a federation larger than ``LIVE_CLIENTS`` (here 4: clients dropped after their round,
-    rebuilt and caught up when sampled again: merges replayed, Fed-SB's basis) every round equals the
-    run that keeps every client alive."""
+    and in a federation larger than ``live_clients`` (here 4: each client built just before it trains,
+    dropped right after, rebuilt and caught up when sampled again: merges replayed, Fed-SB's basis;
+    the round error against the uploads before the uplink cut kept) every round equals the run that
+    keeps every client alive."""
     from florist.config import load_config
     from florist.studies import simulate
 
@@ -351,28 +352,28 @@ def test_a_sampled_federation_trains_the_sampled_clients_and_rebuilt_clients_are
                              "data.split='iid'", "eval.mmlu=none", "federation.num_clients=8",
                              "federation.fraction=0.25", "federation.rounds=3", "train.steps=1",
                              "train.batch_size=2", "lora.ranks=[4]", f"aggregation.method={method!r}",
-                             "aggregation.init_samples=8"])  # fmt: skip
+                             "aggregation.init_samples=8", *extra])  # fmt: skip
 
     def score(m: Any, t: object) -> dict[str, float]:
         return {"norm": sum(float(p.detach().double().square().sum()) for p in m.parameters())}
 
-    def run() -> tuple[list[dict[str, Any]], list[list[str]]]:
+    def run(live: int) -> tuple[list[dict[str, Any]], list[list[str]]]:
         aggregated: list[list[str]] = []
         records = simulate.run_variant(
-            cfg, score, on_result=lambda t, r: aggregated.append(sorted(r.client_ids))
+            cfg, score, on_result=lambda t, r: aggregated.append(sorted(r.client_ids)), live_clients=live
         )
         return records, aggregated
 
-    monkeypatch.setattr(simulate, "LIVE_CLIENTS", 4)
-    dropped, who = run()
-    monkeypatch.setattr(simulate, "LIVE_CLIENTS", 100)
-    kept, who_kept = run()
+    dropped, who = run(4)
+    kept, who_kept = run(100)
     server = simulate.Variant(cfg).server
     sampled = [[m.client_id for m in server.participants(t)] for t in (1, 2, 3)]
     assert [sorted(r["train_tokens"]) for r in dropped] == sampled == who == who_kept
     assert all(len(s) == 2 for s in sampled) and len({c for s in sampled for c in s}) > 2
     for a, b in zip(dropped, kept, strict=True):
         assert a["eval"] == b["eval"] and a["round_error"] == b["round_error"], a["round"]
+        assert a.get("round_error_untruncated") == b.get("round_error_untruncated"), a["round"]
+    assert ("round_error_untruncated" in dropped[-1]) == bool(extra)
     assert dropped[0]["eval"] != dropped[2]["eval"]  # it trains
 
 

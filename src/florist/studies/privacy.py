@@ -176,7 +176,10 @@ def run_cell(
         scores = evaluate(model, tokenizer)
         return scores | ({"attack": attack(cfg, model, tokenizer)} if mode == "attack" else {})
 
-    records = run_variant(cfg, score, eval_rounds=[opts.rounds], checkpoint=cell_folder(opts, key))
+    # one client model in memory at a time (a DP-SGD cell of 8 held 10 GB): two cells fit side by side
+    records = run_variant(
+        cfg, score, eval_rounds=[opts.rounds], checkpoint=cell_folder(opts, key), live_clients=0
+    )
     acc = cfg.accountant()
     target = None if math.isinf(eps) else eps
     # client mode: the server's noise multiplier; dp-sgd: each client plans its own (the worst's epsilon)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 Evaluate = Callable[[Any, Any], dict[str, Any]]
 
 
-LIVE_CLIENTS = 16  # a larger federation keeps a client (its own model) only for the round it trains
+LIVE_CLIENTS = 16  # a larger federation keeps a client (its own model) only while it trains
 
 
 def make_client(cfg: FloristConfig, protocol: ClientProtocol, k: int) -> LocalClient:
@@ -52,10 +52,9 @@ def make_client(cfg: FloristConfig, protocol: ClientProtocol, k: int) -> LocalCl
     return client_from_config(cfg, k, device_model, tok, client_examples(cfg.data, k, n), protocol)
 
 
-def train_round(clients: Sequence[LocalClient], round: int) -> tuple[list[ClientUpdate], dict[str, Any]]:
-    if not clients:  # client-level DP's Poisson sample can be empty (the round releases noise alone)
-        return [], {"train_loss": float("nan")}
-    updates, seconds, loss, tokens, eps = [], 0.0, 0.0, {}, []
+def train_round(clients: Iterable[LocalClient], round: int) -> tuple[list[ClientUpdate], dict[str, Any]]:
+    """Each client's round (in one pass: ``clients`` may build each just before it trains)."""
+    updates, seconds, loss, tokens, eps, total = [], 0.0, 0.0, {}, [], 0
     for c in clients:
         update, stats = c.fit(round)
         updates.append(update)
@@ -63,8 +62,10 @@ def train_round(clients: Sequence[LocalClient], round: int) -> tuple[list[Client
             eps.append(stats.epsilon)
         seconds += stats.seconds
         loss += stats.loss * c.num_examples
+        total += c.num_examples
         tokens[c.client_id] = stats.tokens
-    total = sum(c.num_examples for c in clients)
+    if not updates:  # client-level DP's Poisson sample can be empty (the round releases noise alone)
+        return [], {"train_loss": float("nan")}
     if eps:  # DP-SGD: loss, tokens and time depend on the secretly sampled rows, without noise
         return updates, {"train_loss": float("nan"), "epsilon_max": max(eps)}  # the worst client's
     return updates, {"train_loss": loss / total, "train_seconds": seconds, "train_tokens": tokens}
@@ -123,11 +124,14 @@ class Variant:
     Each round trains the clients the server samples (``Server.participants``: every client unless
     ``federation.fraction`` or a schedule says otherwise). A client is built when first needed and
     takes what it is owed just before it trains, as a Flower node does; in a federation of more than
-    ``LIVE_CLIENTS`` it is dropped after its round and rebuilt when sampled again, catching up from
+    ``live_clients`` (default ``LIVE_CLIENTS``) it is built just before it trains, dropped right
+    after (only one client model in memory at a time) and rebuilt when sampled again, catching up from
     the server's state as after a restart (exact: its seeds depend on the round, not the process)."""
 
-    def __init__(self, cfg: FloristConfig) -> None:
+    def __init__(self, cfg: FloristConfig, live_clients: int = LIVE_CLIENTS) -> None:
         self.cfg = cfg
+        self.keeps_clients = cfg.federation.num_clients <= live_clients
+        self.raw: dict[str, ClientUpdate] = {}  # a dropped client's last upload before the cut
         self.agg = cfg.aggregator()
         self.rules = protocol_of(self.agg.protocol)
         self.live: dict[int, LocalClient] = {}
@@ -165,7 +169,7 @@ class Variant:
 
     def retire(self) -> None:
         """After a round in a large federation, the clients that trained give their memory back."""
-        if self.cfg.federation.num_clients > LIVE_CLIENTS:
+        if not self.keeps_clients:
             self.live.clear()
             self.fresh.clear()
 
@@ -185,7 +189,7 @@ class Variant:
         for k, share in enumerate(shares):
             c = self.client(k)
             gradients[c.client_id] = c.init_gradient(share)
-            if n > LIVE_CLIENTS:
+            if not self.keeps_clients:
                 del self.live[k]
         rank = max(self.rank.values())
         start = self.server.start_from(list(gradients.values()), rank, lr)
@@ -199,7 +203,20 @@ class Variant:
             prepared = [replace(u, modules=prepare_upload(u.modules, fed.uplink_tau, fed.wire_dtype)[0])
                         for u in self.sampled(round_one, t)]  # fmt: skip
             return prepared, {"train_loss": float("nan"), "train_seconds": 0.0, "shared": 1.0}
-        return train_round([self.ready(m.index) for m in self.server.participants(t)], t)
+        members = self.server.participants(t)
+        if self.keeps_clients:
+            return train_round([self.ready(m.index) for m in members], t)
+        return train_round(self.one_at_a_time([m.index for m in members]), t)
+
+    def one_at_a_time(self, indices: Sequence[int]) -> Iterator[LocalClient]:
+        """The clients ``indices``, each built (and caught up) just before it trains and dropped right
+        after, its upload before the cut kept for the round's error (``raw_uploads``)."""
+        self.raw.clear()
+        for k in indices:
+            c = self.ready(k)
+            yield c
+            self.raw[c.client_id] = ClientUpdate(c.client_id, float(c.num_examples), c.raw_upload)
+            del self.live[k]
 
     def sampled(self, round_one: Sequence[ClientUpdate], t: int) -> list[ClientUpdate]:
         """The shared round-1 uploads of the clients the server samples in round ``t``."""
@@ -241,7 +258,10 @@ class Variant:
         """Round ``t``'s uploads before uplink truncation and wire rounding (float32, as trained)."""
         if t == 1 and round_one is not None:
             return self.sampled(round_one, t)
-        trained = [self.live[m.index] for m in self.server.participants(t)]
+        members = self.server.participants(t)
+        if not self.keeps_clients:
+            return [self.raw[client_id(m.index)] for m in members]
+        trained = [self.live[m.index] for m in members]
         return [ClientUpdate(c.client_id, float(c.num_examples), c.raw_upload) for c in trained]
 
     def save(self, folder: Path, records: list[dict[str, Any]]) -> None:
@@ -270,8 +290,10 @@ def run_variant(
     on_result: Callable[[int, AggregationResult], None] | None = None,
     eval_rounds: Sequence[int] | None = None,
     checkpoint: Path | None = None,
+    live_clients: int = LIVE_CLIENTS,
 ) -> list[dict[str, Any]]:
-    """All rounds of one method; ``round_one`` (raw uploads) replaces round 1's local training.
+    """All rounds of one method; ``round_one`` (raw uploads) replaces round 1's local training;
+    ``live_clients``: the largest federation whose clients all stay built (``Variant``).
 
     ``evaluate(model, tokenizer)`` runs after the rounds in ``eval_rounds`` (default: every round).
     With ``checkpoint`` (a folder), every finished round is saved there (``florist.server.checkpoint``:
@@ -279,7 +301,7 @@ def run_variant(
     clients and the server model replay the results sent, as a client that missed rounds catches up,
     and every later round trains exactly as it would have (seeds depend on the round, not the process).
     """
-    variant = Variant(cfg)
+    variant = Variant(cfg, live_clients)
     rounds = cfg.federation.rounds
     due = set(range(1, rounds + 1) if eval_rounds is None else eval_rounds)
     records = variant.resume(checkpoint) if checkpoint is not None else []
