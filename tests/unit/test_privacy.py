@@ -319,6 +319,12 @@ def test_fedsb_under_client_dp_releases_the_noised_mean_core_on_the_servers_basi
         core = start[name].core.double() + sum(c[name] / k for c, k in zip(changes, norms, strict=True)) / 3  # type: ignore[union-attr]
         torch.testing.assert_close(f.delta(F64), B @ core @ A, rtol=1e-5, atol=1e-6)
         assert torch.equal(f.B, start[name].B) and torch.equal(f.A, start[name].A)
+    shapes = {n: (f.B.shape[0], f.A.shape[1]) for n, f in start.items()}
+    empty = aggregate_round(cfg, agg, 1, [], [sent], {}, shapes)  # an empty sample: the start's core
+    assert empty.result is not None and seen[-1] == [NOISED]
+    for name, f in empty.result.global_update.items():
+        assert f.core is not None and torch.equal(f.B, start[name].B) and torch.equal(f.A, start[name].A)
+        torch.testing.assert_close(f.core, start[name].core)  # noise_multiplier 0 here: nothing added
     with pytest.raises(ConfigError, match="does not cover 'fedsb'"):
         load_config(None, ["privacy.mode='dp-sgd'", "privacy.noise_multiplier=1.0", "aggregation.method='fedsb'",
                            "lora.warm_start=false"])  # fmt: skip
@@ -460,7 +466,7 @@ def test_an_empty_sample_releases_the_noise_alone() -> None:
         noised_mean_factor([], None, 2.0, 1.5, noise_generator(7, 3), denominator=4.0)
 
 
-@pytest.mark.parametrize("method", ["florist", "ffa", "fedit"])
+@pytest.mark.parametrize("method", ["florist", "flora", "ffa", "fedsvd", "fedit"])
 def test_a_round_no_update_reached_is_aggregated_from_the_noise(
     method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -478,6 +484,8 @@ def test_a_round_no_update_reached_is_aggregated_from_the_noise(
     assert out.updates[0].noise_std == pytest.approx(cfg.privacy.clip / 2.0)  # D = 0.5 x 4, never 0
     for name, (m, n) in SHAPES.items():
         assert out.result.global_update[name].delta(F64).shape == (m, n)
-        if method != "florist":  # B's rank is the federation's; FFA's A is the shared draw, unchanged
+        if not type(agg).products_only:  # B has the federation's rank (FFA: A is the shared draw)
             assert out.updates[0].modules[name].B.shape == (m, 3)
+    again = aggregate_round(cfg, agg, 2, [], [out.result], {}, SHAPES)  # and from the last result
+    assert again.result is not None and seen[-1] == [NOISED]
     assert aggregate_round(cfg, agg, 1, [], [], {}, None).result is None
