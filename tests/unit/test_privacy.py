@@ -227,6 +227,7 @@ def test_ffa_under_client_dp_aggregates_only_the_noised_mean(monkeypatch: pytest
 def test_fedit_dp_averages_both_factors_from_the_shared_draw(monkeypatch: pytest.MonkeyPatch) -> None:
     """FedIT: DP-FedAvg on B and A together (one clip over both factors and all modules), round 1
     starting at the shared draw every client began from, rebuilt by the server from the seed."""
+    from florist.aggregation.protocols import protocol_of
     from florist.client.lora_state import extract
     from florist.server.round import drawn_shapes, shared_draw
     from tests.unit.test_local_client import _clients
@@ -237,7 +238,7 @@ def test_fedit_dp_averages_both_factors_from_the_shared_draw(monkeypatch: pytest
     cfg = load_config(None, ["privacy.mode='client'", "privacy.noise_multiplier=0.0", "privacy.clip=0.05",
                              "aggregation.method='fedit'", "federation.num_clients=2", "federation.seed=0",
                              "lora.warm_start=false", "lora.ranks=[4]"])  # fmt: skip
-    start = shared_draw(cfg, drawn_shapes(cfg, ups))
+    start = shared_draw(cfg, drawn_shapes(cfg, ups), protocol_of(cfg.aggregator().protocol))
     for f0 in began:  # every client began at the server's rebuilt draw, B = 0
         for name, f in f0.items():
             assert torch.equal(f.A, start[name].A) and not start[name].B.any() and not f.B.any()
@@ -484,8 +485,32 @@ def test_a_round_no_update_reached_is_aggregated_from_the_noise(
     assert out.updates[0].noise_std == pytest.approx(cfg.privacy.clip / 2.0)  # D = 0.5 x 4, never 0
     for name, (m, n) in SHAPES.items():
         assert out.result.global_update[name].delta(F64).shape == (m, n)
-        if not type(agg).products_only:  # B has the federation's rank (FFA: A is the shared draw)
+        if not type(agg).products_only:  # B has the federation's rank
             assert out.updates[0].modules[name].B.shape == (m, 3)
     again = aggregate_round(cfg, agg, 2, [], [out.result], {}, SHAPES)  # and from the last result
     assert again.result is not None and seen[-1] == [NOISED]
     assert aggregate_round(cfg, agg, 1, [], [], {}, None).result is None
+
+
+@pytest.mark.parametrize("method", ["ffa", "fedsvd"])
+def test_b_only_dp_releases_b_on_the_a_the_clients_trained_against(method: str) -> None:
+    """FFA-LoRA and FedSVD under client-level DP, round 1: the released A is the frozen draw the
+    clients hold (never sent; ``ClientRules.upload_a``), so with no noise and a bound that never bites
+    the global update is the plain mean of the clients' s B_k A_k (dense float64 reference)."""
+    from florist.client.lora_state import extract
+    from tests.unit.test_local_client import _clients
+
+    clients = _clients(method, ranks=(4, 4))
+    ups = [c.fit(1)[0] for c in clients]
+    held = [extract(c.model) for c in clients]
+    cfg = load_config(None, ["privacy.mode='client'", "privacy.noise_multiplier=0.0", "privacy.clip=1e6",
+                             f"aggregation.method='{method}'", "aggregation.tau=none", "federation.num_clients=2",
+                             "federation.seed=0", "lora.warm_start=false", "lora.ranks=[4]"])  # fmt: skip
+    out = aggregate_round(cfg, cfg.aggregator(), 1, ups, [], {u.client_id: 4 for u in ups})
+    assert out.result is not None
+    for name, g in out.result.global_update.items():
+        for h in held:
+            assert torch.equal(h[name].A, held[0][name].A)  # one frozen A for every client
+        want = sum(h[name].delta(F64) for h in held) / 2
+        assert float(want.abs().max()) > 0  # B trained
+        torch.testing.assert_close(g.delta(F64), want, rtol=1e-5, atol=1e-7)

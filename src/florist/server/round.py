@@ -18,7 +18,7 @@ import torch
 
 from florist.aggregation.base import AggregationResult, Aggregator
 from florist.aggregation.lowrank import result_to_wire, to_wire
-from florist.aggregation.protocols import protocol_of
+from florist.aggregation.protocols import ClientRules, protocol_of
 from florist.aggregation.robust import ClipReport, cap_weights, clip_factors, clip_updates, update_norm
 from florist.config import FloristConfig
 from florist.lora import ClientUpdate, LoraFactors
@@ -103,7 +103,7 @@ def private_round(
         with_a = type(aggregator).uploads_a()
         start = rules.round_start(history)
         if start is None and not rules.needs_init:  # round 1 began at the shared draw (its A released)
-            start = shared_draw(cfg, drawn_shapes(cfg, deltas, shapes))
+            start = shared_draw(cfg, drawn_shapes(cfg, deltas, shapes), rules)
         noised, std = noised_mean_factor(
             deltas, start, cfg.privacy.clip, acc.sigma, noise, with_a, denominator
         )
@@ -115,15 +115,24 @@ def private_round(
     )
 
 
-def shared_draw(cfg: FloristConfig, shapes: Mapping[str, tuple[int, int, int]]) -> dict[str, LoraFactors]:
-    """Where a continue-protocol client began round 1: B = 0 and the round's shared draw of A
-    (``LocalClient.fresh_lora``), rebuilt from the run's seed, every client's rank its leading rows,
-    rounded to the wire dtype as the uploads are (so an unchanged entry is no change). ``shapes``:
+def shared_draw(
+    cfg: FloristConfig, shapes: Mapping[str, tuple[int, int, int]], rules: ClientRules
+) -> dict[str, LoraFactors]:
+    """Where a continue-protocol client began round 1: B = 0 and the A it trained against, every
+    client's rank its leading rows. FedIT (A uploaded): the round's shared draw
+    (``LocalClient.fresh_lora``), rebuilt from the run's seed and rounded to the wire dtype as the
+    uploads are (so an unchanged entry is no change). FFA-LoRA, FedSVD (A never sent): the frozen
+    draw the server knows (``ClientRules.upload_a``), exactly as the clients hold it. ``shapes``:
     ``(m, r, n)`` per module (``drawn_shapes``)."""
-    seed = derive_seed(cfg.federation.seed, "shared-init", 0)
+    seed, rows = cfg.federation.seed, max_rank(cfg)
     start = {}
     for name, (m, r, n) in shapes.items():
-        drawn = LoraFactors(A=seeded_a(seed, name, max_rank(cfg), n)[:r], B=torch.zeros(m, r))
+        if not rules.uploads_a:
+            start[name] = LoraFactors(A=rules.upload_a([], seed, rows, name, n)[:r], B=torch.zeros(m, r))
+            continue
+        drawn = LoraFactors(
+            A=seeded_a(derive_seed(seed, "shared-init", 0), name, rows, n)[:r], B=torch.zeros(m, r)
+        )
         start[name] = to_wire(drawn, cfg.federation.wire_dtype)
     return start
 
