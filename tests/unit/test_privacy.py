@@ -490,6 +490,11 @@ def test_a_round_no_update_reached_is_aggregated_from_the_noise(
     again = aggregate_round(cfg, agg, 2, [], [out.result], {}, SHAPES)  # and from the last result
     assert again.result is not None and seen[-1] == [NOISED]
     assert aggregate_round(cfg, agg, 1, [], [], {}, None).result is None
+    from florist.server.federation import Member, Server
+
+    members = [Member(f"c{k}", k, 3) for k in range(4)]
+    assert Server(cfg, agg, members, shapes=SHAPES).min_updates() == 0  # a strategy without a model
+    assert Server(cfg, agg, members).min_updates() == 1  # no shapes: the quorum, as before
 
 
 @pytest.mark.parametrize("method", ["ffa", "fedsvd"])

@@ -292,7 +292,11 @@ class FederationConfig:
         default=None, metadata={"help": "seconds to wait for training replies; later ones are left out"}
     )
     min_replies: int = field(
-        default=1, metadata={"help": "fewest usable updates a round needs; with fewer it is skipped"}
+        default=1,
+        metadata={
+            "help": "fewest usable updates a round needs; with fewer it is skipped (under client-level "
+            "DP a round releases the noise alone instead)"
+        },
     )
     max_skipped_rounds: int = field(
         default=3, metadata={"help": "consecutive skipped rounds after which the run stops (non-zero exit)"}

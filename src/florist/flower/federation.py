@@ -2,7 +2,8 @@
 
 Round t:  sample -> send (each message size-checked) -> collect replies until federation.round_timeout
           (later ones are left out; a reply that arrives in a later round is logged and discarded)
-          -> strategy.aggregate_train (bad replies left out; fewer than min_replies: round skipped)
+          -> strategy.aggregate_train (bad replies left out; fewer than min_replies: round skipped,
+          except under client-level DP, which releases the noise alone)
           -> fold into the server's global model -> metrics line -> checkpoint RUN/checkpoints/round-t.pt
 After max_skipped_rounds consecutive skipped rounds the run stops with ``QuorumLost`` (non-zero exit);
 its checkpoint is on disk and ``run.resume = true`` continues from it.

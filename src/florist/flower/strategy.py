@@ -108,7 +108,7 @@ class FederatedLoRA(Strategy):
         self.by_node = {c.node_id: c for c in self.clients}
         self.node_of = {c.client_id: c.node_id for c in self.clients}
         if self._server is None:
-            self._server = Server(cfg, self.aggregator, self.clients, self.model)
+            self._server = Server(cfg, self.aggregator, self.clients, self.model, self.expected)
         self.reader = ReplyReader(
             self.by_node, self.expected, cfg.federation.max_message_mb, self._known_a(),
             self.server.merged_before if self.merges else None, cfg.federation.wire_dtype,

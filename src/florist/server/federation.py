@@ -73,6 +73,9 @@ class Server:
         Every client of the federation (any object with ``client_id``, ``index`` and ``rank``).
     model : GlobalModel | None
         The server's copy of the global model; every accepted result is folded into it.
+    shapes : Mapping[str, tuple[int, int]] | None
+        The adapted modules' ``(m, n)`` (default: read from ``model``): what client-level DP releases
+        noise on when no update reaches a round (``min_updates``).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class Server:
         aggregator: Aggregator,
         members: Iterable[Joined],
         model: GlobalModel | None = None,
+        shapes: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         self.cfg, self.aggregator, self.model = cfg, aggregator, model
         self.rules = protocol_of(aggregator.protocol)
@@ -89,7 +93,9 @@ class Server:
         self.state = ServerState(round=0, synced={m.client_id: 0 for m in self.members})
         self.last: RoundOutcome | None = None  # the latest round's outcome (its updates, who was dropped)
         self.sampled: dict[int, list[Member]] = {}  # client-level DP's Poisson samples, drawn once a round
-        self.shapes = adapted_shapes(model.model, cfg.lora.target_modules) if model is not None else None
+        if shapes is None and model is not None:
+            shapes = adapted_shapes(model.model, cfg.lora.target_modules)
+        self.shapes = dict(shapes) if shapes is not None else None  # the adapted modules' (m, n)
 
     # ------------------------------------------------------------------ reading the state
 

@@ -87,7 +87,8 @@ def private_round(
 ) -> RoundOutcome:
     """Client-level DP (``florist.privacy.client_level``): the aggregator sees only the noised mean of
     the clipped changes, one update carrying its noise level; no client is left out after the noise
-    (the mechanism's output is released as it is, or the round is skipped). A round no update
+    (the mechanism's output is released as it is, or, when the aggregate is not finite, the round is
+    skipped). A round no update
     reached (an empty Poisson sample, or every sampled client silent) releases the noise alone, as
     the mechanism the accountant analyses does: skipping it would tell that the sample was empty.
     That needs the modules' ``shapes``; without them (no server model) the round is skipped."""

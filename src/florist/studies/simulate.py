@@ -64,6 +64,7 @@ def train_round(clients: Iterable[LocalClient], round: int) -> tuple[list[Client
         loss += stats.loss * c.num_examples
         total += c.num_examples
         tokens[c.client_id] = stats.tokens
+        del c  # ``clients`` may drop it before building the next (one client model in memory)
     if not updates:  # client-level DP's Poisson sample can be empty (the round releases noise alone)
         return [], {"train_loss": float("nan")}
     if eps:  # DP-SGD: loss, tokens and time depend on the secretly sampled rows, without noise
@@ -190,7 +191,7 @@ class Variant:
             c = self.client(k)
             gradients[c.client_id] = c.init_gradient(share)
             if not self.keeps_clients:
-                del self.live[k]
+                del self.live[k], c
         rank = max(self.rank.values())
         start = self.server.start_from(list(gradients.values()), rank, lr)
         self.init_bytes = init_bytes(gradients, start, cfg.federation.wire_dtype)
@@ -216,7 +217,7 @@ class Variant:
             c = self.ready(k)
             yield c
             self.raw[c.client_id] = ClientUpdate(c.client_id, float(c.num_examples), c.raw_upload)
-            del self.live[k]
+            del self.live[k], c
 
     def sampled(self, round_one: Sequence[ClientUpdate], t: int) -> list[ClientUpdate]:
         """The shared round-1 uploads of the clients the server samples in round ``t``."""
@@ -232,7 +233,9 @@ class Variant:
         uploads, train = self.uploads(t, round_one)
         previous = self.previous_adapter()
         raw = None
-        if self.cfg.federation.uplink_tau is not None:  # the error against what the clients trained
+        if self.cfg.federation.uplink_tau is not None and self.cfg.privacy.mode != "client":
+            # the error against what the clients trained (under client-level DP the aggregate is of
+            # one noised update: its round_error is against that)
             raw = round_deltas(self.cfg, self.raw_uploads(t, round_one), self.server.sent(), self.rank)
         outcome = self.server.round(t, uploads)
         if outcome.result is None or outcome.dropped:  # the bench's clients are honest: say so loudly
