@@ -335,8 +335,10 @@ def mean_seen(values: Sequence[float]) -> float:
 
 
 def _plot(out: Path, results: Mapping[str, Any]) -> None:
-    """``loss_vs_epsilon.png``: per utility mode, final test loss (top) and total bytes (bottom)
-    against epsilon, one line per method; its run without DP dotted, the untrained model dashed."""
+    """``loss_vs_epsilon.png``: per utility mode, final test loss less the untrained model's (top,
+    symlog: 0.01 nats and 8 nats both readable) and total bytes (bottom) against epsilon, one line
+    per method in one colour across the panels; its run without DP dotted, the untrained model
+    dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,12 +350,19 @@ def _plot(out: Path, results: Mapping[str, Any]) -> None:
     modes = sorted({mode for mode, label, _ in under_dp if label != BASE} - {"attack"})
     if not modes:
         return
-    metrics: tuple[tuple[str, Callable[[Any], float | None]], ...] = (
-        ("test loss (nats)", _final_test),
-        ("total MB, up + down, all clients", lambda records: total_bytes(records) / 1e6),
-    )
     fig, axes = plt.subplots(2, len(modes), figsize=(6 * len(modes), 7.5), squeeze=False)
     for col, mode in enumerate(modes):
+        base_cell_ = results.get(cell_key(mode, BASE, math.inf))
+        base = _final_test(base_cell_) if base_cell_ is not None else None
+
+        def loss(records: Any, base: float | None = base) -> float | None:
+            final = _final_test(records)
+            return None if final is None else final - (base or 0.0)
+
+        metrics: tuple[tuple[str, Callable[[Any], float | None]], ...] = (
+            ("test loss less the untrained model's (nats)" if base is not None else "test loss (nats)", loss),
+            ("total MB, up + down, all clients", lambda records: total_bytes(records) / 1e6),
+        )
         for row, (ylabel, value) in enumerate(metrics):
             ax = axes[row][col]
             series: dict[str, list[tuple[float, float]]] = {}
@@ -366,6 +375,12 @@ def _plot(out: Path, results: Mapping[str, Any]) -> None:
             ax.set_ylabel(ylabel)
             if row == 0:
                 ax.set_title("DP-SGD (sample-level)" if mode == "dp-sgd" else "client-level DP")
+                if base is not None:
+                    ax.set_yscale("symlog", linthresh=0.05, linscale=2.0)
+                    low, high = ax.get_ylim()
+                    marks = [s * v for v in (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30) for s in (-1, 1)] + [0.0]
+                    shown = sorted(v for v in marks if low <= v <= high)
+                    ax.set_yticks(shown, [f"{v:+g}" for v in shown])
             else:
                 ax.set_yscale("log")
                 low, high = ax.get_ylim()
@@ -374,7 +389,12 @@ def _plot(out: Path, results: Mapping[str, Any]) -> None:
                 ax.set_yticks(shown, [f"{v:g}" for v in shown])
                 ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
                 ax.set_xlabel("epsilon (dotted: the method without DP)")
-    fig.tight_layout()
+    legend: dict[str, Any] = {}  # one legend for the figure, below it: every method once
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 8), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     save_figure(fig, out / "loss_vs_epsilon.png", dpi=120)
     plt.close(fig)
 
@@ -382,6 +402,10 @@ def _plot(out: Path, results: Mapping[str, Any]) -> None:
 def _final_test(records: Sequence[Mapping[str, Any]]) -> float | None:
     final = split_loss(records[-1], "test")
     return None if final is None else final.loss
+
+
+# one colour per method in every panel
+COLOURS = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(n for m in MODES for n, _ in METHODS[m]))}
 
 
 def _panel(ax: Any, series: Mapping[str, list[tuple[float, float]]]) -> None:
@@ -394,8 +418,8 @@ def _panel(ax: Any, series: Mapping[str, list[tuple[float, float]]]) -> None:
             )
             continue
         finite = sorted(p for p in points if not math.isinf(p[0]))
-        (line,) = ax.plot([p[0] for p in finite], [p[1] for p in finite], marker="o", label=label)
-        colour = line.get_color()
+        colour = COLOURS.get(label)
+        ax.plot([p[0] for p in finite], [p[1] for p in finite], marker="o", label=label, color=colour)
         for e, y in points:
             if math.isinf(e):
                 ax.axhline(y, linestyle=":", linewidth=1, color=colour)
@@ -403,7 +427,6 @@ def _panel(ax: Any, series: Mapping[str, list[tuple[float, float]]]) -> None:
     ticks = sorted({e for points in series.values() for e, _ in points if not math.isinf(e)}) or [1.0]
     ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
     ax.minorticks_off()
-    ax.legend(fontsize=7)
 
 
 def epsilons(text: str) -> tuple[float, ...]:
