@@ -271,10 +271,9 @@ def client_from_config(
     rank (the largest client rank), the run seed and the upload options (``as_trained``: uploads as
     trained, not cut nor rounded, as round-1 studies keep them). The one place a client is built."""
     n, fed = cfg.federation.num_clients, cfg.federation
-    shared_rank = max(cfg.lora.rank_of(k, n) for k in range(n))
     return LocalClient(
         client_id(index), model, tokenizer, examples, cfg.lora.settings(index, n), cfg.train, protocol,
-        fed.seed, shared_rank, uplink_tau=None if as_trained else fed.uplink_tau,
+        fed.seed, cfg.lora.shared_rank(n), uplink_tau=None if as_trained else fed.uplink_tau,
         wire="float32" if as_trained else fed.wire_dtype, uplink_cut=fed.uplink_cut,
         progress=cfg.run.progress, privacy=cfg.privacy, rounds=fed.rounds, held=cfg.held_updates(),
     )  # fmt: skip

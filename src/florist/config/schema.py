@@ -247,6 +247,15 @@ class AdapterConfig:
             )
         return self.ranks[0] if len(self.ranks) == 1 else self.ranks[client]
 
+    def client_ranks(self, num_clients: int) -> list[int]:
+        """Every client's rank, in client order."""
+        return [self.rank_of(k, num_clients) for k in range(num_clients)]
+
+    def shared_rank(self, num_clients: int) -> int:
+        """Rows of a draw every client trains against (FedIT's shared ``A``, FFA-LoRA's frozen one):
+        the largest client rank; each client keeps its leading rows."""
+        return max(self.client_ranks(num_clients))
+
     def settings(self, client: int, num_clients: int) -> AdapterConfig:
         """Client ``client``'s adapter: its one rank, its alpha resolved."""
         r = self.rank_of(client, num_clients)
@@ -689,7 +698,7 @@ class FloristConfig:
                 "into their base, so they hold no global adapter to cap"
             )
         n = self.federation.num_clients
-        if rules.needs_init and len({self.lora.rank_of(k, n) for k in range(n)}) > 1:
+        if rules.needs_init and len(set(self.lora.client_ranks(n))) > 1:
             raise ConfigError(
                 f"{self.aggregation.method!r} trains one r x r core shared by every client: "
                 "give every client one rank (lora.ranks = [r])"
@@ -730,7 +739,7 @@ class FloristConfig:
                 f"needs only the sum of the clients' changes), not yet for {method!r}"
             )
         n = self.federation.num_clients
-        if method in ("ffa", "fedsvd", "fedit") and len({self.lora.rank_of(k, n) for k in range(n)}) > 1:
+        if method in ("ffa", "fedsvd", "fedit") and len(set(self.lora.client_ranks(n))) > 1:
             raise ConfigError(f"privacy.mode = 'client' with {method!r} needs one rank for every client")
         if self.aggregation.clip != "none":
             raise ConfigError(

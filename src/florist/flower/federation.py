@@ -68,7 +68,7 @@ class Federation:
     def preflight(self) -> None:
         """Refuse a configuration whose messages cannot fit under federation.max_message_mb."""
         fed, agg, n = self.cfg.federation, self.cfg.aggregation, self.cfg.federation.num_clients
-        ranks = [self.cfg.lora.rank_of(k, n) for k in range(n)]
+        ranks = self.cfg.lora.client_ranks(n)
         est = estimate(agg.method, self.expected, ranks, agg.rank, agg.budget_mb, wire_bytes(fed.wire_dtype))
         warning = check_estimate(est, agg.method, fed.max_message_mb, n)
         if warning:

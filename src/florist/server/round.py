@@ -88,10 +88,10 @@ def private_round(
     """Client-level DP (``florist.privacy.client_level``): the aggregator sees only the noised mean of
     the clipped changes, one update carrying its noise level; no client is left out after the noise
     (the mechanism's output is released as it is, or, when the aggregate is not finite, the round is
-    skipped). A round no update
-    reached (an empty Poisson sample, or every sampled client silent) releases the noise alone, as
-    the mechanism the accountant analyses does: skipping it would tell that the sample was empty.
-    That needs the modules' ``shapes``; without them (no server model) the round is skipped."""
+    skipped). A round no update reached (an empty Poisson sample, or every sampled client silent)
+    releases the noise alone, as the mechanism the accountant analyses does: skipping it would tell
+    that the sample was empty. That needs the modules' ``shapes``; without them (no server model)
+    the round is skipped."""
     if not deltas and shapes is None:
         return RoundOutcome(None, [])
     acc = cfg.accountant()
@@ -125,7 +125,7 @@ def shared_draw(
     uploads are (so an unchanged entry is no change). FFA-LoRA, FedSVD (A never sent): the frozen
     draw the server knows (``ClientRules.upload_a``), exactly as the clients hold it. ``shapes``:
     ``(m, r, n)`` per module (``drawn_shapes``)."""
-    seed, rows = cfg.federation.seed, max_rank(cfg)
+    seed, rows = cfg.federation.seed, cfg.lora.shared_rank(cfg.federation.num_clients)
     start = {}
     for name, (m, r, n) in shapes.items():
         if not rules.uploads_a:
@@ -138,11 +138,6 @@ def shared_draw(
     return start
 
 
-def max_rank(cfg: FloristConfig) -> int:
-    n_clients = cfg.federation.num_clients
-    return max(cfg.lora.rank_of(k, n_clients) for k in range(n_clients))
-
-
 def drawn_shapes(
     cfg: FloristConfig, updates: Sequence[ClientUpdate], shapes: Mapping[str, tuple[int, int]] | None = None
 ) -> dict[str, tuple[int, int, int]]:
@@ -151,7 +146,7 @@ def drawn_shapes(
     if updates:
         return {name: (f.B.shape[0], f.A.shape[0], f.A.shape[1]) for name, f in updates[0].modules.items()}
     assert shapes is not None
-    return {name: (m, max_rank(cfg), n) for name, (m, n) in shapes.items()}
+    return {name: (m, cfg.lora.shared_rank(cfg.federation.num_clients), n) for name, (m, n) in shapes.items()}
 
 
 def round_deltas(
