@@ -318,7 +318,9 @@ def test_error_feedback_resumes_mid_run_as_if_never_stopped(tmp_path: Path) -> N
     assert plain[0]["eval"] == whole[0]["eval"] and plain[1]["eval"] != whole[1]["eval"]  # round 2 on
 
 
-def stop_after_two_rounds_and_resume(cfg: Any, score: Any, folder: Path) -> list[dict[str, Any]]:
+def stop_after_two_rounds_and_resume(
+    cfg: Any, score: Any, folder: Path, live_clients: int = 100
+) -> list[dict[str, Any]]:
     """A 3-round ``run_variant`` stopped while scoring round 3 (its round-2 checkpoint on disk), then
     run again from ``folder``: the records of the resumed run."""
     from florist.studies.simulate import run_variant
@@ -331,8 +333,8 @@ def stop_after_two_rounds_and_resume(cfg: Any, score: Any, folder: Path) -> list
         return score(m, t)  # type: ignore[no-any-return]
 
     with pytest.raises(KeyboardInterrupt):
-        run_variant(cfg, stopping, checkpoint=folder)
-    return run_variant(cfg, score, checkpoint=folder)
+        run_variant(cfg, stopping, checkpoint=folder, live_clients=live_clients)
+    return run_variant(cfg, score, checkpoint=folder, live_clients=live_clients)
 
 
 @pytest.mark.parametrize(("method", "extra"), [("florist", ["federation.uplink_tau=0.9"]), ("fedsb", [])])
@@ -375,6 +377,41 @@ def test_a_sampled_federation_trains_the_sampled_clients_and_rebuilt_clients_are
         assert a.get("round_error_untruncated") == b.get("round_error_untruncated"), a["round"]
     assert ("round_error_untruncated" in dropped[-1]) == bool(extra)
     assert dropped[0]["eval"] != dropped[2]["eval"]  # it trains
+
+
+@pytest.mark.parametrize("method", ["florist", "ffa"])
+def test_rebuilt_clients_under_client_level_dp_and_a_resume_match_the_run_that_keeps_them(
+    tmp_path: Path, method: str
+) -> None:
+    """The privacy study's client-level cells: a Poisson-sampled federation under client-level DP
+    whose clients are built one at a time (``live_clients`` 0), stopped after round 2 and resumed
+    from its checkpoint, gives every round's noised aggregate, rank and score of the uninterrupted
+    run that keeps every client alive (the noise from ``privacy.noise_seed``, FFA-LoRA's frozen A
+    rebuilt by every new client)."""
+    from florist.config import load_config
+    from florist.studies import simulate
+
+    model = save_tiny_model(tmp_path / "tiny")
+    cfg = load_config(None, [f"model.name={str(model)!r}", "data.skills_train=24", "data.skills_test=2",
+                             "data.split='iid'", "eval.mmlu=none", "federation.num_clients=8",
+                             "federation.fraction=0.5", "federation.rounds=3", "train.steps=1",
+                             "train.batch_size=2", "lora.ranks=[4]", f"aggregation.method={method!r}",
+                             "lora.warm_start=false", "privacy.mode='client'", "privacy.noise_multiplier=0.5",
+                             "privacy.clip=0.5", "privacy.noise_seed=11", "privacy.delta=1e-3",
+                             *(["aggregation.rank_policy='noise'", "aggregation.tau=none"]
+                               if method == "florist" else [])])  # fmt: skip
+
+    def score(m: Any, t: object) -> dict[str, float]:
+        return {"norm": sum(float(p.detach().double().square().sum()) for p in m.parameters())}
+
+    resumed = stop_after_two_rounds_and_resume(cfg, score, tmp_path / "ckpt", live_clients=0)
+    kept = simulate.run_variant(cfg, score, live_clients=100)
+    sampled = [sorted(r["train_tokens"]) for r in kept]
+    assert [sorted(r["train_tokens"]) for r in resumed] == sampled and len({len(s) for s in sampled}) > 1
+    for a, b in zip(resumed, kept, strict=True):
+        for key in ("eval", "ranks", "epsilon", "bytes_up", "bytes_down"):
+            assert a[key] == b[key], (a["round"], key)
+    assert kept[0]["eval"] != kept[2]["eval"]  # it trains
 
 
 def test_the_skills_task_scores_exact_match_per_skill(tmp_path: Path) -> None:
