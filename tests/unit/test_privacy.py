@@ -180,6 +180,23 @@ def test_a_target_epsilon_calibrates_the_noise() -> None:
     assert make_aggregator("florist").name == "florist"
 
 
+def test_the_calibration_and_the_epsilons_are_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server asks for the accountant every round: the second time, no RDP curve is computed
+    again (a calibration is tens of curves), and the answers are the same numbers."""
+    from opacus.accountants.analysis import rdp
+
+    real, calls = rdp.compute_rdp, []
+    monkeypatch.setattr(rdp, "compute_rdp", lambda **kw: calls.append(kw) or real(**kw))
+    cfg = load_config(None, ["privacy.mode='client'", "privacy.target_epsilon=6.5", "federation.rounds=7",
+                             "federation.num_clients=10", "federation.fraction=0.3"])  # fmt: skip
+    first = cfg.accountant()
+    assert first is not None and len(calls) > 5  # the bisection ran
+    eps = first.epsilon(4)
+    done = len(calls)
+    again = cfg.accountant()
+    assert again == first and again.epsilon(4) == eps and len(calls) == done
+
+
 def test_factor_dp_is_the_start_plus_the_noised_mean_of_clipped_b_changes() -> None:
     """FFA-LoRA / FedSVD: the changes of B from the global the round began at, clipped over all
     modules, averaged with N(0, sigma^2 C^2) / m noise, added back to the start (dense reference)."""

@@ -13,6 +13,7 @@ and gets q = 1; so does every client in every round.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -33,23 +34,32 @@ class Accountant:
     def epsilon(self, rounds: int) -> float:
         """The (epsilon, delta) guarantee after ``rounds`` rounds (and the ``first`` releases); 0 before
         any, inf without noise."""
-        if rounds <= 0 and self.first == 0:
-            return 0.0
-        if self.sigma <= 0:
-            return math.inf
-        from opacus.accountants.analysis import rdp
-
-        with warnings.catch_warnings():  # opacus warns when the best order is at the grid's edge
-            warnings.simplefilter("ignore")
-            curve = 0.0
-            for q, steps in ((self.q, max(rounds, 0)), (1.0, self.first)):
-                if steps:  # RDP composes by adding the curves
-                    curve = curve + rdp.compute_rdp(q=q, noise_multiplier=self.sigma, steps=steps,
-                                                    orders=list(ORDERS))  # fmt: skip
-            eps, _ = rdp.get_privacy_spent(orders=list(ORDERS), rdp=curve, delta=self.delta)
-        return float(eps)
+        return spent(self.sigma, self.q, self.delta, self.first, rounds)
 
 
+@functools.lru_cache(maxsize=4096)
+def spent(sigma: float, q: float, delta: float, first: int, rounds: int) -> float:
+    """``Accountant(sigma, q, delta, first).epsilon(rounds)``, remembered: the server asks every round
+    and a calibration asks tens of times, each an RDP curve over ``ORDERS`` (seconds at fractional
+    orders); the answer is a pure function of the numbers."""
+    if rounds <= 0 and first == 0:
+        return 0.0
+    if sigma <= 0:
+        return math.inf
+    from opacus.accountants.analysis import rdp
+
+    with warnings.catch_warnings():  # opacus warns when the best order is at the grid's edge
+        warnings.simplefilter("ignore")
+        curve = 0.0
+        for rate, steps in ((q, max(rounds, 0)), (1.0, first)):
+            if steps:  # RDP composes by adding the curves
+                curve = curve + rdp.compute_rdp(q=rate, noise_multiplier=sigma, steps=steps,
+                                                orders=list(ORDERS))  # fmt: skip
+        eps, _ = rdp.get_privacy_spent(orders=list(ORDERS), rdp=curve, delta=delta)
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=256)
 def noise_for(target_epsilon: float, delta: float, q: float, rounds: int, first: int = 0) -> float:
     """The smallest noise multiplier (to 0.01) whose ``rounds`` rounds at rate ``q`` (after ``first``
     at rate 1) stay within ``target_epsilon`` at ``delta`` (a bisection on ``Accountant.epsilon``)."""
