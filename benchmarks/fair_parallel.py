@@ -132,12 +132,19 @@ def skills_command(args: argparse.Namespace, variants: list[str]) -> list[str]:
 
 
 def run_stage(args: argparse.Namespace, jobs: list[tuple[int, str, str]], deadline: float) -> None:
-    """(seed, setting, variant) jobs on ``args.workers`` processes, round-robin, until done or deadline."""
+    """(seed, setting, variant) jobs on ``args.workers`` processes, round-robin, until done or deadline.
+
+    A job that any worker already finished (in the merged results) is left out, and a job's worker is
+    its place in the whole list, so a rerun sends a half-done variant to the worker (and the cache)
+    that holds its checkpoints, whatever finished in between."""
     if past(args, deadline):
         return
+    merged = merge(args)
+    rounds = rounds_of(args)
     groups: dict[tuple[int, str, int], list[str]] = {}
     for i, (seed, setting, variant) in enumerate(jobs):
-        groups.setdefault((seed, setting, i % args.workers), []).append(variant)
+        if variant not in finished({seed: merged.get(seed, {})}, setting, rounds):
+            groups.setdefault((seed, setting, i % args.workers), []).append(variant)
     queue = list(groups.items())
     running: list[tuple[subprocess.Popen[bytes], Any]] = []
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 2) // args.workers))
@@ -162,6 +169,15 @@ def run_stage(args: argparse.Namespace, jobs: list[tuple[int, str, str]], deadli
                 item[1].close()
                 running.remove(item)
                 print(f"a worker ended with {item[0].returncode}", flush=True)
+
+
+def rounds_of(args: argparse.Namespace) -> int:
+    """The rounds every variant runs: 10, or a ``federation.rounds=`` override's."""
+    rounds = 10
+    for o in args.overrides:
+        if o.startswith("federation.rounds="):
+            rounds = int(o.split("=")[1])
+    return rounds
 
 
 def past(args: argparse.Namespace, deadline: float) -> bool:
@@ -227,10 +243,7 @@ def main() -> None:
     args = p.parse_args()
     deadline = time.time() + args.deadline
     (args.out / "work").mkdir(parents=True, exist_ok=True)
-    rounds = 10
-    for o in args.overrides:
-        if o.startswith("federation.rounds="):
-            rounds = int(o.split("=")[1])
+    rounds = rounds_of(args)
     names = [n for n in args.names.split(",") if n]
     if args.stage in ("all", "select"):
         run_stage(args, [(0, "homogeneous", v) for v in names], deadline)
