@@ -12,7 +12,9 @@ with its own output and cache folder under ``OUT/work/`` (so they never write th
 ``results.json`` are merged into ``OUT/seed-S/results.json`` and ``florist.studies.fair`` writes
 ``OUT/fair.md``, ``fair.json`` and the curves. Every bench checkpoints each round, so the same
 command continues a killed run (finished variants are skipped, a half-done one resumes at its last
-round). On a 2-core CPU use one worker; on a GPU host several share the GPU.
+round). On a 2-core CPU run two workers of one thread each (``OMP_NUM_THREADS=1``); on a GPU host
+several share the GPU. Keep ``--workers`` the same on every rerun: a job's worker (and the cache
+holding its checkpoints) is its place in its (seed, setting)'s list.
 
 The regime (``REGIME``): the packaged paper_cpu.toml (8 Dolly clients, q/v, shared init, lr 1e-3,
 batch 4, max length 256, bf16 training, fp32 scoring), 10 rows per category withheld for validation,
@@ -135,14 +137,17 @@ def run_stage(args: argparse.Namespace, jobs: list[tuple[int, str, str]], deadli
     """(seed, setting, variant) jobs on ``args.workers`` processes, round-robin, until done or deadline.
 
     A job that any worker already finished (in the merged results) is left out, and a job's worker is
-    its place in the whole list, so a rerun sends a half-done variant to the worker (and the cache)
-    that holds its checkpoints, whatever finished in between."""
+    its place among the jobs of its (seed, setting), so a rerun sends a half-done variant to the
+    worker (and the cache) that holds its checkpoints, whatever finished in between and whichever
+    settings the stage holds."""
     if past(args, deadline):
         return
     merged = merge(args)
     rounds = rounds_of(args)
     groups: dict[tuple[int, str, int], list[str]] = {}
-    for i, (seed, setting, variant) in enumerate(jobs):
+    place: dict[tuple[int, str], int] = {}
+    for seed, setting, variant in jobs:
+        i = place[(seed, setting)] = place.get((seed, setting), -1) + 1
         if variant not in finished({seed: merged.get(seed, {})}, setting, rounds):
             groups.setdefault((seed, setting, i % args.workers), []).append(variant)
     queue = list(groups.items())
