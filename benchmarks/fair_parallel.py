@@ -1,6 +1,6 @@
 """The fair headline's grid run as several ``florist bench`` processes at once (a GPU host), then merged.
 
-    .venv/bin/python benchmarks/fair_parallel.py --out docs/results/fair --workers 1 [--deadline 0] [k=v ...]
+    .venv/bin/python benchmarks/fair_parallel.py --out docs/results/fair --workers 2 [--deadline 0] [k=v ...]
 
 Stage 1 runs every candidate configuration of every method (``CANDIDATES``) in both rank settings
 with training seed 0; stage 2 runs the configuration each of the ``TOP`` methods chose on validation
@@ -146,9 +146,12 @@ def run_stage(args: argparse.Namespace, jobs: list[tuple[int, str, str]], deadli
     rounds = rounds_of(args)
     groups: dict[tuple[int, str, int], list[str]] = {}
     place: dict[tuple[int, str], int] = {}
+    done = {
+        (seed, setting): finished({seed: merged.get(seed, {})}, setting, rounds) for seed, setting, _ in jobs
+    }
     for seed, setting, variant in jobs:
         i = place[(seed, setting)] = place.get((seed, setting), -1) + 1
-        if variant not in finished({seed: merged.get(seed, {})}, setting, rounds):
+        if variant not in done[(seed, setting)]:
             groups.setdefault((seed, setting, i % args.workers), []).append(variant)
     queue = list(groups.items())
     running: list[tuple[subprocess.Popen[bytes], Any]] = []
