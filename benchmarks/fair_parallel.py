@@ -4,7 +4,7 @@
 
 Stage 1 runs every candidate configuration of every method (``CANDIDATES``) in both rank settings
 with training seed 0; stage 2 runs the configuration each of the ``TOP`` methods chose on validation
-(``florist.studies.fair.choose``) with the seeds ``--more-seeds``; stage ``skills`` runs those
+(``florist.studies.fair.chosen``) with the seeds ``--more-seeds``; stage ``skills`` runs those
 homogeneous choices once on the second task (``SKILLS_REGIME``: the skills set, one skill per client,
 exact match; ``OUT/skills/skills.md``). Each stage's (setting, variant)
 jobs go round-robin to ``--workers`` processes, each a plain ``florist bench --seeds S --variants ...``
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from florist.fsutil import write_json_atomic
-from florist.studies.fair import choose, family, finished, frontier, write_fair_report, write_skills_report
+from florist.studies.fair import chosen, family, finished, frontier, write_fair_report, write_skills_report
 
 REGIME = ("data.validation_per_label=10", "federation.rounds=10", "train.steps=8")
 # stage 2 reruns these methods' validation choices with more seeds; the skills task runs them too
@@ -263,27 +263,27 @@ def main() -> None:
             print(f"heterogeneous candidates (the homogeneous frontier): {carried}", flush=True)
             run_stage(args, [(0, "heterogeneous", v) for v in carried], deadline)
     per_seed = merge(args)
-    first = {0: per_seed[0]} if 0 in per_seed else {}  # the choice is seed 0's, whatever seeds came after
-    chosen = {s: sorted(v for f, v in choose(first, s, rounds)[0].items() if f in SEEDED) for s in SETTINGS}
+    first = {0: per_seed[0]} if 0 in per_seed else {}  # the choice is seed 0's (``chosen``)
+    picks = {s: sorted(v for f, v in chosen(first, s, rounds).items() if f in SEEDED) for s in SETTINGS}
     ready = []  # the settings whose stage-1 candidates have all finished (heterogeneous: after homogeneous)
     for s in SETTINGS:
         if unfinished(first, s, stage_one(first, s, names, rounds), rounds):
             break
         ready.append(s)
     if args.stage in ("all", "seeds") and 0 in per_seed:
-        print(f"chosen on validation (seed 0), rerun with seeds {args.more_seeds}: {chosen}; "
+        print(f"chosen on validation (seed 0), rerun with seeds {args.more_seeds}: {picks}; "
               f"settings whose candidates have all finished: {ready}", flush=True)  # fmt: skip
         seeds = [int(x) for x in args.more_seeds.split(",") if x]
-        run_stage(args, [(seed, s, v) for seed in seeds for s in ready for v in chosen[s]], deadline)
+        run_stage(args, [(seed, s, v) for seed in seeds for s in ready for v in picks[s]], deadline)
         merge(args)
     if args.stage in ("all", "skills"):
-        chosen["homogeneous"] = [v for v in chosen["homogeneous"] if family(v) in TOP]
-        if "homogeneous" not in ready or len(chosen["homogeneous"]) < len(TOP):
+        picks["homogeneous"] = [v for v in picks["homogeneous"] if family(v) in TOP]
+        if "homogeneous" not in ready or len(picks["homogeneous"]) < len(TOP):
             print(
-                f"skills task: waits for every top method's choice, have {chosen['homogeneous']}", flush=True
+                f"skills task: waits for every top method's choice, have {picks['homogeneous']}", flush=True
             )
         else:
-            cmd = skills_command(args, chosen["homogeneous"])
+            cmd = skills_command(args, picks["homogeneous"])
             code = run_until(cmd, args.out / "work" / "skills.log", args, deadline)
             if code == 0:
                 write_skills_report(args.out / "skills")

@@ -3,7 +3,9 @@ unless another of the same method had both a lower validation loss and fewer byt
 
 from __future__ import annotations
 
-from florist.studies.fair import frontier
+import pytest
+
+from florist.studies.fair import choose, chosen, frontier, setting_report
 from tests.unit.test_fair_ladder import _variant
 
 
@@ -25,3 +27,23 @@ def test_a_configuration_is_dropped_only_when_one_of_its_method_beats_it_on_loss
         "FLoRIST tau=0.90 +all +orth", "FLoRIST tau=0.90 +bf16 +orth +acc",
         "FedIT +bf16", "FlexLoRA +bf16 +uplink",
     ]  # fmt: skip
+
+
+def test_the_choice_is_the_first_seeds_and_later_seeds_do_not_re_decide_it() -> None:
+    # seed 0 chooses +acc (validation 0.00 against 0.01); seeds 1 and 2 rerun only +acc and find it worse
+    # (0.03), so over the seeds each finished +acc's mean (0.02) is above +all's seed-0 value (0.01): a
+    # choice re-decided on those means would swap a three-seed configuration for a one-seed one
+    acc, plain, base = "FLoRIST tau=0.90 +all +orth +acc", "FLoRIST tau=0.90 +all +orth", "FedIT +bf16"
+    per_seed = {
+        0: {"homogeneous": {acc: _variant(0.0, 0.0, 0.0, 100), plain: _variant(0.01, 0.0, 0.0, 100),
+                            base: _variant(0.02, 0.0, 0.0, 300)}},
+        1: {"homogeneous": {acc: _variant(0.03, 0.0, 0.0, 100), base: _variant(0.02, 0.0, 0.0, 300)}},
+        2: {"homogeneous": {acc: _variant(0.03, 0.0, 0.0, 100), base: _variant(0.02, 0.0, 0.0, 300)}},
+    }  # fmt: skip
+    assert choose(per_seed, "homogeneous", rounds=2)[0]["FLoRIST"] == plain  # what the means alone would pick
+    assert chosen(per_seed, "homogeneous", rounds=2) == {"FLoRIST": acc, "FedIT": base}
+    report = setting_report(per_seed, "homogeneous", rounds=2)
+    assert report["chosen"]["FLoRIST"] == acc
+    row = next(r for r in report["rows"] if r["family"] == "FLoRIST")
+    assert row["seeds"] == [0, 1, 2] and row["validation_loss"] == pytest.approx(report["validation"][acc])
+    assert chosen({}, "homogeneous", rounds=2) == {}
