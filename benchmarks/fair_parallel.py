@@ -6,9 +6,10 @@ Stage 1 runs every candidate configuration of every method (``CANDIDATES``) in b
 with training seed 0; stage 2 runs the configuration each of the ``TOP`` methods chose on validation
 (``florist.studies.fair.chosen``) with the seeds ``--more-seeds``; stage ``skills`` runs those
 homogeneous choices once on the second task (``SKILLS_REGIME``: the skills set, one skill per client,
-exact match; ``OUT/skills/skills.md``). Each stage's (setting, variant)
-jobs go round-robin to ``--workers`` processes, each a plain ``florist bench --seeds S --variants ...``
-with its own output and cache folder under ``OUT/work/`` (so they never write the same file); their
+exact match; ``OUT/skills/skills.md``). Each stage's (seed, setting, variant)
+jobs run ``--workers`` at a time, each a plain ``florist bench --seeds S --variants V`` writing into
+its worker's output and cache folder under ``OUT/work/`` (one process per folder at a time, so they
+never write the same file; the seeds stage starts FLoRIST's and the best baseline's jobs first); their
 ``results.json`` are merged into ``OUT/seed-S/results.json`` and ``florist.studies.fair`` writes
 ``OUT/fair.md``, ``fair.json`` and the curves. Every bench checkpoints each round, so the same
 command continues a killed run (finished variants are skipped, a half-done one resumes at its last
@@ -33,7 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from florist.fsutil import write_json_atomic
-from florist.studies.fair import chosen, family, finished, frontier, write_fair_report, write_skills_report
+from florist.studies.fair import (
+    OURS,
+    choose,
+    chosen,
+    family,
+    finished,
+    frontier,
+    write_fair_report,
+    write_skills_report,
+)
 
 REGIME = ("data.validation_per_label=10", "federation.rounds=10", "train.steps=8")
 # stage 2 reruns these methods' validation choices with more seeds; the skills task runs them too
@@ -108,6 +118,14 @@ def unfinished(first: dict[int, Any], setting: str, names: list[str], rounds: in
     return [v for v in names if v not in done]
 
 
+def seeding_order(first: dict[int, Any], setting: str, rounds: int) -> list[str]:
+    """The ``SEEDED`` methods' choices in ``setting`` (``florist.studies.fair.chosen``), in the order
+    their seeds run: FLoRIST's first, then by seed 0's validation loss, the best baseline leading."""
+    picks = {f: v for f, v in chosen(first, setting, rounds).items() if f in SEEDED}
+    loss = choose(first, setting, rounds)[1]
+    return sorted(picks.values(), key=lambda v: (family(v) != OURS, loss[v], v))
+
+
 def bench_command(
     args: argparse.Namespace, seed: int, setting: str, variants: list[str], worker: str
 ) -> list[str]:
@@ -134,42 +152,52 @@ def skills_command(args: argparse.Namespace, variants: list[str]) -> list[str]:
 
 
 def run_stage(args: argparse.Namespace, jobs: list[tuple[int, str, str]], deadline: float) -> None:
-    """(seed, setting, variant) jobs on ``args.workers`` processes, round-robin, until done or deadline.
+    """(seed, setting, variant) jobs, one ``florist bench`` process each, at most ``args.workers`` at a
+    time, until done or deadline.
 
-    A job that any worker already finished (in the merged results) is left out, and a job's worker is
-    its place among the jobs of its (seed, setting), so a rerun sends a half-done variant to the
-    worker (and the cache) that holds its checkpoints, whatever finished in between and whichever
-    settings the stage holds."""
+    A job's worker (its output and cache folder) is its place among the jobs of its (seed, setting),
+    modulo ``--workers``, so a rerun sends a half-done variant to the worker whose cache holds its
+    checkpoints, whatever finished in between and whichever settings the stage holds; a job that any
+    worker already finished (in the merged results) is left out. Jobs start in the order of their
+    place, then setting, then seed, so the first of each (seed, setting)'s list (the seeds stage lists
+    FLoRIST and the best baseline first) finish in every setting and seed before the rest; never two
+    processes write one (worker, seed) folder at once."""
     if past(args, deadline):
         return
     merged = merge(args)
     rounds = rounds_of(args)
-    groups: dict[tuple[int, str, int], list[str]] = {}
     place: dict[tuple[int, str], int] = {}
     done = {
         (seed, setting): finished({seed: merged.get(seed, {})}, setting, rounds) for seed, setting, _ in jobs
     }
+    queue: list[tuple[int, int, str, int, str]] = []  # (place, seed, setting, worker, variant)
     for seed, setting, variant in jobs:
         i = place[(seed, setting)] = place.get((seed, setting), -1) + 1
         if variant not in done[(seed, setting)]:
-            groups.setdefault((seed, setting, i % args.workers), []).append(variant)
-    queue = list(groups.items())
-    running: list[tuple[subprocess.Popen[bytes], Any]] = []
+            queue.append((i, seed, setting, i % args.workers, variant))
+    queue.sort(key=lambda j: (j[0], SETTINGS.index(j[2]) if j[2] in SETTINGS else len(SETTINGS), j[1]))
+    running: list[tuple[subprocess.Popen[bytes], Any, tuple[int, str, int]]] = []
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 2) // args.workers))
     env = os.environ | {
         "OMP_NUM_THREADS": threads
     }  # a given OMP_NUM_THREADS wins (another study shares the cores)
     while queue or running:
-        while queue and len(running) < args.workers:
-            (seed, setting, w), variants = queue.pop(0)
+        while len(running) < args.workers:
+            busy = {key for _, _, key in running}
+            job = next((j for j in queue if (j[1], j[2], j[3]) not in busy), None)
+            if job is None:
+                break
+            queue.remove(job)
+            _, seed, setting, w, variant = job
             worker = f"w{w}-{setting}"
             log = (args.out / "work" / f"{worker}-seed-{seed}.log").open("ab")
-            cmd = bench_command(args, seed, setting, variants, worker)
-            print(f"start {worker} seed {seed}: {variants}", flush=True)
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            cmd = bench_command(args, seed, setting, [variant], worker)
+            print(f"start {worker} seed {seed}: {variant}", flush=True)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((proc, log, (seed, setting, w)))
         time.sleep(2)
         if past(args, deadline):
-            for proc, _ in running:
+            for proc, _, _ in running:
                 proc.terminate()
             queue.clear()
         for item in list(running):
@@ -264,7 +292,7 @@ def main() -> None:
             run_stage(args, [(0, "heterogeneous", v) for v in carried], deadline)
     per_seed = merge(args)
     first = {0: per_seed[0]} if 0 in per_seed else {}  # the choice is seed 0's (``chosen``)
-    picks = {s: sorted(v for f, v in chosen(first, s, rounds).items() if f in SEEDED) for s in SETTINGS}
+    picks = {s: seeding_order(first, s, rounds) for s in SETTINGS}
     ready = []  # the settings whose stage-1 candidates have all finished (heterogeneous: after homogeneous)
     for s in SETTINGS:
         if unfinished(first, s, stage_one(first, s, names, rounds), rounds):
