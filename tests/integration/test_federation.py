@@ -193,6 +193,44 @@ def test_protocol_options_under_flower_keep_clients_and_server_in_step(
                                      for r in full.values())  # fmt: skip  # tau_up = 0.9 cut some rank
 
 
+def test_demo_configuration_under_flower_carries_the_cut_and_keeps_clients_in_step(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """``florist demo``'s FLoRIST (tau 0.9, warm start from the accumulated update, error feedback,
+    uplink thresholding, bf16 wire) under Flower, a client skipping a round: each round's global
+    update equals the offline aggregate of the round deltas the run saved *plus the tail the previous
+    round's cut left out*, every client ends on the server's weights bitwise, and the carried tail is
+    large enough that a runtime which dropped it would fail the comparison."""
+    opts = ("lora.warm_start=true", "lora.warm_from='accumulated'", "aggregation.error_feedback=true",
+            "federation.uplink_tau=0.9", "federation.wire_dtype='bfloat16'")  # fmt: skip
+    cfg = tiny_run_config(model_dir, tmp_path, "demo-options", "aggregation.method='florist'", "aggregation.tau=0.9",
+                          "federation.rounds=3", "federation.participation=[[0, 1], [0, 2], [0, 1, 2]]", *opts)  # fmt: skip
+    summary = run_simulation(cfg)
+    run = Path(summary["run_dir"])
+    sync = summary["sync"]
+    assert set(sync["digests"].values()) == {sync["server_digest"]}, "a client's merged weights differ"
+    carry, carried = None, 0.0
+    for r in records(run)[1:]:
+        round_dir = run / "rounds" / f"round-{r['round']:03d}"
+        updates = []
+        for d in sorted((round_dir / "clients").iterdir()):
+            n = json.loads((d / "florist.json").read_text())["num_examples"]
+            updates.append(read_adapter(d).to_update(d.name, n))
+        result = replace(cfg.aggregator(), carry=carry).aggregate(updates)
+        without = cfg.aggregator().aggregate(updates).global_update
+        got = adapter_deltas(round_dir / "adapter")
+        for name, f in result.global_update.items():  # the download is bf16-rounded
+            want = f.delta(torch.float64)
+            rel = float((got[name] - want).norm() / want.norm())
+            assert rel < 2**-6, (r["round"], name, rel)
+            if carry is not None:
+                gap = without[name].delta(torch.float64) - want
+                carried = max(carried, float(gap.norm() / want.norm()))
+        assert result.residual, f"round {r['round']}: tau 0.9 cut nothing, so nothing is carried"
+        carry = result.residual
+    assert carried > 2**-4, carried  # the tail moved some round's update far beyond bf16 rounding
+
+
 def test_fedsb_round_zero_basis_once_cores_after_and_resume(model_dir: Path, tmp_path: Path) -> None:
     """Fed-SB under Flower, client 1 skipping round 2 and client 2 joining late: round 0's gradients
     are counted in round 1, the basis goes to each client once (client 2 gets it in round 2), every
