@@ -94,7 +94,7 @@ def test_a_run_beyond_its_privacy_budget_is_refused_before_it_starts(
 ) -> None:
     args = ["run", "demo", f"model.name={str(llama)!r}", f"run.dir={str(tmp_path / 'runs')!r}",
             "privacy.mode='client'", "privacy.noise_multiplier=0.3", "privacy.target_epsilon=1.0",
-            "lora.warm_start=false", "privacy.delta=1e-3"]  # fmt: skip
+            "lora.warm_start=false", "lora.warm_from='last'", "privacy.delta=1e-3"]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert (

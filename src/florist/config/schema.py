@@ -231,7 +231,10 @@ class AdapterConfig:
         if self.warm_from not in WARM_FROM:
             raise ConfigError(f"lora.warm_from must be one of {list(WARM_FROM)}, got {self.warm_from!r}")
         if self.warm_from != "last" and not self.warm_start:
-            raise ConfigError(f"lora.warm_from = {self.warm_from!r} needs lora.warm_start = true")
+            raise ConfigError(
+                f"lora.warm_from = {self.warm_from!r} needs lora.warm_start = true; without warm start set "
+                "lora.warm_from = 'last'"
+            )
         if self.alpha is not None:
             _positive("lora.alpha", self.alpha)
         _positive("lora.alpha_ratio", self.alpha_ratio)
