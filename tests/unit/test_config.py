@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import florist
+from florist.aggregation import available
 from florist.cli import main
 from florist.config import load_config, to_toml
 from florist.config.loader import from_flower_run_config
@@ -74,8 +76,38 @@ def test_bad_values_are_named(override: str, message: str) -> None:
 
 
 def test_tau_with_a_method_that_has_no_rank_policy_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"apply to --method florist, not 'fedit'"):
+    with pytest.raises(ConfigError, match=r"'fedit' does not take aggregation.tau \(florist's rank cut\)"):
         load_config(None, ["aggregation.method='fedit'", "aggregation.tau=0.9"])
+
+
+PACKAGED = sorted(p.stem for p in (Path(florist.__file__).parent / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("config", PACKAGED)
+@pytest.mark.parametrize("method", available())
+def test_a_packaged_config_switches_to_any_method_in_one_step(config: str, method: str) -> None:
+    """Switching a config written for one method to another is refused once, in one line naming every
+    key the method does not take, and the overrides that line gives are all it takes."""
+    switch = f"aggregation.method={method!r}"
+    try:
+        cfg = load_config(config, [switch])
+    except ConfigError as refused:
+        message = str(refused)
+        assert "\n" not in message and message.startswith(f"aggregation.method = {method!r} does not take ")
+        fixes = message.split("To run it, add: ")[1].split(" ")
+        cfg = load_config(config, [switch, *fixes])
+    cfg.aggregator()  # builds: nothing is left to refuse at build time either
+    assert cfg.aggregation.method == method
+
+
+def test_the_demo_switched_to_fedit_names_all_five_keys_at_once() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config("demo", ["aggregation.method='fedit'"])
+    fixes = str(refused.value).split("To run it, add: ")[1]
+    assert fixes == (
+        "aggregation.tau=none aggregation.error_feedback=false lora.warm_start=false lora.warm_from='last' "
+        "federation.uplink_tau=none"
+    )
 
 
 def test_missing_and_broken_files(tmp_path: Path) -> None:

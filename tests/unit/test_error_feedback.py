@@ -123,7 +123,7 @@ def test_the_server_round_carries_the_last_results_tail_and_the_checkpoint_keeps
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["aggregation.method='flora'"], "applies to method florist, not 'flora'"),
+        (["aggregation.method='flora'"], "'flora' does not take aggregation.error_feedback"),
         (["privacy.mode='client'", "privacy.noise_multiplier=1.0", "aggregation.rank_policy='noise'",
           "lora.warm_start=false"], "would carry the DP noise"),
     ],

@@ -165,7 +165,7 @@ def test_config_rules_for_a_quantized_base() -> None:
     assert load_config(None, ["model.quantization='nf4'", "aggregation.method='fedit'",
                               "aggregation.tau=none"]).held_updates() is None  # fmt: skip
     assert load_config(None, ["aggregation.method='florist'"]).held_updates() is None
-    with pytest.raises(ConfigError, match="gradient of the clients' base weights"):
+    with pytest.raises(ConfigError, match="gradient of the base weights"):
         load_config(None, ["model.quantization='nf4'", "aggregation.method='fedsb'", "aggregation.tau=none"])
     with pytest.raises(ConfigError, match="with model.quantization = 'none' they merge into it"):
         load_config(None, ["model.global_adapter_max_rank=8"])

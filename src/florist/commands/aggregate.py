@@ -70,6 +70,8 @@ def main(args: argparse.Namespace) -> None:
         method=args.method, tau=args.tau, rank=args.rank, budget_mb=args.budget_mb,
         min_rank=args.min_rank, max_rank=args.max_rank, dtype=args.dtype, basis=args.basis,
     )  # fmt: skip
+    if aggregation.misfits():  # before any input is read
+        raise ConfigError(f"--tau, --rank and --budget-mb apply to --method florist, not {args.method!r}")
     opts = AggregateJob(aggregation, args.weights, args.wire_dtype, args.overwrite)
     report = run_aggregate(args.dirs, args.out, opts)
     if args.json:

@@ -47,6 +47,24 @@ if TYPE_CHECKING:
 UPLINK_CUTS = ("adapter", "change")  # what uplink thresholding cuts (florist.client.local)
 
 
+@dataclass(frozen=True)
+class Misfit:
+    """A key a config sets that its aggregation method does not take: why not, and the override
+    (``section.key=value``) that turns it off."""
+
+    key: str
+    why: str
+    fix: str
+
+
+def refusal(method: str, misfits: Sequence[Misfit]) -> ConfigError:
+    """One error naming every key ``method`` does not take and every override that fixes them, so a
+    config written for one method (``florist demo``'s) is switched to another in one step."""
+    listed = "; ".join(f"{m.key} ({m.why})" for m in misfits)
+    fixes = " ".join(dict.fromkeys(m.fix for m in misfits))
+    return ConfigError(f"aggregation.method = {method!r} does not take {listed}. To run it, add: {fixes}")
+
+
 def _positive(key: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"{key} must be a positive finite number, got {value}")
@@ -466,13 +484,25 @@ class AggregationConfig:
             raise ConfigError(
                 f"aggregation.rank_policy must be one of {list(RANK_POLICIES)}, got {self.rank_policy!r}"
             )
-        if self.rank_policy == "noise" and not aggregator_class(self.method).rank_policy:
-            raise ConfigError(
-                f"aggregation.rank_policy = 'noise' applies to method florist, not {self.method!r}"
-            )
         if self.init_lr is not None and not (math.isfinite(self.init_lr) and self.init_lr > 0):
             raise ConfigError(f"aggregation.init_lr must be > 0, got {self.init_lr!r}")
-        self.aggregator_options()  # validates tau/rank/budget against the method
+        if not self.misfits():  # a whole config refuses every misfit at once (FloristConfig.misfits)
+            self.aggregator_options()  # validates tau/rank/budget_mb
+
+    def misfits(self) -> list[Misfit]:
+        """The keys of this section that its method does not take: florist's rank cut and carry."""
+        if aggregator_class(self.method).rank_policy:
+            return []
+        keys = [k for k in ("tau", "rank", "budget_mb") if getattr(self, k) is not None]
+        out = [Misfit(f"aggregation.{k}", "florist's rank cut", f"aggregation.{k}=none") for k in keys]
+        if self.error_feedback:
+            why = "florist's carry of what its rank cut leaves out"
+            out.append(Misfit("aggregation.error_feedback", why, "aggregation.error_feedback=false"))
+        if self.rank_policy == "noise":
+            out.append(
+                Misfit("aggregation.rank_policy", "florist's noise rule", "aggregation.rank_policy='auto'")
+            )
+        return out
 
     def policy(self) -> RankPolicy:
         """FLoRIST's rank policy: a fixed rank, a byte budget per client, or the energy threshold tau."""
@@ -506,10 +536,8 @@ class AggregationConfig:
                         "next round"
                     )
                 opts["feedback"] = True
-        elif (self.tau, self.rank, self.budget_mb) != (None, None, None):
-            raise ConfigError(f"--tau, --rank and --budget-mb apply to --method florist, not {self.method!r}")
-        elif self.error_feedback:
-            raise ConfigError(f"aggregation.error_feedback applies to method florist, not {self.method!r}")
+        elif misfits := self.misfits():
+            raise refusal(self.method, misfits)
         return opts
 
     def build(self, wire_dtype: str = "float32") -> Aggregator:
@@ -676,41 +704,44 @@ class FloristConfig:
             raise ConfigError("data.split = 'presplit' needs a folder source with one file per client")
 
     def _check_protocol_options(self) -> None:
-        """Warm start and uplink thresholding only fit methods whose math allows them."""
-        cls = aggregator_class(self.aggregation.method)
+        """Refuse, in one error, every key the method does not take (``misfits``)."""
+        if misfits := self.misfits():
+            raise refusal(self.aggregation.method, misfits)
+
+    def misfits(self) -> list[Misfit]:
+        """The keys this config sets that its aggregation method does not take: warm start and clipping
+        need a client that restarts from the merged model, uplink thresholding a server that multiplies
+        the factors, a global adapter cap a client that merges, Fed-SB a full-precision base and one
+        rank; florist's own keys florist (``AggregationConfig.misfits``)."""
+        method = self.aggregation.method
+        cls = aggregator_class(method)
         rules = protocol_of(cls.protocol)
+        out = self.aggregation.misfits()
         if self.lora.warm_start and not rules.fits_warm_start:
-            raise ConfigError(
-                f"lora.warm_start needs a merge-and-restart method (florist, flora); "
-                f"{self.aggregation.method!r} clients continue from their download already"
-            )
+            why = f"needs a merge-and-restart method, florist or flora: {method!r} clients continue already"
+            out.append(Misfit("lora.warm_start", why, "lora.warm_start=false"))
+            if self.lora.warm_from != "last":
+                out.append(Misfit("lora.warm_from", "it goes with lora.warm_start", "lora.warm_from='last'"))
         if self.aggregation.clip != "none" and not rules.fits_clip:
-            raise ConfigError(
-                f"aggregation.clip is not defined for {self.aggregation.method!r}: its clients' upload is "
-                "not their round's change (what they continued from is in it), and clipping scales the upload"
-            )
+            why = "its clients' upload holds what they continued from, not just their change"
+            out.append(Misfit("aggregation.clip", why, "aggregation.clip='none'"))
         if self.model.quantization != "none" and rules.needs_init:
-            raise ConfigError(
-                f"model.quantization = {self.model.quantization!r}: {self.aggregation.method!r} starts from "
-                "the gradient of the clients' base weights, which a quantized base does not have"
-            )
-        capped = self.model.global_adapter_max_rank is not None or self.model.global_adapter_tau < 1
-        if capped and not rules.merges:
-            raise ConfigError(
-                f"model.global_adapter_max_rank / _tau: {self.aggregation.method!r} clients never merge "
-                "into their base, so they hold no global adapter to cap"
-            )
-        n = self.federation.num_clients
-        if rules.needs_init and len(set(self.lora.client_ranks(n))) > 1:
-            raise ConfigError(
-                f"{self.aggregation.method!r} trains one r x r core shared by every client: "
-                "give every client one rank (lora.ranks = [r])"
-            )
+            why = "it starts from the gradient of the base weights, which a quantized base does not have"
+            out.append(Misfit("model.quantization", why, "model.quantization='none'"))
+        if not rules.merges:
+            why = "its clients never merge into their base, so they hold no global adapter to cap"
+            if self.model.global_adapter_max_rank is not None:
+                out.append(Misfit("model.global_adapter_max_rank", why, "model.global_adapter_max_rank=none"))
+            if self.model.global_adapter_tau < 1:
+                out.append(Misfit("model.global_adapter_tau", why, "model.global_adapter_tau=1.0"))
+        ranks = self.lora.client_ranks(self.federation.num_clients)
+        if rules.needs_init and len(set(ranks)) > 1:
+            why = "it trains one r x r core shared by every client: give every client one rank"
+            out.append(Misfit("unequal lora.ranks", why, f"lora.ranks=[{max(ranks)}]"))
         if self.federation.uplink_tau is not None and not cls.products_only:
-            raise ConfigError(
-                f"federation.uplink_tau needs a method that aggregates products B_k A_k (florist, flora, "
-                f"flexlora); {self.aggregation.method!r} uses the factors themselves"
-            )
+            why = "needs a server that multiplies B_k A_k (florist, flora, flexlora); it uses the factors"
+            out.append(Misfit("federation.uplink_tau", why, "federation.uplink_tau=none"))
+        return out
 
     def _check_privacy(self) -> None:
         p, method = self.privacy, self.aggregation.method
