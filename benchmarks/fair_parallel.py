@@ -68,7 +68,15 @@ CANDIDATES = {  # --extra-baselines specs and FLoRIST variant names, per the ben
         "fedsb+bf16",
         "fedsb+bf16+r64",
     ),
-    "florist": ("all+orth", "all+orth+chg", "bf16+orth", "bf16+orth+acc", "all+orth+ef", "all+orth+acc+ef"),
+    "florist": (
+        "all+orth",
+        "all+orth+chg",
+        "bf16+orth",
+        "bf16+orth+acc",
+        "all+orth+ef",
+        "all+orth+acc+ef",
+        "all+orth+acc+efr",
+    ),
 }
 NAMES = (
     "FedIT +bf16",
@@ -87,7 +95,8 @@ NAMES = (
     "FLoRA +bf16 +orth +acc",  # the ablation ladder's (florist.studies.fair.LADDER)
     "FLoRIST tau=0.90 +bf16 +orth +acc",
     "FLoRIST tau=0.90 +all +orth +acc +ef",  # the two remedies of the interim ladder together
-)
+    "FLoRIST tau=0.90 +all +orth +acc +efr",  # ... with the carry at the round's own rank: no more bytes
+)  # appended only: a name's place sets its worker, whose cache holds its checkpoints
 # Fed-SB trains one r x r core on every client: it has no heterogeneous-rank form (r 16 as the others'
 # LoRA, and r 64; its rank is chosen on validation like any option)
 HOMOGENEOUS_ONLY = ("Fed-SB +bf16", "Fed-SB +bf16 +r64")

@@ -73,6 +73,39 @@ def test_a_carried_tail_joins_the_next_aggregate_and_the_new_tail_is_what_the_cu
         assert p < min(SHAPES[name])  # the cut bites
 
 
+def _energy_rank(S: torch.Tensor, tau: float) -> int:
+    """The smallest p whose leading p singular values hold ``tau`` of the energy."""
+    share = torch.cumsum(S**2, 0) / (S**2).sum()
+    return int((share < tau).sum()) + 1
+
+
+def test_the_fresh_feedback_rank_is_the_rounds_own_and_sends_the_carried_aggregates_leading_part() -> None:
+    """``feedback_rank = "fresh"``: each matrix's rank is the tau rank of this round's exact aggregate
+    alone (dense float64 SVD), the global update is the best approximation of that rank to aggregate +
+    carry, and what is sent plus the new tail is still the whole of it."""
+    cut = EnergyThreshold(0.2)  # round 1 leaves a large tail to carry
+    first = make_aggregator("florist", policy=cut, dtype=F64, feedback=True).aggregate(_round(0))
+    assert first.residual is not None
+    results = {
+        mode: make_aggregator("florist", policy=EnergyThreshold(0.6), dtype=F64, feedback=True,
+                              carry=first.residual, feedback_rank=mode).aggregate(_round(1))
+        for mode in ("total", "fresh")
+    }  # fmt: skip
+    fresh = results["fresh"]
+    assert fresh.residual is not None
+    for name, exact in _exact(_round(1)).items():
+        want = exact + first.residual[name].delta(F64)
+        p = _energy_rank(torch.linalg.svdvals(exact), 0.6)
+        assert fresh.global_update[name].rank == p
+        assert results["total"].global_update[name].rank == _energy_rank(torch.linalg.svdvals(want), 0.6)
+        U, S, Vh = torch.linalg.svd(want)
+        got = fresh.global_update[name].delta(F64)
+        torch.testing.assert_close(got, (U[:, :p] * S[:p]) @ Vh[:p], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(got + fresh.residual[name].delta(F64), want, rtol=1e-9, atol=1e-10)
+    ranks = {mode: sum(f.rank for f in r.global_update.values()) for mode, r in results.items()}
+    assert ranks["fresh"] < ranks["total"]  # the carry adds directions only when it is ranked too
+
+
 def test_over_rounds_what_is_sent_plus_the_last_tail_is_every_exact_aggregate() -> None:
     for feedback in (True, False):
         agg = make_aggregator("florist", policy=EnergyThreshold(0.6), dtype=F64, feedback=feedback)
@@ -131,6 +164,15 @@ def test_the_server_round_carries_the_last_results_tail_and_the_checkpoint_keeps
 def test_error_feedback_is_refused_where_it_means_nothing(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["aggregation.error_feedback=true", *overrides])
+
+
+def test_the_fresh_feedback_rank_needs_error_feedback_and_reaches_the_aggregator() -> None:
+    with pytest.raises(ConfigError, match=r"feedback_rank = 'fresh' ranks error feedback's carried"):
+        load_config(None, ["aggregation.feedback_rank='fresh'"])
+    with pytest.raises(ConfigError, match=r"feedback_rank must be one of \['total', 'fresh'\]"):
+        load_config(None, ["aggregation.error_feedback=true", "aggregation.feedback_rank='new'"])
+    cfg = load_config(None, ["aggregation.error_feedback=true", "aggregation.feedback_rank='fresh'"])
+    assert cfg.aggregator().feedback_rank == "fresh"  # type: ignore[attr-defined]
 
 
 def test_the_server_keeps_only_the_last_tail() -> None:

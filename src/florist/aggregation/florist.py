@@ -17,6 +17,12 @@ what the cut left out, the tail ``U_{p:q} diag(S_{p:q}) Vh_{p:q}`` (its leading 
 the round's stack width, so the stack at most doubles), and stacks it beside the next round's
 clients with weight 1 (``carry``). What is sent over the rounds then adds up to the exact aggregates
 less the last tail (and the directions past the cap): the cut delays energy instead of losing it.
+
+The carried tail spreads energy over many small directions, so ``tau`` of the carried aggregate's
+energy takes more directions each round (2.9x the rank by round 10 on the Dolly clients at tau 0.9:
+``docs/results/fair``). ``feedback_rank = "fresh"`` chooses each matrix's rank on this round's
+aggregate alone, as without error feedback, and sends the leading directions of the carried
+aggregate at that rank: the carry competes for the same bytes instead of adding to them.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from florist.errors import ConfigError
 from florist.lora.update import ClientUpdate, LoraFactors
 
 WIRE_BYTES_DEFAULT = 4
+FEEDBACK_RANKS = ("total", "fresh")  # what error feedback's rank is chosen on (Florist.feedback_rank)
 
 
 @register("florist")
@@ -55,6 +62,9 @@ class Florist(Aggregator):
         Keep what the cut leaves out as the result's ``residual`` (error feedback).
     carry : dict[str, LoraFactors] | None
         The previous round's residual, stacked with weight 1 (the server's round sets it).
+    feedback_rank : {"total", "fresh"}
+        With a carry: the policy ranks the carried aggregate's spectrum ("total"), or this round's
+        aggregate's alone ("fresh": as many directions as without error feedback).
     """
 
     policy: RankPolicy = field(default_factory=lambda: EnergyThreshold(0.9))
@@ -63,6 +73,7 @@ class Florist(Aggregator):
     wire_bytes: int = WIRE_BYTES_DEFAULT
     feedback: bool = False
     carry: Mapping[str, LoraFactors] | None = field(default=None, compare=False, repr=False)
+    feedback_rank: str = "total"
 
     protocol = ClientProtocol.MERGE_AND_RESTART
     exact = True
@@ -81,17 +92,24 @@ class Florist(Aggregator):
     def _aggregate(self, updates: Sequence[ClientUpdate], weights: Tensor) -> AggregationResult:
         if self.carry is not None and not self.feedback:
             raise ConfigError("a carried residual needs error feedback (aggregation.error_feedback)")
+        if self.feedback_rank not in FEEDBACK_RANKS:
+            raise ConfigError(
+                f"feedback_rank must be one of {list(FEEDBACK_RANKS)}, not {self.feedback_rank!r}"
+            )
         svds: dict[str, ThinSVD] = {}
         width: dict[str, int] = {}
+        spectra: dict[str, Tensor] = {}  # what the policy ranks
         for name in module_names(updates):
             B, A = stack_module(updates, weights, name, self.dtype)  # (m, R), (R, n)
             width[name] = B.shape[1]
             if self.carry is not None and name in self.carry:  # last round's tail, weight 1
+                if self.feedback_rank == "fresh":
+                    spectra[name] = factored_svd(B, A, self.basis).S
                 B_c, A_c = self.carry[name].effective(self.dtype)
                 B, A = torch.cat([B, B_c], dim=1), torch.cat([A, A_c], dim=0)  # (m, R + c), (R + c, n)
             svds[name] = factored_svd(B, A, self.basis)
+            spectra.setdefault(name, svds[name].S)
         cost = {n: sum(s.shape) * self.wire_bytes for n, s in svds.items()}
-        spectra = {n: s.S for n, s in svds.items()}
         if isinstance(self.policy, NoiseThreshold):  # the noised mean of client-level DP, alone
             std = updates[0].noise_std if len(updates) == 1 else None
             if std is None:
@@ -101,7 +119,7 @@ class Florist(Aggregator):
             ranks = self.policy.choose(spectra, cost)
         global_update, residual = {}, {}
         for name, svd in svds.items():
-            p = ranks[name]
+            p = min(ranks[name], len(svd.S))  # a fresh rank past what the sum holds: all of it
             B_g, A_g = svd.truncate(p)  # (m, p), (p, n)
             global_update[name] = LoraFactors(A=A_g, B=B_g)
             tail = min(len(svd.S), p + width[name])  # the cut's tail, its leading width[name] directions
@@ -113,6 +131,8 @@ class Florist(Aggregator):
             protocol=self.protocol,
             global_update=global_update,
             residual=residual if self.feedback else None,
-            energy_kept={n: float(energy_fraction(s.S)[ranks[n] - 1]) for n, s in svds.items()},
+            energy_kept={
+                n: float(energy_fraction(s.S)[min(ranks[n], len(s.S)) - 1]) for n, s in svds.items()
+            },
             spectra={n: s.S for n, s in svds.items()},
         )

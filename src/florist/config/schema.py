@@ -31,6 +31,7 @@ from florist.aggregation import (
     wire_bytes,
 )
 from florist.aggregation.base import Aggregator, aggregator_class
+from florist.aggregation.florist import FEEDBACK_RANKS
 from florist.aggregation.lowrank import WARM_FROM, WARM_SPLITS
 from florist.aggregation.protocols import protocol_of
 from florist.aggregation.rank_policy import NoiseThreshold
@@ -455,6 +456,13 @@ class AggregationConfig:
             "add it to the next round's before the SVD (never sent)"
         },
     )
+    feedback_rank: str = field(
+        default="total",
+        metadata={
+            "help": "florist with error_feedback: rank the carried aggregate ('total': tau of its energy) "
+            "or this round's aggregate alone ('fresh': as many directions as without the carry)"
+        },
+    )
     init_samples: int = field(
         default=170,
         metadata={"help": "fedsb: rows (over all clients, by size) whose summed gradient sets the basis"},
@@ -486,6 +494,15 @@ class AggregationConfig:
             )
         if self.init_lr is not None and not (math.isfinite(self.init_lr) and self.init_lr > 0):
             raise ConfigError(f"aggregation.init_lr must be > 0, got {self.init_lr!r}")
+        if self.feedback_rank not in FEEDBACK_RANKS:
+            raise ConfigError(
+                f"aggregation.feedback_rank must be one of {list(FEEDBACK_RANKS)}, got {self.feedback_rank!r}"
+            )
+        if self.feedback_rank != "total" and not self.error_feedback:
+            raise ConfigError(
+                f"aggregation.feedback_rank = {self.feedback_rank!r} ranks error feedback's carried "
+                "aggregate; set aggregation.error_feedback = true"
+            )
         if not self.misfits():  # a whole config refuses every misfit at once (FloristConfig.misfits)
             self.aggregator_options()  # validates tau/rank/budget_mb
 
@@ -498,6 +515,9 @@ class AggregationConfig:
         if self.error_feedback:
             why = "florist's carry of what its rank cut leaves out"
             out.append(Misfit("aggregation.error_feedback", why, "aggregation.error_feedback=false"))
+            if self.feedback_rank != "total":
+                why = "it goes with aggregation.error_feedback"
+                out.append(Misfit("aggregation.feedback_rank", why, "aggregation.feedback_rank='total'"))
         if self.rank_policy == "noise":
             out.append(
                 Misfit("aggregation.rank_policy", "florist's noise rule", "aggregation.rank_policy='auto'")
@@ -535,7 +555,7 @@ class AggregationConfig:
                         "aggregation.error_feedback would carry the DP noise the noise rule cut into the "
                         "next round"
                     )
-                opts["feedback"] = True
+                opts |= {"feedback": True, "feedback_rank": self.feedback_rank}
         elif misfits := self.misfits():
             raise refusal(self.method, misfits)
         return opts

@@ -29,6 +29,8 @@ OPTIONS = {  # name -> overrides; "all" combines the first three, "a+b" any of t
     "acc": (("lora.warm_start", True), ("lora.warm_from", "accumulated")),  # warm from sum_t B_t A_t
     "chg": (("federation.uplink_cut", "change"),),  # uplink cuts the round's change, not the adapter
     "ef": (("aggregation.error_feedback", True),),  # the server carries the cut's tail to the next round
+    # ... at the rank this round's aggregate alone needs: the carry takes no more directions
+    "efr": (("aggregation.error_feedback", True), ("aggregation.feedback_rank", "fresh")),
 }
 UPLINK_TAU = 0.9  # tau_up of a baseline's "uplink" option (FLoRIST's is its own tau)
 ALL = ("warm", "uplink", "bf16")
