@@ -56,6 +56,8 @@ LADDER = (
      "error feedback: the server adds what the cut left out to the next round's aggregate"),
     ("FLoRIST tau=0.90 +all +orth +acc +ef", "FLoRIST tau=0.90 +all +orth +ef",
      "with error feedback, the accumulated update as the warm source"),
+    ("FLoRIST tau=0.90 +all +orth +acc +efr", "FLoRIST tau=0.90 +all +orth +acc +ef",
+     "error feedback at the rank this round's aggregate needs, not tau of the carried aggregate's energy"),
 )  # fmt: skip
 
 
