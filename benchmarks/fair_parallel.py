@@ -14,8 +14,12 @@ never write the same file; the seeds stage starts FLoRIST's and the best baselin
 ``OUT/fair.md``, ``fair.json`` and the curves. Every bench checkpoints each round, so the same
 command continues a killed run (finished variants are skipped, a half-done one resumes at its last
 round). On a 2-core CPU run two workers of one thread each (``OMP_NUM_THREADS=1``); on a GPU host
-several share the GPU. Keep ``--workers`` the same on every rerun: a job's worker (and the cache
-holding its checkpoints) is its place in its (seed, setting)'s list.
+several share the GPU. A half-done job resumes on the worker whose cache holds its checkpoints; any
+other job goes to its place in its (seed, setting)'s list, modulo ``--workers``.
+
+Stage 1 starts a heterogeneous candidate as soon as its homogeneous run has finished and is on its
+method's frontier there, beside the homogeneous runs still going (a candidate that a later
+homogeneous run dominates has then run in vain, never unfairly: more candidates, chosen on validation).
 
 The regime (``REGIME``): the packaged paper_cpu.toml (8 Dolly clients, q/v, shared init, lr 1e-3,
 batch 4, max length 256, bf16 training, fp32 scoring), 10 rows per category withheld for validation,
@@ -44,6 +48,7 @@ from florist.studies.fair import (
     write_fair_report,
     write_skills_report,
 )
+from florist.studies.headline import slug
 
 REGIME = ("data.validation_per_label=10", "federation.rounds=10", "train.steps=8")
 # stage 2 reruns these methods' validation choices with more seeds; the skills task runs them too
@@ -67,6 +72,7 @@ CANDIDATES = {  # --extra-baselines specs and FLoRIST variant names, per the ben
         "fedsvd+bf16",
         "fedsb+bf16",
         "fedsb+bf16+r64",
+        "flora+bf16+orth+uplink",
     ),
     "florist": (
         "all+orth",
@@ -96,6 +102,7 @@ NAMES = (
     "FLoRIST tau=0.90 +bf16 +orth +acc",
     "FLoRIST tau=0.90 +all +orth +acc +ef",  # the two remedies of the interim ladder together
     "FLoRIST tau=0.90 +all +orth +acc +efr",  # ... with the carry at the round's own rank: no more bytes
+    "FLoRA +bf16 +orth +uplink",  # uplink thresholding, which FLoRA's server (it multiplies) admits
 )  # appended only: a name's place sets its worker, whose cache holds its checkpoints
 # Fed-SB trains one r x r core on every client: it has no heterogeneous-rank form (r 16 as the others'
 # LoRA, and r 64; its rank is chosen on validation like any option)
@@ -160,17 +167,25 @@ def skills_command(args: argparse.Namespace, variants: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
+def checkpoint_worker(args: argparse.Namespace, seed: int, setting: str, variant: str) -> int | None:
+    """The worker whose cache holds checkpoints of this job (None: no worker has begun it)."""
+    for folder in sorted(args.cache.glob(f"w*-{setting}")):
+        rounds = folder / f"seed-{seed}" / setting / "variants" / slug(variant)
+        if any(rounds.glob("round-*.pt")):
+            return int(folder.name.split("-")[0][1:])
+    return None
+
+
 def run_stage(args: argparse.Namespace, jobs: list[tuple[int, str, str]], deadline: float) -> None:
     """(seed, setting, variant) jobs, one ``florist bench`` process each, at most ``args.workers`` at a
     time, until done or deadline.
 
-    A job's worker (its output and cache folder) is its place among the jobs of its (seed, setting),
-    modulo ``--workers``, so a rerun sends a half-done variant to the worker whose cache holds its
-    checkpoints, whatever finished in between and whichever settings the stage holds; a job that any
-    worker already finished (in the merged results) is left out. Jobs start in the order of their
-    place, then setting, then seed, so the first of each (seed, setting)'s list (the seeds stage lists
-    FLoRIST and the best baseline first) finish in every setting and seed before the rest; never two
-    processes write one (worker, seed) folder at once."""
+    A job's worker (its output and cache folder) is the one whose cache holds its checkpoints
+    (``checkpoint_worker``), else its place among the jobs of its (seed, setting) modulo
+    ``--workers``; a job that any worker already finished (in the merged results) is left out. Jobs
+    start in the order of their place, then setting, then seed, so the first of each (seed,
+    setting)'s list (the seeds stage lists FLoRIST and the best baseline first) finish in every
+    setting and seed before the rest; never two processes write one (worker, seed) folder at once."""
     if past(args, deadline):
         return
     merged = merge(args)
@@ -183,7 +198,8 @@ def run_stage(args: argparse.Namespace, jobs: list[tuple[int, str, str]], deadli
     for seed, setting, variant in jobs:
         i = place[(seed, setting)] = place.get((seed, setting), -1) + 1
         if variant not in done[(seed, setting)]:
-            queue.append((i, seed, setting, i % args.workers, variant))
+            w = checkpoint_worker(args, seed, setting, variant)
+            queue.append((i, seed, setting, i % args.workers if w is None else w, variant))
     queue.sort(key=lambda j: (j[0], SETTINGS.index(j[2]) if j[2] in SETTINGS else len(SETTINGS), j[1]))
     running: list[tuple[subprocess.Popen[bytes], Any, tuple[int, str, int]]] = []
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 2) // args.workers))
@@ -273,6 +289,25 @@ def merge(args: argparse.Namespace) -> dict[int, dict[str, Any]]:
     return merged
 
 
+def select(args: argparse.Namespace, names: list[str], rounds: int, deadline: float) -> None:
+    """Stage 1 with seed 0: every homogeneous candidate, and beside them each heterogeneous one whose
+    homogeneous run is on its method's frontier; repeated while a finished homogeneous run adds
+    heterogeneous candidates, until nothing is left or a pass finishes nothing (a failing job)."""
+    left: list[tuple[int, str, str]] | None = None
+    while not past(args, deadline):
+        seed0 = {0: merge(args).get(0, {})}
+        carried = heterogeneous_candidates(seed0, names, rounds)
+        print(f"heterogeneous candidates (the homogeneous frontier so far): {carried}", flush=True)
+        jobs = [(0, "homogeneous", v) for v in names] + [(0, "heterogeneous", v) for v in carried]
+        now = [j for j in jobs if j[2] in unfinished(seed0, j[1], [j[2]], rounds)]
+        if not now or now == left:
+            if now:
+                print(f"stage 1: these did not finish (see their logs): {now}", flush=True)
+            return
+        left = now
+        run_stage(args, jobs, deadline)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="more section.key=value overrides (a smoke run, say)")
@@ -291,14 +326,7 @@ def main() -> None:
     rounds = rounds_of(args)
     names = [n for n in args.names.split(",") if n]
     if args.stage in ("all", "select"):
-        run_stage(args, [(0, "homogeneous", v) for v in names], deadline)
-        seed0 = {0: merge(args).get(0, {})}
-        if missing := unfinished(seed0, "homogeneous", names, rounds):
-            print(f"the heterogeneous candidates wait for the homogeneous ones: {missing}", flush=True)
-        else:
-            carried = heterogeneous_candidates(seed0, names, rounds)
-            print(f"heterogeneous candidates (the homogeneous frontier): {carried}", flush=True)
-            run_stage(args, [(0, "heterogeneous", v) for v in carried], deadline)
+        select(args, names, rounds, deadline)
     per_seed = merge(args)
     first = {0: per_seed[0]} if 0 in per_seed else {}  # the choice is seed 0's (``chosen``)
     picks = {s: seeding_order(first, s, rounds) for s in SETTINGS}
