@@ -19,7 +19,7 @@ clients with weight 1 (``carry``). What is sent over the rounds then adds up to 
 less the last tail (and the directions past the cap): the cut delays energy instead of losing it.
 
 The carried tail spreads energy over many small directions, so ``tau`` of the carried aggregate's
-energy takes more directions each round (2.9x the rank by round 10 on the Dolly clients at tau 0.9:
+energy takes more directions each round (2.8x the rank by round 10 on the Dolly clients at tau 0.9:
 ``docs/results/fair``). ``feedback_rank = "fresh"`` chooses each matrix's rank on this round's
 aggregate alone, as without error feedback, and sends the leading directions of the carried
 aggregate at that rank: the carry competes for the same bytes instead of adding to them.
